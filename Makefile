@@ -1,0 +1,43 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# Both create the project-local virtual environment first.
+#
+# GPU users: pick the CUDA build of torch with TORCH_INDEX, for example
+#   make run TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# Without it pip takes torch==$(TORCH_VERSION) as the machine's pip finds it
+# (here: the local CPU wheel; on a Linux machine with internet: PyPI's CUDA build).
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCHVISION_VERSION ?= 0.28.0
+TORCH_INDEX ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Extra arguments for the demo sweep, e.g. `make run ARGS="store.root=/tmp/s"`.
+ARGS ?=
+
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup run test test-all bench bench-sweep clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision==$(TORCHVISION_VERSION) \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup
+	$(PY) -m pipeline.sweep experiment=demo $(ARGS)
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
