@@ -1,0 +1,193 @@
+"""Weights for a zoo architecture: pretrained (timm hub), seeded random, planted, or a local file.
+
+``model.weights`` takes one of:
+- ``pretrained``: timm's default (or the name's ``.tag``) weights from the Hugging Face hub,
+  honouring an existing cache and HF_HUB_OFFLINE;
+- ``random``: timm's own init under ``torch.manual_seed(model.init_seed)``;
+- ``planted``: seeded random weights with units wired to prefer known stimuli (pipeline.planted);
+- a path: a ``.safetensors`` file, a torch state-dict file (loaded with weights_only=True),
+  an original Google ViT ``.npz`` (through timm's own loader), or a directory that holds
+  ``<model name>.safetensors`` (or ``.pth``/``.npz``) per model, for sweeps over several models.
+
+Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>``, ``planted-<version>-<seed>``
+or ``sha256-<hex of the file>``. :func:`resolve` validates a choice and computes its id
+cheaply, before any compute; :func:`load` builds the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import zoo
+from pipeline.errors import PipelineError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+@dataclass(frozen=True)
+class WeightsChoice:
+    kind: str  # random | pretrained | planted | file
+    weights_id: str
+    path: str | None = None
+    init_seed: int = 0
+
+
+def resolve(model_name: str, weights: str, init_seed: int = 0) -> WeightsChoice:
+    """Validate ``weights`` for ``model_name`` without building the model; raise a clear error otherwise."""
+    zoo.family_of(model_name)
+    if weights == "random":
+        return WeightsChoice("random", f"random-{init_seed}", init_seed=init_seed)
+    if weights == "planted":
+        from pipeline import planted
+
+        planted.planted_units(model_name)  # raises for models without a planted construction
+        return WeightsChoice("planted", f"planted-{planted.PLANTED_VERSION}-{init_seed}", init_seed=init_seed)
+    if weights == "pretrained":
+        return WeightsChoice("pretrained", f"pretrained-{_pretrained_tag(model_name)}")
+    path = _checkpoint_path(model_name, Path(weights).expanduser())
+    _check_checkpoint(model_name, path)
+    return WeightsChoice("file", f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}", path=str(path))
+
+
+def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "cpu") -> nn.Module:
+    """The model in eval mode on ``device``, parameters frozen (only the input image is optimized)."""
+    if choice.kind == "pretrained":
+        model = _load_pretrained(model_name)
+    else:
+        torch.manual_seed(choice.init_seed)
+        model = zoo.create_architecture(model_name)
+        if choice.kind == "planted":
+            from pipeline import planted
+
+            model.load_state_dict(planted.planted_state_dict(model_name, seed=choice.init_seed))
+        elif choice.kind == "file":
+            _load_file(model, Path(choice.path))
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def _pretrained_tag(model_name: str) -> str:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise PipelineError(
+            f"timm has no pretrained weights for '{model_name}'. Use a tagged name that has them "
+            f"(`timm.list_pretrained('{model_name.split('.')[0]}*')`), model.weights=random, or "
+            f"model.weights=PATH to a local checkpoint."
+        )
+    return cfg.tag or "default"
+
+
+def _load_pretrained(model_name: str) -> nn.Module:
+    import timm
+
+    try:
+        model = timm.create_model(model_name, pretrained=True)
+    except Exception as error:  # the hub client raises many types; all mean "not available here"
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise PipelineError(
+            f"Pretrained weights for '{model_name}' could not be loaded ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'}). "
+            f"{'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache. ' if offline else ''}"
+            f"Remedies: run once where the hub is reachable so they land in the cache (HF_HOME, "
+            f"default ~/.cache/huggingface) and point HF_HOME at that cache here; or download the "
+            f"checkpoint and pass model.weights=/path/to/file.safetensors; or use model.weights=random "
+            f"for an offline smoke run."
+        ) from None
+    return model
+
+
+def _checkpoint_path(model_name: str, path: Path) -> Path:
+    if path.is_dir():
+        for suffix in CHECKPOINT_SUFFIXES:
+            candidate = path / f"{model_name}{suffix}"
+            if candidate.is_file():
+                return candidate
+        raise PipelineError(
+            f"Checkpoint directory '{path}' has no file for model '{model_name}': expected "
+            f"{model_name}.safetensors (or {', '.join(CHECKPOINT_SUFFIXES[1:])}) inside it."
+        )
+    if not path.is_file():
+        raise PipelineError(
+            f"model.weights='{path}' is neither 'pretrained', 'random', 'planted' nor an existing checkpoint "
+            f"file or directory. Check the path (relative paths are taken from the directory you launch in)."
+        )
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise PipelineError(
+            f"Checkpoint '{path}' has an unknown format; expected one of {', '.join(CHECKPOINT_SUFFIXES)}."
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: str, _mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise PipelineError(
+            f"Checkpoint '{path}' could not be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+            f"It may be truncated or corrupt, or (for torch files) hold pickled objects other than tensors, "
+            f"which are refused for safety: re-save it as a plain state dict or as .safetensors."
+        ) from None
+    # Training scripts nest the weights and DataParallel prefixes names; unwrap both.
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipelineError(f"Checkpoint '{path}' does not hold a state dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _check_checkpoint(model_name: str, path: Path) -> None:
+    """Compare names and shapes against the architecture (built on meta: no memory, no compute)."""
+    if path.suffix == ".npz":
+        return  # timm's own loader maps Google's names; it reports its own mismatches at load
+    state = _read_state_dict(path)
+    expected = {k: tuple(v.shape) for k, v in zoo.create_architecture(model_name, "meta").state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in set(state) & set(expected)
+        if tuple(state[k].shape) != expected[k]
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if names:
+                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+                parts.append(f"{label}: {', '.join(names[:8])}{more}")
+        raise PipelineError(
+            f"Checkpoint '{path}' does not match the architecture '{model_name}' — {'; '.join(parts)}. "
+            f"Check that the file was saved from this architecture (same size, patch and image size)."
+        )
+
+
+def _load_file(model: nn.Module, path: Path) -> None:
+    if path.suffix == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise PipelineError(f"'{path}' is a Google .npz checkpoint, which only original ViT models can load.")
+        model.load_pretrained(str(path))
+        return
+    model.load_state_dict(_read_state_dict(path), strict=True)
