@@ -1,0 +1,67 @@
+"""The engine: one loaded model turned into scores the optimizer can maximize.
+
+A :class:`Visualizer` holds a model (loaded once, frozen, on an explicit
+device) and, per request, composes model input normalization, the truncated
+activation reader, feature selection and an objective into a *score*
+(images -> one scalar per image) for :func:`pipeline.optimize.visualize`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from pipeline import weights as weights_lib
+from pipeline import zoo
+from pipeline.activations import ActivationReader
+from pipeline.objectives import Objective, check_objective
+from pipeline.optimize import OptimConfig, Visualization, visualize
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Visualizer:
+    def __init__(self, model_name: str, weights: weights_lib.WeightsChoice, device: torch.device):
+        self.model_name = model_name
+        self.weights = weights
+        self.device = device
+        self.layout = zoo.layout(model_name)
+        self.model = weights_lib.load(model_name, weights, device)
+        self.reader = ActivationReader(self.model, self.layout)
+        self._mean = torch.tensor(self.layout.mean, device=device).view(3, 1, 1)
+        self._std = torch.tensor(self.layout.std, device=device).view(3, 1, 1)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.layout.input_size[1], self.layout.input_size[2]
+
+    def score(self, layer: int, target: str, objective: Objective, features: list[int], precision: str = "fp32"):
+        """images (F, copies, 3, H, W) in [0, 1] -> (F, copies): feature i scored on image i."""
+        self.layout.check_features(layer, target, features)
+        grid = self.layout.layer(layer).grid
+        check_objective(objective, grid, f"layer {layer} of {self.model_name}")
+        index = torch.tensor(features, device=self.device)
+        dtype = PRECISIONS[precision]
+
+        def score(images: torch.Tensor) -> torch.Tensor:
+            count, copies = images.shape[:2]
+            normalized = ((images - self._mean) / self._std).flatten(0, 1)
+            with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext():
+                patches = self.reader(normalized, layer, target)  # (F * copies, P, C)
+            patches = patches.float().unflatten(0, (count, copies))
+            chosen = patches.gather(3, index.view(count, 1, 1, 1).expand(count, copies, patches.shape[2], 1))
+            return objective(chosen.squeeze(3), grid)
+
+        return score
+
+    def run(self, layer: int, target: str, objective: Objective, features: list[int], seeds: list[int],
+            config: OptimConfig) -> Visualization:
+        score = self.score(layer, target, objective, features, config.precision)
+        return visualize(score, seeds, self.image_size, config, self.device)

@@ -1,0 +1,143 @@
+"""The paper's visualization optimizer, batched over many images at once.
+
+The optimizer knows nothing about models: it maximizes a *score*, a function
+that maps augmented images (features, copies, 3, H, W) in pixel space [0, 1]
+to one score per image (features, copies). Each feature has its own image, its
+own random stream (seeded like the released code: with the feature index, plus
+``seed * 1_000_003``) and, since Adam is element-wise and the loss is a sum of
+per-feature terms, its own independent optimization: batching F features is F
+single runs done in one forward pass.
+
+Per step, as in ../shared/PAPER.md: copies of each image -> colour shift ->
+noise -> jitter (circular shift) -> score; loss = -mean score over copies +
+lambda * TV(augmented copies); Adam(betas 0.5, 0.99), cosine-annealed lr; clamp
+to [0, 1] after every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+SEED_STRIDE = 1_000_003  # seed 0 reproduces the released code's "seed = feature index"
+
+Score = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Every knob of the method; defaults are the released code's settings."""
+
+    steps: int = 400
+    lr: float = 0.1  # the paper: 0.1 for ViT-family models, 1.0 for CLIP (the sweep's `auto` picks)
+    beta1: float = 0.5
+    beta2: float = 0.99
+    eps: float = 1e-8
+    tv: float = 1.0  # the paper's v; lambda = tv_scale * tv
+    tv_scale: float = 0.0005
+    copies: int = 8  # the augmentation ensemble
+    jitter: int = 32  # max circular shift in pixels, each direction
+    colour_shift: str = "code"  # code: (x - mu) / sigma | paper: sigma * x + mu | none
+    noise: str = "code"  # code: per-channel offset, std annealed to 0 | paper: per-pixel N(0, 1) | none
+    noise_std: float = 0.5
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
+    trace_points: int = 20  # how many times the objective is sampled during the run
+
+    @property
+    def tv_weight(self) -> float:
+        return self.tv_scale * self.tv
+
+
+@dataclass
+class Visualization:
+    images: torch.Tensor  # (F, 3, H, W) in [0, 1], on the CPU
+    activations: torch.Tensor  # (F,) score of each final image, un-augmented
+    traces: torch.Tensor  # (F, trace points): mean score over copies during the run
+    finite: torch.Tensor  # (F,) bool: image and activation are finite
+
+
+def visualize(score: Score, seeds: list[int], image_size: tuple[int, int], config: OptimConfig,
+              device: torch.device | str = "cpu") -> Visualization:
+    """Optimize one image per entry of ``seeds`` (one generator each) to maximize ``score``."""
+    device = torch.device(device)
+    height, width = image_size
+    generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+    images = torch.stack([torch.rand(3, height, width, generator=g, device=device) for g in generators])
+    images.requires_grad_(True)
+    optimizer = torch.optim.Adam([images], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=0.0)
+    trace_every = max(1, math.ceil(config.steps / max(1, config.trace_points)))
+    traces = []
+    for step in range(config.steps):
+        copies = augment(images, generators, step, config)
+        scores = score(copies)  # (F, copies)
+        loss = (-scores.float().mean(dim=1) + config.tv_weight * total_variation(copies)).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            images.clamp_(0.0, 1.0)
+        if step % trace_every == 0 or step == config.steps - 1:
+            traces.append(scores.detach().float().mean(dim=1))
+    with torch.no_grad():
+        final = images.detach()
+        activations = score(final.unsqueeze(1)).float()[:, 0]
+    finite = torch.isfinite(activations) & torch.isfinite(final).flatten(1).all(dim=1)
+    return Visualization(final.cpu(), activations.cpu(), torch.stack(traces, dim=1).cpu(), finite.cpu())
+
+
+def seed_for(feature: int, seed: int, attempt: int = 0) -> int:
+    """The random stream of one unit; a retry after a non-finite result shifts it by ``attempt``."""
+    return feature + (seed + attempt * 7919) * SEED_STRIDE
+
+
+def augment(images: torch.Tensor, generators: list[torch.Generator], step: int, config: OptimConfig) -> torch.Tensor:
+    """(F, 3, H, W) -> (F, copies, 3, H, W): colour shift, noise, jitter; fresh draws each step."""
+    count, copies = images.shape[0], config.copies
+    height, width = images.shape[-2:]
+    device = images.device
+    x = images.unsqueeze(1).expand(count, copies, 3, height, width)
+
+    if config.colour_shift != "none":
+        uniform = torch.stack([torch.rand(2, copies, 3, generator=g, device=device) for g in generators], dim=1)
+        mu = (uniform[0] * 2 - 1)[..., None, None]
+        sigma = torch.exp(uniform[1] * 2 - 1)[..., None, None]
+        x = (x - mu) / sigma if config.colour_shift == "code" else sigma * x + mu
+
+    if config.noise == "code":
+        remaining = (config.steps - step) / config.steps
+        offsets = torch.stack([torch.randn(copies, 3, generator=g, device=device) for g in generators])
+        x = x + offsets[..., None, None] * config.noise_std * remaining
+    elif config.noise == "paper":
+        x = x + torch.stack([torch.randn(copies, 3, height, width, generator=g, device=device) for g in generators])
+
+    if config.jitter:
+        span = 2 * config.jitter + 1
+        shifts = torch.stack([torch.randint(0, span, (2,), generator=g, device=device) for g in generators])
+        x = roll_each(x, shifts[:, 0] - config.jitter, shifts[:, 1] - config.jitter)
+    return x
+
+
+def roll_each(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``torch.roll`` over (H, W) with a different shift per leading index, all copies alike."""
+    count, copies, channels, height, width = x.shape
+    rows = (torch.arange(height, device=x.device)[None, :] - dy[:, None]) % height
+    cols = (torch.arange(width, device=x.device)[None, :] - dx[:, None]) % width
+    x = x.gather(3, rows[:, None, None, :, None].expand(count, copies, channels, height, width))
+    return x.gather(4, cols[:, None, None, None, :].expand(count, copies, channels, height, width))
+
+
+def total_variation(x: torch.Tensor) -> torch.Tensor:
+    """(F, copies, 3, H, W) -> (F,): four directions, each the L2 norm of differences over H x W,
+    averaged over copies and channels, summed over directions."""
+    differences = (
+        x[..., 1:, :] - x[..., :-1, :],
+        x[..., :, 1:] - x[..., :, :-1],
+        x[..., 1:, 1:] - x[..., :-1, :-1],
+        x[..., 1:, :-1] - x[..., :-1, 1:],
+    )
+    return sum(d.flatten(-2).norm(dim=-1).mean(dim=(1, 2)) for d in differences)
