@@ -1,0 +1,95 @@
+"""The typed schema behind conf/: Hydra checks every override against it.
+
+The YAML files under conf/ hold the values (the paper's settings, the cluster
+presets, the experiments); these dataclasses hold the types, so a malformed
+override (``optim.steps=abc``, an unknown key) fails in Hydra before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class SweepSection:
+    models: list[str] = field(default_factory=lambda: ["deit_tiny_patch16_224"])
+    layers: Any = "all"  # all | first:N | last:N | A-B | N | [N, ...]
+    features: Any = "first:8"  # the same forms, per layer
+    seeds: list[int] = field(default_factory=lambda: [0])
+    grid: dict[str, Any] = field(default_factory=dict)  # optim.*/target.* key -> list of values
+    chunk_size: int = 8  # features of one layer optimized together in one batch
+
+
+@dataclass
+class ModelSection:
+    weights: str = "random"  # pretrained | random | planted | PATH (file or directory)
+    init_seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class TargetSection:
+    kind: str = "mlp"  # mlp | keys | queries | values | attn_out
+    objective: str = "mean"  # mean | position-ROW-COL
+
+
+@dataclass
+class OptimSection:
+    steps: int = 400
+    lr: Any = "auto"  # auto: 1.0 for CLIP, 0.1 otherwise (the paper's)
+    beta1: float = 0.5
+    beta2: float = 0.99
+    eps: float = 1e-8
+    tv: float = 1.0
+    tv_scale: float = 0.0005
+    copies: int = 8
+    jitter: int = 32
+    colour_shift: str = "code"
+    noise: str = "code"
+    noise_std: float = 0.5
+    precision: str = "fp32"
+    trace_points: int = 20
+
+
+@dataclass
+class StoreSection:
+    root: str = "outputs/store"
+    commit_every: int = 64
+    commit_seconds: float = 120.0
+
+
+@dataclass
+class ClusterSection:
+    kind: str = "local"  # local: start a Ray sized to this machine | ray: join RAY_ADDRESS / address
+    address: Optional[str] = None
+    workers: Any = "auto"  # auto: as many as the resources allow
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # e.g. 0.25 packs four workers on a GPU
+    max_in_flight: Any = "auto"  # chunks submitted but not finished; auto: 2 per worker
+    max_failures: int = 100
+    model_cache: int = 2  # models a worker keeps loaded
+
+
+@dataclass
+class ProgressSection:
+    log_every_s: float = 30.0
+    bar: bool = True
+
+
+@dataclass
+class SweepConfig:
+    sweep: SweepSection = field(default_factory=SweepSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    target: TargetSection = field(default_factory=TargetSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+    progress: ProgressSection = field(default_factory=ProgressSection)
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(name="sweep_schema", node=SweepConfig)

@@ -1,0 +1,216 @@
+"""From a sweep config to work units with deterministic keys, validated before any compute.
+
+A :class:`Plan` is a list of :class:`Group` s, one per (model, weights, target,
+objective, layer, seed, optimizer config); a group holds the features to
+visualize. Everything a worker needs travels in a :class:`Chunk` (a slice of a
+group's features), and every key is a pure function of the unit's fields
+(pipeline.records.unit_key), so re-planning the same sweep gives the same keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import weights as weights_lib
+from pipeline import zoo
+from pipeline.errors import PipelineError
+from pipeline.objectives import check_objective, parse_objective
+from pipeline.optimize import OptimConfig
+from pipeline.records import UNIT_SCHEMA, unit_key
+
+GRID_SECTIONS = ("optim", "target", "model")
+_RANGE = re.compile(r"(\d+)-(\d+)")
+_HEAD_TAIL = re.compile(r"(first|last):(\d+)")
+
+
+@dataclass(frozen=True)
+class Group:
+    model: str
+    family: str
+    weights: weights_lib.WeightsChoice
+    target: str
+    objective: str
+    layer: int
+    seed: int
+    optim: OptimConfig
+    config_hash: str
+    config_json: str
+    features: tuple[int, ...]
+
+    def key(self, feature: int) -> str:
+        return unit_key(self.model, self.weights.weights_id, self.target, self.objective, self.layer, feature,
+                        self.seed, self.config_hash)
+
+    def unit(self, feature: int) -> dict[str, Any]:
+        return {"key": self.key(feature), "model": self.model, "family": self.family,
+                "weights": self.weights.weights_id, "target": self.target, "objective": self.objective,
+                "layer": self.layer, "feature": feature, "seed": self.seed, "config_hash": self.config_hash}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Features of one group, optimized together in one batch by one worker."""
+
+    group: Group
+    features: tuple[int, ...]
+
+    def units(self) -> list[dict[str, Any]]:
+        return [self.group.unit(f) for f in self.features]
+
+    def split(self) -> tuple["Chunk", "Chunk"]:
+        half = len(self.features) // 2
+        return Chunk(self.group, self.features[:half]), Chunk(self.group, self.features[half:])
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+
+    def __len__(self) -> int:
+        return sum(len(g.features) for g in self.groups)
+
+    def keys(self) -> list[str]:
+        return [g.key(f) for g in self.groups for f in g.features]
+
+    def units_table(self) -> pa.Table:
+        return pa.Table.from_pylist([g.unit(f) for g in self.groups for f in g.features], schema=UNIT_SCHEMA)
+
+    def chunks(self, done: set[str], chunk_size: int) -> list[Chunk]:
+        chunks = []
+        for group in self.groups:
+            todo = [f for f in group.features if group.key(f) not in done]
+            chunks.extend(Chunk(group, tuple(todo[i:i + chunk_size])) for i in range(0, len(todo), chunk_size))
+        return chunks
+
+
+def select(spec: Any, count: int, what: str, where: str) -> list[int]:
+    """``all`` | ``first:N`` | ``last:N`` | ``A-B`` (inclusive) | N | [N, ...] -> indices, range-checked."""
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec == "all":
+            return list(range(count))
+        if match := _HEAD_TAIL.fullmatch(spec):
+            n = min(int(match[2]), count)
+            return list(range(n)) if match[1] == "first" else list(range(count - n, count))
+        if match := _RANGE.fullmatch(spec):
+            indices = list(range(int(match[1]), int(match[2]) + 1))
+        elif spec.isdigit():
+            indices = [int(spec)]
+        else:
+            raise PipelineError(
+                f"Cannot read {what} selection '{spec}': use all, first:N, last:N, A-B (inclusive), "
+                f"a number, or a list like [0,5,11]."
+            )
+    elif isinstance(spec, int):
+        indices = [spec]
+    else:
+        try:
+            indices = [int(i) for i in spec]
+        except (TypeError, ValueError):
+            raise PipelineError(f"Cannot read {what} selection {spec!r}: expected a list of integers.") from None
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise PipelineError(
+            f"{what.capitalize()} {bad[:5]} out of range for {where}, which has {count} {what}s: "
+            f"valid {what}s are 0..{count - 1}."
+        )
+    return list(dict.fromkeys(indices))
+
+
+def _grid_points(grid: dict[str, Any]) -> list[dict[str, Any]]:
+    flat: dict[str, list[Any]] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat[prefix] = list(node) if isinstance(node, (list, tuple)) else [node]
+
+    walk("", grid)
+    for key in flat:
+        if key.split(".")[0] not in GRID_SECTIONS or "." not in key:
+            raise PipelineError(
+                f"sweep.grid key '{key}' is not a hyper-parameter: grid keys name optim.*, target.* or "
+                f"model.* settings, e.g. sweep.grid={{optim.tv:[0.1,1.0]}}."
+            )
+    return [dict(zip(flat, values)) for values in itertools.product(*flat.values())]
+
+
+def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
+    values = dict(section)
+    if values.get("lr") == "auto":
+        values["lr"] = 1.0 if family == "clip" else 0.1
+    known = {f.name for f in dataclasses.fields(OptimConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PipelineError(f"Unknown optimizer setting(s) {unknown}; known: {sorted(known)}.")
+    try:
+        config = OptimConfig(**{k: type(getattr(OptimConfig, k))(v) for k, v in values.items()})
+    except (TypeError, ValueError) as error:
+        raise PipelineError(f"Bad optimizer setting: {error}.") from None
+    choices = {"colour_shift": ("code", "paper", "none"), "noise": ("code", "paper", "none"),
+               "precision": ("fp32", "bf16", "fp16")}
+    for name, allowed in choices.items():
+        if getattr(config, name) not in allowed:
+            raise PipelineError(f"optim.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
+    if config.steps < 1 or config.copies < 1 or config.jitter < 0 or config.lr <= 0:
+        raise PipelineError("optim.steps and optim.copies must be >= 1, optim.jitter >= 0 and optim.lr > 0.")
+    return config
+
+
+def build_plan(cfg: DictConfig) -> Plan:
+    """Expand and validate the sweep; raises PipelineError on any bad input, before any compute."""
+    sweep = cfg.sweep
+    if not sweep.models:
+        raise PipelineError("sweep.models is empty: name at least one model, e.g. sweep.models=[deit_tiny_patch16_224].")
+    if sweep.chunk_size < 1:
+        raise PipelineError("sweep.chunk_size must be >= 1.")
+    base = OmegaConf.to_container(cfg, resolve=True)
+    groups: list[Group] = []
+    for point in _grid_points(base["sweep"].get("grid") or {}):
+        settings = {section: dict(base[section]) for section in GRID_SECTIONS}
+        for key, value in point.items():
+            section, _, name = key.partition(".")
+            if name not in settings[section]:
+                raise PipelineError(f"sweep.grid key '{key}' names no setting of {section}: known "
+                                    f"{sorted(settings[section])}.")
+            settings[section][name] = value
+        for model in sweep.models:
+            groups.extend(_groups_for_model(str(model), settings, sweep))
+    return Plan(groups)
+
+
+def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], sweep: DictConfig) -> list[Group]:
+    family = zoo.family_of(model)
+    info = zoo.layout(model)
+    target = settings["target"]["kind"]
+    if target not in zoo.TARGETS:
+        raise PipelineError(f"target.kind='{target}' is not a target; targets are {', '.join(zoo.TARGETS)}.")
+    objective = parse_objective(settings["target"]["objective"])
+    choice = weights_lib.resolve(model, str(settings["model"]["weights"]), int(settings["model"]["init_seed"]))
+    optim = optim_config(settings["optim"], family)
+    optim_json = json.dumps(dataclasses.asdict(optim), sort_keys=True)
+    config_hash = hashlib.sha256(optim_json.encode()).hexdigest()[:12]
+    config_json = json.dumps({"optim": dataclasses.asdict(optim), "target": target, "objective": objective.name,
+                              "weights": str(settings["model"]["weights"]), "weights_id": choice.weights_id},
+                             sort_keys=True)
+    groups = []
+    for layer in select(sweep.layers, len(info.layers), "layer", f"'{model}'"):
+        where = f"layer {layer} of '{model}'"
+        width = info.site(layer, target).features
+        check_objective(objective, info.layer(layer).grid, where)
+        features = select(sweep.features, width, "feature", f"target '{target}' at {where}")
+        for seed in sweep.seeds:
+            groups.append(Group(model, family, choice, target, objective.name, layer, int(seed), optim,
+                                config_hash, config_json, tuple(features)))
+    return groups

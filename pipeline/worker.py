@@ -1,0 +1,141 @@
+"""A worker: turns chunks into records, keeping a few models loaded.
+
+The scheduler wraps :class:`VisualizationWorker` in a Ray actor, so the models
+it loads stay loaded across chunks. A worker never writes the store: it returns
+complete records and failures, and the driver commits them exactly once.
+
+Failure handling that belongs to one chunk lives here: a feature whose image or
+activation is not finite is retried once on another random stream, then
+reported as failed with the reason; a GPU out-of-memory error halves the chunk
+and retries each half.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import pipeline
+from pipeline.engine import Visualizer, pick_device
+from pipeline.objectives import parse_objective
+from pipeline.optimize import seed_for
+from pipeline.plan import Chunk
+
+NONFINITE_RETRIES = 1
+
+
+@dataclass
+class ChunkResult:
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[tuple[dict[str, Any], str, int]] = field(default_factory=list)  # (unit, reason, attempts)
+    busy_s: float = 0.0  # seconds spent loading and optimizing
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class VisualizationWorker:
+    def __init__(self, device: str = "auto", model_cache: int = 2, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.device = pick_device(device)
+        self.model_cache = max(1, model_cache)
+        self._models: OrderedDict[tuple[str, str], Visualizer] = OrderedDict()
+        self.host = socket.gethostname()
+
+    def _visualizer(self, chunk: Chunk) -> Visualizer:
+        key = (chunk.group.model, chunk.group.weights.weights_id)
+        if key in self._models:
+            self._models.move_to_end(key)
+        else:
+            while len(self._models) >= self.model_cache:
+                self._models.popitem(last=False)
+            self._models[key] = Visualizer(chunk.group.model, chunk.group.weights, self.device)
+        return self._models[key]
+
+    def run(self, chunk: Chunk) -> ChunkResult:
+        started = time.perf_counter()
+        result = ChunkResult()
+        self._run(chunk, result)
+        result.busy_s = time.perf_counter() - started
+        return result
+
+    def _run(self, chunk: Chunk, result: ChunkResult) -> None:
+        try:
+            self._optimize(chunk, result)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(chunk.features) == 1:
+                unit = chunk.units()[0]
+                result.failures.append((unit, f"out of memory on {self.device} even for a single feature", 1))
+                return
+            for half in chunk.split():
+                self._run(half, result)
+
+    def _optimize(self, chunk: Chunk, result: ChunkResult) -> None:
+        group = chunk.group
+        visualizer = self._visualizer(chunk)
+        objective = parse_objective(group.objective)
+        labels = _planted_labels(group)
+        pending = list(chunk.features)
+        for attempt in range(NONFINITE_RETRIES + 1):
+            started = time.perf_counter()
+            seeds = [seed_for(f, group.seed, attempt) for f in pending]
+            out = visualizer.run(group.layer, group.target, objective, pending, seeds, group.optim)
+            per_image = (time.perf_counter() - started) / len(pending)
+            retry = []
+            for i, feature in enumerate(pending):
+                if not bool(out.finite[i]):
+                    retry.append(feature)
+                    continue
+                result.records.append(self._record(chunk, feature, out.images[i], float(out.activations[i]),
+                                                   out.traces[i].tolist(), labels.get(feature), per_image,
+                                                   visualizer))
+            pending = retry
+            if not pending:
+                return
+        for feature in pending:
+            result.failures.append((group.unit(feature), "objective or image not finite (NaN/inf), also after a "
+                                    "retry with another random stream", NONFINITE_RETRIES + 1))
+
+    def _record(self, chunk: Chunk, feature: int, image: torch.Tensor, activation: float, trace: list[float],
+                label: str | None, duration: float, visualizer: Visualizer) -> dict[str, Any]:
+        group = chunk.group
+        return {
+            **group.unit(feature),
+            "config": group.config_json,
+            "label": label,
+            "png": png_bytes(image),
+            "activation": activation,
+            "activation_trace": trace,
+            "steps": group.optim.steps,
+            "image_size": visualizer.image_size[0],
+            "device": f"{self.device} ({self.host})",
+            "precision": group.optim.precision,
+            "duration_s": duration,
+            "code_version": pipeline.__version__,
+            "timestamp": datetime.now(timezone.utc),
+        }
+
+
+def _planted_labels(group) -> dict[int, str]:
+    if group.weights.kind != "planted":
+        return {}
+    from pipeline import planted
+
+    return {u.feature: f"planted: {u.label}" for u in planted.planted_units(group.model)
+            if u.layer == group.layer and group.target == "mlp"}
