@@ -16,6 +16,7 @@ machine) and on a cluster (``cluster.kind=ray`` joins RAY_ADDRESS).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import ray
 from omegaconf import DictConfig
 
 from pipeline.errors import PipelineError
-from pipeline.plan import Chunk
+from pipeline.plan import Chunk, Plan
 from pipeline.progress import Progress
 from pipeline.worker import VisualizationWorker
 
@@ -63,23 +64,38 @@ def start_ray(cluster: DictConfig) -> None:
         raise PipelineError(f"cluster.kind='{cluster.kind}' is not one of local, ray.")
 
 
-def worker_count(cluster: DictConfig) -> int:
+def gpus_per_worker(cluster: DictConfig) -> float:
+    if cluster.gpus_per_worker == "auto":
+        return 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    return float(cluster.gpus_per_worker)
+
+
+def worker_count(cluster: DictConfig, gpus: float) -> int:
     if cluster.workers != "auto":
         return max(1, int(cluster.workers))
     resources = ray.cluster_resources()
-    if cluster.gpus_per_worker:
-        return max(1, int(resources.get("GPU", 0) / cluster.gpus_per_worker))
+    if gpus:
+        return max(1, int(resources.get("GPU", 0) / gpus))
     return max(1, int(resources.get("CPU", 1) / max(cluster.cpus_per_worker, 1e-3)))
 
 
-def run_chunks(chunks: list[Chunk], cluster: DictConfig, writer, progress: Progress, device: str) -> RunSummary:
-    """Run every chunk on Ray actors, stream results into ``writer``; stop past ``cluster.max_failures``."""
+def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, writer, progress: Progress,
+             device: str) -> RunSummary:
+    """Run the plan's missing units on Ray actors, stream results into ``writer``.
+
+    Chunks are at most ``chunk_size`` features, and smaller when that keeps every
+    worker busy (a small sweep on many workers). Stops past ``cluster.max_failures``.
+    """
     summary = RunSummary()
+    gpus = gpus_per_worker(cluster)
+    workers = worker_count(cluster, gpus)
+    todo = len(plan) - len(done)
+    chunks = plan.chunks(done, min(chunk_size, max(1, math.ceil(todo / workers))))
     if not chunks:
         return summary
-    count = min(worker_count(cluster), len(chunks))
+    count = min(workers, len(chunks))
     actor_class = ray.remote(VisualizationWorker).options(
-        num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker,
+        num_cpus=cluster.cpus_per_worker, num_gpus=gpus,
         max_restarts=-1, max_task_retries=TASK_RETRIES,
     )
     threads = max(1, int(cluster.cpus_per_worker))

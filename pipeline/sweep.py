@@ -83,14 +83,14 @@ def run_sweep(cfg: DictConfig) -> int:
 
     from pipeline import scheduler
 
-    chunks = plan.chunks(done, cfg.sweep.chunk_size)
     store.write_plan(plan.units_table())
     scheduler.start_ray(cfg.cluster)
     progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
     interrupted = False
     try:
         with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
-            summary = scheduler.run_chunks(chunks, cfg.cluster, writer, progress, cfg.model.device)
+            summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
+                                         cfg.model.device)
     except KeyboardInterrupt:
         interrupted = True
     finally:
