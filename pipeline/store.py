@@ -1,0 +1,419 @@
+"""The storage stage: finished records land here exactly once, readable two ways.
+
+Layout under a store root (a local directory or a pyarrow filesystem URI)::
+
+    parquet/model=<model>/part-<commit_id>.parquet   RECORD_SCHEMA, hive-partitioned by model
+    webdataset/shard-<commit_id>.tar                 <key>.png + <key>.json per record
+    failures/part-<commit_id>.parquet                FAILURE_SCHEMA
+    plan/plan-<hash>.parquet                         UNIT_SCHEMA, one file per distinct plan
+
+The Parquet part keeps its ``model`` column although the directory also names the
+model: a part read on its own is then a complete RECORD_SCHEMA table, and
+``pyarrow.dataset`` merges the two into one string ``model`` field in schema
+order. Model names are percent-encoded in the directory (pyarrow's hive reader
+decodes them), so dots, slashes and colons in timm / hf-hub names are safe.
+
+A commit writes, per model, the WebDataset shard and then the Parquet part under
+one commit id. The part's arrival is the commit point: readers of this module
+only see shards whose part exists, and opening a writer deletes stale shards
+without a part and stale temporaries, so every key is in both stores or in
+neither. Each file becomes visible only when complete: local files are written
+under a hidden name ('.'-prefixed, which pyarrow.dataset skips and ``*.tar``
+does not match), fsynced and renamed; object stores publish an object only
+when its upload completes, so there they are written in place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import posixpath
+import threading
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import webdataset
+
+from pipeline.errors import PipelineError
+from pipeline.records import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
+
+# Filesystems whose objects appear atomically when their upload completes.
+_SINGLE_OBJECT_WRITES = {"s3", "gcs", "abfs"}
+# Older leftovers than this are surely abandoned: a live writer publishes a shard
+# and its part within seconds, so deleting younger ones could break a concurrent
+# writer's commit in flight.
+DEFAULT_RECOVER_AFTER_S = 600.0
+
+_REQUIRED = {f.name for f in RECORD_SCHEMA if not f.nullable}
+_MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
+
+
+class StoreError(PipelineError):
+    """The store root cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    """Paths inside the store's filesystem ('/'-separated, no scheme)."""
+
+    root: str
+    parquet: str
+    webdataset: str
+    failures: str
+    plan: str
+
+    @classmethod
+    def under(cls, root: str) -> "StorePaths":
+        return cls(root, f"{root}/parquet", f"{root}/webdataset", f"{root}/failures", f"{root}/plan")
+
+
+def _model_dir(model: str) -> str:
+    # quote() leaves '.' and '_' alone, but a leading one would make pyarrow skip
+    # the directory as hidden; encoding it keeps those records visible.
+    encoded = urllib.parse.quote(model, safe="")
+    if encoded[:1] in (".", "_"):
+        encoded = f"%{ord(encoded[0]):02X}{encoded[1:]}"
+    return f"model={encoded}"
+
+
+def _commit_id(name: str, prefix: str, suffix: str) -> str | None:
+    if name.startswith(prefix) and name.endswith(suffix):
+        return name[len(prefix):-len(suffix)]
+    return None
+
+
+class Store:
+    """A store root: where records, failures and plans live, and what they say."""
+
+    def __init__(self, root: str):
+        if "://" in root:
+            try:
+                self.filesystem, path = pafs.FileSystem.from_uri(root)
+            except (pa.ArrowException, OSError) as err:
+                raise StoreError(
+                    f"The store root {root!r} is not a local path or a URI that pyarrow can open ({err}). "
+                    "Use a local directory, or a URI with a scheme pyarrow supports such as "
+                    "s3://bucket/prefix, gs://bucket/prefix or file:///absolute/path."
+                ) from err
+            self.root = root.rstrip("/")
+            self._uri_prefix = "" if self.filesystem.type_name == "local" else root.split("://", 1)[0] + "://"
+        else:
+            self.filesystem = pafs.LocalFileSystem()
+            path = os.path.abspath(os.path.expanduser(root))
+            self.root = path
+            self._uri_prefix = ""
+        self._local = self.filesystem.type_name == "local"
+        self.paths = StorePaths.under(path.rstrip("/") or "/")
+
+    # ----------------------------------------------------------------- checks
+
+    def check_writable(self) -> None:
+        """Raise StoreError if the root cannot hold a store; writes nothing.
+
+        On object stores, permission is only known at the first write; this
+        catches roots that are files and unreachable filesystems.
+        """
+        try:
+            info = self.filesystem.get_file_info(self.paths.root)
+            # The root may not exist yet: it will be created under its nearest
+            # existing ancestor, which must therefore be a writable directory.
+            ancestor = self.paths.root
+            while info.type == pafs.FileType.NotFound:
+                parent = posixpath.dirname(ancestor)
+                if parent == ancestor or not parent:
+                    break
+                ancestor = parent
+                info = self.filesystem.get_file_info(ancestor)
+        except OSError as err:
+            raise StoreError(
+                f"The store root {self.root!r} cannot be inspected ({err}). Check that the location exists "
+                "and that this machine's credentials may read and write it, or choose another store root."
+            ) from err
+        if info.type == pafs.FileType.File and ancestor == self.paths.root:
+            raise StoreError(
+                f"The store root {self.root!r} is an existing file, not a directory. Point the store "
+                "root at a directory (it may not exist yet), or move the file out of the way."
+            )
+        if info.type == pafs.FileType.File:
+            raise StoreError(
+                f"The store root {self.root!r} cannot be created because {ancestor!r} is a file, not a "
+                "directory. Choose a store root whose existing parent is a directory you can write to."
+            )
+        if self._local and info.type == pafs.FileType.Directory and not os.access(ancestor, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"The store root {self.root!r} cannot be written because {ancestor!r} is not writable by "
+                "this user (or is on a read-only filesystem). Choose a store root under a directory you can "
+                "write to, or grant write permission on it."
+            )
+
+    # ---------------------------------------------------------------- reading
+
+    def parquet_dataset(self) -> ds.Dataset:
+        """All committed records, RECORD_SCHEMA, filterable on ``model``."""
+        return self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+
+    def shard_paths(self) -> list[str]:
+        """Sorted committed shard locations, for ``webdataset.WebDataset(urls)``.
+
+        Local paths for a local root, ``<scheme>://...`` URIs otherwise. Shards
+        of an unfinished commit (no Parquet part yet) are left out.
+        """
+        committed = self._part_commit_ids()
+        shards = []
+        for info in self._list(self.paths.webdataset, recursive=False):
+            cid = _commit_id(info.base_name, "shard-", ".tar")
+            if cid in committed:
+                shards.append(self._uri_prefix + info.path)
+        return sorted(shards)
+
+    def committed_keys(self) -> set[str]:
+        """Keys of all committed records (reads only the ``key`` column)."""
+        return set(self.parquet_dataset().to_table(columns=["key"])["key"].to_pylist())
+
+    def failed_keys(self) -> set[str]:
+        """Keys that have a recorded failure and no committed record."""
+        failed = self._dataset(self.paths.failures, FAILURE_SCHEMA).to_table(columns=["key"])["key"]
+        return set(failed.to_pylist()) - self.committed_keys()
+
+    def status(self) -> pa.Table:
+        """Per (model, layer): distinct keys planned, done and failed-not-done."""
+        group = ["model", "layer"]
+        planned = self._dataset(self.paths.plan, UNIT_SCHEMA).to_table(columns=group + ["key"])
+        done = self.parquet_dataset().to_table(columns=group + ["key"])
+        failed = self._dataset(self.paths.failures, FAILURE_SCHEMA).to_table(columns=group + ["key"])
+        failed = failed.filter(pc.invert(pc.is_in(failed["key"], value_set=done["key"].combine_chunks())))
+        counts = None
+        for name, table in (("planned", planned), ("done", done), ("failed", failed)):
+            count = table.group_by(group).aggregate([("key", "count_distinct")])
+            count = count.select(group + ["key_count_distinct"]).rename_columns(group + [name])
+            counts = count if counts is None else counts.join(count, keys=group, join_type="full outer")
+        columns = {name: counts[name] for name in group}
+        columns.update({name: pc.fill_null(counts[name], 0) for name in ("planned", "done", "failed")})
+        return pa.table(columns).sort_by([("model", "ascending"), ("layer", "ascending")])
+
+    # ---------------------------------------------------------------- writing
+
+    def write_plan(self, units: pa.Table) -> None:
+        """Record a planned sweep once; writing the same set of keys again is a no-op."""
+        units = units.select(UNIT_SCHEMA.names).cast(UNIT_SCHEMA)
+        keys = sorted(set(units["key"].to_pylist()))
+        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+        path = f"{self.paths.plan}/plan-{digest}.parquet"
+        if self.filesystem.get_file_info(path).type == pafs.FileType.File:
+            return
+        # Two processes writing the same plan write identical bytes, so the race is harmless.
+        self._publish(path, lambda f: pq.write_table(units, f))
+
+    def writer(self, commit_every: int = 64, commit_seconds: float = 300.0,
+               recover_after_s: float = DEFAULT_RECOVER_AFTER_S) -> "StoreWriter":
+        """Check the root, clean up interrupted commits older than ``recover_after_s``, open a writer."""
+        self.check_writable()
+        self._recover(recover_after_s)
+        return StoreWriter(self, commit_every, commit_seconds)
+
+    # -------------------------------------------------------------- internals
+
+    def _dataset(self, path: str, schema: pa.Schema, partitioning=None) -> ds.Dataset:
+        # A fresh store has no directories yet; reading must not create them.
+        if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            return ds.dataset([], schema=schema, format="parquet", filesystem=self.filesystem)
+        return ds.dataset(path, schema=schema, format="parquet", partitioning=partitioning,
+                          filesystem=self.filesystem)
+
+    def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        return [info for info in self.filesystem.get_file_info(selector) if info.type == pafs.FileType.File]
+
+    def _part_commit_ids(self) -> set[str]:
+        ids = (_commit_id(i.base_name, "part-", ".parquet") for i in self._list(self.paths.parquet, True))
+        return {cid for cid in ids if cid}
+
+    def _recover(self, older_than_s: float) -> None:
+        """Delete abandoned temporaries and shards whose commit never reached its Parquet part."""
+        cutoff_ns = time.time_ns() - int(older_than_s * 1e9)
+        committed = self._part_commit_ids()
+        for directory in (self.paths.parquet, self.paths.webdataset, self.paths.failures, self.paths.plan):
+            for info in self._list(directory, recursive=True):
+                if info.mtime_ns is not None and info.mtime_ns > cutoff_ns:
+                    continue
+                shard_id = _commit_id(info.base_name, "shard-", ".tar")
+                orphan = directory == self.paths.webdataset and shard_id is not None and shard_id not in committed
+                if info.base_name.startswith(".") or orphan:
+                    self.filesystem.delete_file(info.path)
+
+    def _publish(self, path: str, write: Callable) -> None:
+        """Make ``path`` appear complete or not at all; ``write`` fills a binary file object."""
+        parent, name = posixpath.split(path)
+        if self.filesystem.type_name in _SINGLE_OBJECT_WRITES:
+            with self.filesystem.open_output_stream(path) as out:
+                write(out)
+            return
+        # A failure leaves the hidden temporary behind on purpose: recovery owns cleanup.
+        temp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
+        if self._local:
+            os.makedirs(parent, exist_ok=True)
+            with open(temp, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())  # the rename must not outlive the data on power loss
+            os.replace(temp, path)
+            directory = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        else:
+            self.filesystem.create_dir(parent, recursive=True)
+            with self.filesystem.open_output_stream(temp) as out:
+                write(out)
+            self.filesystem.move(temp, path)
+
+
+@dataclass
+class _Buffered:
+    model: str
+    row: pa.Table  # one validated RECORD_SCHEMA row
+    sample: dict  # the WebDataset sample
+
+
+class StoreWriter:
+    """Buffers records and commits them to both stores, dropping duplicate keys.
+
+    Exactly-once holds per writer: it knows the keys committed when it opened
+    plus everything it accepted since. Use it as a context manager; leaving the
+    ``with`` commits what is buffered, also on an exception.
+    """
+
+    def __init__(self, store: Store, commit_every: int, commit_seconds: float):
+        if commit_every < 1 or commit_seconds <= 0:
+            raise ValueError(f"need commit_every >= 1 and commit_seconds > 0, got {commit_every}, {commit_seconds}")
+        self.store = store
+        self.commit_every = commit_every
+        self.commit_seconds = commit_seconds
+        self.committed = 0
+        self._seen = store.committed_keys()
+        self._records: list[_Buffered] = []
+        self._failures: list[dict] = []
+        self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
+        self._closed = False
+        # The driver may call maybe_commit() from a timer thread while add() runs.
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def add(self, record: dict) -> bool:
+        """Buffer a record; False if its key is already committed or buffered."""
+        row, sample = _validate(record)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("add() on a closed StoreWriter")
+            if record["key"] in self._seen:
+                return False
+            self._seen.add(record["key"])
+            self._records.append(_Buffered(record["model"], row, sample))
+            self._touch()
+            self.maybe_commit()
+            return True
+
+    def add_failure(self, unit: dict, reason: str, attempts: int) -> None:
+        """Buffer a failed unit (any mapping with the UNIT_SCHEMA fields)."""
+        failure = {name: unit[name] for name in UNIT_SCHEMA.names}
+        failure.update(reason=reason, attempts=attempts, timestamp=dt.datetime.now(dt.timezone.utc))
+        with self._lock:
+            self._failures.append(failure)
+            self._touch()
+            self.maybe_commit()
+
+    def maybe_commit(self) -> None:
+        """Commit if commit_every records are buffered or the oldest has waited commit_seconds."""
+        with self._lock:
+            full = len(self._records) >= self.commit_every
+            stale = self._oldest is not None and time.monotonic() - self._oldest >= self.commit_seconds
+            if full or stale:
+                self.commit()
+
+    def commit(self) -> None:
+        """Write everything buffered: per model a shard then a Parquet part, then failures."""
+        with self._lock:
+            by_model: dict[str, list[_Buffered]] = {}
+            for item in self._records:
+                by_model.setdefault(item.model, []).append(item)
+            # One commit id per model keeps "part exists" the commit point for
+            # every key in a shard; records leave the buffer once committed, so
+            # a commit that raises midway can simply be retried.
+            for model in sorted(by_model):
+                items = by_model[model]
+                self._commit_model(model, items)
+                self.committed += len(items)
+                self._records = [item for item in self._records if item.model != model]
+            if self._failures:
+                table = pa.Table.from_pylist(self._failures, schema=FAILURE_SCHEMA)
+                path = f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet"
+                self.store._publish(path, lambda f: pq.write_table(table, f))
+                self._failures = []
+            self._oldest = None
+
+    def close(self) -> None:
+        """Commit the remainder; further adds raise."""
+        with self._lock:
+            if not self._closed:
+                self.commit()
+                self._closed = True
+
+    def _touch(self) -> None:
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+
+    def _commit_model(self, model: str, items: list[_Buffered]) -> None:
+        cid = uuid.uuid4().hex
+        paths = self.store.paths
+
+        def write_shard(out) -> None:
+            with webdataset.TarWriter(out, encoder=False) as tar:
+                for item in items:
+                    tar.write(item.sample)
+
+        table = pa.concat_tables(item.row for item in items)
+        self.store._publish(f"{paths.webdataset}/shard-{cid}.tar", write_shard)
+        self.store._publish(f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet",
+                            lambda f: pq.write_table(table, f))
+
+
+def _validate(record: dict) -> tuple[pa.Table, dict]:
+    """Check a record against RECORD_SCHEMA now, where the caller can see the error.
+
+    Returns the one-row table for Parquet and the WebDataset sample built from
+    it, so both stores hold the same (type-converted) values.
+    """
+    names = set(RECORD_SCHEMA.names)
+    missing, extra = names - set(record), set(record) - names
+    nulls = sorted(name for name in _REQUIRED & set(record) if record[name] is None)
+    if missing or extra or nulls:
+        raise ValueError(f"record {record.get('key')!r}: missing {sorted(missing)}, unknown {sorted(extra)}, "
+                         f"null {nulls}")
+    if "." in record["key"]:
+        raise ValueError(f"record key {record['key']!r} contains a dot; WebDataset splits keys at dots")
+    if not isinstance(record["timestamp"], dt.datetime) or record["timestamp"].tzinfo is None:
+        raise ValueError(f"record {record['key']!r}: timestamp must be a timezone-aware datetime")
+    row = pa.Table.from_pylist([record], schema=RECORD_SCHEMA)
+    fields = row.to_pylist()[0]
+    png = fields.pop("png")
+    fields["timestamp"] = fields["timestamp"].isoformat()
+    sample = {"__key__": fields["key"], "png": png, "json": json.dumps(fields).encode()}
+    return row, sample
+

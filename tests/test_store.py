@@ -1,0 +1,314 @@
+"""The store's guarantees: both read paths agree, exactly once, crash safety, clear errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import webdataset
+from PIL import Image
+
+from pipeline.errors import PipelineError
+from pipeline.records import RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, unit_key
+from pipeline.store import Store, StoreError
+
+DOTTED = "vit_base_patch32_clip_224.openai"
+OTHER = "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"  # '/' and ':' must survive the partition directory
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _png(i: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (2, 2), (i % 256, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_unit(i: int, model: str = DOTTED, layer: int = 0) -> dict:
+    fields = dict(model=model, weights="pretrained-openai", target="mlp", objective="mean", layer=layer,
+                  feature=i, seed=0, config_hash="c0")
+    return dict(fields, key=unit_key(**fields), family="vit")
+
+
+def make_record(i: int, model: str = DOTTED, layer: int = 0) -> dict:
+    return dict(
+        make_unit(i, model, layer),
+        config='{"steps": 2}', label=None, png=_png(i), activation=float(i), activation_trace=[0.5, float(i)],
+        steps=2, image_size=2, device="cpu", precision="fp32", duration_s=0.1, code_version="test",
+        timestamp=dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+    )
+
+
+def parquet_keys(root: Path) -> list[str]:
+    """Keys as an outside reader sees them: the plain hive call from the layout contract."""
+    table = ds.dataset(str(root / "parquet"), format="parquet", partitioning="hive").to_table(columns=["key"])
+    return table["key"].to_pylist()
+
+
+def webdataset_samples(store: Store) -> list[dict]:
+    return list(webdataset.WebDataset(store.shard_paths(), shardshuffle=False))
+
+
+def raw_shards(root: Path) -> list[str]:
+    return sorted(glob.glob(str(root / "webdataset" / "*.tar")))
+
+
+def test_round_trip_through_hive_parquet_and_webdataset(tmp_path):
+    records = [make_record(i, DOTTED) for i in range(3)] + [make_record(i, OTHER, layer=1) for i in range(2)]
+    store = Store(str(tmp_path))
+    with store.writer(commit_every=3) as writer:  # the first commit spans both models
+        assert all(writer.add(r) for r in records)
+    assert writer.committed == 5
+
+    dataset = ds.dataset(str(tmp_path / "parquet"), format="parquet", partitioning="hive")
+    assert dataset.schema.names == RECORD_SCHEMA.names
+    assert [f.type for f in dataset.schema] == [f.type for f in RECORD_SCHEMA]
+    assert dataset.schema.field("model").type == pa.string()
+    assert dataset.schema.metadata[b"schema_id"] == SCHEMA_ID.encode()
+    for part in dataset.files:
+        assert pq.read_schema(part).metadata[b"schema_id"] == SCHEMA_ID.encode()
+
+    dotted = dataset.to_table(filter=ds.field("model") == DOTTED)
+    assert sorted(dotted["key"].to_pylist()) == sorted(r["key"] for r in records[:3])
+    assert set(dataset.to_table(filter=ds.field("model") == OTHER)["model"].to_pylist()) == {OTHER}
+    by_key = {row["key"]: row for row in dataset.to_table().to_pylist()}
+    for record in records:
+        assert by_key[record["key"]] == record
+
+    samples = webdataset_samples(store)
+    assert sorted(s["__key__"] for s in samples) == sorted(by_key)
+    for sample in samples:
+        record = by_key[sample["__key__"]]
+        fields = json.loads(sample["json"])
+        assert sample["png"] == record["png"]
+        assert set(fields) == set(RECORD_SCHEMA.names) - {"png"}
+        assert fields["timestamp"] == record["timestamp"].isoformat()
+        assert fields["activation_trace"] == record["activation_trace"]
+        assert fields["model"] == record["model"]
+
+
+def test_object_store_uri_round_trip():
+    # mock:// is pyarrow's in-memory filesystem: the non-local code path, end to end.
+    store = Store("mock:///atlas")
+    with store.writer(commit_every=2, recover_after_s=0) as writer:
+        for i in range(3):
+            writer.add(make_record(i))
+    assert store.committed_keys() == {make_record(i)["key"] for i in range(3)}
+    shards = store.shard_paths()
+    assert len(shards) == 2 and all(s.startswith("mock://atlas/webdataset/shard-") for s in shards)
+    names = []
+    for shard in shards:
+        with store.filesystem.open_input_stream(shard.removeprefix("mock://")) as f:
+            names += tarfile.open(fileobj=io.BytesIO(f.read())).getnames()
+    assert len(names) == 6  # a .png and a .json per record
+    listing = store.filesystem.get_file_info(pafs.FileSelector("atlas", recursive=True))
+    assert not any(info.base_name.startswith(".") for info in listing)  # temporaries were renamed away
+
+
+def test_duplicates_dropped_in_buffer_and_after_reopen(tmp_path):
+    store = Store(str(tmp_path))
+    with store.writer(commit_every=10) as writer:
+        assert writer.add(make_record(0)) is True
+        assert writer.add(make_record(0)) is False  # late duplicate, still buffered
+        assert writer.add(make_record(1)) is True
+    with store.writer() as writer:
+        assert writer.add(make_record(1)) is False  # already committed
+        assert writer.add(make_record(2)) is True
+    assert writer.committed == 1
+    keys = parquet_keys(tmp_path)
+    assert sorted(keys) == sorted(make_record(i)["key"] for i in range(3))
+    assert sorted(s["__key__"] for s in webdataset_samples(store)) == sorted(keys)
+
+
+KILLED_WRITER = """
+import sys, time
+sys.path.insert(0, sys.argv[3])
+from test_store import make_record
+from pipeline.store import Store
+writer = Store(sys.argv[1]).writer(commit_every=2)
+for i in range(int(sys.argv[2])):
+    writer.add(make_record(i))
+    print(i, flush=True)
+    time.sleep(0.03)
+"""
+
+
+def test_sigkill_mid_run_leaves_a_consistent_recoverable_store(tmp_path):
+    planned = 16
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(planned), str(Path(__file__).parent)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if int(line) >= 6:
+                break
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+
+    store = Store(str(tmp_path))
+    # Whatever readers can see is complete.
+    for part in ds.dataset(str(tmp_path / "parquet"), format="parquet", partitioning="hive").files:
+        assert not os.path.basename(part).startswith(".")
+        pq.read_table(part)
+    for shard in raw_shards(tmp_path):
+        with tarfile.open(shard) as tar:
+            assert all(tar.extractfile(m).read() is not None for m in tar.getmembers())
+    committed = set(parquet_keys(tmp_path))
+    assert len(committed) >= 6
+    assert {s["__key__"] for s in webdataset_samples(store)} == committed
+
+    with store.writer(commit_every=4, recover_after_s=0) as writer:
+        # Recovery left no temporary and no shard without its Parquet part.
+        assert not [p for p in tmp_path.rglob(".*")]
+        assert raw_shards(tmp_path) == store.shard_paths()
+        accepted = [writer.add(make_record(i)) for i in range(planned)]
+    assert sum(accepted) == planned - len(committed)
+
+    keys = parquet_keys(tmp_path)
+    expected = sorted(make_record(i)["key"] for i in range(planned))
+    assert sorted(keys) == expected  # every planned key, exactly once
+    assert sorted(s["__key__"] for s in webdataset_samples(store)) == expected
+
+
+def test_crash_between_shard_and_part_is_invisible_then_recovered(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    with store.writer() as writer:
+        writer.add(make_record(0))
+    crashed = store.writer(commit_every=10)
+    crashed.add(make_record(1))
+
+    def torn_write(table, where, **kwargs):  # the process dies halfway through the Parquet part
+        where.write(b"PAR1 torn")
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(pq, "write_table", torn_write)
+    with pytest.raises(OSError, match="simulated crash"):
+        crashed.commit()
+    monkeypatch.undo()
+
+    temporaries = list((tmp_path / "parquet").rglob(".*.tmp"))
+    assert len(temporaries) == 1 and len(raw_shards(tmp_path)) == 2  # an orphan shard and a torn part
+    assert parquet_keys(tmp_path) == [make_record(0)["key"]]  # the plain reader skips the temporary
+    assert [s["__key__"] for s in webdataset_samples(store)] == [make_record(0)["key"]]
+
+    store.writer().close()  # default grace: a fresh shard may belong to a concurrent writer's commit
+    assert len(raw_shards(tmp_path)) == 2 and temporaries[0].exists()
+
+    with store.writer(recover_after_s=0) as writer:
+        assert raw_shards(tmp_path) == store.shard_paths() and not temporaries[0].exists()
+        assert writer.add(make_record(1))
+    assert sorted(parquet_keys(tmp_path)) == sorted(make_record(i)["key"] for i in range(2))
+    assert len(webdataset_samples(store)) == 2
+
+
+def test_malformed_records_are_rejected_at_add(tmp_path):
+    with Store(str(tmp_path)).writer() as writer:
+        for broken in (dict(make_record(0), key="has.dot"), dict(make_record(0), timestamp=dt.datetime(2025, 1, 1)),
+                       {k: v for k, v in make_record(0).items() if k != "png"}, dict(make_record(0), steps=None)):
+            with pytest.raises(ValueError):
+                writer.add(broken)
+        assert writer.add(make_record(0))  # the rejected attempts did not claim the key
+
+
+def test_exception_inside_with_still_commits_buffered_records(tmp_path):
+    store = Store(str(tmp_path))
+    with pytest.raises(RuntimeError, match="worker lost"):
+        with store.writer(commit_every=10) as writer:
+            writer.add(make_record(0))
+            raise RuntimeError("worker lost")
+    assert store.committed_keys() == {make_record(0)["key"]}
+
+
+def test_commit_seconds_commits_before_commit_every(tmp_path):
+    store = Store(str(tmp_path))
+    writer = store.writer(commit_every=100, commit_seconds=0.2)
+    writer.add(make_record(0))
+    writer.maybe_commit()
+    assert store.committed_keys() == set()  # too young
+    time.sleep(0.25)
+    writer.maybe_commit()
+    assert store.committed_keys() == {make_record(0)["key"]}
+    writer.add(make_record(1))
+    time.sleep(0.25)
+    writer.add(make_record(2))  # add() checks the age too
+    assert len(store.committed_keys()) == 3 and writer.committed == 3
+
+
+def test_failures_and_status_come_from_the_store_alone(tmp_path):
+    units = [make_unit(i, DOTTED, layer=0) for i in range(3)] + [make_unit(i, OTHER, layer=1) for i in range(2)]
+    store = Store(str(tmp_path))
+    store.write_plan(pa.Table.from_pylist(units, schema=UNIT_SCHEMA))
+    store.write_plan(pa.Table.from_pylist(units[::-1], schema=UNIT_SCHEMA))  # same plan: no second file
+    assert len(list((tmp_path / "plan").glob("plan-*.parquet"))) == 1
+    with store.writer() as writer:
+        writer.add(make_record(0, DOTTED, 0))
+        writer.add_failure(make_unit(1, DOTTED, 0), "CUDA out of memory", attempts=3)
+        writer.add_failure(make_unit(0, OTHER, 1), "NaN loss", attempts=2)
+    assert store.failed_keys() == {make_unit(1)["key"], make_unit(0, OTHER, 1)["key"]}
+    with store.writer() as writer:
+        writer.add(make_record(1, DOTTED, 0))  # the retry succeeded
+    assert store.failed_keys() == {make_unit(0, OTHER, 1)["key"]}
+
+    status = Store(str(tmp_path)).status().to_pylist()  # a fresh handle: nothing kept in memory
+    assert status == [
+        {"model": OTHER, "layer": 1, "planned": 2, "done": 0, "failed": 1},
+        {"model": DOTTED, "layer": 0, "planned": 3, "done": 2, "failed": 0},
+    ]
+
+
+def test_empty_store_reads_as_empty(tmp_path):
+    store = Store(str(tmp_path / "new"))
+    assert store.committed_keys() == set() and store.shard_paths() == []
+    assert store.status().num_rows == 0
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("make_root", [
+    lambda tmp: tmp / "a_file",  # the root is a file
+    lambda tmp: tmp / "a_file" / "store",  # its parent is a file: root ignores chmod, not this
+    lambda tmp: tmp / "read_only" / "store",  # a directory we may not write (skipped as root)
+], ids=["root-is-file", "parent-is-file", "read-only-parent"])
+def test_bad_local_roots_raise_and_write_nothing(tmp_path, make_root):
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "read_only").mkdir(mode=0o555)
+    root = make_root(tmp_path)
+    if "read_only" in str(root) and os.access(tmp_path / "read_only", os.W_OK):
+        pytest.skip("running as root: permissions do not stop writes")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(StoreError) as raised:
+        Store(str(root)).check_writable()
+    assert isinstance(raised.value, PipelineError)
+    assert str(root) in str(raised.value) and "\n" not in str(raised.value)
+    with pytest.raises(StoreError):
+        Store(str(root)).writer()
+    assert sorted(tmp_path.rglob("*")) == before
+    assert (tmp_path / "a_file").read_text() == "not a directory"
+
+
+def test_unknown_scheme_raises_store_error():
+    with pytest.raises(StoreError, match="nope://bucket/atlas"):
+        Store("nope://bucket/atlas").check_writable()
+
+
+def test_good_root_checks_without_creating_anything(tmp_path, monkeypatch):
+    Store(str(tmp_path / "a" / "b")).check_writable()
+    monkeypatch.chdir(tmp_path)
+    relative = Store("rel/store")
+    relative.check_writable()
+    assert relative.root == str(tmp_path / "rel" / "store")
+    assert list(tmp_path.iterdir()) == []
