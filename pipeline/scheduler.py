@@ -20,6 +20,7 @@ import math
 import os
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TypeVar
 
 import ray
 from omegaconf import DictConfig
@@ -32,6 +33,7 @@ from pipeline.worker import VisualizationWorker
 log = logging.getLogger(__name__)
 
 TASK_RETRIES = 3
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,6 +81,52 @@ def worker_count(cluster: DictConfig, gpus: float) -> int:
     return max(1, int(resources.get("CPU", 1) / max(cluster.cpus_per_worker, 1e-3)))
 
 
+def make_actors(worker_class: type, cluster: DictConfig, count: int, *args) -> list:
+    """``count`` actors of ``worker_class``; Ray restarts them and retries their calls when they die."""
+    actor_class = ray.remote(worker_class).options(
+        num_cpus=cluster.cpus_per_worker, num_gpus=gpus_per_worker(cluster),
+        max_restarts=-1, max_task_retries=TASK_RETRIES,
+    )
+    return [actor_class.remote(*args) for _ in range(count)]
+
+
+def in_flight_limit(cluster: DictConfig, actors: int) -> int:
+    return 2 * actors if cluster.max_in_flight == "auto" else max(1, int(cluster.max_in_flight))
+
+
+def drive(actors: list, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectRef],
+          on_done: Callable[[T, ray.ObjectRef], None], limit: int, after_wait: Callable[[], bool]) -> None:
+    """Run ``tasks`` over ``actors`` with at most ``limit`` in flight, least-loaded actor first.
+
+    ``on_done`` gets each finished task with its result reference (``ray.get`` it,
+    errors included) in completion order; ``after_wait`` runs after every wait
+    (at least once a second) and returns True to stop early. Outstanding calls are
+    cancelled and the actors killed however this returns.
+    """
+    queue = deque(tasks)
+    in_flight: dict[ray.ObjectRef, tuple[T, int]] = {}
+    load = [0] * len(actors)
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                actor = min(range(len(actors)), key=load.__getitem__)
+                task = queue.popleft()
+                in_flight[submit(actors[actor], task)] = (task, actor)
+                load[actor] += 1
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                task, actor = in_flight.pop(ref)
+                load[actor] -= 1
+                on_done(task, ref)
+            if after_wait():
+                break
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        for actor in actors:
+            ray.kill(actor)
+
+
 def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, writer, progress: Progress,
              device: str) -> RunSummary:
     """Run the plan's missing units on Ray actors, stream results into ``writer``.
@@ -87,45 +135,24 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, w
     worker busy (a small sweep on many workers). Stops past ``cluster.max_failures``.
     """
     summary = RunSummary()
-    gpus = gpus_per_worker(cluster)
-    workers = worker_count(cluster, gpus)
+    workers = worker_count(cluster, gpus_per_worker(cluster))
     todo = len(plan) - len(done)
     chunks = plan.chunks(done, min(chunk_size, max(1, math.ceil(todo / workers))))
     if not chunks:
         return summary
-    count = min(workers, len(chunks))
-    actor_class = ray.remote(VisualizationWorker).options(
-        num_cpus=cluster.cpus_per_worker, num_gpus=gpus,
-        max_restarts=-1, max_task_retries=TASK_RETRIES,
-    )
     threads = max(1, int(cluster.cpus_per_worker))
-    actors = [actor_class.remote(device, cluster.model_cache, threads) for _ in range(count)]
-    limit = 2 * count if cluster.max_in_flight == "auto" else max(1, int(cluster.max_in_flight))
-    queue = deque(chunks)
-    in_flight: dict[ray.ObjectRef, tuple[Chunk, int]] = {}
-    load = [0] * count
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                actor = min(range(count), key=load.__getitem__)
-                chunk = queue.popleft()
-                in_flight[actors[actor].run.remote(chunk)] = (chunk, actor)
-                load[actor] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in ready:
-                chunk, actor = in_flight.pop(ref)
-                load[actor] -= 1
-                _collect(ref, chunk, writer, summary)
-            writer.maybe_commit()
-            progress.update(done=summary.done, failed=summary.failed)
-            if summary.failed > cluster.max_failures:
-                summary.aborted = True
-                break
-    finally:
-        for ref in in_flight:
-            ray.cancel(ref, force=True)
-        for actor in actors:
-            ray.kill(actor)
+    actors = make_actors(VisualizationWorker, cluster, min(workers, len(chunks)), device, cluster.model_cache,
+                         threads)
+
+    def after_wait() -> bool:
+        writer.maybe_commit()
+        progress.update(done=summary.done, failed=summary.failed)
+        summary.aborted = summary.failed > cluster.max_failures
+        return summary.aborted
+
+    drive(actors, chunks, lambda actor, chunk: actor.run.remote(chunk),
+          lambda chunk, ref: _collect(ref, chunk, writer, summary), in_flight_limit(cluster, len(actors)),
+          after_wait)
     return summary
 
 
