@@ -1,0 +1,181 @@
+"""Sweeps end to end on a local Ray: exact keys, provenance, resume, grids, bad input, failures."""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+import torch
+import webdataset
+from PIL import Image
+
+from pipeline import scheduler, sweep
+from pipeline.errors import PipelineError
+from pipeline.plan import build_plan
+from pipeline.records import SCHEMA_ID
+from pipeline.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ("optim.steps=2", "optim.copies=1", "progress.bar=false", "store.commit_every=2")
+
+
+def parquet_keys(root: Path) -> list[str]:
+    table = ds.dataset(str(root / "parquet"), format="parquet", partitioning="hive").to_table(columns=["key"])
+    return table.column("key").to_pylist()
+
+
+def webdataset_keys(root: Path) -> list[str]:
+    shards = sorted(glob.glob(str(root / "webdataset" / "*.tar")))
+    return [sample["__key__"] for sample in webdataset.WebDataset(shards, shardshuffle=False)] if shards else []
+
+
+def test_a_sweep_ends_with_exactly_the_planned_keys_in_both_stores(ray_local, compose, tmp_path, capsys):
+    cfg = compose("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0,11]", "sweep.features=[5,6,7]",
+                  f"store.root={tmp_path}", *FAST)
+    planned = build_plan(cfg).keys()
+    assert sweep.run_sweep(cfg) == 0
+    assert sorted(parquet_keys(tmp_path)) == sorted(planned)
+    assert sorted(webdataset_keys(tmp_path)) == sorted(planned)
+    out = capsys.readouterr().out
+    assert "plan: 6 planned / 0 already done / 6 to do" in out and f"store: {tmp_path}" in out
+
+    dataset = ds.dataset(str(tmp_path / "parquet"), format="parquet", partitioning="hive")
+    assert dataset.schema.metadata[b"schema_id"].decode() == SCHEMA_ID
+    row = dataset.to_table(filter=ds.field("layer") == 11).to_pylist()[0]
+    assert row["model"] == "deit_tiny_patch16_224" and row["weights"] == "random-0" and row["target"] == "mlp"
+    assert Image.open(io.BytesIO(row["png"])).size == (224, 224) and row["image_size"] == 224
+    assert json.loads(row["config"])["optim"]["steps"] == 2 and row["steps"] == 2
+    assert row["device"].startswith("cpu") and row["code_version"] and row["duration_s"] > 0
+    assert torch.isfinite(torch.tensor(row["activation"])) and "." not in row["key"]
+    sample = next(iter(webdataset.WebDataset(sorted(glob.glob(str(tmp_path / "webdataset" / "*.tar"))),
+                                             shardshuffle=False)))
+    assert json.loads(sample["json"])["key"] == sample["__key__"]
+
+
+def test_a_completed_plan_starts_no_workers_and_a_partial_one_does_only_the_rest(
+        ray_local, compose, tmp_path, capsys, monkeypatch):
+    small = compose("sweep.layers=[0]", "sweep.features=[1,2]", f"store.root={tmp_path}", *FAST)
+    assert sweep.run_sweep(small) == 0
+    first = {r["key"]: r["timestamp"] for r in Store(str(tmp_path)).parquet_dataset()
+             .to_table(columns=["key", "timestamp"]).to_pylist()}
+    larger = compose("sweep.layers=[0]", "sweep.features=[1,2,3]", f"store.root={tmp_path}", *FAST)
+    capsys.readouterr()
+    assert sweep.run_sweep(larger) == 0
+    assert "plan: 3 planned / 2 already done / 1 to do" in capsys.readouterr().out
+    rows = Store(str(tmp_path)).parquet_dataset().to_table(columns=["key", "timestamp"]).to_pylist()
+    assert len(rows) == 3 and all(first[r["key"]] == r["timestamp"] for r in rows if r["key"] in first)
+
+    monkeypatch.setattr(scheduler, "run_plan", lambda *a, **k: pytest.fail("a completed plan started work"))
+    monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("a completed plan started Ray"))
+    assert sweep.run_sweep(larger) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert len(parquet_keys(tmp_path)) == 3
+
+
+def test_a_hyper_parameter_grid_gives_one_record_per_config(ray_local, compose, tmp_path):
+    cfg = compose("sweep.layers=[0]", "sweep.features=[4]", "+sweep.grid={optim.tv:[0.1,1.0]}",
+                  f"store.root={tmp_path}", *FAST)
+    assert sweep.run_sweep(cfg) == 0
+    table = Store(str(tmp_path)).parquet_dataset().to_table(columns=["config_hash", "config"]).to_pylist()
+    assert len({r["config_hash"] for r in table}) == 2
+    assert sorted(json.loads(r["config"])["optim"]["tv"] for r in table) == [0.1, 1.0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("sweep.models=[deit_tiny_patch16_22]", "Did you mean: deit_tiny_patch16_224"),
+    ("sweep.layers=[12]", r"valid layers are 0\.\.11"),
+    ("sweep.features=[768]", r"valid features are 0\.\.767"),
+    ("sweep.features=lots", "Cannot read feature selection"),
+    ("model.weights=/nonexistent/ckpt.safetensors", "neither 'pretrained'"),
+    ("target.kind=keys", "not available"),  # swin's windowed attention at layer 0
+    ("target.objective=position-20-0", "outside the 14x14 patch grid"),
+    ("optim.colour_shift=sepia", "is not one of code, paper, none"),
+    ("+sweep.grid={store.root:[a,b]}", "is not a hyper-parameter"),
+])
+def test_bad_input_is_refused_before_any_compute_and_writes_nothing(compose, tmp_path, monkeypatch, override,
+                                                                     message):
+    monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("bad input reached Ray"))
+    model = "swin_tiny_patch4_window7_224" if override == "target.kind=keys" else "deit_tiny_patch16_224"
+    root = tmp_path / "store"
+    cfg = compose(f"sweep.models=[{model}]", "sweep.layers=[0]", "sweep.features=[0]", f"store.root={root}",
+                  override)
+    with pytest.raises(PipelineError, match=message):
+        sweep.run_sweep(cfg)
+    assert not root.exists()
+
+
+def test_checkpoint_problems_are_named(compose, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    import timm
+
+    monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("bad input reached Ray"))
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    mismatched = tmp_path / "small.safetensors"
+    state = timm.create_model("deit_small_patch16_224").state_dict()
+    save_file({k: v.contiguous() for k, v in list(state.items())[:-2]}, str(mismatched))
+    for path, message in ((corrupt, "could not be read"), (mismatched, "missing: head.weight.*shape mismatch: ")):
+        cfg = compose("sweep.layers=[0]", "sweep.features=[0]", f"model.weights={path}",
+                      f"store.root={tmp_path / 'store'}")
+        with pytest.raises(PipelineError, match=message):
+            sweep.run_sweep(cfg)
+    assert not (tmp_path / "store").exists()
+
+
+def test_checkpoint_files_and_directories_load_with_their_hash_as_weights_id(tmp_path):
+    from safetensors.torch import save_file
+
+    from pipeline import weights
+
+    torch.manual_seed(3)
+    source = weights.load("deit_tiny_patch16_224", weights.resolve("deit_tiny_patch16_224", "random", 3))
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, str(tmp_path / "deit_tiny_patch16_224.safetensors"))
+    torch.save(state, tmp_path / "plain.pth")
+    for spec in (str(tmp_path), str(tmp_path / "plain.pth")):
+        choice = weights.resolve("deit_tiny_patch16_224", spec)
+        assert choice.weights_id.startswith("sha256-") and len(choice.weights_id) == 7 + 64
+        loaded = weights.load("deit_tiny_patch16_224", choice)
+        torch.testing.assert_close(loaded.state_dict()["blocks.3.mlp.fc1.weight"], state["blocks.3.mlp.fc1.weight"])
+    torch.save({"note": Path("an arbitrary pickled object")}, tmp_path / "pickled.pth")
+    with pytest.raises(PipelineError, match="could not be read"):
+        weights.resolve("deit_tiny_patch16_224", str(tmp_path / "pickled.pth"))
+
+
+def test_pretrained_weights_offline_fail_with_remedies(monkeypatch):
+    from pipeline import weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    choice = weights.resolve("deit_tiny_patch16_224", "pretrained")
+    assert choice.weights_id == "pretrained-fb_in1k"
+    with pytest.raises(PipelineError, match="HF_HUB_OFFLINE is set.*model.weights=random"):
+        weights.load("deit_tiny_patch16_224", choice)
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.sweep", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_bad_input_exits_2_with_one_paragraph_and_writes_nothing(tmp_path):
+    root = tmp_path / "store"
+    result = run_cli("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[40]", f"store.root={root}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "valid layers are 0..11" in result.stderr
+    assert not root.exists()
+    unwritable = tmp_path / "a-file"
+    unwritable.write_text("not a directory")
+    result = run_cli(f"store.root={unwritable}/store", cwd=tmp_path)
+    assert result.returncode == 2 and "store" in result.stderr.lower()
+    malformed = run_cli("optim.steps=abc", f"store.root={root}", cwd=tmp_path)
+    assert malformed.returncode != 0 and "optim.steps" in malformed.stderr
+    assert not root.exists()
