@@ -122,7 +122,7 @@ def test_checkpoint_problems_are_named(compose, tmp_path, monkeypatch):
     mismatched = tmp_path / "small.safetensors"
     state = timm.create_model("deit_small_patch16_224").state_dict()
     save_file({k: v.contiguous() for k, v in list(state.items())[:-2]}, str(mismatched))
-    for path, message in ((corrupt, "could not be read"), (mismatched, "missing: head.weight.*shape mismatch: ")):
+    for path, message in ((corrupt, "could not be read"), (mismatched, r"missing: head.bias, head.weight; shape mismatch: blocks.0.attn.proj.bias \(384,\) vs \(192,\)")):
         cfg = compose("sweep.layers=[0]", "sweep.features=[0]", f"model.weights={path}",
                       f"store.root={tmp_path / 'store'}")
         with pytest.raises(PipelineError, match=message):
