@@ -9,7 +9,7 @@ intact, so gradients flow back to the input. Hooks live only inside one call
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -59,6 +59,22 @@ class ActivationReader:
             except _StopForward:
                 pass
         return _patch_tokens(captured[0], info, site)
+
+    def read_layers(self, images: torch.Tensor, layers: list[int], target: str = "mlp") -> dict[int, torch.Tensor]:
+        """One forward for several layers, stopped after the deepest: layer -> (batch, patches, features)."""
+        deepest = max(layers)
+        with ExitStack() as stack:
+            captured = {}
+            for layer in sorted(set(layers)):
+                site = self.layout.site(layer, target)
+                captured[layer] = stack.enter_context(
+                    _capture(self._modules[site.module], site.call, stop=layer == deepest))
+            try:
+                self.model(images)
+            except _StopForward:
+                pass
+        return {layer: _patch_tokens(out[0], self.layout.layer(layer), self.layout.site(layer, target))
+                for layer, out in captured.items()}
 
 
 def _patch_tokens(output: torch.Tensor, info: LayerInfo, site: TargetSite) -> torch.Tensor:

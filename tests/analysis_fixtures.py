@@ -1,0 +1,46 @@
+"""Helpers for the analysis tests: synthetic labelled images on disk, fake store records, config composing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.records import unit_key
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(config_name: str, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pipeline import analysis_config
+
+    analysis_config.register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def save_image(path: Path, array: np.ndarray) -> None:
+    """``array`` (H, W, 3) float in [0, 1], saved losslessly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(path)
+
+
+def visualization_record(model: str, weights_id: str, weights: str, layer: int, feature: int,
+                         objective: str = "mean") -> dict:
+    """A store record as a sweep would write it (the image itself does not matter to the readers here)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    fields = dict(model=model, weights=weights_id, target="mlp", objective=objective, layer=layer, feature=feature,
+                  seed=0, config_hash="c0")
+    return dict(fields, key=unit_key(**fields), family="deit",
+                config=json.dumps({"weights": weights, "weights_id": weights_id}), label=None, png=buffer.getvalue(),
+                activation=1.0, activation_trace=[1.0], steps=1, image_size=224, device="cpu", precision="fp32",
+                duration_s=0.0, code_version="test", timestamp=dt.datetime.now(dt.timezone.utc))
