@@ -13,14 +13,29 @@ model: a part read on its own is then a complete RECORD_SCHEMA table, and
 order. Model names are percent-encoded in the directory (pyarrow's hive reader
 decodes them), so dots, slashes and colons in timm / hf-hub names are safe.
 
-A commit writes, per model, the WebDataset shard and then the Parquet part under
-one commit id. The part's arrival is the commit point: readers of this module
-only see shards whose part exists, and opening a writer deletes stale shards
-without a part and stale temporaries, so every key is in both stores or in
-neither. Each file becomes visible only when complete: local files are written
-under a hidden name ('.'-prefixed, which pyarrow.dataset skips and ``*.tar``
-does not match), fsynced and renamed; object stores publish an object only
-when its upload completes, so there they are written in place.
+A commit is "stage, commit, roll forward", per model under one commit id:
+
+1. stage: the WebDataset shard is written complete (and, locally, fsynced)
+   under the hidden name ``webdataset/.shard-<commit_id>.tar.staged``, which
+   neither ``glob('webdataset/*.tar')`` nor pyarrow.dataset sees;
+2. commit: the Parquet part is published. Its arrival is the commit point;
+3. roll forward: the staged shard is moved to ``webdataset/shard-<commit_id>.tar``
+   (a local rename; on object stores a copy, which appears whole, then a delete).
+
+So a final shard exists only for a committed part, and a plain glob of
+``webdataset/*.tar`` never shows a key that Parquet lacks. A process killed
+between 2 and 3 leaves a committed part whose shard is still staged: opening a
+writer finishes step 3 for every such part, at once (it is exactly what the
+interrupted writer would have done next, so a live writer doing the same is
+harmless: whichever moves second finds the shard in place). A process killed
+before 2 leaves only hidden files and uncommitted keys, which the next run
+recomputes; opening a writer deletes such staged shards and temporaries once
+older than ``recover_after_s``, so a concurrent writer's commit in flight is
+never touched. Readers of this module (``shard_paths``) list only final shards
+of committed parts. Each file becomes visible only when complete: local files
+are written under a hidden name ('.'-prefixed), fsynced and renamed; object
+stores publish an object only when its upload completes, so there they are
+written in place.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import threading
@@ -47,11 +63,14 @@ import webdataset
 from pipeline.errors import PipelineError
 from pipeline.records import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
 
+log = logging.getLogger(__name__)
+
 # Filesystems whose objects appear atomically when their upload completes.
 _SINGLE_OBJECT_WRITES = {"s3", "gcs", "abfs"}
-# Older leftovers than this are surely abandoned: a live writer publishes a shard
-# and its part within seconds, so deleting younger ones could break a concurrent
-# writer's commit in flight.
+# Older uncommitted leftovers than this are surely abandoned: a live writer stages
+# a shard and publishes its part within seconds, so deleting younger ones could
+# break a concurrent writer's commit in flight. Rolling forward committed parts
+# needs no grace period.
 DEFAULT_RECOVER_AFTER_S = 600.0
 
 _REQUIRED = {f.name for f in RECORD_SCHEMA if not f.nullable}
@@ -216,7 +235,12 @@ class Store:
 
     def writer(self, commit_every: int = 64, commit_seconds: float = 300.0,
                recover_after_s: float = DEFAULT_RECOVER_AFTER_S) -> "StoreWriter":
-        """Check the root, clean up interrupted commits older than ``recover_after_s``, open a writer."""
+        """Check the root, finish interrupted commits, open a writer.
+
+        Committed parts whose shard is still staged get it moved into place now;
+        uncommitted staged shards and temporaries are deleted once older than
+        ``recover_after_s``.
+        """
         self.check_writable()
         self._recover(recover_after_s)
         return StoreWriter(self, commit_every, commit_seconds)
@@ -238,18 +262,70 @@ class Store:
         ids = (_commit_id(i.base_name, "part-", ".parquet") for i in self._list(self.paths.parquet, True))
         return {cid for cid in ids if cid}
 
+    def _shard_locations(self, cid: str) -> tuple[str, str]:
+        """(staged, final) paths of a commit's WebDataset shard."""
+        return (f"{self.paths.webdataset}/.shard-{cid}.tar.staged", f"{self.paths.webdataset}/shard-{cid}.tar")
+
     def _recover(self, older_than_s: float) -> None:
-        """Delete abandoned temporaries and shards whose commit never reached its Parquet part."""
+        """Roll committed parts' staged shards forward; delete abandoned uncommitted leftovers."""
         cutoff_ns = time.time_ns() - int(older_than_s * 1e9)
-        committed = self._part_commit_ids()
+        committed = self._part_commit_ids()  # listed before the shards: see the warning below
+        shards = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
+        for cid in sorted(committed):
+            staged, final = self._shard_locations(cid)
+            if posixpath.basename(staged) in shards:
+                if posixpath.basename(final) in shards:
+                    # An object-store move that copied but did not delete yet.
+                    self._delete_if_present(staged)
+                else:
+                    self._promote(staged, final)
+            elif posixpath.basename(final) not in shards and not self._is_file(final):
+                # A part is published only after its shard is staged complete, so
+                # only a deletion from outside (or a writer stalled past the grace
+                # period) gets here; its records are in Parquet but not WebDataset.
+                log.warning("Committed Parquet part %s has no WebDataset shard (neither %s nor %s); its "
+                            "records are missing from the WebDataset view.", cid, final, staged)
         for directory in (self.paths.parquet, self.paths.webdataset, self.paths.failures, self.paths.plan):
             for info in self._list(directory, recursive=True):
                 if info.mtime_ns is not None and info.mtime_ns > cutoff_ns:
                     continue
+                if _commit_id(info.base_name, ".shard-", ".tar.staged") in committed:
+                    continue  # rolled forward above; never delete a committed shard
+                # Final shards without a part come from stores written before
+                # shards were staged (the shard was published first then).
                 shard_id = _commit_id(info.base_name, "shard-", ".tar")
                 orphan = directory == self.paths.webdataset and shard_id is not None and shard_id not in committed
                 if info.base_name.startswith(".") or orphan:
-                    self.filesystem.delete_file(info.path)
+                    self._delete_if_present(info.path)
+
+    def _promote(self, staged: str, final: str) -> None:
+        """Step 3 of a commit: give a committed part's staged shard its final name.
+
+        Idempotent and safe to race (a recovering writer and the committing one
+        move the same complete file): losing the race is success.
+        """
+        try:
+            if self._local:
+                os.replace(staged, final)
+                _fsync_dir(posixpath.dirname(final))
+            elif self.filesystem.type_name in _SINGLE_OBJECT_WRITES:
+                # Object stores have no rename: the copy appears whole, then the staged object goes.
+                self.filesystem.copy_file(staged, final)
+                self.filesystem.delete_file(staged)
+            else:
+                self.filesystem.move(staged, final)
+        except FileNotFoundError:
+            if not self._is_file(final):
+                raise
+
+    def _is_file(self, path: str) -> bool:
+        return self.filesystem.get_file_info(path).type == pafs.FileType.File
+
+    def _delete_if_present(self, path: str) -> None:
+        try:
+            self.filesystem.delete_file(path)
+        except FileNotFoundError:
+            pass  # a concurrent recovery or writer got there first
 
     def _publish(self, path: str, write: Callable) -> None:
         """Make ``path`` appear complete or not at all; ``write`` fills a binary file object."""
@@ -267,16 +343,21 @@ class Store:
                 out.flush()
                 os.fsync(out.fileno())  # the rename must not outlive the data on power loss
             os.replace(temp, path)
-            directory = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            _fsync_dir(parent)
         else:
             self.filesystem.create_dir(parent, recursive=True)
             with self.filesystem.open_output_stream(temp) as out:
                 write(out)
             self.filesystem.move(temp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable: later steps must not outlive it on power loss."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 @dataclass
@@ -348,19 +429,22 @@ class StoreWriter:
                 self.commit()
 
     def commit(self) -> None:
-        """Write everything buffered: per model a shard then a Parquet part, then failures."""
+        """Write everything buffered: per model stage a shard, publish a part, move the shard; then failures."""
         with self._lock:
             by_model: dict[str, list[_Buffered]] = {}
             for item in self._records:
                 by_model.setdefault(item.model, []).append(item)
             # One commit id per model keeps "part exists" the commit point for
             # every key in a shard; records leave the buffer once committed, so
-            # a commit that raises midway can simply be retried.
+            # a commit that raises midway can simply be retried. A failed move
+            # (step 3) comes after that: the keys stay committed exactly once,
+            # and the next writer opened on the store moves the shard.
             for model in sorted(by_model):
                 items = by_model[model]
-                self._commit_model(model, items)
+                staged, final = self._stage_and_commit(model, items)
                 self.committed += len(items)
                 self._records = [item for item in self._records if item.model != model]
+                self.store._promote(staged, final)
             if self._failures:
                 table = pa.Table.from_pylist(self._failures, schema=FAILURE_SCHEMA)
                 path = f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet"
@@ -379,9 +463,11 @@ class StoreWriter:
         if self._oldest is None:
             self._oldest = time.monotonic()
 
-    def _commit_model(self, model: str, items: list[_Buffered]) -> None:
+    def _stage_and_commit(self, model: str, items: list[_Buffered]) -> tuple[str, str]:
+        """Steps 1 and 2: stage the shard, publish the part; returns (staged, final) shard paths."""
         cid = uuid.uuid4().hex
         paths = self.store.paths
+        staged, final = self.store._shard_locations(cid)
 
         def write_shard(out) -> None:
             with webdataset.TarWriter(out, encoder=False) as tar:
@@ -389,9 +475,10 @@ class StoreWriter:
                     tar.write(item.sample)
 
         table = pa.concat_tables(item.row for item in items)
-        self.store._publish(f"{paths.webdataset}/shard-{cid}.tar", write_shard)
+        self.store._publish(staged, write_shard)
         self.store._publish(f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet",
                             lambda f: pq.write_table(table, f))
+        return staged, final
 
 
 def _validate(record: dict) -> tuple[pa.Table, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import glob
 import io
 import json
@@ -24,6 +25,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.records import RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, unit_key
+import pipeline.store as store_module
 from pipeline.store import Store, StoreError
 
 DOTTED = "vit_base_patch32_clip_224.openai"
@@ -64,6 +66,54 @@ def webdataset_samples(store: Store) -> list[dict]:
 
 def raw_shards(root: Path) -> list[str]:
     return sorted(glob.glob(str(root / "webdataset" / "*.tar")))
+
+
+def plain_glob_keys(store: Store) -> list[str]:
+    """Keys as a reader who knows only the layout sees them: every webdataset/*.tar, no store code.
+
+    Locally that is the recipe the sweep prints, ``WebDataset(sorted(glob(root + '/webdataset/*.tar')))``;
+    on mock:// it is the same ``*.tar`` match (hidden names excluded, as glob does) over a listing.
+    A list, so a key held twice shows up twice.
+    """
+    if "://" not in store.root:
+        shards = raw_shards(Path(store.root))
+        return [s["__key__"] for s in webdataset.WebDataset(shards, shardshuffle=False)] if shards else []
+    selector = pafs.FileSelector(store.paths.webdataset, allow_not_found=True)
+    keys = []
+    for info in sorted(store.filesystem.get_file_info(selector), key=lambda i: i.path):
+        if info.type == pafs.FileType.File and fnmatch.fnmatch(info.base_name, "[!.]*.tar"):
+            with store.filesystem.open_input_stream(info.path) as f:
+                names = tarfile.open(fileobj=io.BytesIO(f.read())).getnames()
+            keys += [name.rsplit(".", 1)[0] for name in names if name.endswith(".json")]
+    return keys
+
+
+def staged_shards(store: Store) -> list[str]:
+    """Shards written but not (yet) moved to their final name: hidden from every reader."""
+    selector = pafs.FileSelector(store.paths.webdataset, allow_not_found=True)
+    return [i.path for i in store.filesystem.get_file_info(selector) if i.base_name.endswith(".tar.staged")]
+
+
+def visible_files(root: Path) -> list[str]:
+    """Files a reader listing the store sees: no path component hidden."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and not any(c.startswith(".") for c in p.relative_to(root).parts))
+
+
+def open_store(kind: str, tmp_path: Path, monkeypatch) -> Store:
+    if kind == "local":
+        return Store(str(tmp_path))
+    store = Store("mock:///atlas")  # one in-memory filesystem per Store: reopen writers on this instance
+    if kind == "object-store":  # mock:// with S3's semantics: objects written in place, copy + delete to move
+        monkeypatch.setattr(store_module, "_SINGLE_OBJECT_WRITES", {"mock"})
+        for directory in (store.paths.webdataset, store.paths.failures, store.paths.parquet):
+            store.filesystem.create_dir(directory)  # S3 has no directories to create; mock needs them
+        store.filesystem.create_dir(f"{store.paths.parquet}/{store_module._model_dir(DOTTED)}")
+    return store
+
+
+STORE_KINDS = ["local", "mock", "object-store"]
+_PROMOTE = Store._promote  # the move of a staged shard to its final name, for tests that cut it
 
 
 def test_round_trip_through_hive_parquet_and_webdataset(tmp_path):
@@ -134,10 +184,23 @@ def test_duplicates_dropped_in_buffer_and_after_reopen(tmp_path):
 
 
 KILLED_WRITER = """
-import sys, time
+import os, signal, sys, time
 sys.path.insert(0, sys.argv[3])
 from test_store import make_record
 from pipeline.store import Store
+kill_at = sys.argv[4]
+if kill_at != "outside":
+    # kill -9 ourselves at one step of the third commit: just before its Parquet part is
+    # renamed into place ("before-part"), or before its staged shard is ("before-move").
+    replace, calls = os.replace, []
+    def replace_then_die(src, dst):
+        step = "before-part" if dst.endswith(".parquet") else "before-move" if src.endswith(".staged") else ""
+        if step == kill_at:
+            calls.append(dst)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+    os.replace = replace_then_die
 writer = Store(sys.argv[1]).writer(commit_every=2)
 for i in range(int(sys.argv[2])):
     writer.add(make_record(i))
@@ -146,16 +209,17 @@ for i in range(int(sys.argv[2])):
 """
 
 
-def test_sigkill_mid_run_leaves_a_consistent_recoverable_store(tmp_path):
+@pytest.mark.parametrize("kill_at", ["outside", "before-part", "before-move"])
+def test_sigkill_then_rerun_holds_each_key_once_in_both_stores(tmp_path, kill_at):
     planned = 16
     process = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(planned), str(Path(__file__).parent)],
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path), str(planned), str(Path(__file__).parent), kill_at],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         for line in process.stdout:
-            if int(line) >= 6:
+            if kill_at == "outside" and int(line) >= 6:
+                process.send_signal(signal.SIGKILL)
                 break
-        process.send_signal(signal.SIGKILL)
     finally:
         process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL
@@ -168,24 +232,39 @@ def test_sigkill_mid_run_leaves_a_consistent_recoverable_store(tmp_path):
     for shard in raw_shards(tmp_path):
         with tarfile.open(shard) as tar:
             assert all(tar.extractfile(m).read() is not None for m in tar.getmembers())
-    committed = set(parquet_keys(tmp_path))
-    assert len(committed) >= 6
-    assert {s["__key__"] for s in webdataset_samples(store)} == committed
+    committed = parquet_keys(tmp_path)
+    assert len(committed) == len(set(committed))
+    # Before the re-run a shard may still be staged, but nothing uncommitted is visible.
+    visible = plain_glob_keys(store)
+    assert len(visible) == len(set(visible)) and set(visible) <= set(committed)
+    assert sorted(s["__key__"] for s in webdataset_samples(store)) == sorted(visible)
+    if kill_at == "outside":
+        assert len(committed) >= 6
+    elif kill_at == "before-part":  # the third commit staged its shard, then died: not committed
+        assert len(committed) == 4 and len(visible) == 4 and len(staged_shards(store)) == 1
+    else:  # the third commit is in Parquet, its shard still staged
+        assert len(committed) == 6 and len(visible) == 4 and len(staged_shards(store)) == 1
 
-    with store.writer(commit_every=4, recover_after_s=0) as writer:
-        # Recovery left no temporary and no shard without its Parquet part.
-        assert not [p for p in tmp_path.rglob(".*")]
+    with store.writer(commit_every=4) as writer:  # default grace period: the re-run comes at once
+        # Opening the writer moved every committed shard into place.
         assert raw_shards(tmp_path) == store.shard_paths()
+        assert sorted(plain_glob_keys(store)) == sorted(committed)
         accepted = [writer.add(make_record(i)) for i in range(planned)]
     assert sum(accepted) == planned - len(committed)
 
-    keys = parquet_keys(tmp_path)
     expected = sorted(make_record(i)["key"] for i in range(planned))
-    assert sorted(keys) == expected  # every planned key, exactly once
+    assert sorted(parquet_keys(tmp_path)) == expected  # every planned key, exactly once
+    assert sorted(plain_glob_keys(store)) == expected
     assert sorted(s["__key__"] for s in webdataset_samples(store)) == expected
+    # Leftovers of the killed commit stay hidden; nothing else is there to see.
+    for name in visible_files(tmp_path):
+        assert any(fnmatch.fnmatch(name, p) for p in ("parquet/model=*/part-*.parquet", "webdataset/shard-*.tar"))
+    store.writer(recover_after_s=0).close()  # once past the grace period, they go
+    assert not list(tmp_path.rglob(".*"))
+    assert sorted(plain_glob_keys(store)) == expected
 
 
-def test_crash_between_shard_and_part_is_invisible_then_recovered(tmp_path, monkeypatch):
+def test_crash_after_staging_before_part_is_invisible_then_recomputed_once(tmp_path, monkeypatch):
     store = Store(str(tmp_path))
     with store.writer() as writer:
         writer.add(make_record(0))
@@ -202,18 +281,85 @@ def test_crash_between_shard_and_part_is_invisible_then_recovered(tmp_path, monk
     monkeypatch.undo()
 
     temporaries = list((tmp_path / "parquet").rglob(".*.tmp"))
-    assert len(temporaries) == 1 and len(raw_shards(tmp_path)) == 2  # an orphan shard and a torn part
+    staged = staged_shards(store)
+    assert len(temporaries) == 1 and len(staged) == 1  # a staged shard and a torn part, both hidden
+    assert len(raw_shards(tmp_path)) == 1  # the plain glob sees only the first commit's shard
     assert parquet_keys(tmp_path) == [make_record(0)["key"]]  # the plain reader skips the temporary
+    assert plain_glob_keys(store) == [make_record(0)["key"]]
     assert [s["__key__"] for s in webdataset_samples(store)] == [make_record(0)["key"]]
 
-    store.writer().close()  # default grace: a fresh shard may belong to a concurrent writer's commit
-    assert len(raw_shards(tmp_path)) == 2 and temporaries[0].exists()
-
-    with store.writer(recover_after_s=0) as writer:
-        assert raw_shards(tmp_path) == store.shard_paths() and not temporaries[0].exists()
+    # A re-run within the grace period: the staged shard may be a concurrent writer's commit
+    # in flight, so it stays; it is invisible, and the key, not committed, is computed again.
+    with store.writer() as writer:
+        assert staged[0] in staged_shards(store) and temporaries[0].exists()
         assert writer.add(make_record(1))
-    assert sorted(parquet_keys(tmp_path)) == sorted(make_record(i)["key"] for i in range(2))
-    assert len(webdataset_samples(store)) == 2
+    expected = sorted(make_record(i)["key"] for i in range(2))
+    assert sorted(parquet_keys(tmp_path)) == expected
+    assert sorted(plain_glob_keys(store)) == expected  # once each
+    assert sorted(s["__key__"] for s in webdataset_samples(store)) == expected
+
+    store.writer(recover_after_s=0).close()
+    assert staged_shards(store) == [] and not temporaries[0].exists()
+    assert sorted(plain_glob_keys(store)) == expected
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_crash_after_part_before_move_rolls_forward_on_reopen(tmp_path, monkeypatch, kind):
+    store = open_store(kind, tmp_path, monkeypatch)
+    with store.writer() as writer:
+        writer.add(make_record(0))
+
+    def crash(self, staged, final):  # the process dies right after the commit point
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(Store, "_promote", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        with store.writer(commit_every=1) as writer:  # leaving the with commits again: nothing left to
+            writer.add(make_record(1))               # commit, as the keys are already in Parquet
+    monkeypatch.setattr(Store, "_promote", _PROMOTE)
+
+    expected = sorted(make_record(i)["key"] for i in range(2))
+    assert sorted(store.committed_keys()) == expected and len(store.parquet_dataset().files) == 2
+    assert plain_glob_keys(store) == [make_record(0)["key"]] and len(staged_shards(store)) == 1
+
+    with store.writer() as writer:  # default grace: committed shards need no waiting
+        assert sorted(plain_glob_keys(store)) == expected  # once each
+        assert staged_shards(store) == []
+        assert len(store.shard_paths()) == 2
+        assert writer.add(make_record(1)) is False
+    assert sorted(plain_glob_keys(store)) == expected
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+def test_recovery_racing_a_live_writer_moves_each_shard_once(tmp_path, monkeypatch, kind):
+    store = open_store(kind, tmp_path, monkeypatch)
+    raced = []
+
+    def promote_after_a_recovery(self, staged, final):
+        if not raced:  # another process opens a writer between this one's part and its move
+            raced.append(staged)
+            store.writer().close()
+            assert staged not in staged_shards(store)  # it rolled this commit forward
+        _PROMOTE(self, staged, final)  # ...and this writer's own move must still succeed
+
+    monkeypatch.setattr(Store, "_promote", promote_after_a_recovery)
+    with store.writer(commit_every=2) as writer:
+        for i in range(4):
+            writer.add(make_record(i))
+    assert raced and staged_shards(store) == []
+    expected = sorted(make_record(i)["key"] for i in range(4))
+    assert sorted(plain_glob_keys(store)) == expected and sorted(store.committed_keys()) == expected
+
+
+def test_object_store_move_cut_between_copy_and_delete_is_finished(monkeypatch, tmp_path):
+    store = open_store("object-store", tmp_path, monkeypatch)
+    monkeypatch.setattr(Store, "_promote", lambda self, staged, final: self.filesystem.copy_file(staged, final))
+    with store.writer() as writer:  # the copy lands, the staged object's delete never happens
+        writer.add(make_record(0))
+    monkeypatch.setattr(Store, "_promote", _PROMOTE)
+    assert len(staged_shards(store)) == 1 and plain_glob_keys(store) == [make_record(0)["key"]]
+    store.writer().close()
+    assert staged_shards(store) == [] and plain_glob_keys(store) == [make_record(0)["key"]]
 
 
 def test_malformed_records_are_rejected_at_add(tmp_path):
