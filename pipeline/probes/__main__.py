@@ -1,0 +1,112 @@
+"""``python -m pipeline.probes``: plan a probe over models and images, run it on Ray, report and plot.
+
+    python -m pipeline.probes experiment=probe_tokens images.path=/data/imagenet/val
+    python -m pipeline.probes experiment=probe_fgbg images.path=/data/imagenet/train images.boxes=/data/boxes
+
+Everything is validated before any compute (models, weights, probe parameters,
+images, boxes); a bad input is one paragraph and exit status 2. Each unit (one
+model x one slice of images) commits its sums as a Parquet part; a re-run only
+runs the units without a part, then re-aggregates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline import analysis_config
+from pipeline import images as images_lib
+from pipeline.errors import PipelineError
+from pipeline.parts import PartTable
+from pipeline.probes import PROBES, classifier
+from pipeline.probes.base import RESULT_SCHEMA
+from pipeline.probes.worker import ProbeTask, ProbeWorker
+from pipeline.store import Store
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILURES = 1
+
+
+def plan_tasks(cfg: DictConfig, image_set: images_lib.ImageSet) -> list[ProbeTask]:
+    name = cfg.probe.name
+    probe = PROBES[name]
+    params = OmegaConf.to_container(cfg.probe[name], resolve=True) if name in cfg.probe else {}
+    slices = math.ceil(len(image_set) / cfg.slice_size)
+    tasks = []
+    for model in cfg.probe.models:
+        choice = classifier.resolve(str(model), cfg.probe.weights, cfg.probe.init_seed)
+        conditions = tuple(probe.conditions(params, str(model)))
+        identity = json.dumps([name, str(model), choice.weights_id, params, image_set.fingerprint(), cfg.slice_size])
+        digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        for i in range(slices):
+            tasks.append(ProbeTask(f"{digest}-{i:06d}", name, str(model), choice, conditions, params,
+                                   image_set.slice(i * cfg.slice_size, (i + 1) * cfg.slice_size), cfg.batch_size))
+    return tasks
+
+
+def _check(cfg: DictConfig, image_set: images_lib.ImageSet) -> None:
+    if cfg.probe.name not in PROBES:
+        raise PipelineError(f"probe.name='{cfg.probe.name}' is not a probe; probes are {', '.join(PROBES)}.")
+    if not cfg.probe.models:
+        raise PipelineError("probe.models is empty: name at least one model.")
+    if cfg.slice_size < 1 or cfg.batch_size < 1:
+        raise PipelineError("slice_size and batch_size must be at least 1.")
+    if PROBES[cfg.probe.name].needs_boxes and not image_set.boxes:
+        raise PipelineError(f"The {cfg.probe.name} probe measures against object boxes: set images.boxes to a "
+                            f"directory of ImageNet XML annotations or a CSV image_id,xmin,ymin,xmax,ymax[,label].")
+
+
+def run_probes(cfg: DictConfig) -> int:
+    store = Store(cfg.store.root)
+    store.check_writable()
+    image_set = images_lib.open_images(cfg.images.path, cfg.images.boxes, cfg.images.limit)
+    _check(cfg, image_set)
+    tasks = plan_tasks(cfg, image_set)
+    parts = PartTable(store, f"probes/{cfg.probe.name}", RESULT_SCHEMA)
+    done = parts.done()
+    todo = [task for task in tasks if task.part_id not in done]
+    print(f"probe {cfg.probe.name}: {len(cfg.probe.models)} model(s) x {len(image_set)} images = {len(tasks)} units, "
+          f"{len(tasks) - len(todo)} done, {len(todo)} to run", flush=True)
+
+    from pipeline.analysis_runner import run_units
+
+    summary = run_units(ProbeWorker, todo, cfg.cluster, cfg.device, cfg.progress,
+                        lambda task, table: parts.write(task.part_id, table))
+    results = parts.read({task.part_id for task in tasks})
+    probe = PROBES[cfg.probe.name]
+    report = probe.report(results)
+    where = f"{parts.path}"
+    complete = len(parts.done() & {task.part_id for task in tasks}) == len(tasks)
+    if results.num_rows:
+        with open(os.path.join(where, "report.md"), "w") as handle:
+            handle.write(report + "\n")
+        probe.plot(results, os.path.join(where, f"{cfg.probe.name}.png"))
+    print(report)
+    print(f"{'complete' if complete else 'PARTIAL (re-run to finish)'}: {summary.done} units run, "
+          f"{summary.failed} failed\nresults: {where}/part-*.parquet, report.md, {cfg.probe.name}.png", flush=True)
+    for failure in summary.failures[:10]:
+        print(f"  failed {failure}")
+    return EXIT_FAILURES if summary.failed else 0
+
+
+analysis_config.register()
+
+
+@hydra.main(version_base=None, config_path="../../conf", config_name="probes")
+def main(cfg: DictConfig) -> None:
+    try:
+        code = run_probes(cfg)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
