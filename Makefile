@@ -33,8 +33,18 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(PY) -m pipeline.sweep experiment=demo $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+# Headless Chromium and its driver (Debian packages) for the atlas browser tests;
+# without root or apt-get the tests that need them are skipped.
+.PHONY: browser
+browser:
+	@if [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+			|| echo "browser: installing chromium failed; the atlas browser tests will be skipped"; \
+	else echo "browser: /usr/bin/chromedriver is missing and cannot be installed here (needs root and apt-get); the atlas browser tests will be skipped"; fi
 
 test-all: setup
 	$(PY) -m pytest $(ARGS)

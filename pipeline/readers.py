@@ -159,11 +159,21 @@ class AtlasStore:
         filesystem = self.store.filesystem
 
         def shard_sources():  # SimpleShardList would reject an empty list; no match is a valid result
-            return iter([dict(url=shard) for shard in shards])
+            return iter([dict(url=final, staged=staged) for final, staged in shards])
 
         def open_shards(sources):
             for source in sources:
-                yield dict(source, stream=filesystem.open_input_stream(source["url"]))
+                # Final name, else staged (not moved into place yet), else final again
+                # (moved between the first two tries); the last try's error is the real one.
+                attempts = (source["url"], source["staged"], source["url"])
+                for attempt, path in enumerate(attempts, 1):
+                    try:
+                        stream = filesystem.open_input_stream(path)
+                        break
+                    except OSError:
+                        if attempt == len(attempts):
+                            raise
+                yield dict(source, stream=stream)
 
         def to_sample(raw: dict) -> dict:
             return {"key": raw["__key__"], "image": raw["png"], "metadata": json.loads(raw["json"])}
@@ -218,27 +228,30 @@ class AtlasStore:
             self._checked_parts.add(fragment.path)
         return dataset
 
-    def _matching_shards(self, expression: ds.Expression | None) -> tuple[list[str], set[str]]:
-        """Shards holding matching records (a part and its shard share a commit id) and the matching keys."""
+    def _matching_shards(self, expression: ds.Expression | None) -> tuple[list[tuple[str, ...]], set[str]]:
+        """Per part with matching records, where its shard may be (a part and its shard share a
+        commit id), and the matching keys."""
         dataset = self._checked_dataset(expression)
-        committed = {posixpath.basename(path) for path in self.store.shard_paths()}
+        present = {info.path for info in self.store.filesystem.get_file_info(
+            pafs.FileSelector(self.store.paths.webdataset, allow_not_found=True))}
         shards, keys = [], set()
         for fragment in dataset.get_fragments(filter=expression):
             matched = fragment.to_table(columns=["key"], filter=expression)["key"].to_pylist()
             if not matched:
                 continue
             commit_id = posixpath.basename(fragment.path)[len("part-"):-len(".parquet")]
-            shard = f"shard-{commit_id}.tar"
-            if shard not in committed:
+            staged, final = self.store._shard_locations(commit_id)
+            # A committed part's shard is complete under either name: staged until
+            # the writer (or the next writer, after a crash) moves it into place.
+            if final not in present and staged not in present:
                 raise PipelineError(
-                    f"The store at {self.root!r} has the Parquet part {fragment.path} but not its WebDataset "
-                    f"shard {shard}. Read this store through table()/frame(), or restore the "
-                    "webdataset/ directory from the same copy as parquet/."
+                    f"The store at {self.root!r} has the Parquet part {fragment.path} but no WebDataset shard "
+                    f"for it ({posixpath.basename(final)}). Read this store through table()/frame(), or restore "
+                    "the webdataset/ directory from the same copy as parquet/."
                 )
-            shards.append(f"{self.store.paths.webdataset}/{shard}")  # a path in the store's filesystem
+            shards.append((final, staged))
             keys.update(matched)
         return sorted(shards), keys
-
 
 def collate_samples(samples: list[dict]) -> dict:
     """Batch torch_samples(): images stacked into one tensor, keys and metadata kept as lists."""

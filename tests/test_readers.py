@@ -57,6 +57,18 @@ def test_torch_samples_are_decoded_tensors_with_metadata(store_root):
     assert batches[0]["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
 
 
+def test_torch_samples_read_a_committed_shard_not_yet_moved_into_place(tmp_path):
+    write_store(tmp_path)
+    atlas = open_store(str(tmp_path))
+    (part,) = tmp_path.glob(f"parquet/model={CLIP}/part-*.parquet")
+    final = tmp_path / "webdataset" / f"shard-{part.stem.removeprefix('part-')}.tar"
+    final.rename(final.with_name(f".{final.name}.staged"))  # as a writer killed between commit and move leaves it
+    assert len(list(atlas.torch_samples(model=CLIP))) == 6
+    (tmp_path / "webdataset" / f".{final.name}.staged").unlink()
+    with pytest.raises(PipelineError, match="no WebDataset shard"):
+        atlas.torch_samples(model=CLIP)
+
+
 def test_huggingface_dataset_decodes_images(store_root):
     import datasets
 

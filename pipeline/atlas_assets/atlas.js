@@ -1,0 +1,109 @@
+"use strict";
+// Client-side filtering for the atlas. A classic script, not an ES module: browsers
+// refuse module scripts from file:// pages, and the atlas must open from disk.
+
+const RESULT_LIMIT = 200;  // rendering more cards at once makes typing in the search box lag
+
+// "0-3, 7" -> predicate on integers; "" -> null (no filter); malformed -> undefined.
+function parseSpec(text) {
+  text = text.trim();
+  if (!text) return null;
+  const ranges = [];
+  for (const part of text.split(",")) {
+    const match = part.trim().match(/^(\d+)(?:\s*-\s*(\d+))?$/);
+    if (!match) return undefined;
+    const low = Number(match[1]);
+    ranges.push([low, match[2] === undefined ? low : Number(match[2])]);
+  }
+  return (n) => ranges.some(([low, high]) => n >= low && n <= high);
+}
+
+// The predicate typed into an input; a malformed one is flagged and filters nothing.
+function specOf(id) {
+  const input = document.getElementById(id);
+  const spec = parseSpec(input.value);
+  input.setAttribute("aria-invalid", spec === undefined ? "true" : "false");
+  return spec || null;
+}
+
+function filterGrid() {
+  const layer = specOf("filter-layer");
+  const feature = specOf("filter-feature");
+  let shown = 0;
+  for (const table of document.querySelectorAll("table.grid")) {
+    for (const cell of table.querySelectorAll("[data-feature]")) {
+      cell.hidden = feature !== null && !feature(Number(cell.dataset.feature));
+    }
+    for (const row of table.tBodies[0].rows) {
+      row.hidden = layer !== null && !layer(Number(row.dataset.layer));
+      if (!row.hidden) {
+        for (const cell of row.cells) {
+          if (!cell.hidden) shown += cell.querySelectorAll("img").length;
+        }
+      }
+    }
+  }
+  document.getElementById("filter-count").textContent = `${shown} images`;
+}
+
+function resultCard(index, record) {
+  const [key, modelNumber, layer, feature, target, activation, label] = record;
+  const [model] = index.models[modelNumber];
+  const link = document.createElement("a");
+  link.className = "card";
+  link.href = `features/${key}.html`;
+  const image = document.createElement("img");
+  image.src = `thumbs/${key}.jpg`;
+  image.loading = "lazy";
+  image.width = image.height = 96;
+  image.alt = `${model} layer ${layer} feature ${feature}`;
+  const caption = document.createElement("span");
+  caption.textContent = `${model} · L${layer} · f${feature} · ${target} · ${activation}` + (label ? ` · ${label}` : "");
+  link.append(image, caption);
+  return link;
+}
+
+function search() {
+  const index = window.ATLAS_INDEX;
+  const model = document.getElementById("search-model").value.trim().toLowerCase();
+  const family = document.getElementById("search-family").value;
+  const layer = specOf("search-layer");
+  const feature = specOf("search-feature");
+  const modelMatches = (name, fam) => (!model || name.toLowerCase().includes(model)) && (!family || fam === family);
+
+  for (const item of document.querySelectorAll("li.model")) {
+    const fam = item.closest("section.family").querySelector("h2").textContent;
+    item.hidden = !modelMatches(item.dataset.model, fam);
+  }
+  const results = document.getElementById("search-results");
+  const count = document.getElementById("search-count");
+  if (layer === null && feature === null) {  // names alone narrow the model list; no need for cards
+    results.replaceChildren();
+    count.textContent = "";
+    return;
+  }
+  const matches = index.records.filter(([, m, l, f]) => {
+    const [name, fam] = index.models[m];
+    return modelMatches(name, fam) && (layer === null || layer(l)) && (feature === null || feature(f));
+  });
+  results.replaceChildren(...matches.slice(0, RESULT_LIMIT).map((record) => resultCard(index, record)));
+  count.textContent = matches.length > RESULT_LIMIT
+    ? `${matches.length} matches, showing the first ${RESULT_LIMIT}` : `${matches.length} matches`;
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  if (document.getElementById("grid-filter")) {
+    for (const id of ["filter-layer", "filter-feature"]) {
+      document.getElementById(id).addEventListener("input", filterGrid);
+    }
+  }
+  if (document.getElementById("search")) {
+    for (const id of ["search-model", "search-layer", "search-feature"]) {
+      document.getElementById(id).addEventListener("input", search);
+    }
+    // A select changed from the keyboard or by script may fire only "change". Text inputs
+    // must not listen to it: it fires on blur, and re-rendering then would swallow the
+    // click on a result that caused the blur.
+    document.getElementById("search-family").addEventListener("change", search);
+  }
+});
