@@ -184,3 +184,43 @@ def test_bad_probe_inputs_are_reported_before_any_work(tmp_path):
         run_probes(compose("probes", "probe.name=colour", *base))
     assert classifier.resolve("resnet50", "random").weights_id == "random-0"
     assert not (tmp_path / "store").exists()
+
+
+def test_webdataset_tars_and_imagenet_xml_boxes(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    tar_path = tmp_path / "shard-000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for key, label in (("n01_1", 3), ("n01_2", 7)):
+            buffer = io.BytesIO()
+            Image.new("RGB", (20, 10), (255, 0, 0)).save(buffer, format="PNG")
+            for name, data in ((f"{key}.png", buffer.getvalue()), (f"{key}.cls", str(label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "boxes").mkdir()
+    (tmp_path / "boxes" / "n01_2.xml").write_text(
+        "<annotation><object><name>n01</name><bndbox><xmin>1</xmin><ymin>2</ymin><xmax>5</xmax><ymax>6</ymax>"
+        "</bndbox></object></annotation>")
+    image_set = images_lib.open_images(str(tmp_path), str(tmp_path / "boxes"))
+    assert [(r.image_id, r.label) for r in image_set.refs] == [("shard-000/n01_1", 3), ("shard-000/n01_2", 7)]
+    second = image_set.load(1)
+    assert second.pixels.shape == (3, 10, 20) and second.pixels[0].min() == 1.0
+    assert second.boxes == (images_lib.Box(1, 2, 5, 6, "n01"),)
+    assert image_set.load(0).boxes == ()
+    assert image_set.fingerprint() != images_lib.open_images(str(tar_path)).fingerprint()  # boxes count
+
+
+def test_cli_bad_input_exits_2_with_one_paragraph(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pipeline.probes", "probe.name=fgbg", "probe.weights=random",
+                             f"images.path={tmp_path / 'none'}", f"store.root={tmp_path / 'store'}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: Images path") and result.stderr.count("\n") == 1
+    assert not (tmp_path / "store").exists()
