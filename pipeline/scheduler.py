@@ -52,7 +52,9 @@ def start_ray(cluster: DictConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cluster.kind == "local":
         # Workers must import this package the way the driver does; a local Ray shares the interpreter.
-        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+        # address="local" starts a new Ray even when another one runs on this machine: without it,
+        # ray.init() joins the latest running cluster (another user's sweep or test run).
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
     elif cluster.kind == "ray":
         address = cluster.address or os.environ.get("RAY_ADDRESS") or "auto"
         try:
