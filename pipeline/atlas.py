@@ -295,7 +295,8 @@ def _model_page(model: str, variants: dict[tuple, list[dict]]) -> str:
             body.append(f'<tr data-layer="{layer}"><th scope="row">layer {layer}</th>{tds}</tr>')
         sections.append(
             f'<section class="variant"><h2>{html.escape(_variant_title(variant))}</h2>'
-            f'<p class="muted">{len(rows)} images, {len(layers)} layers × {len(features)} features; '
+            f'<p class="muted">{_count(len(rows), "image")}, {_count(len(layers), "layer")} × '
+            f'{_count(len(features), "feature")}; '
             'rows run from early (top) to late layers.</p>'
             f'<div class="grid-scroll"><table class="grid"><thead><tr><th>feature →</th>{header}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div></section>'
@@ -390,7 +391,7 @@ def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int) -> str:
             layers = len({row["layer"] for row in rows})
             items.append(
                 f'<li class="model" data-model="{html.escape(model)}"><a href="models/{model_slug(model)}.html">'
-                f'{html.escape(model)}</a> <span class="muted">{len(rows)} images · {layers} layers</span>'
+                f'{html.escape(model)}</a> <span class="muted">{_count(len(rows), "image")} · {_count(layers, "layer")}</span>'
                 f'<div class="strip">{_layer_strip(variants)}</div></li>')
         families.append(f'<section class="family"><h2>{html.escape(family)}</h2><ul>{"".join(items)}</ul></section>')
     options = "".join(f'<option value="{html.escape(f)}">{html.escape(f)}</option>' for f in sorted(by_family))
@@ -418,6 +419,10 @@ def _search_index(models: dict[str, dict[tuple, list[dict]]]) -> str:
     return f"window.ATLAS_INDEX = {data};\n"
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text, encoding="utf-8")
@@ -430,8 +435,8 @@ def _write_text(path: Path, text: str) -> None:
 def main(argv: list[str]) -> None:
     settings = cli.parse_key_values(argv, USAGE, required=("store.root", "out"), optional={})
     report = build_site(settings["store.root"], settings["out"])
-    print(f"atlas: {report.records} images of {report.models} models; wrote {report.pages_written} new feature "
-          f"pages, kept {report.pages_kept}; open {report.index.resolve().as_uri()}")
+    print(f"atlas: {_count(report.records, 'image')} of {_count(report.models, 'model')}; wrote "
+          f"{report.pages_written} new feature pages, kept {report.pages_kept}; open {report.index.resolve().as_uri()}")
 
 
 if __name__ == "__main__":
