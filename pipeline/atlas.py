@@ -91,6 +91,8 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
 
     for folder in ("features", "images", "thumbs", "examples", "models"):
         (out / folder).mkdir(parents=True, exist_ok=True)
+    if not manifest_path.exists():  # marks the directory as an atlas, so an interrupted first run can resume
+        _write_manifest(manifest_path, {})
     _write_pages(atlas, out, rows, pending, examples, workers or min(4, os.cpu_count() or 1))
 
     models = _group_models(rows.values())
@@ -100,8 +102,7 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
     _write_text(out / "atlas-index.js", _search_index(models))
     for asset in ("atlas.css", "atlas.js"):
         _write_text(out / asset, (_ASSETS / asset).read_text())
-    manifest = {key: fingerprints.get(key, "") for key in rows}
-    _write_text(manifest_path, json.dumps({"site_version": SITE_VERSION, "pages": manifest}, indent=0))
+    _write_manifest(manifest_path, {key: fingerprints.get(key, "") for key in rows})
     return BuildReport(len(rows), len(models), len(pending), len(rows) - len(pending), out / "index.html")
 
 
@@ -126,6 +127,10 @@ def _read_manifest(path: Path) -> dict[str, str]:
     except (OSError, json.JSONDecodeError):
         return {}  # an unreadable manifest only costs a full rebuild
     return manifest.get("pages", {}) if manifest.get("site_version") == SITE_VERSION else {}
+
+
+def _write_manifest(path: Path, pages: dict[str, str]) -> None:
+    _write_text(path, json.dumps({"site_version": SITE_VERSION, "pages": pages}, indent=0))
 
 
 class _Examples:
@@ -266,7 +271,7 @@ def _page(title: str, body: str, depth: int, scripts: tuple[str, ...] = ()) -> s
 
 def _thumb(row: dict, depth: int, size: int = 64) -> str:
     up = "../" * depth
-    alt = f"{row['model']} layer {row['layer']} feature {row['feature']}"
+    alt = f"{row['model']} layer {row['layer']} feature {row['feature']}" + (f" ({row['label']})" if row["label"] else "")
     return (f'<a href="{up}features/{row["key"]}.html" title="{html.escape(alt)}">'
             f'<img src="{up}thumbs/{row["key"]}.jpg" loading="lazy" width="{size}" height="{size}" '
             f'alt="{html.escape(alt)}"></a>')

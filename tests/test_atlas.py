@@ -71,6 +71,28 @@ def test_rerun_writes_only_new_keys_and_rewrites_the_index(site, tmp_path):
     assert (out / "models" / f"{model_slug(CLIP)}.html").read_text().count("config cfg1") == 1
 
 
+def test_an_interrupted_first_build_is_completed_by_the_next(tmp_path, monkeypatch):
+    import pipeline.atlas as atlas
+
+    write_store(tmp_path / "store")
+    written = []
+
+    def write_three_then_die(out, row, png, examples):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        written.append(row["key"])
+        real_write_key(out, row, png, examples)
+
+    real_write_key = atlas._write_key
+    monkeypatch.setattr(atlas, "_write_key", write_three_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_site(str(tmp_path / "store"), tmp_path / "site", workers=1)
+    monkeypatch.undo()
+    resumed = build_site(str(tmp_path / "store"), tmp_path / "site")
+    assert (resumed.pages_written, resumed.pages_kept) == (RECORD_COUNT, 0)
+    assert len(list((tmp_path / "site" / "features").glob("*.html"))) == RECORD_COUNT
+
+
 def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
     def atlas(*args):  # in-process: `python -m pipeline.atlas` is cli.run(main) with sys.argv
         return cli.run(main, list(args)), capsys.readouterr()
