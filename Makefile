@@ -59,5 +59,10 @@ shellcheck: setup
 test-all: setup
 	$(PY) -m pytest $(ARGS)
 
+# Engine throughput beside the released code's one-feature loop (docs/benchmarks.md),
+# e.g. `make bench ARGS="--device cuda --precision bf16 --features 64 --copies 8 --steps 20"`.
+bench: setup
+	$(PY) bench/engine.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

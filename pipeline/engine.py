@@ -42,8 +42,12 @@ class Visualizer:
     def image_size(self) -> tuple[int, int]:
         return self.layout.input_size[1], self.layout.input_size[2]
 
-    def score(self, layer: int, target: str, objective: Objective, features: list[int], precision: str = "fp32"):
-        """images (F, copies, 3, H, W) in [0, 1] -> (F, copies): feature i scored on image i."""
+    def score(self, layer: int, target: str, objective: Objective, features: list[int], precision: str = "fp32",
+              truncate: bool = True):
+        """images (F, copies, 3, H, W) in [0, 1] -> (F, copies): feature i scored on image i.
+
+        ``truncate=False`` runs every block, as the released code does; the benchmark's reference uses it.
+        """
         self.layout.check_features(layer, target, features)
         grid = self.layout.layer(layer).grid
         check_objective(objective, grid, f"layer {layer} of {self.model_name}")
@@ -54,7 +58,7 @@ class Visualizer:
             count, copies = images.shape[:2]
             normalized = ((images - self._mean) / self._std).flatten(0, 1)
             with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext():
-                patches = self.reader(normalized, layer, target)  # (F * copies, P, C)
+                patches = self.reader(normalized, layer, target, truncate)  # (F * copies, P, C)
             patches = patches.float().unflatten(0, (count, copies))
             chosen = patches.gather(3, index.view(count, 1, 1, 1).expand(count, copies, patches.shape[2], 1))
             return objective(chosen.squeeze(3), grid)
