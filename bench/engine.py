@@ -34,17 +34,18 @@ import pipeline  # noqa: F401  (installs the torchvision shim before timm is imp
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import engine, weights
+from pipeline import engine, weights, zoo
 from pipeline.objectives import parse_objective
 from pipeline.optimize import OptimConfig, augment, seed_for, total_variation, visualize
 
 MODELS = ("deit_tiny_patch16_224", "vit_base_patch32_224")
-# Dense tensor-core peaks in TFLOP/s from the vendors' data sheets (SXM parts); fp32 means TF32 matmuls.
+# Dense peaks in TFLOP/s from the vendors' data sheets (SXM parts). fp32 matmuls use
+# tensor cores (the tf32 figure) only when torch.backends.cuda.matmul.allow_tf32 is set.
 PEAK_TFLOPS = {
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
-    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
 }
 
 
@@ -137,6 +138,8 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
+    if precision == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"
     name = torch.cuda.get_device_name(device)
     for part, peaks in PEAK_TFLOPS.items():
         if part in name:
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + "---|" * len(header))
     for model in args.models:
         choice = weights.resolve(model, "random")
-        depth = len(engine.Visualizer(model, choice, device).layout.layers)
+        depth = len(zoo.layout(model).layers)
         for layer in sorted({0, depth // 2, depth - 1}):
             # A fresh model per layer: compiled blocks depend on which block is the target.
             visualizer = engine.Visualizer(model, choice, device)
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                     row.append(f"{100 * flops / peak:.1f}")
                 row.append(f"{ratio:.2f}x" if way == "engine" else "")
                 print("| " + " | ".join(row) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()
