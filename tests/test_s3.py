@@ -112,6 +112,9 @@ def s3(tmp_path_factory):
                    # The SDK must never look for instance credentials off this machine.
                    "AWS_EC2_METADATA_DISABLED": "true"}
     with pytest.MonkeyPatch.context() as patch:
+        # These would win over the variables below and point the SDK elsewhere.
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            patch.delenv(name, raising=False)
         for name, value in environment.items():
             patch.setenv(name, value)
         try:
