@@ -195,7 +195,7 @@ def test_sweep_into_s3_lands_every_planned_key_once(s3, compose, ray_local):
 def test_sweep_killed_after_its_first_commit_resumes_to_exactly_the_plan(s3, compose, ray_local, tmp_path):
     root = s3.uri("resume")
     # Enough steps that each unit takes a while, so the kill lands between commits.
-    overrides = (*TINY, "sweep.features=first:4", "optim.steps=20", "cluster.workers=1", "sweep.chunk_size=1",
+    overrides = (*TINY, "sweep.features=first:4", "optim.steps=50", "cluster.workers=1", "sweep.chunk_size=1",
                  f"store.root={root}")
     cfg = compose(*overrides)
     planned = sorted(build_plan(cfg).keys())
