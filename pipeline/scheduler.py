@@ -137,7 +137,14 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, w
     worker busy (a small sweep on many workers). Stops past ``cluster.max_failures``.
     """
     summary = RunSummary()
-    workers = worker_count(cluster, gpus_per_worker(cluster))
+    gpus = gpus_per_worker(cluster)
+    if gpus and not ray.cluster_resources().get("GPU"):
+        message = (f"cluster.gpus_per_worker={gpus} but the Ray cluster has no GPU: workers would wait forever. "
+                   f"Set cluster.gpus_per_worker=0 to run on CPUs, or add GPU nodes.")
+        if cluster.kind == "local":
+            raise PipelineError(message)
+        log.warning("%s (waiting, in case an autoscaler adds GPU nodes)", message)
+    workers = worker_count(cluster, gpus)
     todo = len(plan) - len(done)
     chunks = plan.chunks(done, min(chunk_size, max(1, math.ceil(todo / workers))))
     if not chunks:
