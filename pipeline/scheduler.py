@@ -168,12 +168,13 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, w
 def _collect(ref: ray.ObjectRef, chunk: Chunk, writer, summary: RunSummary) -> None:
     try:
         result = ray.get(ref)
-    except (ray.exceptions.RayError, PipelineError) as error:
-        reason = f"worker error after {TASK_RETRIES} retries: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    except ray.exceptions.RayError as error:
+        reason = _failure_reason(error)
         log.warning("chunk %s layer %d features %s failed: %s", chunk.group.model, chunk.group.layer,
                     list(chunk.features), reason)
+        attempts = 1 if isinstance(error, ray.exceptions.RayTaskError) else TASK_RETRIES + 1
         for unit in chunk.units():
-            writer.add_failure(unit, reason, TASK_RETRIES + 1)
+            writer.add_failure(unit, reason, attempts)
             summary.failed += 1
             summary.failures.append((unit["key"], reason))
         return
@@ -187,3 +188,12 @@ def _collect(ref: ray.ObjectRef, chunk: Chunk, writer, summary: RunSummary) -> N
         writer.add_failure(unit, reason, attempts)
         summary.failed += 1
         summary.failures.append((unit["key"], reason))
+
+
+def _failure_reason(error: ray.exceptions.RayError) -> str:
+    """One line: the worker's own exception, or how Ray lost the worker after its retries."""
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        cause = error.cause
+        return f"worker raised {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+    first_line = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"worker lost after {TASK_RETRIES} retries: {type(error).__name__}: {first_line}"

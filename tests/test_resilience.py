@@ -184,6 +184,8 @@ def test_past_max_failures_the_run_stops_and_says_why(ray_local, compose, tmp_pa
                   "cluster.max_failures=3", "cluster.max_in_flight=1", f"store.root={tmp_path}")
     plan = build_plan(cfg)
     monkeypatch.setattr(scheduler, "VisualizationWorker", AlwaysFailingWorker)
+    # Ray's workers cannot import this test module; ship the fake worker's code with it.
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     store = Store(str(tmp_path))
     with store.writer(1, 60) as writer:
         summary = scheduler.run_plan(plan, set(), 1, cfg.cluster, writer, Progress(len(plan), bar=False), "cpu")
