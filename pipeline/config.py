@@ -19,7 +19,8 @@ class SweepSection:
     layers: Any = "all"  # all | first:N | last:N | A-B | N | [N, ...]
     features: Any = "first:8"  # the same forms, per layer
     seeds: list[int] = field(default_factory=lambda: [0])
-    grid: dict[str, Any] = field(default_factory=dict)  # optim.*/target.* key -> list of values
+    grid: dict[str, Any] = field(default_factory=dict)  # optim.*/target.*/model.* key -> list of values
+    variants: Any = field(default_factory=list)  # list of {key: value} overrides, each a part of the sweep
     chunk_size: int = 8  # features of one layer optimized together in one batch
 
 

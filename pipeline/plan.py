@@ -28,6 +28,7 @@ from pipeline.optimize import OptimConfig
 from pipeline.records import UNIT_SCHEMA, unit_key
 
 GRID_SECTIONS = ("optim", "target", "model")
+SELECTION_KEYS = ("models", "layers", "features", "seeds")
 _RANGE = re.compile(r"(\d+)-(\d+)")
 _HEAD_TAIL = re.compile(r"(first|last):(\d+)")
 
@@ -126,17 +127,18 @@ def select(spec: Any, count: int, what: str, where: str) -> list[int]:
     return list(dict.fromkeys(indices))
 
 
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{optim: {tv: [..]}} and {"optim.tv": [..]} alike -> {"optim.tv": [..]}."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def _grid_points(grid: dict[str, Any]) -> list[dict[str, Any]]:
-    flat: dict[str, list[Any]] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), value)
-        else:
-            flat[prefix] = list(node) if isinstance(node, (list, tuple)) else [node]
-
-    walk("", grid)
+    flat = {k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in _flatten(grid).items()}
     for key in flat:
         if key.split(".")[0] not in GRID_SECTIONS or "." not in key:
             raise PipelineError(
@@ -144,6 +146,17 @@ def _grid_points(grid: dict[str, Any]) -> list[dict[str, Any]]:
                 f"model.* settings, e.g. sweep.grid={{optim.tv:[0.1,1.0]}}."
             )
     return [dict(zip(flat, values)) for values in itertools.product(*flat.values())]
+
+
+def _apply(settings: dict[str, dict[str, Any]], key: str, value: Any, where: str) -> None:
+    section, _, name = key.partition(".")
+    allowed = SELECTION_KEYS if section == "sweep" else settings.get(section, {})
+    if section not in settings or name not in allowed:
+        raise PipelineError(
+            f"{where} key '{key}' names no setting: use sweep.{{{','.join(SELECTION_KEYS)}}} or an existing "
+            f"optim.*, target.* or model.* setting."
+        )
+    settings[section][name] = value
 
 
 def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
@@ -169,28 +182,45 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
 
 
 def build_plan(cfg: DictConfig) -> Plan:
-    """Expand and validate the sweep; raises PipelineError on any bad input, before any compute."""
-    sweep = cfg.sweep
-    if not sweep.models:
-        raise PipelineError("sweep.models is empty: name at least one model, e.g. sweep.models=[deit_tiny_patch16_224].")
-    if sweep.chunk_size < 1:
+    """Expand and validate the sweep; raises PipelineError on any bad input, before any compute.
+
+    The sweep is (each of ``sweep.variants``, default one empty variant) x (each
+    point of ``sweep.grid``) x models x layers x features x seeds. A variant
+    overrides any of sweep.models/layers/features/seeds and optim/target/model
+    settings together, for parts that differ in more than one value (the demo's
+    random and planted weights look at different layers). A unit planned twice
+    is kept once.
+    """
+    if cfg.sweep.chunk_size < 1:
         raise PipelineError("sweep.chunk_size must be >= 1.")
     base = OmegaConf.to_container(cfg, resolve=True)
+    variants = base["sweep"].get("variants") or [{}]
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise PipelineError("sweep.variants must be a list of mappings, e.g. [{model.weights: planted, "
+                            "sweep.layers: [1]}].")
     groups: list[Group] = []
-    for point in _grid_points(base["sweep"].get("grid") or {}):
-        settings = {section: dict(base[section]) for section in GRID_SECTIONS}
-        for key, value in point.items():
-            section, _, name = key.partition(".")
-            if name not in settings[section]:
-                raise PipelineError(f"sweep.grid key '{key}' names no setting of {section}: known "
-                                    f"{sorted(settings[section])}.")
-            settings[section][name] = value
-        for model in sweep.models:
-            groups.extend(_groups_for_model(str(model), settings, sweep))
+    seen: set[str] = set()
+    for variant in variants:
+        for point in _grid_points(base["sweep"].get("grid") or {}):
+            settings = {section: dict(base[section]) for section in (*GRID_SECTIONS, "sweep")}
+            for key, value in _flatten(variant).items():
+                _apply(settings, key, value, "sweep.variants")
+            for key, value in point.items():
+                _apply(settings, key, value, "sweep.grid")
+            if not settings["sweep"]["models"]:
+                raise PipelineError("sweep.models is empty: name at least one model, e.g. "
+                                    "sweep.models=[deit_tiny_patch16_224].")
+            for model in settings["sweep"]["models"]:
+                for group in _groups_for_model(str(model), settings):
+                    features = tuple(f for f in group.features if group.key(f) not in seen)
+                    seen.update(group.key(f) for f in features)
+                    if features:
+                        groups.append(dataclasses.replace(group, features=features))
     return Plan(groups)
 
 
-def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], sweep: DictConfig) -> list[Group]:
+def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[Group]:
+    sweep = settings["sweep"]
     family = zoo.family_of(model)
     info = zoo.layout(model)
     target = settings["target"]["kind"]
@@ -205,12 +235,12 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], sweep: Di
                               "weights": str(settings["model"]["weights"]), "weights_id": choice.weights_id},
                              sort_keys=True)
     groups = []
-    for layer in select(sweep.layers, len(info.layers), "layer", f"'{model}'"):
+    for layer in select(sweep["layers"], len(info.layers), "layer", f"'{model}'"):
         where = f"layer {layer} of '{model}'"
         width = info.site(layer, target).features
         check_objective(objective, info.layer(layer).grid, where)
-        features = select(sweep.features, width, "feature", f"target '{target}' at {where}")
-        for seed in sweep.seeds:
+        features = select(sweep["features"], width, "feature", f"target '{target}' at {where}")
+        for seed in sweep["seeds"]:
             groups.append(Group(model, family, choice, target, objective.name, layer, int(seed), optim,
                                 config_hash, config_json, tuple(features)))
     return groups

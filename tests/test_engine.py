@@ -141,3 +141,37 @@ def test_zoo_cli_lists_families_and_describes_models(capsys):
     description = capsys.readouterr().out
     assert "27x27" in description and "7x7" in description and "transformers.2.blocks.3.mlp.act" in description
     assert zoo.main(["describe", "nonexistent_model"]) == 2
+
+
+def stripe_orientation(image: torch.Tensor) -> float:
+    """Angle (degrees, mod 180) of the strongest spatial frequency of an image's grey level."""
+    grey = image.mean(0)
+    spectrum = torch.fft.fft2(grey - grey.mean()).abs()
+    spectrum[0, 0] = 0
+    ky, kx = divmod(int(spectrum.argmax()), spectrum.shape[1])
+    size = spectrum.shape[0]
+    ky, kx = (ky + size // 2) % size - size // 2, (kx + size // 2) % size - size // 2
+    return float(torch.rad2deg(torch.atan2(torch.tensor(float(-ky)), torch.tensor(float(kx)))) % 180)
+
+
+def angle_gap(a: float, b: float) -> float:
+    return min(abs(a - b) % 180, 180 - abs(a - b) % 180)
+
+
+def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus():
+    from pipeline import planted
+
+    choice = weights.resolve("deit_tiny_patch16_224", "planted")
+    viz = engine.Visualizer("deit_tiny_patch16_224", choice, CPU)
+    units = planted.planted_units("deit_tiny_patch16_224")
+    features = [u.feature for u in units]
+    config = OptimConfig(steps=40, copies=2)  # the paper's augmentations, shortened
+    out = viz.run(planted.PLANTED_LAYER, "mlp", parse_objective("mean"), features,
+                  [seed_for(f, 0) for f in features], config)
+    for unit, image in zip(units, out.images):
+        target = planted.stimulus(unit.label)
+        if unit.label in planted.COLOURS:
+            mean_rgb = image.mean((1, 2))
+            assert torch.allclose(mean_rgb, target.mean((1, 2)), atol=0.1), (unit.label, mean_rgb)
+        else:
+            assert angle_gap(stripe_orientation(image), stripe_orientation(target)) < 15, unit.label
