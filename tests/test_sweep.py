@@ -179,3 +179,14 @@ def test_cli_bad_input_exits_2_with_one_paragraph_and_writes_nothing(tmp_path):
     malformed = run_cli("optim.steps=abc", f"store.root={root}", cwd=tmp_path)
     assert malformed.returncode != 0 and "optim.steps" in malformed.stderr
     assert not root.exists()
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
+                                              if not p.stem.startswith("probe_")))
+def test_every_sweep_experiment_plans_without_touching_weights(compose, experiment):
+    plan = build_plan(compose(f"experiment={experiment}"))
+    assert len(plan) == len(set(plan.keys())) > 0
+    if experiment.startswith("paper_"):
+        assert {g.optim.tv for g in plan.groups} == {0.1, 1.0}
+        assert all(g.weights.weights_id.startswith("pretrained-") for g in plan.groups)
+        assert all(g.optim.lr == (1.0 if g.family == "clip" else 0.1) for g in plan.groups)
