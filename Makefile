@@ -64,5 +64,9 @@ test-all: setup
 bench: setup
 	$(PY) bench/engine.py $(ARGS)
 
+# Share of wall time the workers spend optimizing, and 2 workers against 1 (docs/benchmarks.md).
+bench-sweep: setup
+	$(PY) bench/sweep.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
