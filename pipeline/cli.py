@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reporting_errors
 
 
 def parse_key_values(argv: list[str], usage: str, required: tuple[str, ...],
@@ -35,9 +35,4 @@ def parse_key_values(argv: list[str], usage: str, required: tuple[str, ...],
 
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> int:
     """Run a tool's main; a PipelineError becomes one paragraph on stderr and exit status 2."""
-    try:
-        main(sys.argv[1:] if argv is None else argv)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return reporting_errors(lambda: main(sys.argv[1:] if argv is None else argv))

@@ -33,12 +33,11 @@ from omegaconf import DictConfig
 from pipeline import analysis_config
 from pipeline import images as images_lib
 from pipeline import weights as weights_lib
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reporting_errors
 from pipeline.example_worker import PARTIAL_SCHEMA, ExampleTask, ExampleWorker
 from pipeline.parts import PartTable
 from pipeline.store import Store
 
-EXIT_BAD_INPUT = 2
 EXIT_FAILURES = 1
 
 EXAMPLE_SCHEMA = pa.schema([
@@ -187,12 +186,7 @@ analysis_config.register()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="examples")
 def main(cfg: DictConfig) -> None:
-    try:
-        code = run_examples(cfg)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
-    sys.exit(code)
+    sys.exit(reporting_errors(lambda: run_examples(cfg)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.errors import PipelineError
+from pipeline.errors import EXIT_BAD_INPUT, reporting_errors
 from pipeline.store import Store
 
 USAGE = "usage: python -m pipeline.status store.root=DIR"
@@ -35,14 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     roots = [a.partition("=")[2] for a in argv if a.startswith("store.root=")]
     if len(roots) != 1 or len(argv) != 1 or not roots[0]:
         print(USAGE, file=sys.stderr)
-        return 2
-    try:
-        store = Store(roots[0])
-        print(render(store))
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_BAD_INPUT
+    return reporting_errors(lambda: print(render(Store(roots[0]))))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline import config as config_schema
-from pipeline.errors import PipelineError
+from pipeline.errors import reporting_errors
 from pipeline.plan import Plan, build_plan
 from pipeline.progress import Progress
 from pipeline.store import Store
 
 log = logging.getLogger("pipeline.sweep")
 
-EXIT_BAD_INPUT = 2
 EXIT_FAILURES = 1
 EXIT_INTERRUPTED = 130
 
@@ -119,12 +118,7 @@ config_schema.register()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    try:
-        code = run_sweep(cfg)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
-    sys.exit(code)
+    sys.exit(reporting_errors(lambda: run_sweep(cfg)))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import timm
 import torch
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.errors import EXIT_BAD_INPUT, PipelineError, reporting_errors
 
 TARGETS = ("mlp", "keys", "queries", "values", "attn_out")
 
@@ -296,19 +296,12 @@ def _list() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m pipeline.zoo list | describe MODEL [MODEL ...]"
-    try:
-        if argv[:1] == ["list"] and len(argv) == 1:
-            print(_list())
-        elif argv[:1] == ["describe"] and len(argv) > 1:
-            print("\n\n".join(describe(name) for name in argv[1:]))
-        else:
-            print(usage, file=sys.stderr)
-            return 2
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    if argv[:1] == ["list"] and len(argv) == 1:
+        return reporting_errors(lambda: print(_list()))
+    if argv[:1] == ["describe"] and len(argv) > 1:
+        return reporting_errors(lambda: print("\n\n".join(describe(name) for name in argv[1:])))
+    print("usage: python -m pipeline.zoo list | describe MODEL [MODEL ...]", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

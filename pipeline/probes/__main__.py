@@ -22,14 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import analysis_config
 from pipeline import images as images_lib
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, reporting_errors
 from pipeline.parts import PartTable
 from pipeline.probes import PROBES, classifier
 from pipeline.probes.base import RESULT_SCHEMA
 from pipeline.probes.worker import ProbeTask, ProbeWorker
 from pipeline.store import Store
 
-EXIT_BAD_INPUT = 2
 EXIT_FAILURES = 1
 
 
@@ -100,12 +99,7 @@ analysis_config.register()
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="probes")
 def main(cfg: DictConfig) -> None:
-    try:
-        code = run_probes(cfg)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
-    sys.exit(code)
+    sys.exit(reporting_errors(lambda: run_probes(cfg)))
 
 
 if __name__ == "__main__":
