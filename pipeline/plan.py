@@ -82,6 +82,10 @@ class Plan:
     def keys(self) -> list[str]:
         return [g.key(f) for g in self.groups for f in g.features]
 
+    def weights(self) -> dict[tuple[str, str], weights_lib.WeightsChoice]:
+        """Each distinct (model, weights id) of the plan, with its weights choice."""
+        return {(g.model, g.weights.weights_id): g.weights for g in self.groups}
+
     def units_table(self) -> pa.Table:
         return pa.Table.from_pylist([g.unit(f) for g in self.groups for f in g.features], schema=UNIT_SCHEMA)
 

@@ -19,6 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline import config as config_schema
+from pipeline import weights
 from pipeline.errors import reporting_errors
 from pipeline.plan import Plan, build_plan
 from pipeline.progress import Progress
@@ -70,6 +71,8 @@ def run_sweep(cfg: DictConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
     plan = build_plan(cfg)
+    for (model, _), choice in plan.weights().items():
+        weights.ensure_available(model, choice)
     keys = plan.keys()
     planned = set(keys)
     done = store.committed_keys() & planned

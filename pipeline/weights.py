@@ -86,23 +86,51 @@ def _pretrained_tag(model_name: str) -> str:
     return cfg.tag or "default"
 
 
+def ensure_available(model_name: str, choice: WeightsChoice) -> None:
+    """Fetch pretrained weights into the Hugging Face cache now, in the driver, so a sweep that
+    cannot have them stops before any compute (and workers sharing the cache find them there)."""
+    if choice.kind != "pretrained":
+        return
+    import timm
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    try:
+        if cfg.hf_hub_id:
+            repo, _, revision = cfg.hf_hub_id.partition("@")
+            for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+                try:
+                    hf_hub_download(repo_id=repo, filename=filename, revision=revision or None)
+                    return
+                except EntryNotFoundError:
+                    continue
+            raise FileNotFoundError(f"no weights file in hub repository {repo}")
+        timm.models._hub.download_cached_file(cfg.url)
+    except Exception as error:  # the hub client raises many types; all mean "not available here"
+        raise _unavailable(model_name, error) from None
+
+
 def _load_pretrained(model_name: str) -> nn.Module:
     import timm
 
     try:
-        model = timm.create_model(model_name, pretrained=True)
+        return timm.create_model(model_name, pretrained=True)
     except Exception as error:  # the hub client raises many types; all mean "not available here"
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        raise PipelineError(
-            f"Pretrained weights for '{model_name}' could not be loaded ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'}). "
-            f"{'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache. ' if offline else ''}"
-            f"Remedies: run once where the hub is reachable so they land in the cache (HF_HOME, "
-            f"default ~/.cache/huggingface) and point HF_HOME at that cache here; or download the "
-            f"checkpoint and pass model.weights=/path/to/file.safetensors; or use model.weights=random "
-            f"for an offline smoke run."
-        ) from None
-    return model
+        raise _unavailable(model_name, error) from None
+
+
+def _unavailable(model_name: str, error: Exception) -> PipelineError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
+    return PipelineError(
+        f"Pretrained weights for '{model_name}' could not be loaded ({type(error).__name__}: {detail}). "
+        f"{'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache. ' if offline else ''}"
+        f"Remedies: run once where the hub is reachable so they land in the cache (HF_HOME, "
+        f"default ~/.cache/huggingface) and point HF_HOME at that cache here; or download the "
+        f"checkpoint and pass model.weights=/path/to/file.safetensors; or use model.weights=random "
+        f"for an offline smoke run."
+    )
 
 
 def _checkpoint_path(model_name: str, path: Path) -> Path:

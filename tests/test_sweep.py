@@ -160,6 +160,16 @@ def test_pretrained_weights_offline_fail_with_remedies(monkeypatch):
         weights.load("deit_tiny_patch16_224", choice)
 
 
+def test_a_sweep_without_its_pretrained_weights_stops_before_any_compute(compose, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("reached Ray without weights"))
+    cfg = compose("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0]", "model.weights=pretrained",
+                  f"store.root={tmp_path / 'store'}")
+    with pytest.raises(PipelineError, match="Pretrained weights for 'deit_tiny_patch16_224'.*Remedies"):
+        sweep.run_sweep(cfg)
+    assert not (tmp_path / "store").exists()
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "pipeline.sweep", *args], cwd=cwd, env=env, capture_output=True,
