@@ -186,7 +186,9 @@ analysis_config.register()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="examples")
 def main(cfg: DictConfig) -> None:
-    sys.exit(reporting_errors(lambda: run_examples(cfg)))
+    code = reporting_errors(lambda: run_examples(cfg))
+    if code:  # exiting on success would end a Hydra multirun after its first job
+        sys.exit(code)
 
 
 if __name__ == "__main__":

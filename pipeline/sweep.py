@@ -121,7 +121,9 @@ config_schema.register()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    sys.exit(reporting_errors(lambda: run_sweep(cfg)))
+    code = reporting_errors(lambda: run_sweep(cfg))
+    if code:  # exiting on success would end a Hydra multirun after its first job
+        sys.exit(code)
 
 
 if __name__ == "__main__":

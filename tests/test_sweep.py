@@ -200,3 +200,14 @@ def test_every_sweep_experiment_plans_without_touching_weights(compose, experime
         assert {g.optim.tv for g in plan.groups} == {0.1, 1.0}
         assert all(g.weights.weights_id.startswith("pretrained-") for g in plan.groups)
         assert all(g.optim.lr == (1.0 if g.family == "clip" else 0.1) for g in plan.groups)
+
+
+def test_hydra_multirun_runs_one_sweep_per_value_into_the_same_store(tmp_path):
+    root = tmp_path / "store"
+    result = run_cli("-m", "experiment=smoke", "optim.tv=0.1,1.0", f"store.root={root}", "progress.bar=false",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("plan: 2 planned / 0 already done / 2 to do") == 2
+    tvs = [json.loads(c)["optim"]["tv"] for c in Store(str(root)).parquet_dataset().to_table(columns=["config"])
+           .column("config").to_pylist()]
+    assert sorted(tvs) == [0.1, 0.1, 1.0, 1.0]

@@ -99,7 +99,9 @@ analysis_config.register()
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="probes")
 def main(cfg: DictConfig) -> None:
-    sys.exit(reporting_errors(lambda: run_probes(cfg)))
+    code = reporting_errors(lambda: run_probes(cfg))
+    if code:  # exiting on success would end a Hydra multirun after its first job
+        sys.exit(code)
 
 
 if __name__ == "__main__":
