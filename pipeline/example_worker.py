@@ -8,7 +8,6 @@ with their activation maps over the patch grid. The driver merges slices.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -18,7 +17,7 @@ from pipeline import images as images_lib
 from pipeline import weights as weights_lib
 from pipeline import zoo
 from pipeline.activations import ActivationReader
-from pipeline.engine import pick_device
+from pipeline.worker import ModelWorker
 
 PARTIAL_SCHEMA = pa.schema([
     pa.field("layer", pa.int32()),
@@ -63,25 +62,14 @@ class _TopK:
         self.maps = maps.gather(0, top.indices[..., None].expand(-1, -1, maps.shape[-1]))
 
 
-class ExampleWorker:
-    def __init__(self, device: str = "auto", model_cache: int = 2, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
-        self.device = pick_device(device)
-        self.model_cache = max(1, model_cache)
-        self._models: OrderedDict[tuple[str, str], tuple[ActivationReader, images_lib.Preprocess]] = OrderedDict()
-
+class ExampleWorker(ModelWorker):
     def _reader(self, task: ExampleTask) -> tuple[ActivationReader, images_lib.Preprocess]:
-        key = (task.model, task.weights.weights_id)
-        if key in self._models:
-            self._models.move_to_end(key)
-        else:
-            while len(self._models) >= self.model_cache:
-                self._models.popitem(last=False)
+        def build() -> tuple[ActivationReader, images_lib.Preprocess]:
             model = weights_lib.load(task.model, task.weights, self.device)
-            self._models[key] = (ActivationReader(model, zoo.layout(task.model)),
-                                 images_lib.Preprocess.from_config(model.pretrained_cfg))
-        return self._models[key]
+            return (ActivationReader(model, zoo.layout(task.model)),
+                    images_lib.Preprocess.from_config(model.pretrained_cfg))
+
+        return self.cached((task.model, task.weights.weights_id), build)
 
     @torch.no_grad()
     def run(self, task: ExampleTask) -> pa.Table:

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, Hashable, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from pipeline.optimize import seed_for
 from pipeline.plan import Chunk
 
 NONFINITE_RETRIES = 1
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,24 +48,36 @@ def png_bytes(image: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-class VisualizationWorker:
+class ModelWorker:
+    """The body of a Ray actor that keeps its last few models loaded on one explicit device."""
+
     def __init__(self, device: str = "auto", model_cache: int = 2, threads: int | None = None):
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.device = pick_device(device)
-        self.model_cache = max(1, model_cache)
-        self._models: OrderedDict[tuple[str, str], Visualizer] = OrderedDict()
-        self.host = socket.gethostname()
+        self._cache_size = max(1, model_cache)
+        self._models: OrderedDict[Hashable, Any] = OrderedDict()
 
-    def _visualizer(self, chunk: Chunk) -> Visualizer:
-        key = (chunk.group.model, chunk.group.weights.weights_id)
+    def cached(self, key: Hashable, build: Callable[[], T]) -> T:
+        """The model under ``key``, built on first use; the least recently used is dropped when full."""
         if key in self._models:
             self._models.move_to_end(key)
         else:
-            while len(self._models) >= self.model_cache:
+            while len(self._models) >= self._cache_size:
                 self._models.popitem(last=False)
-            self._models[key] = Visualizer(chunk.group.model, chunk.group.weights, self.device)
+            self._models[key] = build()
         return self._models[key]
+
+
+class VisualizationWorker(ModelWorker):
+    def __init__(self, device: str = "auto", model_cache: int = 2, threads: int | None = None):
+        super().__init__(device, model_cache, threads)
+        self.host = socket.gethostname()
+
+    def _visualizer(self, chunk: Chunk) -> Visualizer:
+        group = chunk.group
+        return self.cached((group.model, group.weights.weights_id),
+                           lambda: Visualizer(group.model, group.weights, self.device))
 
     def run(self, chunk: Chunk) -> ChunkResult:
         started = time.perf_counter()

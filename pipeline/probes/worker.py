@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from pipeline import images as images_lib
-from pipeline.engine import pick_device
+from pipeline.worker import ModelWorker
 from pipeline.probes import PROBES, classifier
 from pipeline.probes.base import Batch, Condition, Tally
 
@@ -27,23 +26,9 @@ class ProbeTask:
     batch_size: int
 
 
-class ProbeWorker:
-    def __init__(self, device: str = "auto", model_cache: int = 2, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
-        self.device = pick_device(device)
-        self.model_cache = max(1, model_cache)
-        self._models: OrderedDict[tuple[str, str], nn.Module] = OrderedDict()
-
+class ProbeWorker(ModelWorker):
     def _model(self, task: ProbeTask) -> nn.Module:
-        key = (task.model, task.weights.weights_id)
-        if key in self._models:
-            self._models.move_to_end(key)
-        else:
-            while len(self._models) >= self.model_cache:
-                self._models.popitem(last=False)
-            self._models[key] = classifier.load(task.weights, self.device)
-        return self._models[key]
+        return self.cached((task.model, task.weights.weights_id), lambda: classifier.load(task.weights, self.device))
 
     def run(self, task: ProbeTask) -> pa.Table:
         model = self._model(task)
