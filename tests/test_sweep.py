@@ -211,3 +211,14 @@ def test_hydra_multirun_runs_one_sweep_per_value_into_the_same_store(tmp_path):
     tvs = [json.loads(c)["optim"]["tv"] for c in Store(str(root)).parquet_dataset().to_table(columns=["config"])
            .column("config").to_pylist()]
     assert sorted(tvs) == [0.1, 0.1, 1.0, 1.0]
+
+
+@pytest.mark.slow
+def test_the_documented_command_runs_exactly_as_written(tmp_path):
+    root = tmp_path / "some-dir"
+    result = run_cli("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[1]", "sweep.features=[5,6]",
+                     "sweep.seeds=[0]", "model.weights=random", "optim.steps=150", f"store.root={root}",
+                     cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = Store(str(root)).parquet_dataset().to_table(columns=["layer", "feature", "steps"]).to_pylist()
+    assert sorted((r["layer"], r["feature"], r["steps"]) for r in rows) == [(1, 5, 150), (1, 6, 150)]
