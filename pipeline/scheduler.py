@@ -102,8 +102,8 @@ def drive(actors: list, tasks: Iterable[T], submit: Callable[[Any, T], ray.Objec
 
     ``on_done`` gets each finished task with its result reference (``ray.get`` it,
     errors included) in completion order; ``after_wait`` runs after every wait
-    (at least once a second) and returns True to stop early. Outstanding calls are
-    cancelled and the actors killed however this returns.
+    (at least once a second) and returns True to stop early. The actors are killed,
+    and with them any outstanding call, however this returns.
     """
     queue = deque(tasks)
     in_flight: dict[ray.ObjectRef, tuple[T, int]] = {}
@@ -123,9 +123,7 @@ def drive(actors: list, tasks: Iterable[T], submit: Callable[[Any, T], ray.Objec
             if after_wait():
                 break
     finally:
-        for ref in in_flight:
-            ray.cancel(ref, force=True)
-        for actor in actors:
+        for actor in actors:  # ends the actor's outstanding calls too (actor tasks cannot be force-cancelled)
             ray.kill(actor)
 
 
