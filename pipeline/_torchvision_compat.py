@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-_UNGUARDED_OPS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
+_UNGUARDED_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+# A torch.library.Library drops its definitions when it is garbage-collected: keep it.
+_schema_libraries: list[torch.library.Library] = []
 
 
 def _extension_loads() -> bool:
@@ -41,7 +43,7 @@ def _extension_loads() -> bool:
 def ensure_torchvision_importable() -> None:
     if hasattr(torch.ops.torchvision, "nms") or _extension_loads():
         return
-    library = torch.library.Library("torchvision", "DEF")  # noqa: keeps the schemas alive
-    for schema in _UNGUARDED_OPS.values():
+    library = torch.library.Library("torchvision", "DEF")
+    for schema in _UNGUARDED_SCHEMAS:
         library.define(schema)
-    globals()["_schema_library"] = library
+    _schema_libraries.append(library)
