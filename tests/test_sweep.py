@@ -222,3 +222,33 @@ def test_the_documented_command_runs_exactly_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = Store(str(root)).parquet_dataset().to_table(columns=["layer", "feature", "steps"]).to_pylist()
     assert sorted((r["layer"], r["feature"], r["steps"]) for r in rows) == [(1, 5, 150), (1, 6, 150)]
+
+
+def test_pretrained_weights_come_from_an_existing_hugging_face_cache_offline(tmp_path):
+    """HF_HOME holding timm's repository layout is enough; HF_HUB_OFFLINE forbids the network."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    torch.manual_seed(11)
+    state = {k: v.contiguous() for k, v in timm.create_model("deit_tiny_patch16_224").state_dict().items()}
+    repo = tmp_path / "hf" / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file(state, str(snapshot / "model.safetensors"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    script = (
+        "import torch, pipeline\n"
+        "from pipeline import weights\n"
+        "choice = weights.resolve('deit_tiny_patch16_224', 'pretrained')\n"
+        "weights.ensure_available('deit_tiny_patch16_224', choice)\n"
+        "model = weights.load('deit_tiny_patch16_224', choice)\n"
+        "print(choice.weights_id, float(model.state_dict()['blocks.0.mlp.fc1.weight'].sum()))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    weights_id, checksum = result.stdout.split()
+    assert weights_id == "pretrained-fb_in1k"
+    assert abs(float(checksum) - float(state["blocks.0.mlp.fc1.weight"].sum())) < 1e-3
