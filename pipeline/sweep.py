@@ -45,14 +45,15 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str]) -> None:
 
 
 def _print_results(store: Store, keys: list[str]) -> None:
+    """A table of what a small sweep made (a large one's is for the atlas and readers)."""
     import pyarrow.dataset as ds
 
+    if len(keys) > 40:
+        return
     table = store.parquet_dataset().to_table(
         columns=["model", "weights", "layer", "feature", "activation", "label"],
         filter=ds.field("key").isin(keys)).sort_by([("weights", "ascending"), ("layer", "ascending"),
                                                     ("feature", "ascending")])
-    if table.num_rows > 40:
-        return
     print(f"  {'model':<24} {'weights':<16} {'layer':>5} {'feature':>7} {'activation':>10}  label")
     for row in table.to_pylist():
         print(f"  {row['model']:<24} {row['weights']:<16} {row['layer']:>5} {row['feature']:>7} "
@@ -64,7 +65,9 @@ def _print_where(store: Store) -> None:
     print(f"store: {root}\n"
           f"  parquet:    pyarrow.dataset.dataset('{root}/parquet', format='parquet', partitioning='hive')\n"
           f"  webdataset: webdataset.WebDataset(sorted(glob.glob('{root}/webdataset/*.tar')))\n"
-          f"  status:     python -m pipeline.status store.root={root}", flush=True)
+          f"  status:     python -m pipeline.status store.root={root}\n"
+          f"  atlas:      python -m pipeline.atlas store.root={root} out=site  (then open site/index.html)\n"
+          f"  figures:    python -m pipeline.figures store.root={root} out=figures", flush=True)
 
 
 def run_sweep(cfg: DictConfig) -> int:
