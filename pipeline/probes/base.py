@@ -70,6 +70,10 @@ class Batch:
     def crops(self) -> torch.Tensor:
         return torch.stack([self.preprocess.crop(image.pixels) for image in self.images])
 
+    def boxed(self) -> list[int]:
+        """Indices of the images that have boxes of their own class (the box probes measure only those)."""
+        return [i for i, image in enumerate(self.images) if image.true_class_boxes()]
+
 
 def topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """(top-1 correct, top-5 correct) counts."""

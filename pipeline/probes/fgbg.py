@@ -31,7 +31,7 @@ class ForegroundBackgroundProbe(Probe):
     @torch.no_grad()
     def measure(self, model: nn.Module, batch: Batch, conditions: list[Condition], params: dict, tally: Tally,
                 model_name: str) -> None:
-        keep = [i for i, image in enumerate(batch.images) if image.true_class_boxes()]
+        keep = batch.boxed()
         if not keep:
             return
         labels = batch.labels[keep]

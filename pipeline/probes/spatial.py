@@ -45,7 +45,7 @@ class SpatialProbe(Probe):
     @torch.no_grad()
     def measure(self, model: nn.Module, batch: Batch, conditions: list[Condition], params: dict, tally: Tally,
                 model_name: str) -> None:
-        keep = [i for i, image in enumerate(batch.images) if image.true_class_boxes()]
+        keep = batch.boxed()
         if not keep:
             return
         layout = zoo.layout(model_name)
