@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 from dataclasses import dataclass
 
 import hydra
@@ -33,7 +32,7 @@ from omegaconf import DictConfig
 from pipeline import analysis_config
 from pipeline import images as images_lib
 from pipeline import weights as weights_lib
-from pipeline.errors import PipelineError, reporting_errors
+from pipeline.errors import PipelineError, exit_on_failure
 from pipeline.example_worker import PARTIAL_SCHEMA, ExampleTask, ExampleWorker
 from pipeline.parts import PartTable
 from pipeline.store import Store
@@ -186,9 +185,7 @@ analysis_config.register()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="examples")
 def main(cfg: DictConfig) -> None:
-    code = reporting_errors(lambda: run_examples(cfg))
-    if code:  # exiting on success would end a Hydra multirun after its first job
-        sys.exit(code)
+    exit_on_failure(lambda: run_examples(cfg))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ only the missing work.
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline import config as config_schema
 from pipeline import weights
-from pipeline.errors import reporting_errors
+from pipeline.errors import exit_on_failure
 from pipeline.plan import Plan, build_plan
 from pipeline.progress import Progress
 from pipeline.store import Store
@@ -124,9 +123,7 @@ config_schema.register()
 
 @hydra.main(version_base=None, config_path="../conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
-    code = reporting_errors(lambda: run_sweep(cfg))
-    if code:  # exiting on success would end a Hydra multirun after its first job
-        sys.exit(code)
+    exit_on_failure(lambda: run_sweep(cfg))
 
 
 if __name__ == "__main__":

@@ -15,14 +15,13 @@ import hashlib
 import json
 import math
 import os
-import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import analysis_config
 from pipeline import images as images_lib
-from pipeline.errors import PipelineError, reporting_errors
+from pipeline.errors import PipelineError, exit_on_failure
 from pipeline.parts import PartTable
 from pipeline.probes import PROBES, classifier
 from pipeline.probes.base import RESULT_SCHEMA
@@ -99,9 +98,7 @@ analysis_config.register()
 
 @hydra.main(version_base=None, config_path="../../conf", config_name="probes")
 def main(cfg: DictConfig) -> None:
-    code = reporting_errors(lambda: run_probes(cfg))
-    if code:  # exiting on success would end a Hydra multirun after its first job
-        sys.exit(code)
+    exit_on_failure(lambda: run_probes(cfg))
 
 
 if __name__ == "__main__":
