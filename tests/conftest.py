@@ -42,3 +42,13 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def synthetic_store_root(tmp_path_factory):
+    """A small store written directly (tests/synthetic_store.py): no Ray, no models. One per test module."""
+    from synthetic_store import write_store
+
+    root = tmp_path_factory.mktemp("store")
+    write_store(root)
+    return root

@@ -8,18 +8,11 @@ from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.figures import contact_sheet_figure, main, progression_figure
 from pipeline.readers import open_store
-from synthetic_store import CLIP, DEIT, write_store
+from synthetic_store import CLIP, DEIT
 
 
-@pytest.fixture(scope="module")
-def store_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    write_store(root)
-    return root
-
-
-def test_progression_has_one_row_per_model_and_weights_and_a_panel_per_layer(store_root):
-    atlas = open_store(str(store_root))
+def test_progression_has_one_row_per_model_and_weights_and_a_panel_per_layer(synthetic_store_root):
+    atlas = open_store(str(synthetic_store_root))
     figure = progression_figure(atlas)
     # Rows: deit planted (layer 1), deit random (layers 0-3), clip (layers 0-1); empty cells are removed.
     assert len(figure.axes) == 1 + 4 + 2
@@ -31,8 +24,8 @@ def test_progression_has_one_row_per_model_and_weights_and_a_panel_per_layer(sto
         "layer 0 · f2", "layer 1 · f2"]
 
 
-def test_contact_sheet_shows_every_feature_of_a_layer(store_root):
-    atlas = open_store(str(store_root))
+def test_contact_sheet_shows_every_feature_of_a_layer(synthetic_store_root):
+    atlas = open_store(str(synthetic_store_root))
     sheet = contact_sheet_figure(atlas, DEIT, "random-0", 2)
     assert [axes.get_title() for axes in sheet.axes] == [f"feature {f}" for f in range(4)]
     assert len(contact_sheet_figure(atlas, CLIP, "pretrained-openai", 0).axes) == 3
@@ -40,11 +33,11 @@ def test_contact_sheet_shows_every_feature_of_a_layer(store_root):
         contact_sheet_figure(atlas, DEIT, "random-0", 7)
 
 
-def test_cli_writes_png_and_pdf_per_figure(store_root, tmp_path, capsys):
+def test_cli_writes_png_and_pdf_per_figure(synthetic_store_root, tmp_path, capsys):
     def figures(*args):  # in-process: `python -m pipeline.figures` is cli.run(main) with sys.argv
         return cli.run(main, list(args)), capsys.readouterr()
 
-    status, output = figures(f"store.root={store_root}", f"out={tmp_path}", f"model={CLIP}")
+    status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", f"model={CLIP}")
     assert status == 0, output.err
     assert output.out.startswith("figures: wrote 6 files (3 figures, PNG and PDF)")
     stems = {path.stem for path in tmp_path.iterdir()}
@@ -53,7 +46,7 @@ def test_cli_writes_png_and_pdf_per_figure(store_root, tmp_path, capsys):
         assert (tmp_path / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
         assert (tmp_path / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
 
-    status, output = figures(f"store.root={store_root}", f"out={tmp_path}", "model=resnet50")
+    status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", "model=resnet50")
     assert status == 2 and "no records of target 'mlp' for models resnet50" in output.err
-    status, output = figures(f"store.root={store_root}", "colour=red")
+    status, output = figures(f"store.root={synthetic_store_root}", "colour=red")
     assert status == 2 and output.err.startswith("error: Unknown setting 'colour'") and output.err.count("\n") == 1

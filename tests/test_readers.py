@@ -12,15 +12,8 @@ from pipeline.records import RECORD_SCHEMA
 from synthetic_store import CLIP, DEIT, IMAGE_SIZE, RECORD_COUNT, write_store
 
 
-@pytest.fixture(scope="module")
-def store_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("store")
-    write_store(root)
-    return root
-
-
-def test_tables_filter_and_leave_images_out_unless_asked(store_root):
-    atlas = open_store(str(store_root))
+def test_tables_filter_and_leave_images_out_unless_asked(synthetic_store_root):
+    atlas = open_store(str(synthetic_store_root))
     everything = atlas.table()
     assert everything.num_rows == RECORD_COUNT
     assert everything.column_names == METADATA_COLUMNS and "png" not in everything.column_names
@@ -41,8 +34,8 @@ def test_tables_filter_and_leave_images_out_unless_asked(store_root):
     assert sum(batch.num_rows for batch in batches) == 18 and max(batch.num_rows for batch in batches) <= 4
 
 
-def test_torch_samples_are_decoded_tensors_with_metadata(store_root):
-    atlas = open_store(str(store_root))
+def test_torch_samples_are_decoded_tensors_with_metadata(synthetic_store_root):
+    atlas = open_store(str(synthetic_store_root))
     samples = list(atlas.torch_samples(model=CLIP))
     assert len(samples) == 6
     assert {s["metadata"]["model"] for s in samples} == {CLIP}
@@ -69,19 +62,19 @@ def test_torch_samples_read_a_committed_shard_not_yet_moved_into_place(tmp_path)
         atlas.torch_samples(model=CLIP)
 
 
-def test_huggingface_dataset_decodes_images(store_root):
+def test_huggingface_dataset_decodes_images(synthetic_store_root):
     import datasets
 
-    hf = open_store(str(store_root)).huggingface(model=DEIT, layer=2)
+    hf = open_store(str(synthetic_store_root)).huggingface(model=DEIT, layer=2)
     assert hf.num_rows == 4 and isinstance(hf.features["image"], datasets.Image)
     first = hf[0]
     assert first["image"].size == (IMAGE_SIZE, IMAGE_SIZE) and first["layer"] == 2
 
 
-def test_unknown_schema_missing_store_and_bad_filters_fail_clearly(store_root, tmp_path):
+def test_unknown_schema_missing_store_and_bad_filters_fail_clearly(synthetic_store_root, tmp_path):
     with pytest.raises(PipelineError, match="No store at"):
         open_store(str(tmp_path / "missing"))
-    atlas = open_store(str(store_root))
+    atlas = open_store(str(synthetic_store_root))
     with pytest.raises(PipelineError, match="Unknown filter.*colour"):
         atlas.table(colour="red")
     with pytest.raises(PipelineError, match="integers for layer"):
