@@ -173,11 +173,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise PipelineError(
-            f"Checkpoint '{path}' could not be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
-            f"It may be truncated or corrupt, or (for torch files) hold pickled objects other than tensors, "
-            f"which are refused for safety: re-save it as a plain state dict or as .safetensors."
-        ) from None
+        raise _unreadable(path, error) from None
     # Training scripts nest the weights and DataParallel prefixes names; unwrap both.
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -188,17 +184,37 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _unreadable(path: Path, error: Exception) -> PipelineError:
+    return PipelineError(
+        f"Checkpoint '{path}' could not be read ({type(error).__name__}: {str(error).splitlines()[0][:200]}). "
+        f"It may be truncated or corrupt, or (for torch files) hold pickled objects other than tensors, "
+        f"which are refused for safety: re-save it as a plain state dict or as .safetensors."
+    )
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes; a .safetensors file gives them from its header, without reading tensors."""
+    if path.suffix != ".safetensors":
+        return {k: tuple(v.shape) for k, v in _read_state_dict(path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k.removeprefix("module."): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    except Exception as error:
+        raise _unreadable(path, error) from None
+
+
 def _check_checkpoint(model_name: str, path: Path) -> None:
     """Compare names and shapes against the architecture (built on meta: no memory, no compute)."""
     if path.suffix == ".npz":
         return  # timm's own loader maps Google's names; it reports its own mismatches at load
-    state = _read_state_dict(path)
+    shapes = _checkpoint_shapes(path)
     expected = {k: tuple(v.shape) for k, v in zoo.create_architecture(model_name, "meta").state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     mismatched = sorted(
-        f"{k} {tuple(state[k].shape)} vs {expected[k]}" for k in set(state) & set(expected)
-        if tuple(state[k].shape) != expected[k]
+        f"{k} {shapes[k]} vs {expected[k]}" for k in set(shapes) & set(expected) if shapes[k] != expected[k]
     )
     if missing or unexpected or mismatched:
         parts = []
