@@ -16,7 +16,6 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 from pipeline import scheduler
-from pipeline.errors import PipelineError
 from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -40,15 +39,15 @@ def run_units(worker_class: type, tasks: list[Any], cluster: DictConfig, device:
     scheduler.start_ray(cluster)
     gpus = scheduler.gpus_per_worker(cluster)
     workers = min(scheduler.worker_count(cluster, gpus), len(tasks))
-    actors = scheduler.make_actors(worker_class, cluster, workers, device, cluster.model_cache,
+    actors = scheduler.make_actors(worker_class, cluster, gpus, workers, device, cluster.model_cache,
                                    max(1, int(cluster.cpus_per_worker)))
     bar = Progress(len(tasks), progress.log_every_s, progress.bar)
 
     def on_done(task: Any, ref) -> None:
         try:
             table = ray.get(ref)
-        except (ray.exceptions.RayError, PipelineError) as error:
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        except ray.exceptions.RayError as error:
+            reason = scheduler.failure_reason(error)
             log.warning("unit %s failed: %s", task.part_id, reason)
             summary.failed += 1
             summary.failures.append(f"{task.part_id}: {reason}")

@@ -69,9 +69,17 @@ def start_ray(cluster: DictConfig) -> None:
 
 
 def gpus_per_worker(cluster: DictConfig) -> float:
+    """The GPUs each worker asks for; a local Ray without GPUs cannot satisfy a request for them."""
     if cluster.gpus_per_worker == "auto":
         return 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
-    return float(cluster.gpus_per_worker)
+    gpus = float(cluster.gpus_per_worker)
+    if gpus and not ray.cluster_resources().get("GPU"):
+        message = (f"cluster.gpus_per_worker={gpus} but the Ray cluster has no GPU: workers would wait forever. "
+                   f"Set cluster.gpus_per_worker=0 to run on CPUs, or add GPU nodes.")
+        if cluster.kind == "local":
+            raise PipelineError(message)
+        log.warning("%s (waiting, in case an autoscaler adds GPU nodes)", message)
+    return gpus
 
 
 def worker_count(cluster: DictConfig, gpus: float) -> int:
@@ -83,10 +91,10 @@ def worker_count(cluster: DictConfig, gpus: float) -> int:
     return max(1, int(resources.get("CPU", 1) / max(cluster.cpus_per_worker, 1e-3)))
 
 
-def make_actors(worker_class: type, cluster: DictConfig, count: int, *args) -> list:
+def make_actors(worker_class: type, cluster: DictConfig, gpus: float, count: int, *args) -> list:
     """``count`` actors of ``worker_class``; Ray restarts them and retries their calls when they die."""
     actor_class = ray.remote(worker_class).options(
-        num_cpus=cluster.cpus_per_worker, num_gpus=gpus_per_worker(cluster),
+        num_cpus=cluster.cpus_per_worker, num_gpus=gpus,
         max_restarts=-1, max_task_retries=TASK_RETRIES,
     )
     return [actor_class.remote(*args) for _ in range(count)]
@@ -136,20 +144,14 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, w
     """
     summary = RunSummary()
     gpus = gpus_per_worker(cluster)
-    if gpus and not ray.cluster_resources().get("GPU"):
-        message = (f"cluster.gpus_per_worker={gpus} but the Ray cluster has no GPU: workers would wait forever. "
-                   f"Set cluster.gpus_per_worker=0 to run on CPUs, or add GPU nodes.")
-        if cluster.kind == "local":
-            raise PipelineError(message)
-        log.warning("%s (waiting, in case an autoscaler adds GPU nodes)", message)
     workers = worker_count(cluster, gpus)
     todo = len(plan) - len(done)
     chunks = plan.chunks(done, min(chunk_size, max(1, math.ceil(todo / workers))))
     if not chunks:
         return summary
     threads = max(1, int(cluster.cpus_per_worker))
-    actors = make_actors(VisualizationWorker, cluster, min(workers, len(chunks)), device, cluster.model_cache,
-                         threads)
+    actors = make_actors(VisualizationWorker, cluster, gpus, min(workers, len(chunks)), device,
+                         cluster.model_cache, threads)
 
     def after_wait() -> bool:
         writer.maybe_commit()
@@ -167,7 +169,7 @@ def _collect(ref: ray.ObjectRef, chunk: Chunk, writer, summary: RunSummary) -> N
     try:
         result = ray.get(ref)
     except ray.exceptions.RayError as error:
-        reason = _failure_reason(error)
+        reason = failure_reason(error)
         log.warning("chunk %s layer %d features %s failed: %s", chunk.group.model, chunk.group.layer,
                     list(chunk.features), reason)
         attempts = 1 if isinstance(error, ray.exceptions.RayTaskError) else TASK_RETRIES + 1
@@ -188,7 +190,7 @@ def _collect(ref: ray.ObjectRef, chunk: Chunk, writer, summary: RunSummary) -> N
         summary.failures.append((unit["key"], reason))
 
 
-def _failure_reason(error: ray.exceptions.RayError) -> str:
+def failure_reason(error: ray.exceptions.RayError) -> str:
     """One line: the worker's own exception, or how Ray lost the worker after its retries."""
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
         cause = error.cause
