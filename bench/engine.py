@@ -7,7 +7,7 @@ For each model (random weights) at an early, a middle and the last layer, two
 ways of visualizing the layer's MLP features with the same optimizer settings:
 
 - engine: ``--features`` features in one batch, the forward pass stopped right
-  after the target layer (pipeline.engine.Visualizer.run);
+  after the target layer (pipeline.Visualizer.run);
 - reference: one feature per batch and every block run, as the released code
   does, timed on ``--reference-features`` features (each is an independent run,
   so its per-feature rate does not depend on how many are timed).
@@ -34,9 +34,11 @@ import pipeline  # noqa: F401  (installs the torchvision shim before timm is imp
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import engine, weights, zoo
-from pipeline.objectives import parse_objective
-from pipeline.optimize import OptimConfig, augment, seed_for, total_variation, visualize
+from pipeline.engine.visualizer import PRECISIONS, Visualizer, pick_device
+from pipeline.models import weights
+from pipeline.models import zoo
+from pipeline.engine.objectives import parse_objective
+from pipeline.engine.optimize import OptimConfig, augment, seed_for, total_variation, visualize
 
 MODELS = ("deit_tiny_patch16_224", "vit_base_patch32_224")
 # Dense peaks in TFLOP/s from the vendors' data sheets (SXM parts). fp32 matmuls use
@@ -82,7 +84,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare(visualizer: engine.Visualizer, channels_last: bool, compile_blocks: bool, layer: int) -> None:
+def prepare(visualizer: Visualizer, channels_last: bool, compile_blocks: bool, layer: int) -> None:
     """GPU options: channels-last patch embedding; torch.compile of every block but the target's.
 
     The target block stays eager because its forward hook stops the pass by raising,
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=sorted(engine.PRECISIONS),
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                         help="bf16/fp16 run the model under autocast; the image and optimizer stay fp32")
     parser.add_argument("--features", type=int, default=4, help="features per batch in the engine")
     parser.add_argument("--reference-features", type=int, default=1, help="features timed in the reference loop")
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the share-of-peak column")
     args = parser.parse_args(argv)
 
-    device = engine.pick_device(args.device)
+    device = pick_device(args.device)
     config = OptimConfig(steps=args.steps, copies=args.copies, precision=args.precision)
     objective = parse_objective("mean")
     peak = peak_flops(device, args.precision, args.peak_tflops)
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         depth = len(zoo.layout(model).layers)
         for layer in sorted({0, depth // 2, depth - 1}):
             # A fresh model per layer: compiled blocks depend on which block is the target.
-            visualizer = engine.Visualizer(model, choice, device)
+            visualizer = Visualizer(model, choice, device)
             prepare(visualizer, args.channels_last, args.compile, layer)
             ours, theirs = measure_pair(visualizer, layer, objective, config, device, list(range(args.features)),
                                         list(range(args.reference_features)), args.repeats)

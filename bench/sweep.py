@@ -23,10 +23,11 @@ import pipeline  # noqa: E402,F401  (torchvision shim before timm)
 import ray  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from pipeline import config, scheduler  # noqa: E402
-from pipeline.plan import build_plan  # noqa: E402
-from pipeline.progress import Progress  # noqa: E402
-from pipeline.store import Store  # noqa: E402
+from pipeline import config
+from pipeline.execution import scheduler  # noqa: E402
+from pipeline.execution.plan import build_plan  # noqa: E402
+from pipeline.execution.progress import Progress  # noqa: E402
+from pipeline.store.store import Store  # noqa: E402
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.records import unit_key
+from pipeline.store.schemas import unit_key
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -18,9 +18,9 @@ def compose(config_name: str, *overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from pipeline import analysis_config
+    from pipeline import config
 
-    analysis_config.register()
+    config.register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.records import unit_key
-from pipeline.store import Store
+from pipeline.store.schemas import unit_key
+from pipeline.store.store import Store
 
 DEIT = "deit_tiny_patch16_224"
 CLIP = "vit_base_patch32_clip_224.openai"  # a dotted name: model pages must get a safe file name

@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from pipeline import cli
-from pipeline.atlas import build_site, main, model_slug
+from pipeline.atlas import main
+from pipeline.views.atlas import build_site, model_slug
 from synthetic_store import CLIP, DEIT, MODELS, RECORD_COUNT, write_examples, write_store
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -72,7 +73,7 @@ def test_rerun_writes_only_new_keys_and_rewrites_the_index(site, tmp_path):
 
 
 def test_an_interrupted_first_build_is_completed_by_the_next(tmp_path, monkeypatch):
-    import pipeline.atlas as atlas
+    import pipeline.views.atlas as atlas
 
     write_store(tmp_path / "store")
     written = []

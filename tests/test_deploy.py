@@ -22,7 +22,7 @@ import pytest
 import ray
 import yaml
 
-from pipeline import zoo
+from pipeline.models import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [REPO / "jobs" / "submit.sh", REPO / "jobs" / "slurm-sweep.sbatch"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import engine, weights, zoo
+from pipeline import zoo as zoo_command
+from pipeline.engine.objectives import PatchPosition, parse_objective
+from pipeline.engine.optimize import OptimConfig, seed_for
+from pipeline.engine.visualizer import Visualizer
 from pipeline.errors import PipelineError
-from pipeline.objectives import PatchPosition, parse_objective
-from pipeline.optimize import OptimConfig, seed_for
+from pipeline.models import weights, zoo
 
 CPU = torch.device("cpu")
 
@@ -30,8 +32,8 @@ FAMILY_MODELS = [
 RISING = OptimConfig(steps=10, copies=1, tv=0.0, jitter=0, colour_shift="none", noise="none", lr=0.02)
 
 
-def visualizer(model: str) -> engine.Visualizer:
-    return engine.Visualizer(model, weights.resolve(model, "random"), CPU)
+def visualizer(model: str) -> Visualizer:
+    return Visualizer(model, weights.resolve(model, "random"), CPU)
 
 
 @pytest.mark.parametrize("family,model,layer", FAMILY_MODELS, ids=[m for _, m, _ in FAMILY_MODELS])
@@ -133,14 +135,14 @@ def test_unknown_and_unsupported_models_get_suggestions():
 
 
 def test_zoo_cli_lists_families_and_describes_models(capsys):
-    assert zoo.main(["list"]) == 0
+    assert zoo_command.main(["list"]) == 0
     listing = capsys.readouterr().out
     for family in ("deit", "coat", "convit", "pit", "swin", "twins", "vit", "clip"):
         assert f"\n{family} (" in "\n" + listing
-    assert zoo.main(["describe", "pit_ti_distilled_224"]) == 0
+    assert zoo_command.main(["describe", "pit_ti_distilled_224"]) == 0
     description = capsys.readouterr().out
     assert "27x27" in description and "7x7" in description and "transformers.2.blocks.3.mlp.act" in description
-    assert zoo.main(["describe", "nonexistent_model"]) == 2
+    assert zoo_command.main(["describe", "nonexistent_model"]) == 2
 
 
 def stripe_orientation(image: torch.Tensor) -> float:
@@ -159,10 +161,10 @@ def angle_gap(a: float, b: float) -> float:
 
 
 def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus():
-    from pipeline import planted
+    from pipeline.models import planted
 
     choice = weights.resolve("deit_tiny_patch16_224", "planted")
-    viz = engine.Visualizer("deit_tiny_patch16_224", choice, CPU)
+    viz = Visualizer("deit_tiny_patch16_224", choice, CPU)
     units = planted.planted_units("deit_tiny_patch16_224")
     features = [u.feature for u in units]
     config = OptimConfig(steps=40, copies=2)  # the paper's augmentations, shortened

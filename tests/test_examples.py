@@ -9,10 +9,10 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from pipeline import planted
+from pipeline.models import planted
 from pipeline.errors import PipelineError
-from pipeline.examples import EXAMPLE_SCHEMA, run_examples
-from pipeline.store import Store
+from pipeline.analysis.examples import EXAMPLE_SCHEMA, run_examples
+from pipeline.store.store import Store
 from tests.analysis_fixtures import compose, save_image, visualization_record
 
 MODEL = "deit_tiny_patch16_224"

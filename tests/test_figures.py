@@ -6,8 +6,9 @@ import pytest
 
 from pipeline import cli
 from pipeline.errors import PipelineError
-from pipeline.figures import contact_sheet_figure, main, progression_figure
-from pipeline.readers import open_store
+from pipeline.figures import main
+from pipeline.views.figures import contact_sheet_figure, progression_figure
+from pipeline.views.readers import open_store
 from synthetic_store import CLIP, DEIT
 
 

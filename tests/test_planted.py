@@ -8,7 +8,7 @@ import torch
 
 import pipeline  # noqa: F401  (installs the torchvision shim before timm is imported)
 import timm
-from pipeline import planted
+from pipeline.models import planted
 from pipeline.errors import PipelineError
 
 MODEL = "deit_tiny_patch16_224"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import images as images_lib
+from pipeline.analysis import images as images_lib
 from pipeline.errors import PipelineError
-from pipeline.probes import classifier
-from pipeline.probes.__main__ import plan_tasks, run_probes
-from pipeline.probes.base import aggregate
-from pipeline.probes.worker import ProbeWorker
+from pipeline.analysis.probes import classifier
+from pipeline.analysis.probes.run import plan_tasks, run_probes
+from pipeline.analysis.probes.base import aggregate
+from pipeline.analysis.probes.worker import ProbeWorker
 from tests.analysis_fixtures import compose, save_image
 from tests.constructed_vit import MODEL, save_constructed
 

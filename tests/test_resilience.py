@@ -17,11 +17,12 @@ import pytest
 import torch
 import webdataset
 
-from pipeline import scheduler, worker
-from pipeline.optimize import Visualization
-from pipeline.plan import build_plan
-from pipeline.progress import Progress
-from pipeline.store import Store
+from pipeline.execution import scheduler
+from pipeline.execution import worker
+from pipeline.engine.optimize import Visualization
+from pipeline.execution.plan import build_plan
+from pipeline.execution.progress import Progress
+from pipeline.store.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -81,8 +82,9 @@ NODE_LOSS = textwrap.dedent("""
     import pipeline, ray
     from ray.cluster_utils import Cluster
     from hydra import compose, initialize_config_dir
-    from pipeline import config, sweep
-    from pipeline.store import Store
+    from pipeline import config
+    from pipeline.execution.driver import run_sweep
+    from pipeline.store.store import Store
 
     root, conf = sys.argv[1], sys.argv[2]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -99,7 +101,7 @@ NODE_LOSS = textwrap.dedent("""
 
     # Ray's Cluster adds nodes only from the main thread, so the sweep runs beside it.
     result = {}
-    sweeping = threading.Thread(target=lambda: result.setdefault("code", sweep.run_sweep(cfg)))
+    sweeping = threading.Thread(target=lambda: result.setdefault("code", run_sweep(cfg)))
     sweeping.start()
     while len(Store(root).committed_keys()) < 2 and sweeping.is_alive():
         time.sleep(0.1)

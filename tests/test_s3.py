@@ -24,10 +24,10 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline import store as store_module
-from pipeline.plan import build_plan
-from pipeline.store import Store
-from pipeline.sweep import run_sweep
+from pipeline.store import store as store_module
+from pipeline.execution.plan import build_plan
+from pipeline.store.store import Store
+from pipeline.execution.driver import run_sweep
 from test_store import make_record
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,9 +24,9 @@ import webdataset
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.records import RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, unit_key
-import pipeline.store as store_module
-from pipeline.store import Store, StoreError
+from pipeline.store.schemas import RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, unit_key
+import pipeline.store.store as store_module
+from pipeline.store.store import Store, StoreError
 
 DOTTED = "vit_base_patch32_clip_224.openai"
 OTHER = "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"  # '/' and ':' must survive the partition directory
@@ -187,7 +187,7 @@ KILLED_WRITER = """
 import os, signal, sys, time
 sys.path.insert(0, sys.argv[3])
 from test_store import make_record
-from pipeline.store import Store
+from pipeline.store.store import Store
 kill_at = sys.argv[4]
 if kill_at != "outside":
     # kill -9 ourselves at one step of the third commit: just before its Parquet part is

@@ -16,11 +16,12 @@ import torch
 import webdataset
 from PIL import Image
 
-from pipeline import scheduler, sweep
+from pipeline.execution.driver import run_sweep
+from pipeline.execution import scheduler
 from pipeline.errors import PipelineError
-from pipeline.plan import build_plan
-from pipeline.records import SCHEMA_ID
-from pipeline.store import Store
+from pipeline.execution.plan import build_plan
+from pipeline.store.schemas import SCHEMA_ID
+from pipeline.store.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("optim.steps=2", "optim.copies=1", "progress.bar=false", "store.commit_every=2")
@@ -40,7 +41,7 @@ def test_a_sweep_ends_with_exactly_the_planned_keys_in_both_stores(ray_local, co
     cfg = compose("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0,11]", "sweep.features=[5,6,7]",
                   f"store.root={tmp_path}", *FAST)
     planned = build_plan(cfg).keys()
-    assert sweep.run_sweep(cfg) == 0
+    assert run_sweep(cfg) == 0
     assert sorted(parquet_keys(tmp_path)) == sorted(planned)
     assert sorted(webdataset_keys(tmp_path)) == sorted(planned)
     out = capsys.readouterr().out
@@ -62,19 +63,19 @@ def test_a_sweep_ends_with_exactly_the_planned_keys_in_both_stores(ray_local, co
 def test_a_completed_plan_starts_no_workers_and_a_partial_one_does_only_the_rest(
         ray_local, compose, tmp_path, capsys, monkeypatch):
     small = compose("sweep.layers=[0]", "sweep.features=[1,2]", f"store.root={tmp_path}", *FAST)
-    assert sweep.run_sweep(small) == 0
+    assert run_sweep(small) == 0
     first = {r["key"]: r["timestamp"] for r in Store(str(tmp_path)).parquet_dataset()
              .to_table(columns=["key", "timestamp"]).to_pylist()}
     larger = compose("sweep.layers=[0]", "sweep.features=[1,2,3]", f"store.root={tmp_path}", *FAST)
     capsys.readouterr()
-    assert sweep.run_sweep(larger) == 0
+    assert run_sweep(larger) == 0
     assert "plan: 3 planned / 2 already done / 1 to do" in capsys.readouterr().out
     rows = Store(str(tmp_path)).parquet_dataset().to_table(columns=["key", "timestamp"]).to_pylist()
     assert len(rows) == 3 and all(first[r["key"]] == r["timestamp"] for r in rows if r["key"] in first)
 
     monkeypatch.setattr(scheduler, "run_plan", lambda *a, **k: pytest.fail("a completed plan started work"))
     monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("a completed plan started Ray"))
-    assert sweep.run_sweep(larger) == 0
+    assert run_sweep(larger) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert len(parquet_keys(tmp_path)) == 3
 
@@ -82,7 +83,7 @@ def test_a_completed_plan_starts_no_workers_and_a_partial_one_does_only_the_rest
 def test_a_hyper_parameter_grid_gives_one_record_per_config(ray_local, compose, tmp_path):
     cfg = compose("sweep.layers=[0]", "sweep.features=[4]", "+sweep.grid={optim.tv:[0.1,1.0]}",
                   f"store.root={tmp_path}", *FAST)
-    assert sweep.run_sweep(cfg) == 0
+    assert run_sweep(cfg) == 0
     table = Store(str(tmp_path)).parquet_dataset().to_table(columns=["config_hash", "config"]).to_pylist()
     assert len({r["config_hash"] for r in table}) == 2
     assert sorted(json.loads(r["config"])["optim"]["tv"] for r in table) == [0.1, 1.0]
@@ -107,7 +108,7 @@ def test_bad_input_is_refused_before_any_compute_and_writes_nothing(compose, tmp
     cfg = compose(f"sweep.models=[{model}]", "sweep.layers=[0]", "sweep.features=[0]", f"store.root={root}",
                   override)
     with pytest.raises(PipelineError, match=message):
-        sweep.run_sweep(cfg)
+        run_sweep(cfg)
     assert not root.exists()
 
 
@@ -126,14 +127,14 @@ def test_checkpoint_problems_are_named(compose, tmp_path, monkeypatch):
         cfg = compose("sweep.layers=[0]", "sweep.features=[0]", f"model.weights={path}",
                       f"store.root={tmp_path / 'store'}")
         with pytest.raises(PipelineError, match=message):
-            sweep.run_sweep(cfg)
+            run_sweep(cfg)
     assert not (tmp_path / "store").exists()
 
 
 def test_checkpoint_files_and_directories_load_with_their_hash_as_weights_id(tmp_path):
     from safetensors.torch import save_file
 
-    from pipeline import weights
+    from pipeline.models import weights
 
     torch.manual_seed(3)
     source = weights.load("deit_tiny_patch16_224", weights.resolve("deit_tiny_patch16_224", "random", 3))
@@ -151,7 +152,7 @@ def test_checkpoint_files_and_directories_load_with_their_hash_as_weights_id(tmp
 
 
 def test_pretrained_weights_offline_fail_with_remedies(monkeypatch):
-    from pipeline import weights
+    from pipeline.models import weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     choice = weights.resolve("deit_tiny_patch16_224", "pretrained")
@@ -166,7 +167,7 @@ def test_a_sweep_without_its_pretrained_weights_stops_before_any_compute(compose
     cfg = compose("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0]", "model.weights=pretrained",
                   f"store.root={tmp_path / 'store'}")
     with pytest.raises(PipelineError, match="Pretrained weights for 'deit_tiny_patch16_224'.*Remedies"):
-        sweep.run_sweep(cfg)
+        run_sweep(cfg)
     assert not (tmp_path / "store").exists()
 
 
@@ -240,7 +241,7 @@ def test_pretrained_weights_come_from_an_existing_hugging_face_cache_offline(tmp
     (repo / "refs" / "main").write_text("0" * 40)
     script = (
         "import torch, pipeline\n"
-        "from pipeline import weights\n"
+        "from pipeline.models import weights\n"
         "choice = weights.resolve('deit_tiny_patch16_224', 'pretrained')\n"
         "weights.ensure_available('deit_tiny_patch16_224', choice)\n"
         "model = weights.load('deit_tiny_patch16_224', choice)\n"

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from pipeline import images as images_lib
-from pipeline import weights as weights_lib
-from pipeline import zoo
-from pipeline.activations import ActivationReader
-from pipeline.worker import ModelWorker
+from pipeline.analysis import images as images_lib
+from pipeline.models import weights as weights_lib
+from pipeline.models import zoo
+from pipeline.engine.activations import ActivationReader
+from pipeline.execution.worker import ModelWorker
 
 PARTIAL_SCHEMA = pa.schema([
     pa.field("layer", pa.int32()),

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import weights as weights_lib
-from pipeline import zoo
+from pipeline.models import weights as weights_lib
+from pipeline.models import zoo
 from pipeline.errors import PipelineError
 
 

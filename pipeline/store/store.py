@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 import webdataset
 
 from pipeline.errors import PipelineError
-from pipeline.records import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
+from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 
 import pipeline
-from pipeline.engine import Visualizer, pick_device
-from pipeline.objectives import parse_objective
-from pipeline.optimize import seed_for
-from pipeline.plan import Chunk
+from pipeline.engine.visualizer import Visualizer, pick_device
+from pipeline.engine.objectives import parse_objective
+from pipeline.engine.optimize import seed_for
+from pipeline.execution.plan import Chunk
 
 NONFINITE_RETRIES = 1
 T = TypeVar("T")
@@ -148,7 +148,7 @@ class VisualizationWorker(ModelWorker):
 def _planted_labels(group) -> dict[int, str]:
     if group.weights.kind != "planted":
         return {}
-    from pipeline import planted
+    from pipeline.models import planted
 
     return {u.feature: f"planted: {u.label}" for u in planted.planted_units(group.model)
             if u.layer == group.layer and group.target == "mlp"}

@@ -16,12 +16,12 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import zoo
-from pipeline.activations import ActivationReader
+from pipeline.models import zoo
+from pipeline.engine.activations import ActivationReader
 from pipeline.errors import PipelineError
-from pipeline.plan import select
-from pipeline.probes.base import Batch, Condition, Probe, Tally, aggregate
-from pipeline.probes.plots import figure, save
+from pipeline.execution.plan import select
+from pipeline.analysis.probes.base import Batch, Condition, Probe, Tally, aggregate
+from pipeline.analysis.probes.plots import figure, save
 
 # A map with less positive mass than this (summed over patches) is silent, not concentrated:
 # rounding alone leaves GELU outputs around 1e-7 on inputs that are zero in exact arithmetic.

@@ -8,10 +8,10 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import images as images_lib
-from pipeline.worker import ModelWorker
-from pipeline.probes import PROBES, classifier
-from pipeline.probes.base import Batch, Condition, Tally
+from pipeline.analysis import images as images_lib
+from pipeline.execution.worker import ModelWorker
+from pipeline.analysis.probes import PROBES, classifier
+from pipeline.analysis.probes.base import Batch, Condition, Tally
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ commits each unit's sums to ``ROOT/probes/<probe>/part-<unit>.parquet`` and
 aggregates them into a Markdown report and a PNG plot beside the parts.
 """
 
-from pipeline.probes.base import Probe
-from pipeline.probes.fgbg import ForegroundBackgroundProbe
-from pipeline.probes.frequency import FrequencyProbe
-from pipeline.probes.spatial import SpatialProbe
-from pipeline.probes.tokens import TokensProbe
+from pipeline.analysis.probes.base import Probe
+from pipeline.analysis.probes.fgbg import ForegroundBackgroundProbe
+from pipeline.analysis.probes.frequency import FrequencyProbe
+from pipeline.analysis.probes.spatial import SpatialProbe
+from pipeline.analysis.probes.tokens import TokensProbe
 
 PROBES: dict[str, Probe] = {probe.name: probe for probe in (TokensProbe(), ForegroundBackgroundProbe(),
                                                             FrequencyProbe(), SpatialProbe())}

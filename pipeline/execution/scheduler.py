@@ -26,9 +26,9 @@ import ray
 from omegaconf import DictConfig
 
 from pipeline.errors import PipelineError
-from pipeline.plan import Chunk, Plan
-from pipeline.progress import Progress
-from pipeline.worker import VisualizationWorker
+from pipeline.execution.plan import Chunk, Plan
+from pipeline.execution.progress import Progress
+from pipeline.execution.worker import VisualizationWorker
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``python -m pipeline.probes``: plan a probe over models and images, run it on Ray, report and plot.
+"""Run a probe: plan it over models and images, run it on Ray, report and plot.
 
     python -m pipeline.probes experiment=probe_tokens images.path=/data/imagenet/val
     python -m pipeline.probes experiment=probe_fgbg images.path=/data/imagenet/train images.boxes=/data/boxes
@@ -16,17 +16,15 @@ import json
 import math
 import os
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import analysis_config
-from pipeline import images as images_lib
-from pipeline.errors import PipelineError, exit_on_failure
-from pipeline.parts import PartTable
-from pipeline.probes import PROBES, classifier
-from pipeline.probes.base import RESULT_SCHEMA
-from pipeline.probes.worker import ProbeTask, ProbeWorker
-from pipeline.store import Store
+from pipeline.analysis import images as images_lib
+from pipeline.errors import PipelineError
+from pipeline.store.parts import PartTable
+from pipeline.analysis.probes import PROBES, classifier
+from pipeline.analysis.probes.base import RESULT_SCHEMA
+from pipeline.analysis.probes.worker import ProbeTask, ProbeWorker
+from pipeline.store.store import Store
 
 EXIT_FAILURES = 1
 
@@ -72,7 +70,7 @@ def run_probes(cfg: DictConfig) -> int:
     print(f"probe {cfg.probe.name}: {len(cfg.probe.models)} model(s) x {len(image_set)} images = {len(tasks)} units, "
           f"{len(tasks) - len(todo)} done, {len(todo)} to run", flush=True)
 
-    from pipeline.analysis_runner import run_units
+    from pipeline.execution.analysis_runner import run_units
 
     summary = run_units(ProbeWorker, todo, cfg.cluster, cfg.device, cfg.progress,
                         lambda task, table: parts.write(task.part_id, table))
@@ -91,15 +89,3 @@ def run_probes(cfg: DictConfig) -> int:
     for failure in summary.failures[:10]:
         print(f"  failed {failure}")
     return EXIT_FAILURES if summary.failed else 0
-
-
-analysis_config.register()
-
-
-@hydra.main(version_base=None, config_path="../../conf", config_name="probes")
-def main(cfg: DictConfig) -> None:
-    exit_on_failure(lambda: run_probes(cfg))
-
-
-if __name__ == "__main__":
-    main()

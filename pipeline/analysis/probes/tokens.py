@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.probes import classifier
-from pipeline.probes.base import Batch, Condition, Probe, Tally, aggregate, topk_hits
-from pipeline.probes.plots import figure, save
+from pipeline.analysis.probes import classifier
+from pipeline.analysis.probes.base import Batch, Condition, Probe, Tally, aggregate, topk_hits
+from pipeline.analysis.probes.plots import figure, save
 
 
 class TokensProbe(Probe):

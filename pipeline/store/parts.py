@@ -13,7 +13,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.store import Store
+from pipeline.store.store import Store
 
 PREFIX, SUFFIX = "part-", ".parquet"
 

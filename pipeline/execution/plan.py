@@ -20,12 +20,12 @@ from typing import Any
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import weights as weights_lib
-from pipeline import zoo
+from pipeline.models import weights as weights_lib
+from pipeline.models import zoo
 from pipeline.errors import PipelineError
-from pipeline.objectives import check_objective, parse_objective
-from pipeline.optimize import OptimConfig
-from pipeline.records import UNIT_SCHEMA, unit_key
+from pipeline.engine.objectives import check_objective, parse_objective
+from pipeline.engine.optimize import OptimConfig
+from pipeline.store.schemas import UNIT_SCHEMA, unit_key
 
 GRID_SECTIONS = ("optim", "target", "model")
 SELECTION_KEYS = ("models", "layers", "features", "seeds")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import zoo
+from pipeline.models import zoo
 from pipeline.errors import PipelineError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
@@ -45,7 +45,7 @@ def resolve(model_name: str, weights: str, init_seed: int = 0) -> WeightsChoice:
     if weights == "random":
         return WeightsChoice("random", f"random-{init_seed}", init_seed=init_seed)
     if weights == "planted":
-        from pipeline import planted
+        from pipeline.models import planted
 
         planted.planted_units(model_name)  # raises for models without a planted construction
         return WeightsChoice("planted", f"planted-{planted.PLANTED_VERSION}-{init_seed}", init_seed=init_seed)
@@ -64,7 +64,7 @@ def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "c
         torch.manual_seed(choice.init_seed)
         model = zoo.create_architecture(model_name)
         if choice.kind == "planted":
-            from pipeline import planted
+            from pipeline.models import planted
 
             model.load_state_dict(planted.planted_state_dict(model_name, seed=choice.init_seed))
         elif choice.kind == "file":

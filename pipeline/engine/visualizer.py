@@ -12,11 +12,11 @@ from contextlib import nullcontext
 
 import torch
 
-from pipeline import weights as weights_lib
-from pipeline import zoo
-from pipeline.activations import ActivationReader
-from pipeline.objectives import Objective, check_objective
-from pipeline.optimize import OptimConfig, Visualization, visualize
+from pipeline.models import weights as weights_lib
+from pipeline.models import zoo
+from pipeline.engine.activations import ActivationReader
+from pipeline.engine.objectives import Objective, check_objective
+from pipeline.engine.optimize import OptimConfig, Visualization, visualize
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from pipeline import scheduler
-from pipeline.progress import Progress
+from pipeline.execution import scheduler
+from pipeline.execution.progress import Progress
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 from torch import nn
 
-from pipeline.zoo import LayerInfo, ModelLayout, TargetSite
+from pipeline.models.zoo import LayerInfo, ModelLayout, TargetSite
 
 
 class _StopForward(Exception):

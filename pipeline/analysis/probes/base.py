@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import images as images_lib
+from pipeline.analysis import images as images_lib
 
 RESULT_SCHEMA = pa.schema([
     pa.field("model", pa.string(), nullable=False),

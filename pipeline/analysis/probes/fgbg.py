@@ -12,10 +12,10 @@ import pyarrow as pa
 import torch
 from torch import nn
 
-from pipeline import images as images_lib
-from pipeline.probes import classifier
-from pipeline.probes.base import Batch, Condition, Probe, Tally, aggregate, topk_hits
-from pipeline.probes.plots import figure, save
+from pipeline.analysis import images as images_lib
+from pipeline.analysis.probes import classifier
+from pipeline.analysis.probes.base import Batch, Condition, Probe, Tally, aggregate, topk_hits
+from pipeline.analysis.probes.plots import figure, save
 
 CONDITIONS = ("full", "foreground", "background")
 

@@ -1,6 +1,6 @@
 """Reading a store for downstream study: Arrow/pandas tables, PyTorch samples, Hugging Face datasets.
 
-    from pipeline.readers import open_store
+    from pipeline.views.readers import open_store
     atlas = open_store("/data/atlas")                 # or s3://bucket/atlas, gs://...
     frame = atlas.frame(model="deit_tiny_patch16_224", layer=[0, 11])   # no image bytes
     table = atlas.table(family="clip", with_images=True)                 # png column included
@@ -30,8 +30,8 @@ import webdataset
 from webdataset import tariterators
 
 from pipeline.errors import PipelineError
-from pipeline.records import RECORD_SCHEMA, SCHEMA_ID
-from pipeline.store import Store
+from pipeline.store.schemas import RECORD_SCHEMA, SCHEMA_ID
+from pipeline.store.store import Store
 
 FILTERS = ("model", "family", "layer", "feature", "config_hash", "target", "weights")
 IMAGE_COLUMN = "png"

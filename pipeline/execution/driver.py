@@ -1,0 +1,111 @@
+"""The sweep driver: plan a sweep, subtract what the store holds, run the rest on Ray.
+
+Every input is validated (models, layers, features, weights, store root) before
+any compute; a bad one is reported as one paragraph with exit status 2 and
+nothing is written. Re-running the same command after any interruption does
+only the missing work.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+
+from pipeline.models import weights
+from pipeline.execution.plan import Plan, build_plan
+from pipeline.execution.progress import Progress
+from pipeline.store.store import Store
+
+log = logging.getLogger("pipeline.sweep")
+
+EXIT_FAILURES = 1
+EXIT_INTERRUPTED = 130
+
+
+def _print_plan(plan: Plan, done: set[str], failed: set[str]) -> None:
+    planned = len(plan)
+    print(f"plan: {planned} planned / {len(done)} already done / {planned - len(done)} to do"
+          + (f" ({len(failed)} failed before, retried now)" if failed else ""), flush=True)
+    per_model: dict[str, list[int]] = {}
+    for group in plan.groups:
+        counts = per_model.setdefault(f"{group.model} [{group.weights.weights_id}]", [0, 0])
+        counts[0] += len(group.features)
+        counts[1] += sum(group.key(f) in done for f in group.features)
+    for name, (total, finished) in per_model.items():
+        print(f"  {name}: {total} planned, {finished} done", flush=True)
+
+
+def _print_results(store: Store, keys: list[str]) -> None:
+    """A table of what a small sweep made (a large one's is for the atlas and readers)."""
+    import pyarrow.dataset as ds
+
+    if len(keys) > 40:
+        return
+    table = store.parquet_dataset().to_table(
+        columns=["model", "weights", "layer", "feature", "activation", "label"],
+        filter=ds.field("key").isin(keys)).sort_by([("weights", "ascending"), ("layer", "ascending"),
+                                                    ("feature", "ascending")])
+    print(f"  {'model':<24} {'weights':<16} {'layer':>5} {'feature':>7} {'activation':>10}  label")
+    for row in table.to_pylist():
+        print(f"  {row['model']:<24} {row['weights']:<16} {row['layer']:>5} {row['feature']:>7} "
+              f"{row['activation']:>10.4f}  {row['label'] or ''}")
+
+
+def _print_where(store: Store) -> None:
+    root = store.root
+    print(f"store: {root}\n"
+          f"  parquet:    pyarrow.dataset.dataset('{root}/parquet', format='parquet', partitioning='hive')\n"
+          f"  webdataset: webdataset.WebDataset(sorted(glob.glob('{root}/webdataset/*.tar')))\n"
+          f"  status:     python -m pipeline.status store.root={root}\n"
+          f"  atlas:      python -m pipeline.atlas store.root={root} out=site  (then open site/index.html)\n"
+          f"  figures:    python -m pipeline.figures store.root={root} out=figures", flush=True)
+
+
+def run_sweep(cfg: DictConfig) -> int:
+    store = Store(cfg.store.root)
+    store.check_writable()
+    plan = build_plan(cfg)
+    for (model, _), choice in plan.weights().items():
+        weights.ensure_available(model, choice)
+    keys = plan.keys()
+    planned = set(keys)
+    done = store.committed_keys() & planned
+    failed = store.failed_keys() & planned
+    _print_plan(plan, done, failed)
+    if not planned - done:
+        print("nothing to do: every planned unit is already in the store; no workers started.")
+        _print_where(store)
+        return 0
+
+    from pipeline.execution import scheduler
+
+    store.write_plan(plan.units_table())
+    scheduler.start_ray(cfg.cluster)
+    progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
+    interrupted = False
+    try:
+        with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
+            summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
+                                         cfg.model.device)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    if interrupted:
+        print("interrupted: complete records are committed; run the same command again to do the rest.")
+        return EXIT_INTERRUPTED
+    print(f"done: {summary.done} new records, {summary.failed} failed, {summary.duplicates} late duplicates "
+          f"dropped; workers were busy {summary.busy_s:.1f} s")
+    _print_results(store, keys)
+    _print_where(store)
+    if summary.failed:
+        print(f"failed units ({summary.failed}; a re-run retries them):")
+        reasons: dict[str, int] = {}
+        for _, reason in summary.failures:
+            reasons[reason] = reasons.get(reason, 0) + 1
+        for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+            print(f"  {count} x {reason}")
+    if summary.aborted:
+        print(f"stopped: more than cluster.max_failures={cfg.cluster.max_failures} units failed.")
+    return EXIT_FAILURES if summary.aborted else 0

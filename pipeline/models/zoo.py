@@ -1,0 +1,285 @@
+"""The model zoo: which timm models are supported, and where their features live.
+
+Support is by architecture, not by a hand-kept list: a family is a timm model
+module, and every model timm registers there is a candidate. What a model's
+layers are is not written down either; it is *traced*: the architecture is built
+on the meta device (no memory, no weights), one forward pass runs with hooks on
+every MLP non-linearity and attention projection, and the order and shapes of
+those calls give the layers (blocks in forward order, flattened across stages),
+features per layer and the token layout. Shared modules (CoaT's parallel blocks
+run one MLP at three scales) give one layer per call.
+
+    python -m pipeline.zoo list
+    python -m pipeline.zoo describe deit_tiny_patch16_224
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import math
+import sys
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+from pipeline.errors import EXIT_BAD_INPUT, PipelineError, reporting_errors
+
+TARGETS = ("mlp", "keys", "queries", "values", "attn_out")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    timm_module: str
+    description: str
+    exclude: tuple[str, ...] = ()  # name fragments that belong to another family
+    only: tuple[str, ...] = ()  # name fragments required to belong here
+
+    def owns(self, model_name: str) -> bool:
+        arch = model_name.split(".")[0]
+        if any(fragment in arch for fragment in self.exclude):
+            return False
+        return not self.only or any(fragment in arch for fragment in self.only)
+
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family("deit", "deit", "DeiT and DeiT III, plain and distilled (CLS + distillation token)"),
+        Family("coat", "coat", "CoaT, lite (serial blocks) and full (serial + parallel blocks)"),
+        Family("convit", "convit", "ConViT (gated positional self-attention; CLS joins late)"),
+        Family("pit", "pit", "PiT, plain and distilled (pooling stages change the token grid)"),
+        Family("swin", "swin_transformer", "Swin Transformer v1 (windowed attention, no CLS)"),
+        Family("twins", "twins", "Twins, PCPVT and SVT (no CLS)"),
+        Family("vit", "vision_transformer", "original ViT (Dosovitskiy et al.) and its timm variants",
+               exclude=("_clip_",)),
+        Family("clip", "vision_transformer", "CLIP image towers (use the *_quickgelu_* variants for OpenAI's weights)",
+               only=("_clip_",)),
+    )
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _family_members(family_name: str) -> tuple[str, ...]:
+    family = FAMILIES[family_name]
+    return tuple(name for name in timm.list_models(module=family.timm_module) if family.owns(name))
+
+
+def family_models() -> dict[str, tuple[str, ...]]:
+    """Architectures per family, as registered in the installed timm."""
+    return {name: _family_members(name) for name in FAMILIES}
+
+
+def family_of(model_name: str) -> str:
+    """The family that owns a model name (``arch`` or ``arch.tag``); a clear error otherwise."""
+    arch, _, tag = model_name.partition(".")
+    for name in FAMILIES:
+        if arch in _family_members(name):
+            if tag and model_name not in timm.list_pretrained(model_name):
+                tags = [n.partition(".")[2] for n in timm.list_pretrained(arch + ".*")]
+                raise PipelineError(
+                    f"Model '{model_name}': timm knows the architecture '{arch}' but not the pretrained tag "
+                    f"'{tag}'. Known tags: {', '.join(tags) or 'none'}. Use one of them, or the bare "
+                    f"architecture name for its default weights."
+                )
+            return name
+    known = [m for members in family_models().values() for m in members]
+    near = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    if arch in timm.list_models():
+        raise PipelineError(
+            f"Model '{model_name}' is a timm model, but not of a supported ViT family "
+            f"({', '.join(FAMILIES)}); `python -m pipeline.zoo list` shows what is supported.{hint}"
+        )
+    raise PipelineError(
+        f"Unknown model '{model_name}': it is not a timm architecture.{hint} "
+        f"`python -m pipeline.zoo list` shows the supported models by family."
+    )
+
+
+@dataclass(frozen=True)
+class TargetSite:
+    """Where one kind of target of one layer is read: a module's output at its n-th call."""
+
+    module: str  # dotted module path, as in model.named_modules()
+    call: int  # which call of that module within one forward (shared modules are called repeatedly)
+    features: int
+    channel_offset: int = 0  # keys/queries/values are slices of one qkv projection
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    index: int
+    block: str  # module path of the transformer block
+    tokens: int  # sequence length at this block, prefix tokens included
+    prefix_tokens: int  # CLS / distillation tokens, excluded from objectives
+    grid: tuple[int, int]  # patch grid (rows, cols) of the image tokens
+    sites: dict[str, TargetSite] = field(default_factory=dict)
+
+    @property
+    def features(self) -> int:
+        return self.sites["mlp"].features
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    name: str
+    family: str
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    activation: str  # the MLP non-linearity's class name (GELU, QuickGELU, ...)
+    layers: tuple[LayerInfo, ...]
+
+    def layer(self, index: int) -> LayerInfo:
+        if not 0 <= index < len(self.layers):
+            raise PipelineError(
+                f"Layer {index} is out of range for '{self.name}', which has {len(self.layers)} layers: "
+                f"valid layers are 0..{len(self.layers) - 1}."
+            )
+        return self.layers[index]
+
+    def site(self, index: int, target: str) -> TargetSite:
+        layer = self.layer(index)
+        if target not in TARGETS:
+            raise PipelineError(f"Unknown target '{target}'; targets are {', '.join(TARGETS)}.")
+        if target not in layer.sites:
+            raise PipelineError(
+                f"Target '{target}' is not available at layer {index} of '{self.name}' ({layer.block}): its "
+                f"attention does not expose a token-aligned qkv/proj projection. Targets there: "
+                f"{', '.join(layer.sites)}."
+            )
+        return layer.sites[target]
+
+    def check_features(self, index: int, target: str, features: list[int]) -> None:
+        width = self.site(index, target).features
+        bad = [f for f in features if not 0 <= f < width]
+        if bad:
+            raise PipelineError(
+                f"Feature(s) {bad[:5]} out of range for target '{target}' at layer {index} of '{self.name}', "
+                f"which has {width} features: valid features are 0..{width - 1}."
+            )
+
+
+def create_architecture(model_name: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The timm architecture with its pretrained config attached, initialised but without weights."""
+    family_of(model_name)
+    with torch.device(device):
+        return timm.create_model(model_name, pretrained=False).eval()
+
+
+def _prefix_and_grid(tokens: int, hint: int) -> tuple[int, tuple[int, int]]:
+    """Split a token count into prefix tokens and a square patch grid.
+
+    Square inputs give square grids, and n - p is a perfect square for only one
+    small p, so the split is unambiguous; the model's own num_prefix_tokens is
+    tried first (register tokens), then none, one or two (ConViT's late CLS).
+    """
+    for prefix in dict.fromkeys((hint, 0, 1, 2)):
+        side = math.isqrt(tokens - prefix) if tokens > prefix else 0
+        if side and side * side == tokens - prefix:
+            return prefix, (side, side)
+    raise PipelineError(f"Cannot split {tokens} tokens into prefix tokens and a square patch grid.")
+
+
+@functools.lru_cache(maxsize=None)
+def layout(model_name: str) -> ModelLayout:
+    """Trace a model's layers; cached per process (tracing on meta costs well under a second)."""
+    family = family_of(model_name)
+    model = create_architecture(model_name, device="meta")
+    modules = dict(model.named_modules())
+    mlps = {path: m for path, m in modules.items() if hasattr(m, "fc1") and hasattr(m, "act")}
+    if not mlps:
+        raise PipelineError(
+            f"Model '{model_name}' has no MLP with fc1 -> act (a gated or otherwise unsupported MLP), so it "
+            f"has no feature to visualize. Supported architectures: see `python -m pipeline.zoo list`."
+        )
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    handles = []
+    watched: dict[str, nn.Module] = {f"{p}.act": m.act for p, m in mlps.items()}
+    for path in mlps:
+        block = path.rpartition(".")[0]
+        for name in ("attn.qkv", "attn.proj"):
+            if f"{block}.{name}" in modules:
+                watched[f"{block}.{name}"] = modules[f"{block}.{name}"]
+    try:
+        for path, module in watched.items():
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, out, path=path: calls.append((path, tuple(out.shape)))))
+        _, height, width = model.pretrained_cfg["input_size"]
+        with torch.no_grad():
+            model(torch.empty(1, 3, height, width, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    hint = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    call_counts: dict[str, int] = {}
+    layers = []
+    for path, shape in calls:
+        call = call_counts.get(path, 0)
+        call_counts[path] = call + 1
+        if not path.endswith(".act"):
+            continue
+        mlp_path = path[: -len(".act")]
+        if len(shape) == 4:  # (B, H, W, C) token maps
+            prefix, grid, tokens = 0, (shape[1], shape[2]), shape[1] * shape[2]
+        else:
+            tokens = shape[1]
+            prefix, grid = _prefix_and_grid(tokens, hint)
+        sites = {"mlp": TargetSite(f"{mlp_path}.act", call, shape[-1])}
+        block = mlp_path.rpartition(".")[0]
+        sites.update(_attention_sites(block, calls, tokens))
+        layers.append(LayerInfo(len(layers), block, tokens, prefix, grid, sites))
+    cfg = model.pretrained_cfg
+    return ModelLayout(
+        name=model_name,
+        family=family,
+        input_size=tuple(cfg["input_size"]),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        activation=type(next(iter(mlps.values())).act).__name__,
+        layers=tuple(layers),
+    )
+
+
+def _attention_sites(block: str, calls: list[tuple[str, tuple[int, ...]]], tokens: int) -> dict[str, TargetSite]:
+    """Keys/queries/values/attention output, where the block's attention is token-aligned.
+
+    Only a block whose attention runs once per forward over the same tokens as its
+    MLP qualifies (ViT, DeiT, PiT, CoaT-serial style); windowed or sub-sampled
+    attention (Swin, Twins) reshapes tokens, so those targets would not be
+    per-patch features.
+    """
+    qkv_calls = sum(1 for path, _ in calls if path == f"{block}.attn.qkv")
+    shapes = {p: s for p, s in calls if p in (f"{block}.attn.qkv", f"{block}.attn.proj")}
+    qkv, proj = shapes.get(f"{block}.attn.qkv"), shapes.get(f"{block}.attn.proj")
+    if qkv_calls != 1 or qkv is None or proj is None or len(qkv) != 3 or qkv[1] != tokens or proj[1] != tokens:
+        return {}
+    width = qkv[-1] // 3
+    return {
+        "queries": TargetSite(f"{block}.attn.qkv", 0, width, 0),
+        "keys": TargetSite(f"{block}.attn.qkv", 0, width, width),
+        "values": TargetSite(f"{block}.attn.qkv", 0, width, 2 * width),
+        "attn_out": TargetSite(f"{block}.attn.proj", 0, proj[-1]),
+    }
+
+
+def describe(model_name: str) -> str:
+    info = layout(model_name)
+    lines = [
+        f"{info.name}  (family {info.family}, {len(info.layers)} layers, MLP activation {info.activation})",
+        f"input {info.input_size[1]}x{info.input_size[2]}, normalization mean={info.mean} std={info.std}",
+        f"{'layer':>5}  {'module':<34} {'features':>8}  {'tokens':>6}  {'prefix':>6}  {'grid':>7}  targets",
+    ]
+    for layer in info.layers:
+        site = layer.sites["mlp"]
+        module = site.module + (f" (call {site.call})" if site.call else "")
+        lines.append(
+            f"{layer.index:>5}  {module:<34} {layer.features:>8}  {layer.tokens:>6}  {layer.prefix_tokens:>6}  "
+            f"{layer.grid[0]:>3}x{layer.grid[1]:<3}  {','.join(layer.sites)}"
+        )
+    return "\n".join(lines)

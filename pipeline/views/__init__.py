@@ -1,0 +1,1 @@
+"""What users read and look at: readers for downstream study, the atlas, figures, status."""
