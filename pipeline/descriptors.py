@@ -7,6 +7,8 @@ less on high frequencies"):
     describe(image, png=None) -> {name: value}     one image, every DESCRIPTORS entry, in order
     describe_png(png) -> {name: value}             the same from a record's stored PNG bytes
     DESCRIPTORS / descriptor_table()               unit and definition of each, as a Markdown table
+    seed_similarity(a, b) / reliability([...])     cosine agreement of a unit's seeds
+    superstimulus_ratio(...) / baseline_gap(...)   the image's activation against references
 
 What ``describe`` sees
 ----------------------
@@ -71,7 +73,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -245,3 +247,91 @@ def _encode_png(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# --- agreement of a unit's seeds ------------------------------------------------------------------
+
+
+def _vector(values, name: str) -> torch.Tensor:
+    vector = torch.as_tensor(values).detach().cpu().to(torch.float64).flatten()
+    if vector.numel() == 0:
+        raise ValueError(f"{name} is empty.")
+    return vector
+
+
+def _centred(vector: torch.Tensor, center, name: str) -> torch.Tensor:
+    if center is None:
+        return vector
+    reference = _vector(center, "center")
+    if reference.shape != vector.shape:
+        raise ValueError(f"center has {reference.numel()} values but {name} has {vector.numel()}.")
+    return vector - reference
+
+
+def seed_similarity(features_a, features_b, *, center=None) -> float:
+    """Cosine similarity a.b / (|a| |b|) of two pooled feature vectors (any shape, flattened, float64).
+
+    The caller passes a model's own pooled features (e.g. the patch-mean of an early layer) of two
+    seeds' images. Pooled ViT features share a large common component, so two unrelated images
+    already score well above 0: compare against unrelated pairs, or pass ``center`` (e.g. the mean
+    pooled feature of many images at that layer), which is subtracted from both first. NaN if
+    either vector is zero.
+    """
+    a = _centred(_vector(features_a, "features_a"), center, "features_a")
+    b = _centred(_vector(features_b, "features_b"), center, "features_b")
+    if a.shape != b.shape:
+        raise ValueError(f"The feature vectors differ in length: {a.numel()} and {b.numel()}.")
+    norms = float(a.norm() * b.norm())
+    return float(a @ b) / norms if norms > 0 else math.nan
+
+
+def reliability(vectors: Sequence, *, center=None) -> float:
+    """Mean cosine similarity over all unordered pairs of a unit's seeds' pooled feature vectors.
+
+    1 when every seed's image gives the same direction, 0 for mutually orthogonal ones, -1 for two
+    opposite ones. NaN for fewer than 2 vectors (undefined, not "unreliable"), and NaN if any is zero.
+    ``center`` as in :func:`seed_similarity`.
+    """
+    if len(vectors) < 2:
+        return math.nan
+    rows = [_centred(_vector(v, f"vectors[{i}]"), center, f"vectors[{i}]") for i, v in enumerate(vectors)]
+    if len({row.numel() for row in rows}) != 1:
+        raise ValueError(f"The vectors differ in length: {sorted({row.numel() for row in rows})}.")
+    stacked = torch.stack(rows)
+    norms = stacked.norm(dim=1)
+    if bool((norms == 0).any()):
+        return math.nan
+    unit = stacked / norms[:, None]
+    gram = unit @ unit.T
+    upper = torch.triu_indices(len(rows), len(rows), offset=1)
+    return float(gram[upper[0], upper[1]].mean())
+
+
+# --- activation against references ----------------------------------------------------------------
+
+
+def superstimulus_ratio(activation: float, top_natural: float, baseline: float | None = None) -> float:
+    """How far the synthesized image drives the unit relative to its most activating natural image.
+
+    Without ``baseline``: activation / top_natural; > 1 means the image is a superstimulus, beyond
+    every natural image tried. A ratio is only meaningful on a scale whose zero means "nothing", so it
+    is NaN when top_natural <= 0. With ``baseline`` (e.g. :func:`baseline_gap`'s max of the noise and
+    grey activations): (activation - baseline) / (top_natural - baseline), which is invariant to the
+    unit's scale *and* offset (0: no better than the trivial inputs, 1: as good as the best natural
+    image); NaN when top_natural <= baseline.
+    """
+    reference = 0.0 if baseline is None else float(baseline)
+    denominator = float(top_natural) - reference
+    if not denominator > 0:
+        return math.nan
+    return (float(activation) - reference) / denominator
+
+
+def baseline_gap(activation: float, noise: float, grey: float) -> float:
+    """activation - max(noise, grey): what the optimization added over the two trivial inputs.
+
+    ``noise`` and ``grey`` are the same objective on a uniform-noise image (the optimizer's start)
+    and on a flat mid-grey image. In the unit's own activation units, so compare across units only
+    through ``superstimulus_ratio(activation, top_natural, baseline=max(noise, grey))``.
+    """
+    return float(activation) - max(float(noise), float(grey))

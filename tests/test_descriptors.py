@@ -1,4 +1,4 @@
-"""Image descriptors on constructed images whose answers are known in advance."""
+"""Image descriptors and seed agreement on constructed inputs whose answers are known in advance."""
 
 import math
 
@@ -8,7 +8,8 @@ import torch
 
 from pipeline import descriptors
 from pipeline import images as images_lib
-from pipeline.descriptors import DESCRIPTORS, describe, describe_png, descriptor_table
+from pipeline.descriptors import (DESCRIPTORS, baseline_gap, describe, describe_png, descriptor_table,
+                                  reliability, seed_similarity, superstimulus_ratio)
 
 SIZE = 224
 
@@ -195,3 +196,61 @@ def test_describe_rejects_non_finite_pixels():
     image[0, 3, 3] = math.nan
     with pytest.raises(ValueError, match="non-finite"):
         describe(image)
+
+
+# --- seeds ----------------------------------------------------------------------------------------
+
+
+def test_seed_similarity_is_the_cosine():
+    v = torch.tensor([1.0, 2.0, -3.0, 0.5])
+    assert seed_similarity(v, v) == pytest.approx(1.0)
+    assert seed_similarity(v, 7 * v) == pytest.approx(1.0)
+    assert seed_similarity(v, -v) == pytest.approx(-1.0)
+    assert seed_similarity(torch.tensor([1.0, 0, 0]), torch.tensor([0, 3.0, 0])) == pytest.approx(0.0)
+    assert seed_similarity(np.array([1.0, 1.0]), [1.0, 0.0]) == pytest.approx(1 / math.sqrt(2))
+    assert math.isnan(seed_similarity(torch.zeros(3), torch.ones(3)))
+    with pytest.raises(ValueError):
+        seed_similarity(torch.ones(3), torch.ones(4))
+
+
+def test_center_removes_the_component_every_image_shares():
+    shared = torch.tensor([10.0, 10.0, 10.0, 10.0])
+    a, b = shared + torch.tensor([1.0, 0, 0, 0]), shared + torch.tensor([0, 1.0, 0, 0])
+    assert seed_similarity(a, b) > 0.9
+    assert seed_similarity(a, b, center=shared) == pytest.approx(0.0)
+    assert reliability([a, b], center=shared) == pytest.approx(0.0)
+
+
+def test_reliability_on_identical_orthogonal_and_opposite_vectors():
+    v = torch.tensor([0.3, -1.0, 2.0])
+    assert reliability([v, v, v]) == pytest.approx(1.0)
+    assert reliability([v, 2 * v]) == pytest.approx(1.0)
+    assert reliability(list(torch.eye(5))) == pytest.approx(0.0, abs=1e-12)
+    assert reliability([v, -v]) == pytest.approx(-1.0)
+    e = torch.eye(3)
+    assert reliability([e[0], e[0], e[1]]) == pytest.approx(1 / 3)  # pairs: 1, 0, 0
+    assert reliability([v, -v, v]) == pytest.approx(-1 / 3)  # pairs: -1, 1, -1
+
+
+def test_reliability_is_undefined_below_two_seeds_or_for_zero_vectors():
+    assert math.isnan(reliability([]))
+    assert math.isnan(reliability([torch.ones(3)]))
+    assert math.isnan(reliability([torch.ones(3), torch.zeros(3)]))
+    with pytest.raises(ValueError):
+        reliability([torch.ones(3), torch.ones(2)])
+
+
+# --- activations ----------------------------------------------------------------------------------
+
+
+def test_superstimulus_ratio_and_baseline_gap():
+    assert superstimulus_ratio(3.0, 2.0) == pytest.approx(1.5)
+    assert math.isnan(superstimulus_ratio(3.0, 0.0))
+    assert math.isnan(superstimulus_ratio(3.0, -1.0))
+    assert superstimulus_ratio(3.0, 2.0, baseline=1.0) == pytest.approx(2.0)
+    assert superstimulus_ratio(1.0, 2.0, baseline=1.0) == pytest.approx(0.0)
+    assert math.isnan(superstimulus_ratio(3.0, 1.0, baseline=1.0))
+    # Affine in the unit: shifting and scaling every activation leaves the baseline form unchanged.
+    assert superstimulus_ratio(5 * 3.0 - 4, 5 * 2.0 - 4, baseline=5 * 1.0 - 4) == pytest.approx(2.0)
+    assert baseline_gap(5.0, noise=1.0, grey=2.0) == pytest.approx(3.0)
+    assert baseline_gap(5.0, noise=2.5, grey=-1.0) == pytest.approx(2.5)
