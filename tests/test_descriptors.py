@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import descriptors
-from pipeline import images as images_lib
-from pipeline.descriptors import (DESCRIPTORS, baseline_gap, describe, describe_png, descriptor_table,
+from pipeline.engine import descriptors
+from pipeline.analysis import images as images_lib
+from pipeline.engine.descriptors import (DESCRIPTORS, baseline_gap, describe, describe_png, descriptor_table,
                                   reliability, seed_similarity, superstimulus_ratio)
 
 SIZE = 224

@@ -23,7 +23,7 @@ from torch import nn
 import pipeline  # noqa: F401  (installs the torchvision shim before timm is imported)
 import timm
 from pipeline.errors import PipelineError
-from pipeline.onnx_import import (
+from pipeline.models.onnx_import import (
     onnx_state_dict,
     resample_position_embedding,
     verify_import,
