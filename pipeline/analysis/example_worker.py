@@ -43,6 +43,10 @@ class ExampleTask:
     batch_size: int
     thumbnail: int
 
+    @property
+    def name(self) -> str:
+        return f"unit {self.part_id}"
+
 
 @dataclass
 class _TopK:

@@ -160,10 +160,9 @@ def run_examples(cfg: DictConfig) -> int:
           f"{len(batches)} model(s) to do over {len(image_set)} images in {slices} slice(s): {len(tasks)} units "
           f"to run", flush=True)
 
-    from pipeline.execution.analysis_runner import run_units
+    from pipeline.execution.scheduler import run_part_tasks
 
-    summary = run_units(ExampleWorker, tasks, cfg.cluster, cfg.device, cfg.progress,
-                        lambda task, table: partial.write(task.part_id, table))
+    summary = run_part_tasks(ExampleWorker, tasks, partial, cfg.cluster, cfg.device, cfg.progress)
     finished = 0
     for batch in batches:
         ids = {batch.part_id(i) for i in range(slices)}
@@ -173,6 +172,6 @@ def run_examples(cfg: DictConfig) -> int:
             finished += 1
     print(f"done: {summary.done} units run, {summary.failed} failed; {finished}/{len(batches)} models complete\n"
           f"examples: pyarrow.dataset.dataset('{store.root}/examples', format='parquet')", flush=True)
-    for failure in summary.failures[:10]:
-        print(f"  failed {failure}")
+    for part_id, reason in summary.failures[:10]:
+        print(f"  failed {part_id}: {reason}")
     return EXIT_FAILURES if summary.failed else 0

@@ -64,6 +64,10 @@ class Chunk:
     group: Group
     features: tuple[int, ...]
 
+    @property
+    def name(self) -> str:
+        return f"chunk {self.group.model} layer {self.group.layer} features {list(self.features)}"
+
     def units(self) -> list[dict[str, Any]]:
         return [self.group.unit(f) for f in self.features]
 

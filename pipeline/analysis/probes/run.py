@@ -70,10 +70,9 @@ def run_probes(cfg: DictConfig) -> int:
     print(f"probe {cfg.probe.name}: {len(cfg.probe.models)} model(s) x {len(image_set)} images = {len(tasks)} units, "
           f"{len(tasks) - len(todo)} done, {len(todo)} to run", flush=True)
 
-    from pipeline.execution.analysis_runner import run_units
+    from pipeline.execution.scheduler import run_part_tasks
 
-    summary = run_units(ProbeWorker, todo, cfg.cluster, cfg.device, cfg.progress,
-                        lambda task, table: parts.write(task.part_id, table))
+    summary = run_part_tasks(ProbeWorker, todo, parts, cfg.cluster, cfg.device, cfg.progress)
     results = parts.read({task.part_id for task in tasks})
     probe = PROBES[cfg.probe.name]
     report = probe.report(results)
@@ -86,6 +85,6 @@ def run_probes(cfg: DictConfig) -> int:
     print(report)
     print(f"{'complete' if complete else 'PARTIAL (re-run to finish)'}: {summary.done} units run, "
           f"{summary.failed} failed\nresults: {where}/part-*.parquet, report.md, {cfg.probe.name}.png", flush=True)
-    for failure in summary.failures[:10]:
-        print(f"  failed {failure}")
+    for part_id, reason in summary.failures[:10]:
+        print(f"  failed {part_id}: {reason}")
     return EXIT_FAILURES if summary.failed else 0
