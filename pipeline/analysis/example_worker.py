@@ -18,19 +18,7 @@ from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.engine.activations import ActivationReader
 from pipeline.execution.worker import ModelWorker
-
-PARTIAL_SCHEMA = pa.schema([
-    pa.field("layer", pa.int32()),
-    pa.field("feature", pa.int32()),
-    pa.field("rank", pa.int32()),
-    pa.field("image_id", pa.string()),
-    pa.field("activation", pa.float64()),
-    pa.field("thumbnail", pa.binary()),
-    pa.field("activation_map", pa.list_(pa.float32())),
-    pa.field("grid_rows", pa.int32()),
-    pa.field("grid_cols", pa.int32()),
-])
-
+from pipeline.store.schemas import EXAMPLE_SLICES
 
 @dataclass(frozen=True)
 class ExampleTask:
@@ -115,4 +103,4 @@ class ExampleWorker(ModelWorker):
                                  "activation": float(top.values[rank, column]), "thumbnail": encoded[index],
                                  "activation_map": top.maps[rank, column].cpu().tolist(),
                                  "grid_rows": rows_, "grid_cols": cols_})
-        return pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=EXAMPLE_SLICES.schema)

@@ -5,7 +5,7 @@
 For every MLP feature visualized in the store with the ``mean`` objective, the
 top-k images of ``images`` by that feature's patch-mean activation, with the
 activation map over the patch grid and a thumbnail, land in
-``ROOT/examples/part-*.parquet`` under the visualization's key (EXAMPLE_SCHEMA),
+``ROOT/examples/part-*.parquet`` under the visualization's key (schemas.EXAMPLES),
 for the atlas to show beside the visualization.
 
 Work is planned per (model, weights): one *batch* holds every feature that model
@@ -31,23 +31,11 @@ from omegaconf import DictConfig
 from pipeline.analysis import images as images_lib
 from pipeline.models import weights as weights_lib
 from pipeline.errors import PipelineError
-from pipeline.analysis.example_worker import PARTIAL_SCHEMA, ExampleTask, ExampleWorker
-from pipeline.store.parts import PartTable
-from pipeline.store.store import Store
+from pipeline.analysis.example_worker import ExampleTask, ExampleWorker
+from pipeline.store.schemas import EXAMPLE_SLICES, EXAMPLES
+from pipeline.store.store import PartTable, Store
 
 EXIT_FAILURES = 1
-
-EXAMPLE_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),  # the visualization's key
-    pa.field("rank", pa.int32(), nullable=False),  # 0 = most activating
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("activation", pa.float64(), nullable=False),  # patch-mean activation (the sweep's objective)
-    pa.field("thumbnail", pa.binary(), nullable=False),  # PNG of the model's crop
-    pa.field("activation_map", pa.list_(pa.float32()), nullable=False),  # row-major over the patch grid
-    pa.field("grid_rows", pa.int32(), nullable=False),
-    pa.field("grid_cols", pa.int32(), nullable=False),
-])
-
 
 @dataclass(frozen=True)
 class Batch:
@@ -67,7 +55,7 @@ class Batch:
 
 
 def example_tables(store: Store) -> tuple[PartTable, PartTable]:
-    return PartTable(store, "examples", EXAMPLE_SCHEMA), PartTable(store, "examples-partial", PARTIAL_SCHEMA)
+    return store.table(EXAMPLES), store.table(EXAMPLE_SLICES)
 
 
 def plan_batches(store: Store, done_keys: set[str], image_set: images_lib.ImageSet, cfg: DictConfig) -> list[Batch]:
@@ -132,7 +120,7 @@ def merge(batch: Batch, partial: pa.Table, k: int) -> pa.Table:
                 out.append({"key": key, "rank": rank, "image_id": row["image_id"], "activation": row["activation"],
                             "thumbnail": row["thumbnail"], "activation_map": row["activation_map"],
                             "grid_rows": row["grid_rows"], "grid_cols": row["grid_cols"]})
-    return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+    return pa.Table.from_pylist(out, schema=EXAMPLES.schema)
 
 
 def _check(cfg: DictConfig) -> None:

@@ -6,6 +6,9 @@ Layout under a store root (a local directory or a pyarrow filesystem URI)::
     webdataset/shard-<commit_id>.tar                 <key>.png + <key>.json per record
     failures/part-<commit_id>.parquet                FAILURE_SCHEMA
     plan/plan-<hash>.parquet                         UNIT_SCHEMA, one file per distinct plan
+    <table>/part-<part id>.parquet                   a part table (dataset examples, probe results):
+                                                     one part per finished unit of an analysis job
+    <job>/<artifact>                                 a job's report or plot (probes/<probe>/report.md)
 
 The Parquet part keeps its ``model`` column although the directory also names the
 model: a part read on its own is then a complete RECORD_SCHEMA table, and
@@ -62,7 +65,7 @@ import pyarrow.parquet as pq
 import webdataset
 
 from pipeline.errors import PipelineError
-from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
+from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,10 @@ _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavo
 
 class StoreError(PipelineError):
     """The store root cannot be used; the message says why and what to do."""
+
+
+class UnknownSchemaError(StoreError):
+    """A Parquet part was written with a record schema this code does not understand."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,25 @@ class Store:
             self._uri_prefix = ""
         self._local = self.filesystem.type_name == "local"
         self.paths = StorePaths.under(path.rstrip("/") or "/")
+        self._checked_parts: set[str] = set()
+
+    @classmethod
+    def existing(cls, root: str) -> "Store":
+        """A store that a sweep has written to; a clear error if there is none at ``root``."""
+        store = cls(root)
+        try:
+            found = store.filesystem.get_file_info(store.paths.parquet).type == pafs.FileType.Directory
+        except OSError as err:
+            raise StoreError(
+                f"The store at {root!r} cannot be read ({err}). Check the location and this machine's "
+                "credentials for it."
+            ) from err
+        if not found:
+            raise StoreError(
+                f"No store at {root!r}: it has no parquet/ directory of committed records. Point store.root "
+                "at the directory a sweep wrote (the sweep's store.root), or run a sweep there first."
+            )
+        return store
 
     # ----------------------------------------------------------------- checks
 
@@ -178,9 +204,28 @@ class Store:
 
     # ---------------------------------------------------------------- reading
 
-    def parquet_dataset(self) -> ds.Dataset:
-        """All committed records, RECORD_SCHEMA, filterable on ``model``."""
-        return self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+    def parquet_dataset(self, touching: ds.Expression | None = None) -> ds.Dataset:
+        """All committed records, RECORD_SCHEMA, filterable on ``model``.
+
+        Every part the ``touching`` filter can reach (all parts when None) is first checked
+        for a schema id this code reads, so a store written by an incompatible version fails
+        with a clear message, not a type error.
+        """
+        dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        fragments = dataset.get_fragments(filter=touching) if touching is not None else dataset.get_fragments()
+        for fragment in fragments:
+            if fragment.path in self._checked_parts:
+                continue
+            found = (fragment.physical_schema.metadata or {}).get(b"schema_id", b"").decode() or "none"
+            if found != SCHEMA_ID:
+                raise UnknownSchemaError(
+                    f"The Parquet part {fragment.path} was written with record schema {found!r}, but this "
+                    f"version of vit-atlas reads {SCHEMA_ID!r}. Read the store with the vit-atlas version "
+                    "that wrote it, or rewrite the part with this version; parts from other tools do not "
+                    "belong under the store's parquet/ directory."
+                )
+            self._checked_parts.add(fragment.path)
+        return dataset
 
     def shard_paths(self) -> list[str]:
         """Sorted committed shard locations, for ``webdataset.WebDataset(urls)``.
@@ -195,6 +240,43 @@ class Store:
             if cid in committed:
                 shards.append(self._uri_prefix + info.path)
         return sorted(shards)
+
+    def shards_with(self, expression: ds.Expression | None) -> tuple[list[str], set[str]]:
+        """The commit ids whose shards hold records matching ``expression``, and those records' keys.
+
+        A part and its shard share a commit id, so only the shards of matching parts need opening.
+        """
+        present = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
+        commits, keys = [], set()
+        for fragment in self.parquet_dataset(expression).get_fragments(filter=expression):
+            matched = fragment.to_table(columns=["key"], filter=expression)["key"].to_pylist()
+            if not matched:
+                continue
+            cid = _commit_id(posixpath.basename(fragment.path), "part-", ".parquet")
+            staged, final = (posixpath.basename(p) for p in self._shard_locations(cid))
+            # A committed part's shard is complete under either name: staged until the writer
+            # (or the next one opened, after a crash) moves it into place.
+            if final not in present and staged not in present:
+                raise StoreError(
+                    f"The store at {self.root!r} has the Parquet part {fragment.path} but no WebDataset shard "
+                    f"for it ({final}). Read this store through table()/frame(), or restore the webdataset/ "
+                    "directory from the same copy as parquet/."
+                )
+            commits.append(cid)
+            keys.update(matched)
+        return sorted(commits), keys
+
+    def open_shard(self, commit_id: str):
+        """A committed shard as a binary input stream, wherever the commit protocol left it."""
+        staged, final = self._shard_locations(commit_id)
+        # Final name, else staged (not moved into place yet), else final again (moved between
+        # the first two tries); the last try's error is the real one.
+        for attempt, path in enumerate((final, staged, final), 1):
+            try:
+                return self.filesystem.open_input_stream(path)
+            except OSError:
+                if attempt == 3:
+                    raise
 
     def committed_keys(self) -> set[str]:
         """Keys of all committed records (reads only the ``key`` column)."""
@@ -220,6 +302,18 @@ class Store:
         columns = {name: counts[name] for name in group}
         columns.update({name: pc.fill_null(counts[name], 0) for name in ("planned", "done", "failed")})
         return pa.table(columns).sort_by([("model", "ascending"), ("layer", "ascending")])
+
+    # ------------------------------------------------------- part tables, artifacts
+
+    def table(self, spec: TableSpec) -> "PartTable":
+        """A named part table of this store (its schema from pipeline.store.schemas)."""
+        return PartTable(self, spec)
+
+    def write_artifact(self, name: str, data: bytes) -> str:
+        """Publish a job's report or plot at ``<root>/<name>`` (complete or not at all); returns where."""
+        path = f"{self.paths.root}/{name}"
+        self._publish(path, lambda out: out.write(data))
+        return self._uri_prefix + path
 
     # ---------------------------------------------------------------- writing
 
@@ -510,3 +604,84 @@ def _validate(record: dict) -> tuple[pa.Table, dict]:
     sample = {"__key__": fields["key"], "png": png, "json": json.dumps(fields).encode()}
     return row, sample
 
+
+
+class PartTable:
+    """Results of an analysis job beside the records: one Parquet part per finished unit of work.
+
+    ``<root>/<table>/part-<part id>.parquet``: a part is published complete or not at all
+    (the store's publish), and part ids are the units' deterministic ids, so the ids present
+    are exactly the units done, a re-run skips them, and a unit published twice (a retry, a
+    second driver) overwrites itself with the same rows rather than duplicating them.
+    """
+
+    PREFIX, SUFFIX = "part-", ".parquet"
+
+    def __init__(self, store: Store, spec: TableSpec):
+        self.store = store
+        self.spec = spec
+        self.path = f"{store.paths.root}/{spec.name}"
+
+    @property
+    def location(self) -> str:
+        return self.store._uri_prefix + self.path
+
+    def done(self) -> set[str]:
+        """Ids of the parts already written."""
+        ids = (_commit_id(info.base_name, self.PREFIX, self.SUFFIX) for info in self.store._list(self.path, False))
+        return {part_id for part_id in ids if part_id}
+
+    def write(self, part_id: str, table: pa.Table) -> None:
+        table = table.select(self.spec.schema.names).cast(self.spec.schema)
+        self.store._publish(self._file(part_id), lambda out: pq.write_table(table, out))
+
+    def dataset(self, part_ids: set[str] | None = None) -> ds.Dataset:
+        """The parts named (all when None) as one dataset of the table's schema.
+
+        Parts are read as the table's schema (an int32 column written as int64 reads fine);
+        a part that lacks a column or holds another kind of value is named in the error.
+        """
+        ids = self.done() if part_ids is None else self.done() & set(part_ids)
+        files = [self._file(part_id) for part_id in sorted(ids)]
+        dataset = ds.dataset(files, schema=self.spec.schema, format="parquet", filesystem=self.store.filesystem)
+        for fragment in dataset.get_fragments():
+            if fragment.path in self.store._checked_parts:
+                continue
+            found = fragment.physical_schema
+            wrong = [f"{field.name} ({field.type})" for field in self.spec.schema
+                     if field.name not in found.names or not _castable(found.field(field.name).type, field.type)]
+            if wrong:
+                raise StoreError(
+                    f"The {self.spec.name} part {fragment.path} lacks or mistypes {', '.join(wrong)} (it has "
+                    f"{', '.join(f'{f.name}: {f.type}' for f in found) or 'no columns'}). Parts under "
+                    f"{self.location} must be written by vit-atlas; move this file out of the store."
+                )
+            self.store._checked_parts.add(fragment.path)
+        return dataset
+
+    def read(self, part_ids: set[str] | None = None, columns: list[str] | None = None,
+             filter: ds.Expression | None = None) -> pa.Table:
+        return self.dataset(part_ids).to_table(columns=columns, filter=filter)
+
+    def delete(self, part_ids: set[str]) -> None:
+        for part_id in part_ids:
+            self.store._delete_if_present(self._file(part_id))
+
+    def _file(self, part_id: str) -> str:
+        return f"{self.path}/{self.PREFIX}{part_id}{self.SUFFIX}"
+
+
+def _castable(actual: pa.DataType, wanted: pa.DataType) -> bool:
+    """Whether a part's column reads as the table's type: the same kind of value, any width."""
+    kinds = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_timestamp)
+    for kind in kinds:
+        if kind(wanted):
+            return kind(actual) or (pa.types.is_floating(wanted) and pa.types.is_integer(actual))
+    if pa.types.is_list(wanted):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _castable(actual.value_type,
+                                                                                             wanted.value_type)
+    if pa.types.is_binary(wanted):
+        return pa.types.is_binary(actual) or pa.types.is_large_binary(actual)
+    if pa.types.is_string(wanted):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    return actual.equals(wanted)

@@ -14,16 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis import images as images_lib
 from pipeline.errors import PipelineError
-from pipeline.store.parts import PartTable
 from pipeline.analysis.probes import PROBES, classifier
-from pipeline.analysis.probes.base import RESULT_SCHEMA
 from pipeline.analysis.probes.worker import ProbeTask, ProbeWorker
+from pipeline.store.schemas import probe_results
 from pipeline.store.store import Store
 
 EXIT_FAILURES = 1
@@ -64,7 +62,7 @@ def run_probes(cfg: DictConfig) -> int:
     image_set = images_lib.open_images(cfg.images.path, cfg.images.boxes, cfg.images.limit)
     _check(cfg, image_set)
     tasks = plan_tasks(cfg, image_set)
-    parts = PartTable(store, f"probes/{cfg.probe.name}", RESULT_SCHEMA)
+    parts = store.table(probe_results(cfg.probe.name))
     done = parts.done()
     todo = [task for task in tasks if task.part_id not in done]
     print(f"probe {cfg.probe.name}: {len(cfg.probe.models)} model(s) x {len(image_set)} images = {len(tasks)} units, "
@@ -76,15 +74,14 @@ def run_probes(cfg: DictConfig) -> int:
     results = parts.read({task.part_id for task in tasks})
     probe = PROBES[cfg.probe.name]
     report = probe.report(results)
-    where = f"{parts.path}"
     complete = len(parts.done() & {task.part_id for task in tasks}) == len(tasks)
+    written = [f"{parts.location}/part-*.parquet"]
     if results.num_rows:
-        with open(os.path.join(where, "report.md"), "w") as handle:
-            handle.write(report + "\n")
-        probe.plot(results, os.path.join(where, f"{cfg.probe.name}.png"))
+        written.append(store.write_artifact(f"{parts.spec.name}/report.md", (report + "\n").encode()))
+        written.append(store.write_artifact(f"{parts.spec.name}/{cfg.probe.name}.png", probe.plot(results)))
     print(report)
     print(f"{'complete' if complete else 'PARTIAL (re-run to finish)'}: {summary.done} units run, "
-          f"{summary.failed} failed\nresults: {where}/part-*.parquet, report.md, {cfg.probe.name}.png", flush=True)
+          f"{summary.failed} failed\nresults: {', '.join(written)}", flush=True)
     for part_id, reason in summary.failures[:10]:
         print(f"  failed {part_id}: {reason}")
     return EXIT_FAILURES if summary.failed else 0
