@@ -6,16 +6,30 @@ import sys
 
 from pipeline.errors import EXIT_BAD_INPUT, reporting_errors
 from pipeline.store.store import Store
-from pipeline.views.status import USAGE, render
+from pipeline.views.status import render, verification
+
+USAGE = "usage: python -m pipeline.status store.root=DIR [verify=true [repair=true]]"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    roots = [a.partition("=")[2] for a in argv if a.startswith("store.root=")]
-    if len(roots) != 1 or len(argv) != 1 or not roots[0]:
+    settings = dict(a.partition("=")[::2] for a in argv)
+    if set(settings) - {"store.root", "verify", "repair"} or not settings.get("store.root"):
         print(USAGE, file=sys.stderr)
         return EXIT_BAD_INPUT
-    return reporting_errors(lambda: print(render(Store(roots[0]))))
+
+    def status() -> int:
+        store = Store(settings["store.root"])
+        store.recover()
+        if settings.get("verify") == "true":
+            text, sound = verification(store, settings.get("repair") == "true")
+            print(text)
+            if not sound:
+                return EXIT_BAD_INPUT
+        print(render(store))
+        return 0
+
+    return reporting_errors(status)
 
 
 if __name__ == "__main__":

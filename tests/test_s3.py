@@ -309,3 +309,14 @@ def test_a_probe_into_s3_killed_midway_resumes_to_exactly_its_units_and_publishe
     with filesystem.open_input_stream(report_path) as report:
         assert "natural" in report.read().decode()
     assert f"{root}/probes/tokens/report.md" in out
+
+
+def test_the_store_lease_works_on_an_object_store(s3):
+    from pipeline.store.lease import LeaseHeld
+
+    root = s3.uri("lease")
+    with Store(root).lease():
+        with pytest.raises(LeaseHeld, match="Another driver is writing records"):
+            Store(root).lease().acquire()
+    with Store(root).lease():  # released: the next driver gets it
+        pass

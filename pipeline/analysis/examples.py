@@ -133,9 +133,17 @@ def run_examples(cfg: DictConfig) -> int:
     _check(cfg)
     store = Store(cfg.store.root)
     store.check_writable()
+    store.recover()
     image_set = images_lib.open_images(cfg.images, limit=cfg.limit)
+    with store.lease("examples"):  # merging deletes slices: two jobs at once would lose each other's
+        return _run_examples(store, image_set, cfg)
+
+
+def _run_examples(store: Store, image_set: images_lib.ImageSet, cfg: DictConfig) -> int:
     final, partial = example_tables(store)
     done_keys = set(final.read()["key"].to_pylist())
+    # A job killed between writing a model's merged part and deleting its slices left them behind.
+    partial.delete({part for part in partial.done() if part.rpartition("-")[0] in final.done()})
     batches = plan_batches(store, done_keys, image_set, cfg)
     slices = math.ceil(len(image_set) / cfg.slice_size)
     committed = partial.done()

@@ -65,6 +65,7 @@ def _print_where(store: Store) -> None:
 def run_sweep(cfg: DictConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
+    store.recover()  # also when there is nothing to do: an interrupted last commit is finished now
     plan = build_plan(cfg)
     for (model, _), choice in plan.weights().items():
         weights.ensure_available(model, choice)
@@ -80,18 +81,20 @@ def run_sweep(cfg: DictConfig) -> int:
 
     from pipeline.execution import scheduler
 
-    store.write_plan(plan.units_table())
-    scheduler.start_ray(cfg.cluster)
-    progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
-    interrupted = False
-    try:
-        with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
-            summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
-                                         cfg.model.device)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.close()
+    with store.lease("records"):
+        done = store.committed_keys() & planned  # what a driver that held the lease before us committed
+        store.write_plan(plan.units_table())
+        scheduler.start_ray(cfg.cluster)
+        progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
+        interrupted = False
+        try:
+            with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
+                summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
+                                             cfg.model.device)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.close()
     if interrupted:
         print("interrupted: complete records are committed; run the same command again to do the rest.")
         return EXIT_INTERRUPTED

@@ -61,6 +61,9 @@ FAILURE_SCHEMA = pa.schema(
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
+# What unit_key makes, and all a store accepts: keys become file names (WebDataset members,
+# atlas pages) and HTML attributes, so nothing but these characters may reach them.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_]+-[a-z_]+-l\d{3,}-f\d{5,}-s-?\d+-[0-9a-f]{12}")
 
 
 def unit_key(model: str, weights: str, target: str, objective: str, layer: int, feature: int, seed: int,

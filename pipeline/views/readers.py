@@ -23,12 +23,14 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import webdataset
 from webdataset import tariterators
 
 from pipeline.errors import PipelineError
 from pipeline.store.schemas import RECORD_SCHEMA
+from pipeline.store.errors import DamagedStoreError
 from pipeline.store.store import Store
 
 FILTERS = ("model", "family", "layer", "feature", "config_hash", "target", "weights")
@@ -88,10 +90,9 @@ class AtlasStore:
         expression = filter_expression(**filters)
         if columns is None:
             columns = RECORD_SCHEMA.names if with_images else METADATA_COLUMNS
-        dataset = self.store.parquet_dataset(expression)
-        table = dataset.to_table(columns=columns, filter=expression)
+        table = _first_per_key(self.store.read_records(list(dict.fromkeys([*columns, "key"])), expression))
         order = [(name, "ascending") for name in ("model", "layer", "feature", "key") if name in columns]
-        return table.sort_by(order) if order else table
+        return (table.sort_by(order) if order else table).select(columns)
 
     def frame(self, *, with_images: bool = False, columns: list[str] | None = None, **filters: FilterValue):
         """Matching records as a pandas DataFrame (``png`` as bytes only if ``with_images``)."""
@@ -100,11 +101,7 @@ class AtlasStore:
     def batches(self, columns: list[str], batch_size: int = 256, **filters: FilterValue) -> Iterator[pa.RecordBatch]:
         """Matching records in bounded batches, for passes over more image bytes than fit in memory."""
         expression = filter_expression(**filters)
-        scanner = self.store.parquet_dataset(expression).scanner(columns=columns, filter=expression,
-                                                            batch_size=batch_size)
-        for batch in scanner.to_batches():
-            if batch.num_rows:
-                yield batch
+        yield from _once_per_key(self.store.record_batches(columns, expression, batch_size), columns)
 
     def keyed_batches(self, keys: Iterable[str], columns: list[str], batch_size: int = 256,
                       **filters: FilterValue) -> Iterator[pa.RecordBatch]:
@@ -117,13 +114,9 @@ class AtlasStore:
             return
         pruning = filter_expression(**filters)
         expression = ds.field("key").isin(key_set)
-        dataset = self.store.parquet_dataset(pruning)
         if pruning is not None:
             expression = expression & pruning
-        scanner = dataset.scanner(columns=columns, filter=expression, batch_size=batch_size)
-        for batch in scanner.to_batches():
-            if batch.num_rows:
-                yield batch
+        yield from _once_per_key(self.store.record_batches(columns, expression, batch_size), columns)
 
     def torch_samples(self, **filters: FilterValue) -> webdataset.DataPipeline:
         """A PyTorch IterableDataset over the WebDataset shards of matching records.
@@ -134,15 +127,28 @@ class AtlasStore:
         Batch with ``collate_fn=collate_samples``: metadata holds nulls and
         variable-length traces, which torch's default collate rejects.
         """
-        commits, keys = self.store.shards_with(filter_expression(**filters))
+        wanted = self.store.shards_with(filter_expression(**filters))
         store = self.store
 
         def shard_sources():  # SimpleShardList would reject an empty list; no match is a valid result
-            return iter([dict(url=commit) for commit in commits])
+            return iter([dict(url=commit) for commit in sorted(wanted)])
 
         def open_shards(sources):
             for source in sources:
                 yield dict(source, stream=store.open_shard(source["url"]))
+
+        def complete(samples):
+            """Each shard's wanted records, and an error naming those it lacks: a damaged tar header
+            ends Python's tar reading early without an error, which would drop records silently."""
+            commit, seen = None, set()
+            for raw in samples:
+                if raw["__url__"] != commit:
+                    _check_read(store, commit, wanted, seen)
+                    commit, seen = raw["__url__"], set()
+                if raw["__key__"] in wanted[commit] and raw["__key__"] not in seen:
+                    seen.add(raw["__key__"])
+                    yield raw
+            _check_read(store, commit, wanted, seen)
 
         def to_sample(raw: dict) -> dict:
             return {"key": raw["__key__"], "image": raw["png"], "metadata": json.loads(raw["json"])}
@@ -154,7 +160,7 @@ class AtlasStore:
             open_shards,
             tariterators.tar_file_expander,
             tariterators.group_by_keys,
-            webdataset.select(lambda raw: raw["__key__"] in keys),
+            complete,
             webdataset.decode("torchrgb", only=["png"]),
             webdataset.map(to_sample),
         )
@@ -174,6 +180,40 @@ class AtlasStore:
         features["image"] = datasets.Image()
         return datasets.Dataset(datasets.table.InMemoryTable(table.cast(features.arrow_schema)),
                                 info=datasets.DatasetInfo(features=features))
+
+
+def _first_per_key(table: pa.Table) -> pa.Table:
+    """One row per key. Keys are committed once, but a store two drivers wrote at once (before
+    stores had leases) can hold a key twice; readers show it once, the first part's."""
+    if pc.count_distinct(table["key"]).as_py() == table.num_rows:
+        return table
+    rows = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
+    first = rows.group_by("key", use_threads=False).aggregate([("__row", "min")])["__row_min"]
+    return table.take(pc.take(first, pc.sort_indices(first)))
+
+
+def _once_per_key(batches: Iterator[pa.RecordBatch], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    seen: set[str] = set()
+    for batch in batches:
+        keys = batch.column("key").to_pylist()
+        fresh = [i for i, key in enumerate(keys) if key not in seen]
+        seen.update(keys)
+        if len(fresh) < len(keys):
+            batch = batch.take(pa.array(fresh, pa.int64()))
+        if batch.num_rows:
+            yield batch.select(columns)
+
+
+def _check_read(store: Store, commit: str | None, wanted: dict[str, set[str]], seen: set[str]) -> None:
+    if commit is None:
+        return
+    missing = sorted(wanted[commit] - seen)
+    if missing:
+        raise DamagedStoreError(
+            f"The WebDataset shard of commit {commit} in {store.root!r} lacks {len(missing)} of the "
+            f"{len(wanted[commit])} records its Parquet part holds (first: {missing[0]}). Run `vit-atlas status "
+            f"store.root={store.root} verify=true repair=true`: it rebuilds the shard from its part."
+        )
 
 
 def collate_samples(samples: list[dict]) -> dict:

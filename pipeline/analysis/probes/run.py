@@ -59,9 +59,15 @@ def _check(cfg: DictConfig, image_set: images_lib.ImageSet) -> None:
 def run_probes(cfg: DictConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
+    store.recover()
     image_set = images_lib.open_images(cfg.images.path, cfg.images.boxes, cfg.images.limit)
     _check(cfg, image_set)
     tasks = plan_tasks(cfg, image_set)
+    with store.lease(f"probes/{cfg.probe.name}"):
+        return _run_probe(store, tasks, image_set, cfg)
+
+
+def _run_probe(store: Store, tasks: list[ProbeTask], image_set: images_lib.ImageSet, cfg: DictConfig) -> int:
     parts = store.table(probe_results(cfg.probe.name))
     done = parts.done()
     todo = [task for task in tasks if task.part_id not in done]
