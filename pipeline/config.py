@@ -28,6 +28,7 @@ class SweepSection:
 class ModelSection:
     weights: str = "random"  # pretrained | random | planted | PATH (file or directory)
     init_seed: int = 0
+    img_size: Optional[int] = None  # input side in pixels; null: the architecture's native size
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
 

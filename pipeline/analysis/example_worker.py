@@ -58,10 +58,10 @@ class ExampleWorker(ModelWorker):
     def _reader(self, task: ExampleTask) -> tuple[ActivationReader, images_lib.Preprocess]:
         def build() -> tuple[ActivationReader, images_lib.Preprocess]:
             model = weights_lib.load(task.model, task.weights, self.device)
-            return (ActivationReader(model, zoo.layout(task.model)),
+            return (ActivationReader(model, zoo.layout(task.model, task.weights.img_size)),
                     images_lib.Preprocess.from_config(model.pretrained_cfg))
 
-        return self.cached((task.model, task.weights.weights_id), build)
+        return self.cached((task.model, task.weights), build)
 
     @torch.no_grad()
     def run(self, task: ExampleTask) -> pa.Table:

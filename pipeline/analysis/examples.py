@@ -60,50 +60,25 @@ def example_tables(store: Store) -> tuple[PartTable, PartTable]:
 
 def plan_batches(store: Store, done_keys: set[str], image_set: images_lib.ImageSet, cfg: DictConfig) -> list[Batch]:
     """Batches for the store's mean-objective MLP visualizations that have no examples yet."""
-    table = store.parquet_dataset().to_table(
-        columns=["key", "model", "weights", "layer", "feature", "config"],
+    table = store.read_records(
+        columns=["key", "model", "weights", "layer", "feature", "config", "image_size"],
         filter=(ds.field("target") == "mlp") & (ds.field("objective") == "mean"))
     table = table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(sorted(done_keys), pa.string()))))
-    grouped: dict[tuple[str, str], dict[tuple[int, int], list[str]]] = {}
-    configs: dict[tuple[str, str], str] = {}
+    grouped: dict[tuple[str, str, int], dict[tuple[int, int], list[str]]] = {}
+    configs: dict[tuple[str, str, int], str] = {}
     for row in table.to_pylist():
-        group = (row["model"], row["weights"])
+        group = (row["model"], row["weights"], row["image_size"])
         grouped.setdefault(group, {}).setdefault((row["layer"], row["feature"]), []).append(row["key"])
         configs[group] = row["config"]
     batches = []
-    for (model, weights_id), keys in sorted(grouped.items()):
-        choice = _weights_for(model, weights_id, configs[(model, weights_id)], cfg.weights)
-        identity = json.dumps([model, weights_id, sorted(keys), image_set.fingerprint(), cfg.k, cfg.slice_size,
-                               cfg.thumbnail])
+    for (model, weights_id, image_size), keys in sorted(grouped.items()):
+        choice = weights_lib.choice_of_record(model, weights_id, json.loads(configs[(model, weights_id, image_size)])
+                                              .get("weights", ""), image_size, cfg.weights)
+        identity = json.dumps([model, weights_id, image_size, sorted(keys), image_set.fingerprint(), cfg.k,
+                               cfg.slice_size, cfg.thumbnail])
         batch_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
         batches.append(Batch(batch_id, model, choice, {f: tuple(sorted(k)) for f, k in keys.items()}))
     return batches
-
-
-def _weights_for(model: str, weights_id: str, config_json: str, override: str | None) -> weights_lib.WeightsChoice:
-    """The weights a visualization was made with, recovered from its record (or the override path)."""
-    kind, _, rest = weights_id.partition("-")
-    if kind == "random":
-        choice = weights_lib.resolve(model, "random", int(rest))
-    elif kind == "planted":
-        choice = weights_lib.resolve(model, "planted", int(rest.rpartition("-")[2]))
-    else:
-        recorded = override or json.loads(config_json).get("weights", "")
-        try:
-            choice = weights_lib.resolve(model, recorded)
-        except PipelineError as error:
-            raise PipelineError(
-                f"The visualizations of '{model}' were made with weights {weights_id} from '{recorded}', which "
-                f"cannot be loaded here: {error} Pass weights=PATH (the checkpoint file or a directory of "
-                f"<model>.safetensors files) to point at the same weights."
-            ) from None
-    if choice.weights_id != weights_id:
-        raise PipelineError(
-            f"The visualizations of '{model}' were made with weights {weights_id}, but the weights found "
-            f"('{override or 'as recorded'}') are {choice.weights_id}. Examples must come from the same weights: "
-            f"pass weights=PATH to the checkpoint the sweep used."
-        )
-    return choice
 
 
 def merge(batch: Batch, partial: pa.Table, k: int) -> pa.Table:

@@ -29,7 +29,8 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str]) -> None:
           + (f" ({len(failed)} failed before, retried now)" if failed else ""), flush=True)
     per_model: dict[str, list[int]] = {}
     for group in plan.groups:
-        counts = per_model.setdefault(f"{group.model} [{group.weights.weights_id}]", [0, 0])
+        size = f" at {group.weights.img_size} px" if group.weights.img_size else ""
+        counts = per_model.setdefault(f"{group.model}{size} [{group.weights.weights_id}]", [0, 0])
         counts[0] += len(group.features)
         counts[1] += sum(group.key(f) in done for f in group.features)
     for name, (total, finished) in per_model.items():
@@ -67,8 +68,11 @@ def run_sweep(cfg: DictConfig) -> int:
     store.check_writable()
     store.recover()  # also when there is nothing to do: an interrupted last commit is finished now
     plan = build_plan(cfg)
-    for (model, _), choice in plan.weights().items():
+    for model, choice in plan.weights():
         weights.ensure_available(model, choice)
+        verified = weights.ensure_verified(model, choice)
+        if verified:
+            print(verified, flush=True)
     keys = plan.keys()
     planned = set(keys)
     done = store.committed_keys() & planned
