@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from torch import nn
 from pipeline.models import zoo
 from pipeline.errors import PipelineError
 
+HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".onnx")
 
 
@@ -129,26 +132,59 @@ def _pretrained_tag(model_name: str) -> str:
 def ensure_available(model_name: str, choice: WeightsChoice) -> None:
     """Fetch pretrained weights into the Hugging Face cache now, in the driver, so a sweep that
     cannot have them stops before any compute (and workers sharing the cache find them there)."""
-    if choice.kind != "pretrained":
-        return
+    if choice.kind == "pretrained":
+        ensure_pretrained(model_name)
+
+
+def ensure_pretrained(model_name: str) -> None:
+    """The same for any timm model (the probes' CNNs too). Whether the hub can be reached is asked once,
+    in a second: its client would otherwise retry for a minute before failing."""
     import timm
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
 
     cfg = timm.models.get_pretrained_cfg(model_name)
+    unreachable = _hub_unreachable()
     try:
         if cfg.hf_hub_id:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
             repo, _, revision = cfg.hf_hub_id.partition("@")
             for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
                 try:
-                    hf_hub_download(repo_id=repo, filename=filename, revision=revision or None)
+                    hf_hub_download(repo_id=repo, filename=filename, revision=revision or None,
+                                    local_files_only=unreachable is not None)
                     return
                 except EntryNotFoundError:
                     continue
             raise FileNotFoundError(f"no weights file in hub repository {repo}")
+        if unreachable is not None:
+            raise ConnectionError(f"{cfg.url} is not in timm's cache")
         timm.models._hub.download_cached_file(cfg.url)
     except Exception as error:  # the hub client raises many types; all mean "not available here"
-        raise _unavailable(model_name, error) from None
+        raise _unavailable(model_name, error, unreachable) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None when it can.
+
+    When it cannot, this process (and a local Ray's workers, which inherit its environment) read
+    the cache only: HF_HUB_OFFLINE=1 spares every later download its minute of retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname
+    try:
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return None
+    except OSError as error:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # read once at import; set for this process too
+        return f"the hub ({host}) cannot be reached from this machine ({type(error).__name__}: {error})"
 
 
 def _load_pretrained(model_name: str, img_size: int | None) -> nn.Module:
@@ -157,15 +193,16 @@ def _load_pretrained(model_name: str, img_size: int | None) -> nn.Module:
     try:  # timm resamples the checkpoint's position embeddings to img_size itself
         return timm.create_model(model_name, pretrained=True, **({"img_size": img_size} if img_size else {}))
     except Exception as error:  # the hub client raises many types; all mean "not available here"
-        raise _unavailable(model_name, error) from None
+        raise _unavailable(model_name, error, _hub_unreachable()) from None
 
 
-def _unavailable(model_name: str, error: Exception) -> PipelineError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+def _unavailable(model_name: str, error: Exception, unreachable: str | None = None) -> PipelineError:
     detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
+    cause = (f"{unreachable[0].upper()}{unreachable[1:]}, and they are not in the Hugging Face cache "
+             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')})" if unreachable else
+             f"{type(error).__name__}: {detail}")
     return PipelineError(
-        f"Pretrained weights for '{model_name}' could not be loaded ({type(error).__name__}: {detail}). "
-        f"{'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache. ' if offline else ''}"
+        f"Pretrained weights for '{model_name}' could not be loaded: {cause}. "
         f"Remedies: run once where the hub is reachable so they land in the cache (HF_HOME, "
         f"default ~/.cache/huggingface) and point HF_HOME at that cache here; or download the "
         f"checkpoint and pass model.weights=/path/to/file.safetensors; or use model.weights=random "

@@ -18,6 +18,7 @@ import math
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.analysis import images as images_lib
+from pipeline.models import weights as weights_lib
 from pipeline.errors import PipelineError
 from pipeline.analysis.probes import PROBES, classifier
 from pipeline.analysis.probes.worker import ProbeTask, ProbeWorker
@@ -63,6 +64,9 @@ def run_probes(cfg: DictConfig) -> int:
     image_set = images_lib.open_images(cfg.images.path, cfg.images.boxes, cfg.images.limit)
     _check(cfg, image_set)
     tasks = plan_tasks(cfg, image_set)
+    if cfg.probe.weights == "pretrained":  # in the driver, before any worker starts
+        for model in cfg.probe.models:
+            weights_lib.ensure_pretrained(str(model))
     with store.lease(f"probes/{cfg.probe.name}"):
         return _run_probe(store, tasks, image_set, cfg)
 
