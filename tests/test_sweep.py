@@ -46,6 +46,7 @@ def test_a_sweep_ends_with_exactly_the_planned_keys_in_both_stores(ray_local, co
     assert sorted(webdataset_keys(tmp_path)) == sorted(planned)
     out = capsys.readouterr().out
     assert "plan: 6 planned / 0 already done / 6 to do" in out and f"store: {tmp_path}" in out
+    assert "cost: 12 image-steps (" in out and "GFLOP/s on cpu: about" in out  # 6 units x 2 steps x 1 copy
 
     dataset = ds.dataset(str(tmp_path / "parquet"), format="parquet", partitioning="hive")
     assert dataset.schema.metadata[b"schema_id"].decode() == SCHEMA_ID
@@ -278,3 +279,15 @@ def test_pretrained_weights_come_from_an_existing_hugging_face_cache_offline(tmp
     weights_id, checksum = result.stdout.split()
     assert weights_id == "pretrained-fb_in1k"
     assert abs(float(checksum) - float(state["blocks.0.mlp.fc1.weight"].sum())) < 1e-3
+
+
+def test_the_cost_counts_what_is_left_with_the_flop_counter(compose):
+    from pipeline.models import zoo
+
+    plan = build_plan(compose("sweep.layers=[0,11]", "sweep.features=[1,2]", "optim.steps=10", "optim.copies=4"))
+    forward = zoo.target_flops("deit_tiny_patch16_224")
+    assert forward[11] > 10 * forward[0] > 0  # the last layer's truncated forward runs every block
+    image_steps, flops = plan.cost(done=set())
+    assert image_steps == 4 * 10 * 4 and flops == pytest.approx(2 * 10 * 4 * 3 * (forward[0] + forward[11]))
+    half = {plan.groups[0].key(1), plan.groups[0].key(2)}
+    assert plan.cost(done=half) == (2 * 10 * 4, pytest.approx(2 * 10 * 4 * 3 * forward[11]))

@@ -9,9 +9,11 @@ only the missing work.
 from __future__ import annotations
 
 import logging
+import os
 
 from omegaconf import DictConfig
 
+from pipeline.engine import cost
 from pipeline.models import weights
 from pipeline.execution.plan import Plan, build_plan
 from pipeline.execution.progress import Progress
@@ -35,6 +37,22 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str]) -> None:
         counts[1] += sum(group.key(f) in done for f in group.features)
     for name, (total, finished) in per_model.items():
         print(f"  {name}: {total} planned, {finished} done", flush=True)
+
+
+def _print_cost(plan: Plan, done: set[str], cfg) -> None:
+    """What the work to do costs, so a sweep of every layer at 400 steps does not surprise a laptop."""
+    from pipeline.engine.visualizer import pick_device
+
+    image_steps, flops = plan.cost(done)
+    device = pick_device(cfg.model.device)
+    rate = cost.measured_flops_per_second(str(device))
+    one = flops / rate
+    line = (f"cost: {image_steps:,} image-steps ({flops / 1e12:,.1f} TFLOP, forward and backward); one worker "
+            f"here reaches {rate / 1e9:,.0f} GFLOP/s on {device.type}: about {cost.duration(one)} of worker time")
+    if cfg.cluster.kind == "local" and str(cfg.cluster.workers) == "auto" and device.type == "cpu":
+        workers = max(1, int((os.cpu_count() or 1) // max(float(cfg.cluster.cpus_per_worker), 1e-3)))
+        line += f", about {cost.duration(one / workers)} with this machine's {workers} workers"
+    print(line + ".", flush=True)
 
 
 def _print_results(store: Store, keys: list[str]) -> None:
@@ -78,6 +96,8 @@ def run_sweep(cfg: DictConfig) -> int:
     done = store.committed_keys() & planned
     failed = store.failed_keys() & planned
     _print_plan(plan, done, failed)
+    if planned - done:
+        _print_cost(plan, done, cfg)
     if not planned - done:
         print("nothing to do: every planned unit is already in the store; no workers started.")
         _print_where(store)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.errors import PipelineError
+from pipeline.engine import cost
 from pipeline.engine.objectives import check_objective, parse_objective
 from pipeline.engine.optimize import OptimConfig
 from pipeline.store.schemas import UNIT_SCHEMA, unit_key
@@ -89,6 +90,16 @@ class Plan:
     def weights(self) -> list[tuple[str, weights_lib.WeightsChoice]]:
         """Each distinct (model, weights choice) of the plan."""
         return list(dict.fromkeys((g.model, g.weights) for g in self.groups))
+
+    def cost(self, done: set[str]) -> tuple[int, float]:
+        """(image-steps, FLOPs) of the units not yet done: steps x copies truncated forward and backward passes."""
+        image_steps, flops = 0, 0.0
+        for group in self.groups:
+            todo = sum(group.key(f) not in done for f in group.features)
+            forward = zoo.target_flops(group.model, group.weights.img_size)[group.layer]
+            image_steps += todo * group.optim.steps * group.optim.copies
+            flops += todo * cost.unit_flops(forward, group.optim.steps, group.optim.copies)
+        return image_steps, flops
 
     def units_table(self) -> pa.Table:
         return pa.Table.from_pylist([g.unit(f) for g in self.groups for f in g.features], schema=UNIT_SCHEMA)

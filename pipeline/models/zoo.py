@@ -333,6 +333,28 @@ def _attention_sites(block: str, calls: list[tuple[str, tuple[int, ...]]], token
     }
 
 
+@functools.lru_cache(maxsize=None)
+def target_flops(model_name: str, img_size: int | None = None) -> tuple[int, ...]:
+    """Forward FLOPs of one image up to each layer's MLP target (a truncated forward's cost), counted
+    by torch's FLOP counter on the meta device: no memory, no weights, a second or two per model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    info = layout(model_name, img_size)
+    model = create_architecture(model_name, "meta", img_size)
+    modules = dict(model.named_modules())
+    counter = FlopCounterMode(display=False)
+    totals: list[int] = []
+    handles = [modules[path].register_forward_hook(lambda *_: totals.append(counter.get_total_flops()))
+               for path in {layer.sites["mlp"].module for layer in info.layers}]
+    try:
+        with counter, torch.no_grad():
+            model(torch.empty(1, *info.input_size, device="meta"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return tuple(totals)
+
+
 def describe(model_name: str, img_size: int | None = None) -> str:
     info = layout(model_name, img_size)
     lines = [
