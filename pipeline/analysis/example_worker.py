@@ -18,6 +18,7 @@ from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.engine.activations import ActivationReader
 from pipeline.execution.worker import ModelWorker
+from pipeline.store.png import encode_png
 
 PARTIAL_SCHEMA = pa.schema([
     pa.field("layer", pa.int32()),
@@ -105,7 +106,7 @@ class ExampleWorker(ModelWorker):
                 for rank in range(top.values.shape[0]):
                     index = int(top.indices[rank, column])
                     if index not in encoded:
-                        encoded[index] = images_lib.png(thumbnails[index])
+                        encoded[index] = encode_png(thumbnails[index])
                     rows.append({"layer": layer, "feature": feature, "rank": rank,
                                  "image_id": task.images.refs[index].image_id,
                                  "activation": float(top.values[rank, column]), "thumbnail": encoded[index],

@@ -353,12 +353,6 @@ class Preprocess:
 
 
 def thumbnail(crop: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, size, size) uint8 thumbnail of a crop, for PNG encoding."""
+    """(3, size, size) uint8 thumbnail of a crop, for ``pipeline.store.png.encode_png``."""
     small = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return (small.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def png(image_uint8: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image_uint8.permute(1, 2, 0).numpy())).save(buffer, format="PNG")
-    return buffer.getvalue()
