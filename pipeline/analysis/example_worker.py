@@ -68,7 +68,7 @@ class ExampleWorker(ModelWorker):
         def build() -> tuple[ActivationReader, images_lib.Preprocess]:
             model = weights_lib.load(task.model, task.weights, self.device)
             return (ActivationReader(model, zoo.layout(task.model)),
-                    images_lib.Preprocess.from_config(model.pretrained_cfg))
+                    images_lib.Preprocess.for_model(model))
 
         return self.cached((task.model, task.weights.weights_id), build)
 
@@ -81,9 +81,10 @@ class ExampleWorker(ModelWorker):
         columns = {layer: torch.tensor(features, device=self.device) for layer, features in by_layer.items()}
         best: dict[int, _TopK] = {}
         thumbnails: list[torch.Tensor] = []
-        for start in range(0, len(task.images), task.batch_size):
-            stop = min(start + task.batch_size, len(task.images))
-            crops = torch.stack([preprocess.crop(task.images.load(i).pixels) for i in range(start, stop)])
+        start = 0
+        for loaded in task.images.batches(task.batch_size):  # each tar of the slice read once, in order
+            stop = start + len(loaded)
+            crops = torch.stack([preprocess.crop(image.pixels) for image in loaded])
             thumbnails.extend(images_lib.thumbnail(crop, task.thumbnail) for crop in crops)
             activations = reader.read_layers(preprocess.normalize(crops.to(self.device)), list(by_layer))
             for layer, tokens in activations.items():
@@ -93,6 +94,7 @@ class ExampleWorker(ModelWorker):
                 if layer not in best:
                     best[layer] = _TopK(values[:0], indices[:0], maps[:0])
                 best[layer].update(values, indices, maps, task.k)
+            start = stop
         return self._rows(task, reader.layout, by_layer, best, thumbnails)
 
     def _rows(self, task: ExampleTask, layout: zoo.ModelLayout, by_layer: dict[int, list[int]],
