@@ -222,7 +222,7 @@ def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
 def _variant_order(variant: tuple) -> tuple:
     weights, target, objective, config_hash = variant
     # MLP features, the interpretable ones, first; then real weights, planted, random
-    return (target != "mlp", target, _weights_order(weights), objective, config_hash)
+    return (target != "mlp", target, weights_order(weights), objective, config_hash)
 
 
 # ------------------------------------------------------------------ per-key files
@@ -470,7 +470,8 @@ def _weights_note(weights: str) -> dict | None:
     return {"kind": kind, "text": _WEIGHTS_NOTES[kind]} if kind in _WEIGHTS_NOTES else None
 
 
-def _weights_order(weights: str) -> tuple:
+def weights_order(weights: str) -> tuple:
+    """Sort key: real weights (pretrained, a file) first, then planted, then random."""
     return (_WEIGHTS_RANK[weights_kind(weights)], weights)
 
 
@@ -540,7 +541,7 @@ def _front_strips(variants: dict[tuple, list[dict]], unreadable: frozenset[str])
     for (weights, _target, _objective, _config), rows in variants.items():
         by_weights[weights].extend(rows)
     strips = []
-    for weights in sorted(by_weights, key=_weights_order):
+    for weights in sorted(by_weights, key=weights_order):
         rows = by_weights[weights]
         rows = [r for r in rows if r["target"] == "mlp"] or rows
         rows = [r for r in rows if r["objective"] == "mean"] or rows
