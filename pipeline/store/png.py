@@ -31,14 +31,18 @@ def encode_png(image: torch.Tensor | np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """(H, W, 3) uint8 RGB pixels of PNG bytes; PngDecodeError if they are not a readable PNG."""
+    """(H, W, 3) uint8 RGB pixels of PNG bytes; PngDecodeError if they are not a readable PNG.
+
+    The error's message says what the bytes are instead, as a noun phrase ("not a PNG (...)",
+    "a corrupt PNG of N bytes (...)"), to follow "the image is".
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PngDecodeError(f"expected PNG bytes, got {type(data).__name__}")
     data = bytes(data)
     if not data:
-        raise PngDecodeError("the image is empty (0 bytes)")
+        raise PngDecodeError("an empty image (0 bytes)")
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise PngDecodeError(f"not a PNG: {len(data)} bytes starting {data[:8]!r}")
+        raise PngDecodeError(f"not a PNG ({len(data)} bytes starting {data[:8]!r})")
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decode now: a truncated or corrupt stream fails here, not later

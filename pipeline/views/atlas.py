@@ -62,8 +62,8 @@ THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so bro
 EXAMPLE_SIZE = 128
 USAGE = "usage: python -m pipeline.atlas store.root=DIR out=SITE_DIR"
 # What to do about a record whose image does not decode ({root}: the store root).
-REPAIR_HINT = ("Verify and repair the store (`vit-atlas status store.root={root} verify=true`), or re-run the sweep "
-               "that made the record to recompute it.")
+REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true"
+REPAIR_HINT = f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to recompute it."
 # A manifest entry that makes the next run try a key again.
 _UNREADABLE = "unreadable"
 
@@ -313,7 +313,7 @@ _PLACEHOLDER: bytes | None = None
 
 def _unreadable_warning(row: dict, problem: str, store_root: str) -> str:
     return (f"Record {row['key']!r} ({row['model']}, weights {row['weights']}, layer {row['layer']}, feature "
-            f"{row['feature']}) has an image that does not decode ({problem}); the atlas shows a placeholder for it. "
+            f"{row['feature']}) has an image that does not decode: {problem}. The atlas shows a placeholder for it. "
             + REPAIR_HINT.format(root=store_root))
 
 
@@ -501,14 +501,10 @@ def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None
         config = json.dumps(json.loads(row["config"]), indent=2, sort_keys=True)
     except (json.JSONDecodeError, TypeError):
         config = str(row["config"])
-    problem = None
-    if unreadable is not None:
-        problem = (f"Its PNG is {unreadable}. " + REPAIR_HINT.format(root="STORE")
-                   + " The next atlas build then shows it.")
     return _render(
         "feature.html", title=f"{title} · vit-atlas", up="../", scripts=(), row=row, heading=title,
         slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
-        unreadable=problem, trace=_sparkline(row["activation_trace"]), config=config,
+        unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"), trace=_sparkline(row["activation_trace"]), config=config,
         examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],
         provenance=[(name, _format_value(name, row[name])) for name in METADATA_COLUMNS if name != "config"],
     )

@@ -67,8 +67,8 @@ def _images(atlas: AtlasStore, rows: list[dict]) -> dict[str, np.ndarray | None]
                 images[key] = decode_png(png)
             except PngDecodeError as error:
                 row = by_key[key]
-                log.warning("Record %r (%s, weights %s, layer %s, feature %s) has an image that does not decode "
-                            "(%s); the figure shows a placeholder for it. %s", key, row["model"], row["weights"],
+                log.warning("Record %r (%s, weights %s, layer %s, feature %s) has an image that does not decode: "
+                            "%s. The figure shows a placeholder for it. %s", key, row["model"], row["weights"],
                             row["layer"], row["feature"], error, REPAIR_HINT.format(root=atlas.root))
                 images[key] = None
     return images
