@@ -298,7 +298,8 @@ def test_a_record_whose_png_does_not_decode_gets_a_placeholder_a_warning_and_a_c
     # the next build tries them again (a repaired store would show them) and still counts them
     status = cli.run(main, [f"store.root={tmp_path / 'store'}", f"out={site}"])
     out = capsys.readouterr().out
-    assert status == 0 and "wrote 2 new feature pages, kept 1; 2 images unreadable, shown as placeholders (see the warnings)" in out
+    assert status == 0
+    assert "wrote 2 new feature pages, kept 1; 2 images unreadable, shown as placeholders (see the warnings)" in out
 
 
 # ------------------------------------------------------------------ in a browser

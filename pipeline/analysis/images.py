@@ -12,7 +12,8 @@ Every image has a deterministic id: its path relative to the ImageFolder root,
 or ``<tar stem>/<sample key>``. A tar's samples come in the tar's own order (as
 WebDataset reads them), and a pass over a set or a slice of it
 (:meth:`ImageSet.images`, :meth:`ImageSet.batches`) opens each tar once and reads
-it front to back: the index records where each image's bytes lie. Boxes come from ImageNet's XML annotations
+it front to back: the index records where each image's bytes lie. Boxes come
+from ImageNet's XML annotations
 (PASCAL VOC: a directory of ``<image stem>.xml``, searched recursively) or from
 a CSV ``image_id,xmin,ymin,xmax,ymax[,label]`` whose ``image_id`` is the image id
 or its file stem; both are in the original image's pixel coordinates.

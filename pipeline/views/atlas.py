@@ -63,7 +63,8 @@ EXAMPLE_SIZE = 128
 USAGE = "usage: python -m pipeline.atlas store.root=DIR out=SITE_DIR"
 # What to do about a record whose image does not decode ({root}: the store root).
 REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true"
-REPAIR_HINT = f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to recompute it."
+REPAIR_HINT = (f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to "
+               "recompute it.")
 # A manifest entry that makes the next run try a key again.
 _UNREADABLE = "unreadable"
 
@@ -267,7 +268,7 @@ def _write_key(out: Path, row: dict, png: bytes, examples: list[dict]) -> str | 
         try:
             overlay = _example_overlay(example)
         except PngDecodeError as error:
-            log.warning("The dataset example %r (rank %s) of record %r has a thumbnail that does not decode (%s); "
+            log.warning("The dataset example %r (rank %s) of record %r has a thumbnail that does not decode: %s; "
                         "it is left out of the feature page. Re-run pipeline.examples to recompute it.",
                         example["image_id"], example["rank"], row["key"], error)
             continue
@@ -295,20 +296,15 @@ def thumbnail_pixels(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
     return np.asarray(Image.fromarray(pixels).resize(target, Image.Resampling.NEAREST))
 
 
+@functools.cache
 def _placeholder_thumbnail() -> bytes:
     """A grey tile with a dark border and a cross: plainly not a visualization."""
-    global _PLACEHOLDER
-    if _PLACEHOLDER is None:
-        tile = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (205, 205, 205))
-        draw = ImageDraw.Draw(tile)
-        draw.rectangle((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), outline=(90, 90, 90), width=3)
-        draw.line((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), fill=(170, 40, 40), width=3)
-        draw.line((0, THUMB_SIZE - 1, THUMB_SIZE - 1, 0), fill=(170, 40, 40), width=3)
-        _PLACEHOLDER = encode_png(np.asarray(tile))
-    return _PLACEHOLDER
-
-
-_PLACEHOLDER: bytes | None = None
+    tile = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (205, 205, 205))
+    draw = ImageDraw.Draw(tile)
+    draw.rectangle((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), outline=(90, 90, 90), width=3)
+    draw.line((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), fill=(170, 40, 40), width=3)
+    draw.line((0, THUMB_SIZE - 1, THUMB_SIZE - 1, 0), fill=(170, 40, 40), width=3)
+    return encode_png(np.asarray(tile))
 
 
 def _unreadable_warning(row: dict, problem: str, store_root: str) -> str:
@@ -504,7 +500,8 @@ def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None
     return _render(
         "feature.html", title=f"{title} · vit-atlas", up="../", scripts=(), row=row, heading=title,
         slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
-        unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"), trace=_sparkline(row["activation_trace"]), config=config,
+        unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"),
+        trace=_sparkline(row["activation_trace"]), config=config,
         examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],
         provenance=[(name, _format_value(name, row[name])) for name in METADATA_COLUMNS if name != "config"],
     )
@@ -549,7 +546,8 @@ def _front_strips(variants: dict[tuple, list[dict]], unreadable: frozenset[str])
     return strips
 
 
-def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int, unreadable: frozenset[str] = frozenset()) -> str:
+def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int,
+                unreadable: frozenset[str] = frozenset()) -> str:
     by_family: dict[str, list[str]] = defaultdict(list)
     for model, variants in models.items():
         by_family[next(iter(variants.values()))[0]["family"]].append(model)
