@@ -2,6 +2,8 @@
 
 Images are gratings whose frequency grows with the layer and whose colour
 follows the feature, so a grid of them shows a visible early -> late progression.
+``write_raw_store`` writes records the store's writer would refuse (crafted keys,
+undecodable images) straight as a Parquet part and a tar shard.
 """
 
 from __future__ import annotations
@@ -9,13 +11,15 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import tarfile
+import uuid
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.store.schemas import EXAMPLES, unit_key
-from pipeline.store.store import Store
+from pipeline.store.schemas import EXAMPLES, RECORD_SCHEMA, unit_key
+from pipeline.store.store import Store, _model_dir
 
 DEIT = "deit_tiny_patch16_224"
 CLIP = "vit_base_patch32_clip_224.openai"  # a dotted name: model pages must get a safe file name
@@ -79,3 +83,26 @@ def write_examples(root, keys: list[str], per_key: int = 3, grid: tuple[int, int
     table = pa.Table.from_pylist(rows, schema=EXAMPLES.schema)
     Store(str(root)).table(EXAMPLES).write("0", table)
     return table
+
+
+def write_raw_store(root, records: list[dict]) -> None:
+    """Commit ``records`` as the store would lay them out, without its validation: one Parquet part and
+    one WebDataset shard per model (tar members named ``<key>.png`` / ``<key>.json``, whatever the key)."""
+    by_model: dict[str, list[dict]] = {}
+    for record in records:
+        by_model.setdefault(record["model"], []).append(record)
+    (root / "webdataset").mkdir(parents=True, exist_ok=True)
+    for model, rows in by_model.items():
+        commit = uuid.uuid4().hex
+        with tarfile.open(root / "webdataset" / f"shard-{commit}.tar", "w") as tar:
+            for row in rows:
+                fields = {k: v for k, v in row.items() if k != "png"}
+                fields["timestamp"] = fields["timestamp"].isoformat()
+                for name, data in ((f"{row['key']}.png", row["png"]), (f"{row['key']}.json",
+                                                                        json.dumps(fields).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        part = root / "parquet" / _model_dir(model) / f"part-{commit}.parquet"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), part)

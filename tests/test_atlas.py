@@ -8,20 +8,27 @@ without /usr/bin/chromedriver those tests are skipped with that hint.
 from __future__ import annotations
 
 import functools
+import html.parser
 import http.server
 import io
+import json
+import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import cli
 from pipeline.atlas import main
-from pipeline.views.atlas import build_site, model_slug
-from synthetic_store import CLIP, DEIT, MODELS, RECORD_COUNT, write_examples, write_store
+from pipeline.errors import PipelineError
+from pipeline.store.png import decode_png, encode_png
+from pipeline.views.atlas import build_site, key_slug, model_slug, thumbnail_pixels
+from synthetic_store import CLIP, DEIT, MODELS, RECORD_COUNT, records, write_examples, write_raw_store, write_store
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -46,7 +53,7 @@ def test_site_has_a_page_image_and_thumbnail_per_key_and_an_embedded_index(site)
         key = record["key"]
         assert (out / "features" / f"{key}.html").is_file()
         assert (out / "images" / f"{key}.png").read_bytes() == record["png"]
-        assert (out / "thumbs" / f"{key}.jpg").stat().st_size > 0
+        assert (out / "thumbs" / f"{key}.png").stat().st_size > 0
     assert {p.name for p in (out / "models").iterdir()} == {f"{model_slug(DEIT)}.html", f"{model_slug(CLIP)}.html"}
     assert model_slug(CLIP) != CLIP and "." not in model_slug(CLIP)
     assert (out / "atlas-index.js").read_text().startswith("window.ATLAS_INDEX = {")
@@ -108,6 +115,191 @@ def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
     assert status == 2 and "not of the form key=value" in output.err
     status, output = atlas(f"store.root={site['root']}", f"out={site['out']}")
     assert status == 0 and f"{RECORD_COUNT} images of 2 models; wrote 0 new" in output.out
+
+
+# ------------------------------------------------------------------ front page, thumbnails
+
+
+def _strips(index_html: str) -> list[tuple[str, list[str]]]:
+    """(label text, linked feature slugs) of each front-page strip, in page order."""
+    found = []
+    for chunk in index_html.split('<div class="strip-row">')[1:]:
+        label = re.sub(r"<[^>]+>", "", chunk.split("</p>")[0]).strip()
+        strip = chunk.split('<div class="strip">')[1].split("</div>")[0]
+        found.append((" ".join(label.split()), re.findall(r'href="features/([^"]+)\.html"', strip)))
+    return found
+
+
+def test_front_page_shows_each_weights_strongest_feature_per_layer_real_and_planted_before_random(site):
+    by_unit = {(r["model"], r["weights"], r["layer"], r["feature"]): key_slug(r["key"]) for r in site["records"]}
+    strips = _strips((site["out"] / "index.html").read_text())
+    # activation = layer + feature / 10 in the synthetic store: the last feature is each layer's strongest
+    assert strips == [
+        ("weights pretrained-openai", [by_unit[(CLIP, "pretrained-openai", layer, 2)] for layer in range(2)]),
+        ("weights planted-v1-0 planted weights: units wired to known colours and gratings, a check of the method",
+         [by_unit[(DEIT, "planted-v1-0", 1, 1)]]),
+        ("weights random-0 random weights: a baseline, expected to look like noise",
+         [by_unit[(DEIT, "random-0", layer, 3)] for layer in range(4)]),
+    ]
+    model_page = (site["out"] / "models" / f"{model_slug(DEIT)}.html").read_text()
+    assert model_page.index("weights planted-v1-0") < model_page.index("weights random-0")
+    assert "random weights: a baseline, expected to look like noise" in model_page
+
+
+def _noise(size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def _checker(size: int, cell: int) -> np.ndarray:
+    rows, cols = np.indices((size, size)) // cell
+    return np.repeat((((rows + cols) % 2) * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+@pytest.mark.parametrize("size", [224, 384, 160, 32])
+@pytest.mark.parametrize("pattern", ["noise", "checker-1px", "checker-2px"])
+def test_thumbnails_keep_fine_noisy_texture(size, pattern):
+    image = {"noise": _noise, "checker-1px": lambda n: _checker(n, 1), "checker-2px": lambda n: _checker(n, 2)}[
+        pattern](size)
+    thumb = decode_png(encode_png(thumbnail_pixels(image)))  # what the site stores: lossless PNG
+    assert max(thumb.shape[:2]) == min(size, 128)
+    assert thumb.std() > 0.5 * image.std(), f"{pattern} at {size} px: std {thumb.std():.1f} of {image.std():.1f}"
+    if size > 128:  # the method it replaces (Lanczos to 96 px, JPEG) greys the finest of them out
+        old = Image.fromarray(image)
+        old.thumbnail((96, 96), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        old.save(buffer, format="JPEG", quality=85)
+        if pattern == "checker-1px":
+            assert np.asarray(Image.open(buffer)).std() < 0.2 * image.std()
+
+
+def test_site_thumbnails_are_lossless_and_as_textured_as_the_image(tmp_path):
+    noisy = dict(records()[0], png=encode_png(_noise(224)), image_size=224)
+    write_raw_store(tmp_path / "store", [noisy])
+    build_site(str(tmp_path / "store"), tmp_path / "site")
+    thumb = decode_png((tmp_path / "site" / "thumbs" / f"{key_slug(noisy['key'])}.png").read_bytes())
+    assert thumb.shape == (128, 128, 3) and thumb.std() > 0.9 * _noise(224).std()
+
+
+# ------------------------------------------------------------------ crafted keys and bad images
+
+CRAFTED_KEYS = ["<script>alert(1)</script>", '"onmouseover=alert(2) x="', "/etc/passwd", "../../x",
+                "..", "a\\b\x00c", "k" * 300]
+
+
+@pytest.fixture(scope="module")
+def crafted_site(tmp_path_factory):
+    """A store whose keys, model, family, weights and labels are markup or paths; built into base/a/b/site."""
+    base = tmp_path_factory.mktemp("crafted")
+    template = records()[0]
+    crafted = []
+    for number, key in enumerate(CRAFTED_KEYS):
+        crafted.append(dict(template, key=key, feature=number, activation=float(number),
+                            label=f"</p><script>alert({number})</script>",
+                            model="<img src=x onerror=alert(3)>" if number % 2 else template["model"],
+                            family='"><svg onload=alert(4)>', weights='random-0"><b>',
+                            config='{"x": "</pre><script>alert(5)</script>"}'))
+    write_raw_store(base / "store", crafted)
+    write_examples(base / "store", [CRAFTED_KEYS[0], CRAFTED_KEYS[3]])
+    out = base / "a" / "b" / "site"
+    build_site(str(base / "store"), out)
+    return {"base": base, "out": out, "records": crafted}
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+SAFE_FILE = re.compile(r"[A-Za-z0-9_-]{1,120}(-r\d+)?\.(html|png|jpg|js|css|json)")
+SAFE_LINK = re.compile(r"(\.\./)?((features|models|images|thumbs|examples)/)?[A-Za-z0-9_-]{1,120}(-r\d+)?"
+                       r"\.(html|png|jpg|js|css)|data:,")
+
+
+def test_crafted_keys_write_no_file_outside_the_site_and_every_name_is_a_slug(crafted_site):
+    base, out = crafted_site["base"], crafted_site["out"]
+    outside = [p for p in base.rglob("*") if p.is_file() and out not in p.parents and (base / "store") not in p.parents]
+    assert outside == []
+    assert not (out.parent / "x.html").exists() and not (base / "a" / "x").exists()
+    for path in out.rglob("*"):
+        assert path.parent == out or path.parent.parent == out, path
+        if path.is_file():
+            assert SAFE_FILE.fullmatch(path.name), path.name
+    assert len(list((out / "features").iterdir())) == len(CRAFTED_KEYS)
+    assert len(list((out / "examples").iterdir())) == 6
+
+
+def test_crafted_text_is_escaped_wherever_it_lands(crafted_site):
+    out = crafted_site["out"]
+    pages = [out / "index.html", *(out / "models").iterdir(), *(out / "features").iterdir()]
+    for page in pages:
+        source = page.read_text()
+        assert "alert" not in source or "<script>alert" not in source, page
+        for needle in ("<img src=x", "<svg onload", "<b>", "</pre><script>"):
+            assert needle not in source, (page, needle)
+        parser = _Tags()
+        parser.feed(source)
+        for tag, attrs in parser.tags:
+            assert not [name for name in attrs if name.startswith("on")], (page, tag, attrs)
+            assert tag != "script" or attrs.get("src") in ("atlas.js", "atlas-index.js", "../atlas.js"), (page, attrs)
+            for name in ("href", "src"):
+                if name in attrs:
+                    assert SAFE_LINK.fullmatch(attrs[name]), (page, tag, attrs)
+    feature = (out / "features" / f"{key_slug(CRAFTED_KEYS[0])}.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in feature  # the key, shown escaped in the provenance
+    assert "&lt;/p&gt;&lt;script&gt;alert(0)&lt;/script&gt;" in feature  # the label
+    assert "&lt;/pre&gt;&lt;script&gt;alert(5)&lt;/script&gt;" in feature  # the config
+    index = json.loads((out / "atlas-index.js").read_text().removeprefix("window.ATLAS_INDEX = ").rstrip(";\n"))
+    assert {record[0] for record in index["records"]} == {key_slug(key) for key in CRAFTED_KEYS}
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", record[0]) for record in index["records"])
+
+
+def test_keys_that_would_share_a_page_are_refused_before_anything_is_written(tmp_path):
+    template = records()[0]
+    for keys in (["x/y", key_slug("x/y")], ["Key1", "key1"], [""]):
+        root = tmp_path / f"store-{len(list(tmp_path.iterdir()))}"
+        write_raw_store(root, [dict(template, key=key, feature=i) for i, key in enumerate(keys)])
+        with pytest.raises(PipelineError) as error:
+            build_site(str(root), tmp_path / "site")
+        message = str(error.value)
+        assert "\n" not in message and all(repr(key) in message for key in keys if key), message
+        assert not (tmp_path / "site").exists()
+
+
+def test_a_record_whose_png_does_not_decode_gets_a_placeholder_a_warning_and_a_count(tmp_path, caplog, capsys):
+    good, bad, cut = records()[:3]
+    bad = dict(bad, png=b"this is not a png")
+    cut = dict(cut, png=cut["png"][:60])
+    write_raw_store(tmp_path / "store", [good, bad, cut])
+    with caplog.at_level(logging.WARNING, logger="pipeline.views.atlas"):
+        report = build_site(str(tmp_path / "store"), tmp_path / "site")
+    assert report.unreadable == tuple(sorted([bad["key"], cut["key"]]))
+    assert report.pages_written == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    for record, message in zip(sorted([bad, cut], key=lambda r: r["key"]), sorted(warnings)):
+        assert repr(record["key"]) in message and "does not decode" in message
+        assert "verify" in message and f"store.root={tmp_path / 'store'}" in message and "re-run the sweep" in message
+    site = tmp_path / "site"
+    page = (site / "features" / f"{bad['key']}.html").read_text()
+    assert "does not decode" in page and 'class="visualization placeholder"' in page
+    assert not (site / "images" / f"{bad['key']}.png").exists()
+    assert decode_png((site / "thumbs" / f"{bad['key']}.png").read_bytes()).shape == (128, 128, 3)
+    assert (site / "images" / f"{good['key']}.png").read_bytes() == good["png"]
+    assert 'class="unreadable"' in (site / "models" / f"{model_slug(DEIT)}.html").read_text()
+
+    # the next build tries them again (a repaired store would show them) and still counts them
+    status = cli.run(main, [f"store.root={tmp_path / 'store'}", f"out={site}"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "wrote 2 new feature pages, kept 1; 2 images unreadable, shown as placeholders (see the warnings)" in out
 
 
 # ------------------------------------------------------------------ in a browser
@@ -247,6 +439,28 @@ def test_filters_change_what_is_shown(browser, base_url):
     check_page(browser, "the search results")
     browser.find_element(By.ID, "search-results").find_element(By.TAG_NAME, "a").click()
     wait_for(lambda: "layer 1 · feature 0" in browser.find_element(By.TAG_NAME, "h1").text, "a search result's page")
+
+
+def test_crafted_keys_run_no_script_in_a_browser(browser, crafted_site):
+    """The pages of the crafted store load, link and search without running any of its text as script."""
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    out = crafted_site["out"]
+    marker = "window.__injected = (window.__injected || 0) + 1"
+    for page in ["index.html", *(f"{p.parent.name}/{p.name}" for p in sorted((out / "models").iterdir())),
+                 f"features/{key_slug(CRAFTED_KEYS[0])}.html", f"features/{key_slug(CRAFTED_KEYS[1])}.html"]:
+        browser.get((out / page).as_uri())
+        browser.execute_script(marker.replace("+ 1", "+ 0"))
+        if page == "index.html":
+            browser.find_element(By.ID, "search-feature").send_keys("0-9")
+            wait_for(lambda: browser.find_element(By.ID, "search-count").text == f"{len(CRAFTED_KEYS)} matches",
+                     "the search over crafted records")
+            hrefs = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#search-results a")]
+            assert all(href.startswith(out.as_uri() + "/features/") for href in hrefs), hrefs
+        with pytest.raises(NoAlertPresentException):
+            browser.switch_to.alert.text  # noqa: B018  (an injected alert() would be open now)
+        assert browser.execute_script("return document.querySelectorAll('svg[onload], img[onerror], b').length") == 0
 
 
 @pytest.mark.skipif(not os.environ.get("ATLAS_SCREENSHOT"), reason="set ATLAS_SCREENSHOT=store-root to refresh docs")

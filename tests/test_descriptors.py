@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.engine import descriptors
-from pipeline.analysis import images as images_lib
+from pipeline.store.png import encode_png
 from pipeline.engine.descriptors import (DESCRIPTORS, baseline_gap, describe, describe_png, descriptor_table,
                                   reliability, seed_similarity, superstimulus_ratio)
 
@@ -176,7 +176,7 @@ def test_noise_compresses_far_worse_than_flat():
 
 def test_tensor_and_its_stored_png_describe_alike():
     image = torch.cat([uniform_noise()[:, :, :100], grating(8)[:, :, 100:]], dim=2)
-    stored = images_lib.png((image.clamp(0, 1) * 255).round().to(torch.uint8))  # the worker's quantization
+    stored = encode_png(image)  # how the worker stores it: clamp, x255, round half to even, uint8
     from_tensor, from_png = describe(image), describe_png(stored)
     assert from_tensor == from_png
     assert from_tensor["png_bytes"] == len(stored)

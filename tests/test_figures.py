@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.figures import main
-from pipeline.views.figures import contact_sheet_figure, progression_figure
+from pipeline.views.figures import RANDOM_CAPTION, contact_sheet_figure, progression_figure, write_figures
 from pipeline.views.readers import open_store
-from synthetic_store import CLIP, DEIT
+from synthetic_store import CLIP, DEIT, records, write_raw_store
 
 
 def test_progression_has_one_row_per_model_and_weights_and_a_panel_per_layer(synthetic_store_root):
@@ -23,6 +25,52 @@ def test_progression_has_one_row_per_model_and_weights_and_a_panel_per_layer(syn
         f"{DEIT}\nplanted-v1-0", f"{DEIT}\nrandom-0", f"{CLIP}\npretrained-openai"]
     assert [axes.get_title() for axes in progression_figure(atlas, models=[CLIP]).axes] == [
         "layer 0 · f2", "layer 1 · f2"]
+
+
+def test_progression_columns_are_layers_with_headers_and_empty_cells_where_a_row_has_none(synthetic_store_root):
+    figure = progression_figure(open_store(str(synthetic_store_root)))
+    cells = {}
+    for axes in figure.axes:
+        spec = axes.get_subplotspec()
+        cells[(spec.rowspan.start, spec.colspan.start)] = axes.get_title().split(" · ")[0]
+    # rows: deit planted (layer 1 only), deit random (0-3), clip (0-1); columns: layers 0-3
+    assert cells == {(0, 1): "layer 1",
+                     (1, 0): "layer 0", (1, 1): "layer 1", (1, 2): "layer 2", (1, 3): "layer 3",
+                     (2, 0): "layer 0", (2, 1): "layer 1"}
+    empty = {(row, column) for row in range(3) for column in range(4)} - set(cells)
+    assert empty == {(0, 0), (0, 2), (0, 3), (2, 2), (2, 3)}
+    # a header per column, centred over the column's panels
+    headers = {text.get_text(): text for text in figure.texts if text.get_text().startswith("layer ")}
+    assert sorted(headers) == [f"layer {layer}" for layer in range(4)]
+    for axes in figure.axes:
+        box = axes.get_position()
+        header = headers[axes.get_title().split(" · ")[0]]
+        assert header.get_position()[0] == pytest.approx((box.x0 + box.x1) / 2)
+        assert header.get_position()[1] > box.y1
+    # random weights say what they are, beside their own row
+    captions = [text for text in figure.texts if text.get_text() == RANDOM_CAPTION]
+    assert len(captions) == 1
+    random_row = [axes.get_position() for axes in figure.axes if axes.get_subplotspec().rowspan.start == 1]
+    assert random_row[0].y0 < captions[0].get_position()[1] < random_row[0].y1
+
+
+def test_figures_draw_a_placeholder_for_an_image_that_does_not_decode(tmp_path, caplog):
+    made = [r for r in records() if r["weights"] == "random-0"]
+    broken = next(r for r in made if (r["layer"], r["feature"]) == (2, 3))  # layer 2's strongest feature
+    broken["png"] = b"\x89PNG\r\n\x1a\n but then nothing"
+    write_raw_store(tmp_path / "store", made)
+    atlas = open_store(str(tmp_path / "store"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.views.figures"):
+        figure = progression_figure(atlas)
+    assert [axes.get_title() for axes in figure.axes] == [f"layer {layer} · f3" for layer in range(4)]
+    assert [len(axes.images) for axes in figure.axes] == [1, 1, 0, 1]  # the placeholder draws no image
+    assert any(text.get_text().startswith("image does") for text in figure.axes[2].texts)
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert repr(broken["key"]) in message and "does not decode" in message and "verify" in message
+    assert "re-run the sweep" in message
+
+    written = write_figures(str(tmp_path / "store"), tmp_path / "figures")
+    assert len(written) == 2 * 5 and all(path.stat().st_size > 0 for path in written)
 
 
 def test_contact_sheet_shows_every_feature_of_a_layer(synthetic_store_root):

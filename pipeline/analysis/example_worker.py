@@ -18,7 +18,9 @@ from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.engine.activations import ActivationReader
 from pipeline.execution.worker import ModelWorker
+from pipeline.store.png import encode_png
 from pipeline.store.schemas import EXAMPLE_SLICES
+
 
 @dataclass(frozen=True)
 class ExampleTask:
@@ -58,8 +60,8 @@ class ExampleWorker(ModelWorker):
     def _reader(self, task: ExampleTask) -> tuple[ActivationReader, images_lib.Preprocess]:
         def build() -> tuple[ActivationReader, images_lib.Preprocess]:
             model = weights_lib.load(task.model, task.weights, self.device)
-            return (ActivationReader(model, zoo.layout(task.model, task.weights.img_size)),
-                    images_lib.Preprocess.from_config(model.pretrained_cfg))
+            layout = zoo.layout(task.model, task.weights.img_size)
+            return ActivationReader(model, layout), images_lib.Preprocess.for_model(model, layout.input_size)
 
         return self.cached((task.model, task.weights), build)
 
@@ -72,9 +74,10 @@ class ExampleWorker(ModelWorker):
         columns = {layer: torch.tensor(features, device=self.device) for layer, features in by_layer.items()}
         best: dict[int, _TopK] = {}
         thumbnails: list[torch.Tensor] = []
-        for start in range(0, len(task.images), task.batch_size):
-            stop = min(start + task.batch_size, len(task.images))
-            crops = torch.stack([preprocess.crop(task.images.load(i).pixels) for i in range(start, stop)])
+        start = 0
+        for loaded in task.images.batches(task.batch_size):  # each tar of the slice read once, in order
+            stop = start + len(loaded)
+            crops = torch.stack([preprocess.crop(image.pixels) for image in loaded])
             thumbnails.extend(images_lib.thumbnail(crop, task.thumbnail) for crop in crops)
             activations = reader.read_layers(preprocess.normalize(crops.to(self.device)), list(by_layer))
             for layer, tokens in activations.items():
@@ -84,6 +87,7 @@ class ExampleWorker(ModelWorker):
                 if layer not in best:
                     best[layer] = _TopK(values[:0], indices[:0], maps[:0])
                 best[layer].update(values, indices, maps, task.k)
+            start = stop
         return self._rows(task, reader.layout, by_layer, best, thumbnails)
 
     def _rows(self, task: ExampleTask, layout: zoo.ModelLayout, by_layer: dict[int, list[int]],
@@ -97,7 +101,7 @@ class ExampleWorker(ModelWorker):
                 for rank in range(top.values.shape[0]):
                     index = int(top.indices[rank, column])
                     if index not in encoded:
-                        encoded[index] = images_lib.png(thumbnails[index])
+                        encoded[index] = encode_png(thumbnails[index])
                     rows.append({"layer": layer, "feature": feature, "rank": rank,
                                  "image_id": task.images.refs[index].image_id,
                                  "activation": float(top.values[rank, column]), "thumbnail": encoded[index],

@@ -9,15 +9,22 @@ Two layouts are read, chosen by what the path is:
   key, with an image (jpg/jpeg/png/webp) and an integer ``cls``.
 
 Every image has a deterministic id: its path relative to the ImageFolder root,
-or ``<tar stem>/<sample key>``. Boxes come from ImageNet's XML annotations
+or ``<tar stem>/<sample key>``. A tar's samples come in the tar's own order (as
+WebDataset reads them), and a pass over a set or a slice of it
+(:meth:`ImageSet.images`, :meth:`ImageSet.batches`) opens each tar once and reads
+it front to back: the index records where each image's bytes lie. Boxes come
+from ImageNet's XML annotations
 (PASCAL VOC: a directory of ``<image stem>.xml``, searched recursively) or from
 a CSV ``image_id,xmin,ymin,xmax,ymax[,label]`` whose ``image_id`` is the image id
 or its file stem; both are in the original image's pixel coordinates.
 
-:class:`Preprocess` is the model's own evaluation transform (timm's: resize the
-shorter side to ``size / crop_pct``, centre crop to the native size, normalize).
-It works on full-resolution pixels, so a probe masks boxes *before* the resize
-and crop, as the paper did, and can map a box into crop coordinates.
+:class:`Preprocess` is the model's own evaluation transform, as timm builds it
+(``timm.data.resolve_model_data_config`` + ``create_transform``: resize the
+shorter side to ``size / crop_pct``, centre crop to the native size, normalize);
+its pixels are timm's. It adds what timm does not give: it takes full-resolution
+pixels, so a probe masks boxes *before* the resize and crop, as the paper did,
+and it maps a box from the original image into crop coordinates, with the
+geometry of the same resize and crop.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ import math
 import os
 import tarfile
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -62,6 +72,8 @@ class ImageRef:
     class_name: str | None  # the folder (synset) name, when the layout names classes
     source: str  # the image file, or the tar holding it
     member: str | None = None  # the tar member, for WebDataset samples
+    offset: int | None = None  # where the member's bytes start in the (uncompressed) tar, and how many
+    length: int | None = None
 
     @property
     def stem(self) -> str:
@@ -107,8 +119,26 @@ class ImageSet:
         return self.boxes.get(ref.stem, ())
 
     def load(self, index: int) -> LabelledImage:
+        """One image, read on its own (a pass over many should use :meth:`images`)."""
         ref = self.refs[index]
         return LabelledImage(ref, read_pixels(ref), self.boxes_of(ref))
+
+    def images(self) -> Iterator[LabelledImage]:
+        """Every image in order; each tar is opened once for the whole pass and read front to back."""
+        with _Sources() as sources:
+            for ref in self.refs:
+                yield LabelledImage(ref, _decode(sources.read(ref), ref), self.boxes_of(ref))
+
+    def batches(self, batch_size: int) -> Iterator[list[LabelledImage]]:
+        """:meth:`images` in lists of ``batch_size`` (the last may be shorter)."""
+        batch: list[LabelledImage] = []
+        for image in self.images():
+            batch.append(image)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 def open_images(path: str, boxes: str | None = None, limit: int | None = None) -> ImageSet:
@@ -165,43 +195,82 @@ def _webdataset_refs(path: str) -> list[ImageRef]:
         raise PipelineError(f"No WebDataset tars match '{path}'. Check the path or pattern.")
     refs = []
     for tar_path in tars:
-        samples: dict[str, dict[str, str]] = {}
+        samples: dict[str, tarfile.TarInfo] = {}  # key -> image member, in the tar's order
         labels: dict[str, int] = {}
         try:
-            with tarfile.open(tar_path) as tar:
-                for member in tar.getmembers():
+            # "r:" reads uncompressed tars only: the index keeps byte offsets into the file.
+            with tarfile.open(tar_path, "r:") as tar:
+                for member in tar:  # one pass over the headers, seeking past the data
                     if not member.isfile():
                         continue
                     directory, _, base = member.name.rpartition("/")
                     stem, _, ext = base.partition(".")
                     key = f"{directory}/{stem}" if directory else stem
                     if ext.lower() in _WDS_IMAGE_EXTS:
-                        samples.setdefault(key, {})["image"] = member.name
+                        samples.setdefault(key, member)
                     elif ext.lower() == "cls":
                         labels[key] = int(tar.extractfile(member).read().decode().strip())
         except (tarfile.TarError, OSError, ValueError) as error:
             raise PipelineError(
-                f"WebDataset tar '{tar_path}' could not be indexed ({type(error).__name__}: {error}); every "
-                f"sample needs an image member and an integer .cls member."
+                f"WebDataset tar '{tar_path}' could not be indexed ({type(error).__name__}: {error}); it must be an "
+                f"uncompressed tar in which every sample has an image member and an integer .cls member."
             ) from None
-        for key in sorted(samples):
+        for key, member in samples.items():
             if key not in labels:
                 raise PipelineError(f"WebDataset sample '{key}' in '{tar_path}' has no .cls label member.")
-            refs.append(ImageRef(f"{Path(tar_path).stem}/{key}", labels[key], None, tar_path,
-                                 samples[key]["image"]))
+            refs.append(ImageRef(f"{Path(tar_path).stem}/{key}", labels[key], None, tar_path, member.name,
+                                 member.offset_data, member.size))
     if not refs:
         raise PipelineError(f"The WebDataset tars at '{path}' hold no image samples.")
     return refs
 
 
 def read_pixels(ref: ImageRef) -> torch.Tensor:
-    """(3, H, W) float in [0, 1] at the image's own resolution."""
-    if ref.member is None:
-        image = Image.open(ref.source)
-    else:
-        with tarfile.open(ref.source) as tar:
-            image = Image.open(io.BytesIO(tar.extractfile(ref.member).read()))
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    """(3, H, W) float in [0, 1] at the image's own resolution (one image; see ImageSet.images for passes)."""
+    with _Sources() as sources:
+        return _decode(sources.read(ref), ref)
+
+
+class _Sources:
+    """Open files of one pass: each image file or tar is opened at most once, and closed at the end."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self._open: dict[str, BinaryIO] = {}
+
+    def __enter__(self) -> "_Sources":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def read(self, ref: ImageRef) -> bytes:
+        if ref.member is None:
+            with open(ref.source, "rb") as handle:
+                return handle.read()
+        if ref.offset is None or ref.length is None:  # a ref made elsewhere, without the index's offsets
+            with tarfile.open(ref.source) as tar:
+                return tar.extractfile(ref.member).read()
+        handle = self._open.get(ref.source)
+        if handle is None:
+            handle = self._open[ref.source] = self._stack.enter_context(open(ref.source, "rb"))
+        if handle.tell() != ref.offset:  # in tar order this is the current position: no seek at all
+            handle.seek(ref.offset)
+        data = handle.read(ref.length)
+        if len(data) != ref.length:
+            raise PipelineError(f"WebDataset tar '{ref.source}' ends inside sample '{ref.member}' (expected "
+                                f"{ref.length} bytes at offset {ref.offset}); the tar changed since it was indexed.")
+        return data
+
+
+def _decode(data: bytes, ref: ImageRef) -> torch.Tensor:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError) as error:
+        where = ref.source if ref.member is None else f"{ref.source}:{ref.member}"
+        raise PipelineError(f"Image '{ref.image_id}' ({where}) cannot be decoded ({type(error).__name__}: "
+                            f"{error}); replace or remove the file.") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -273,7 +342,10 @@ def box_mask(height: int, width: int, boxes: tuple[Box, ...]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where a full-resolution image lands: resized to (height, width), then cropped at (top, left)."""
+    """Where a full-resolution image lands: resized to (height, width), then cropped at (top, left).
+
+    A negative top or left is the padding a centre crop larger than the resized image adds before it.
+    """
 
     height: int
     width: int
@@ -283,48 +355,101 @@ class Geometry:
     scale_x: float
 
 
+# The eval pipelines whose geometry Preprocess knows: timm's "center" (shorter side) and "squash" crops.
+_PIPELINE = ("Resize", "CenterCrop", "MaybeToTensor", "Normalize")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """A model's evaluation transform: resize the shorter side, centre crop, normalize."""
+    """A model's evaluation transform (timm's resize, centre crop and normalization) on full-resolution pixels.
+
+    Build it with :meth:`for_model` (or :meth:`from_config`), which take timm's own transform for the
+    model; constructing it from the numbers builds the same pipeline from the same pieces.
+    """
 
     size: tuple[int, int]  # crop (height, width): the model's native input
-    resize: int  # the shorter side after resizing
-    interpolation: str  # bilinear | bicubic
+    resize: int | tuple[int, int]  # the shorter side after resizing, or (height, width) for a squash resize
+    interpolation: str  # timm's name: bilinear | bicubic | ...
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # The resize, crop and conversion to a [0, 1] tensor (timm's pipeline, without its Normalize).
+    pixels_transform: Callable | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.pixels_transform is None:
+            from timm.data.transforms import MaybeToTensor, str_to_interp_mode
+            from torchvision import transforms
+
+            pipeline = transforms.Compose([
+                transforms.Resize(self.resize, interpolation=str_to_interp_mode(self.interpolation)),
+                transforms.CenterCrop(self.size),
+                MaybeToTensor(),
+            ])
+            object.__setattr__(self, "pixels_transform", pipeline)
+
+    @classmethod
+    def for_model(cls, model, input_size: tuple[int, int, int] | None = None) -> "Preprocess":
+        """The model's evaluation transform: ``timm.data.resolve_model_data_config(model)``, at
+        ``input_size`` for a model built at another size than its pretrained config's (model.img_size)."""
+        import timm.data
+
+        config = timm.data.resolve_model_data_config(model)
+        return cls.from_data_config({**config, "input_size": tuple(input_size)} if input_size else config)
 
     @classmethod
     def from_config(cls, pretrained_cfg: dict) -> "Preprocess":
-        _, height, width = pretrained_cfg["input_size"]
-        crop_pct = pretrained_cfg.get("crop_pct") or 1.0
-        interpolation = pretrained_cfg.get("interpolation") or "bicubic"
-        if interpolation not in ("bilinear", "bicubic"):
-            interpolation = "bicubic"
-        return cls((height, width), math.floor(min(height, width) / crop_pct), interpolation,
-                   tuple(pretrained_cfg["mean"]), tuple(pretrained_cfg["std"]))
+        """The evaluation transform of a timm ``pretrained_cfg``: ``timm.data.resolve_data_config``."""
+        import timm.data
+
+        return cls.from_data_config(timm.data.resolve_data_config(pretrained_cfg=dict(pretrained_cfg)))
+
+    @classmethod
+    def from_data_config(cls, config: dict) -> "Preprocess":
+        """``timm.data.create_transform(**config)`` for evaluation, with its numbers read back for the geometry."""
+        import timm.data
+        from timm.data.transforms import interp_mode_to_str
+        from torchvision import transforms
+
+        transform = timm.data.create_transform(**config, is_training=False)
+        steps = list(getattr(transform, "transforms", [transform]))
+        kinds = tuple(type(step).__name__ for step in steps)
+        if kinds != _PIPELINE:
+            raise PipelineError(
+                f"timm's evaluation transform for this model ({' -> '.join(kinds)}, from crop_mode="
+                f"{config.get('crop_mode')!r}, input_size={config.get('input_size')}) is not a resize followed by "
+                "a centre crop, whose geometry the probes and dataset examples map boxes and patches through. Use "
+                "a model whose data config has crop_mode 'center' (square input) or 'squash'."
+            )
+        resize, crop, _, normalize = steps
+        size = resize.size if isinstance(resize.size, int) else tuple(resize.size)
+        if isinstance(size, tuple) and len(size) == 1:
+            size = size[0]
+        return cls(tuple(crop.size), size, interp_mode_to_str(resize.interpolation),
+                   tuple(float(v) for v in normalize.mean), tuple(float(v) for v in normalize.std),
+                   transforms.Compose(steps[:-1]))
 
     def geometry(self, height: int, width: int) -> Geometry:
-        if height <= width:
+        """The resize and crop as torchvision's Resize and CenterCrop compute them."""
+        if isinstance(self.resize, tuple):
+            new_h, new_w = self.resize
+        elif height <= width:
             new_h, new_w = self.resize, int(self.resize * width / height)
         else:
             new_h, new_w = int(self.resize * height / width), self.resize
-        top = int(round((new_h - self.size[0]) / 2.0))
-        left = int(round((new_w - self.size[1]) / 2.0))
-        return Geometry(new_h, new_w, top, left, new_h / height, new_w / width)
+        return Geometry(new_h, new_w, _crop_start(new_h, self.size[0]), _crop_start(new_w, self.size[1]),
+                        new_h / height, new_w / width)
 
     def crop(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Full-resolution (3, H, W) in [0, 1] -> the model's crop (3, h, w) in [0, 1], not normalized."""
-        g = self.geometry(pixels.shape[-2], pixels.shape[-1])
-        if (g.height, g.width) != tuple(pixels.shape[-2:]):
-            pixels = F.interpolate(pixels[None], size=(g.height, g.width), mode=self.interpolation,
-                                   align_corners=False, antialias=True)[0].clamp(0, 1)
-        if g.top < 0 or g.left < 0:  # an image smaller than the crop: pad with zeros, as torchvision does
-            pixels = F.pad(pixels, (max(0, -g.left), max(0, -g.left), max(0, -g.top), max(0, -g.top)))
-            g = Geometry(g.height, g.width, max(0, g.top), max(0, g.left), g.scale_y, g.scale_x)
-        return pixels[:, g.top:g.top + self.size[0], g.left:g.left + self.size[1]]
+        """Full-resolution (3, H, W) in [0, 1] -> the model's crop (3, h, w) in [0, 1], not normalized.
+
+        The pixels go through timm's pipeline as the 8-bit image they were decoded from (masking
+        multiplies by 0 or 1, which keeps them 8-bit values).
+        """
+        array = (pixels.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return self.pixels_transform(Image.fromarray(np.ascontiguousarray(array)))
 
     def normalize(self, crops: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) crops in [0, 1] -> model input."""
+        """(B, 3, h, w) crops in [0, 1] -> model input, with timm's mean and std."""
         mean = torch.tensor(self.mean, device=crops.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=crops.device).view(1, 3, 1, 1)
         return (crops - mean) / std
@@ -352,13 +477,14 @@ class Preprocess:
         return cells.flatten()
 
 
+def _crop_start(length: int, crop: int) -> int:
+    """torchvision's CenterCrop: a side shorter than the crop is padded (the odd pixel at the end), else centred."""
+    if crop > length:
+        return -((crop - length) // 2)
+    return int(round((length - crop) / 2.0))
+
+
 def thumbnail(crop: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, size, size) uint8 thumbnail of a crop, for PNG encoding."""
+    """(3, size, size) uint8 thumbnail of a crop, for ``pipeline.store.png.encode_png``."""
     small = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     return (small.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def png(image_uint8: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image_uint8.permute(1, 2, 0).numpy())).save(buffer, format="PNG")
-    return buffer.getvalue()

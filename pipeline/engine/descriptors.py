@@ -71,7 +71,6 @@ different native sizes after resizing to one size, or within a size.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -79,7 +78,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+
+from pipeline.store.png import decode_png, encode_png
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601 on gamma-encoded R'G'B', as Pillow's "L"
 HIGH_FREQUENCY_CUTOFF = 0.25  # cycles/pixel, inclusive: periods of 4 px or shorter (the grid's top octave)
@@ -134,8 +134,8 @@ def describe(image: torch.Tensor | np.ndarray, png: bytes | None = None) -> dict
 
     ``image``: a float tensor (3, H, W) in [0, 1] (quantized to 8 bits as the worker stores it), or
     a uint8 numpy array (H, W, 3). ``png``: the record's stored PNG bytes, whose length is then
-    ``png_bytes``; without them the image is encoded as the worker does (Pillow's defaults, which
-    are deterministic), giving the same size.
+    ``png_bytes``; without them the image is encoded as the worker does (``pipeline.store.png.encode_png``:
+    Pillow's defaults, which are deterministic), giving the same size.
     """
     rgb = _as_uint8_hwc(image)
     grey = _grey(rgb)
@@ -149,15 +149,13 @@ def describe(image: torch.Tensor | np.ndarray, png: bytes | None = None) -> dict
         "edge_density": _edge_density(grey),
         "rms_contrast": 0.0 if flat else math.sqrt(variance),
         "colourfulness": _colourfulness(rgb),
-        "png_bytes": float(len(png) if png is not None else len(_encode_png(rgb))),
+        "png_bytes": float(len(png) if png is not None else len(encode_png(rgb))),
     }
 
 
 def describe_png(png: bytes) -> dict[str, float]:
     """``describe`` of a record's stored image, from its PNG bytes (decoded in memory, as RGB)."""
-    with Image.open(io.BytesIO(png)) as decoded:
-        rgb = np.asarray(decoded.convert("RGB"))
-    return describe(rgb, png=png)
+    return describe(decode_png(png), png=png)
 
 
 def _as_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -171,7 +169,7 @@ def _as_uint8_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
         values = image.numpy()
         if not np.isfinite(values).all():
             raise ValueError("The image holds non-finite values.")
-        # The worker's quantization (pipeline.worker.png_bytes: clamp, x255, round half to even, in the
+        # The worker's quantization (pipeline.store.png.encode_png: clamp, x255, round half to even, in the
         # tensor's precision; half types as float32), in numpy: small torch ops are slow on a busy CPU.
         scaled = np.round(np.clip(values, 0, 1) * values.dtype.type(255))
         rgb = scaled.astype(np.uint8).transpose(1, 2, 0)
@@ -240,13 +238,6 @@ def _colourfulness(rgb: np.ndarray) -> float:
     spread = math.hypot(float(rg.std()), float(yb.std()))
     offset = math.hypot(float(rg.mean()), float(yb.mean()))
     return spread + COLOURFULNESS_MEAN_WEIGHT * offset
-
-
-def _encode_png(rgb: np.ndarray) -> bytes:
-    """The worker's encoding (pipeline.worker.png_bytes): Pillow, format PNG, default options."""
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # --- agreement of a unit's seeds ------------------------------------------------------------------

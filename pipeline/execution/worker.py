@@ -12,7 +12,6 @@ and retries each half.
 
 from __future__ import annotations
 
-import io
 import socket
 import time
 from collections import OrderedDict
@@ -20,15 +19,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Hashable, TypeVar
 
-import numpy as np
 import torch
-from PIL import Image
 
 import pipeline
 from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.engine.objectives import parse_objective
 from pipeline.engine.optimize import seed_for
 from pipeline.execution.plan import Chunk
+from pipeline.store.png import encode_png
 
 NONFINITE_RETRIES = 1
 T = TypeVar("T")
@@ -42,10 +40,7 @@ class ChunkResult:
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(image)
 
 
 class ModelWorker:

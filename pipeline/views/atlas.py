@@ -4,52 +4,72 @@
 
 Layout of the site::
 
-    index.html              models by family, each with its layer strip; client-side search
+    index.html              models by family; per weights a strip of each layer's strongest feature; search
     models/<model>.html      per model (and weights/target/objective/config): layers x features, early -> late
     features/<key>.html      one visualization: image, activation, label, provenance, dataset examples
     images/<key>.png         the record's image as stored
-    thumbs/<key>.jpg         small thumbnails the grids and search show (lazy-loaded)
+    thumbs/<key>.png         thumbnails the grids and search show (lazy-loaded), subsampled, never averaged
     examples/<key>-r<rank>.jpg   dataset examples with their activation map overlaid, if the store has them
     atlas-index.js           the search index as a script that sets a global, since fetch() of a
                              local JSON file is refused under file://
     manifest.json            which keys have their pages, so a re-run writes only new ones
 
+``<key>`` and ``<model>`` are safe slugs (:func:`key_slug`, :func:`model_slug`): the key or name
+itself when it holds only ``A-Za-z0-9_-``, else those characters plus a hash, so no record can
+name a file outside the site or break out of an attribute. Pages are Jinja2 templates
+(``templates/``, one base layout) rendered with autoescaping, so every text from the store is
+escaped where it lands.
+
 Pages, images and thumbnails of a key are written once; a re-run writes those
 of new keys (and of keys whose dataset examples changed), then rewrites the
 index, model pages and search index, which summarise every key. The manifest is
-written last, so an interrupted run is completed by the next.
+written last, so an interrupted run is completed by the next. A record whose PNG
+does not decode gets a placeholder and a warning, is counted in the build report,
+and is tried again by the next run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import html
-import io
 import json
+import logging
 import os
 import re
-import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jinja2
+import markupsafe
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from pipeline import cli
 from pipeline.errors import PipelineError
+from pipeline.store.png import PngDecodeError, decode_png, encode_png
 from pipeline.store.schemas import EXAMPLES
 from pipeline.views.readers import METADATA_COLUMNS, AtlasStore, open_store
 
+log = logging.getLogger(__name__)
+
 # Part of the manifest: a site written by other page templates is rebuilt whole.
-SITE_VERSION = 1
-THUMB_SIZE = 96
+SITE_VERSION = 2
+THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so browsers do not average either)
 EXAMPLE_SIZE = 128
 USAGE = "usage: python -m pipeline.atlas store.root=DIR out=SITE_DIR"
+# What to do about a record whose image does not decode ({root}: the store root).
+REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true"
+REPAIR_HINT = (f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to "
+               "recompute it.")
+# A manifest entry that makes the next run try a key again.
+_UNREADABLE = "unreadable"
 
+_MAX_NAME = 100
+_SAFE_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{_MAX_NAME}}}")
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _ASSETS = Path(__file__).with_name("atlas_assets")
 
@@ -61,12 +81,7 @@ class BuildReport:
     pages_written: int
     pages_kept: int
     index: Path
-
-
-def model_slug(model: str) -> str:
-    """A file name for a model page; names with '/', ':' or '.' get a hash so two never collide."""
-    slug = _SLUG_UNSAFE.sub("_", model)
-    return slug if slug == model else f"{slug}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+    unreadable: tuple[str, ...] = ()  # keys whose image does not decode: shown as placeholders
 
 
 def build_site(store_root: str, out: str | Path, workers: int | None = None) -> BuildReport:
@@ -81,24 +96,27 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
     manifest = _read_manifest(manifest_path)
     fingerprints = examples.fingerprints()
     rows = {row["key"]: row for row in records.to_pylist()}
-    pending = [key for key in rows
-               if manifest.get(key) != fingerprints.get(key, "") or not (out / "features" / f"{key}.html").exists()]
+    _check_names(rows)
+    pending = [key for key in rows if manifest.get(key) != fingerprints.get(key, "")
+               or not (out / "features" / f"{key_slug(key)}.html").exists()]
 
     for folder in ("features", "images", "thumbs", "examples", "models"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     if not manifest_path.exists():  # marks the directory as an atlas, so an interrupted first run can resume
         _write_manifest(manifest_path, {})
-    _write_pages(atlas, out, rows, pending, examples, workers or min(4, os.cpu_count() or 1))
+    unreadable = _write_pages(atlas, out, rows, pending, examples, workers or min(4, os.cpu_count() or 1))
+    broken = frozenset(unreadable)
 
     models = _group_models(rows.values())
     for model, variants in models.items():
-        _write_text(out / "models" / f"{model_slug(model)}.html", _model_page(model, variants))
-    _write_text(out / "index.html", _index_page(models, len(rows)))
+        _write_text(_site_file(out, "models", f"{model_slug(model)}.html"), _model_page(model, variants, broken))
+    _write_text(out / "index.html", _index_page(models, len(rows), broken))
     _write_text(out / "atlas-index.js", _search_index(models))
     for asset in ("atlas.css", "atlas.js"):
         _write_text(out / asset, (_ASSETS / asset).read_text())
-    _write_manifest(manifest_path, {key: fingerprints.get(key, "") for key in rows})
-    return BuildReport(len(rows), len(models), len(pending), len(rows) - len(pending), out / "index.html")
+    _write_manifest(manifest_path, {key: _UNREADABLE if key in broken else fingerprints.get(key, "") for key in rows})
+    return BuildReport(len(rows), len(models), len(pending), len(rows) - len(pending), out / "index.html",
+                       tuple(sorted(unreadable)))
 
 
 # ------------------------------------------------------------------ inputs
@@ -171,34 +189,95 @@ def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
 
 def _variant_order(variant: tuple) -> tuple:
     weights, target, objective, config_hash = variant
-    return (target != "mlp", target, weights, objective, config_hash)  # MLP features, the interpretable ones, first
+    # MLP features, the interpretable ones, first; then real weights, planted, random
+    return (target != "mlp", target, weights_order(weights), objective, config_hash)
 
 
 # ------------------------------------------------------------------ per-key files
 
 
 def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: list[str], examples: _Examples,
-                 workers: int) -> None:
-    """Images, thumbnails, example overlays and the feature page of each pending key, in bounded batches."""
+                 workers: int) -> list[str]:
+    """Images, thumbnails, example overlays and the feature page of each pending key, in bounded batches.
+
+    Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
+    """
+    unreadable = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for batch in atlas.keyed_batches(pending, columns=["key", "png"], batch_size=128):
             keys = batch.column("key").to_pylist()
             batch_examples = examples.for_keys(keys)
-            jobs = [pool.submit(_write_key, out, rows[key], png, batch_examples.get(key, []))
+            jobs = [(key, pool.submit(_write_key, out, rows[key], png, batch_examples.get(key, [])))
                     for key, png in zip(keys, batch.column("png").to_pylist())]
-            for job in jobs:
-                job.result()
+            for key, job in jobs:
+                problem = job.result()
+                if isinstance(problem, str):
+                    unreadable.append(key)
+                    log.warning("%s", _unreadable_warning(rows[key], problem, atlas.root))
+    return unreadable
 
 
-def _write_key(out: Path, row: dict, png: bytes, examples: list[dict]) -> None:
-    key = row["key"]
-    (out / "images" / f"{key}.png").write_bytes(png)
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    image.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
-    image.save(out / "thumbs" / f"{key}.jpg", format="JPEG", quality=85)
+def _write_key(out: Path, row: dict, png: bytes, examples: list[dict]) -> str | None:
+    """Write one key's files; returns why its image does not decode (then a placeholder stands in), else None."""
+    slug = key_slug(row["key"])
+    try:
+        pixels = decode_png(png)
+    except PngDecodeError as error:
+        problem = str(error)
+        _site_file(out, "thumbs", f"{slug}.png").write_bytes(_placeholder_thumbnail())
+        _site_file(out, "images", f"{slug}.png").unlink(missing_ok=True)  # an image from before it broke
+    else:
+        problem = None
+        _site_file(out, "images", f"{slug}.png").write_bytes(png)
+        _site_file(out, "thumbs", f"{slug}.png").write_bytes(encode_png(thumbnail_pixels(pixels)))
+    shown = []
     for example in examples:
-        _example_overlay(example).save(out / "examples" / f"{key}-r{example['rank']}.jpg", format="JPEG", quality=85)
-    _write_text(out / "features" / f"{key}.html", _feature_page(row, examples))
+        try:
+            overlay = _example_overlay(example)
+        except PngDecodeError as error:
+            log.warning("The dataset example %r (rank %s) of record %r has a thumbnail that does not decode: %s; "
+                        "it is left out of the feature page. Re-run pipeline.examples to recompute it.",
+                        example["image_id"], example["rank"], row["key"], error)
+            continue
+        overlay.save(_site_file(out, "examples", f"{slug}-r{int(example['rank'])}.jpg"), format="JPEG", quality=85)
+        shown.append(example)
+    _write_text(_site_file(out, "features", f"{slug}.html"), _feature_page(row, shown, problem))
+    return problem
+
+
+def thumbnail_pixels(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
+    """(h, w, 3) uint8 thumbnail of (H, W, 3) pixels that keeps their texture: no averaging at all.
+
+    A side of at most ``size`` is kept as it is (browsers scale it up, pixelated); a larger image is
+    subsampled by nearest neighbour, so every thumbnail pixel is a pixel of the image. Averaging
+    filters (box, Lanczos, JPEG's chroma subsampling) turn the per-pixel noise and fine gratings of
+    feature visualizations into flat grey; subsampling keeps their contrast (and aliases the finest
+    patterns, which still reads as texture).
+    """
+    size = size or THUMB_SIZE
+    height, width = pixels.shape[:2]
+    if max(height, width) <= size:
+        return pixels
+    scale = size / max(height, width)
+    target = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(pixels).resize(target, Image.Resampling.NEAREST))
+
+
+@functools.cache
+def _placeholder_thumbnail() -> bytes:
+    """A grey tile with a dark border and a cross: plainly not a visualization."""
+    tile = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (205, 205, 205))
+    draw = ImageDraw.Draw(tile)
+    draw.rectangle((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), outline=(90, 90, 90), width=3)
+    draw.line((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), fill=(170, 40, 40), width=3)
+    draw.line((0, THUMB_SIZE - 1, THUMB_SIZE - 1, 0), fill=(170, 40, 40), width=3)
+    return encode_png(np.asarray(tile))
+
+
+def _unreadable_warning(row: dict, problem: str, store_root: str) -> str:
+    return (f"Record {row['key']!r} ({row['model']}, weights {row['weights']}, layer {row['layer']}, feature "
+            f"{row['feature']}) has an image that does not decode: {problem}. The atlas shows a placeholder for it. "
+            + REPAIR_HINT.format(root=store_root))
 
 
 def _example_overlay(example: dict) -> Image.Image:
@@ -210,7 +289,7 @@ def _example_overlay(example: dict) -> Image.Image:
             f"{len(values)} values for a {rows}x{cols} grid. Each map must hold grid_rows * grid_cols values, "
             "row by row; fix the examples table."
         )
-    image = Image.open(io.BytesIO(example["thumbnail"])).convert("RGB")
+    image = Image.fromarray(decode_png(example["thumbnail"]))
     image.thumbnail((EXAMPLE_SIZE, EXAMPLE_SIZE), Image.Resampling.LANCZOS)
     heat = np.asarray(values, dtype=np.float64).reshape(rows, cols)
     span = heat.max() - heat.min()
@@ -220,28 +299,111 @@ def _example_overlay(example: dict) -> Image.Image:
     return Image.composite(red, image, alpha)
 
 
+# ------------------------------------------------------------------ safe names
+
+
+def key_slug(key: str) -> str:
+    """The file name stem of a record's pages and images: the key itself when it is a safe name.
+
+    A safe name is 1 to 100 of ``A-Z a-z 0-9 _ -`` (what the sweep's keys are). Anything else (markup,
+    quotes, slashes, dots, ``..``, an absolute path, a very long key) keeps its safe characters and
+    gets a hash of the whole key, so it can neither leave the site's folders nor break an attribute.
+    """
+    return _safe_name(key)
+
+
+def model_slug(model: str) -> str:
+    """A file name for a model page; names with '/', ':' or '.' get a hash so two never collide."""
+    return _safe_name(model)
+
+
+def _safe_name(text: str) -> str:
+    if _SAFE_NAME.fullmatch(text):
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    slug = _SLUG_UNSAFE.sub("_", text)[:_MAX_NAME].strip("_")
+    return f"{slug}-{digest}" if slug else f"x-{digest}"
+
+
+# Fields the pages group, sort, link or format by: a record without one cannot be placed.
+_NEEDED = ("model", "family", "weights", "target", "objective", "config_hash", "layer", "feature", "seed",
+           "activation", "activation_trace", "steps", "image_size")
+
+
+def _check_names(rows: dict[str, dict]) -> None:
+    """Refuse a store whose records cannot get distinct, safe file names (before anything is written)."""
+    seen: dict[str, str] = {}
+    for key, row in rows.items():
+        if not isinstance(key, str) or not key:
+            raise PipelineError(
+                f"The store has a record with an empty key ({row.get('model')!r}, weights {row.get('weights')!r}, "
+                f"layer {row.get('layer')}, feature {row.get('feature')}): the atlas names every page after "
+                "its record's key. Remove or rewrite that record in the store (keys are made by the sweep)."
+            )
+        missing = [name for name in _NEEDED if row.get(name) is None]
+        if missing:
+            raise PipelineError(
+                f"The store's record {key!r} has no {', '.join(missing)} (null), which the atlas needs to place "
+                "it. Remove or rewrite that record in the store; records made by the sweep always have them."
+            )
+        name = key_slug(key)
+        other = seen.setdefault(name.casefold(), key)  # case-insensitive file systems merge names by case
+        if other != key:
+            raise PipelineError(
+                f"The store's records {other!r} and {key!r} would share the atlas page features/{name}.html "
+                "(their keys differ only in characters a file name cannot hold safely, or in case). "
+                "Rename or remove one of them in the store; keys made by the sweep never collide."
+            )
+    models: dict[str, str] = {}
+    for model in sorted({row["model"] for row in rows.values()}):
+        other = models.setdefault(model_slug(model).casefold(), model)
+        if other != model:
+            raise PipelineError(
+                f"The store's models {other!r} and {model!r} would share the atlas page "
+                f"models/{model_slug(model)}.html. Rename one of them in the store."
+            )
+
+
+def _site_file(out: Path, folder: str, name: str) -> Path:
+    """out/folder/name, for a name made of slugs: checked to stay inside the site, as a last line of defence."""
+    path = out / folder / name
+    if path.parent != out / folder or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise PipelineError(f"The atlas refused to write {name!r}: file names in the site are slugs of keys.")
+    return path
+
+
 # ------------------------------------------------------------------ pages
 
 
-def _page(title: str, body: str, depth: int, scripts: tuple[str, ...] = ()) -> str:
-    up = "../" * depth
-    tags = "".join(f'<script src="{up}{name}" defer></script>' for name in scripts)
-    # The empty icon stops browsers requesting /favicon.ico, a 404 (and console error) on static servers.
-    return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<link rel="icon" href="data:,"><title>{html.escape(title)}</title>'
-        f'<link rel="stylesheet" href="{up}atlas.css">{tags}</head>\n<body>\n'
-        f'<nav><a href="{up}index.html">vit-atlas</a></nav>\n{body}\n</body></html>\n'
+@functools.cache
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline.views", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default_for_string=True, default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
+    environment.filters["count"] = _count
+    environment.filters["fmt"] = format
+    environment.filters["text"] = _element_text
+    return environment
 
 
-def _thumb(row: dict, depth: int, size: int = 64) -> str:
-    up = "../" * depth
+def _element_text(value: str) -> markupsafe.Markup:
+    """Escaped for an element's content only (``<``, ``>``, ``&``), leaving quotes readable, as in a <pre>
+    of JSON. Never for an attribute value: autoescaping (which also escapes quotes) is for those."""
+    return markupsafe.Markup(html.escape(str(value), quote=False))
+
+
+def _render(template: str, **context) -> str:
+    return _environment().get_template(template).render(**context)
+
+
+def _thumb(row: dict, unreadable: frozenset[str] = frozenset()) -> dict:
     alt = f"{row['model']} layer {row['layer']} feature {row['feature']}" + (f" ({row['label']})" if row["label"] else "")
-    return (f'<a href="{up}features/{row["key"]}.html" title="{html.escape(alt)}">'
-            f'<img src="{up}thumbs/{row["key"]}.jpg" loading="lazy" width="{size}" height="{size}" '
-            f'alt="{html.escape(alt)}"></a>')
+    return {"slug": key_slug(row["key"]), "alt": alt, "layer": row["layer"], "unreadable": row["key"] in unreadable}
 
 
 def _variant_title(variant: tuple) -> str:
@@ -249,7 +411,34 @@ def _variant_title(variant: tuple) -> str:
     return f"weights {weights} · target {target} · objective {objective} · config {config_hash}"
 
 
-def _model_page(model: str, variants: dict[tuple, list[dict]]) -> str:
+def weights_kind(weights: str) -> str:
+    """pretrained | file | planted | random | other, from a record's weights id."""
+    for prefix, kind in (("pretrained-", "pretrained"), ("sha256-", "file"), ("planted-", "planted"),
+                         ("random-", "random")):
+        if weights.startswith(prefix):
+            return kind
+    return "other"
+
+
+# Real weights first, then planted (a check of the method), then random (a baseline).
+_WEIGHTS_RANK = {"pretrained": 0, "file": 0, "other": 0, "planted": 1, "random": 2}
+_WEIGHTS_NOTES = {
+    "random": "random weights: a baseline, expected to look like noise",
+    "planted": "planted weights: units wired to known colours and gratings, a check of the method",
+}
+
+
+def _weights_note(weights: str) -> dict | None:
+    kind = weights_kind(weights)
+    return {"kind": kind, "text": _WEIGHTS_NOTES[kind]} if kind in _WEIGHTS_NOTES else None
+
+
+def weights_order(weights: str) -> tuple:
+    """Sort key: real weights (pretrained, a file) first, then planted, then random."""
+    return (_WEIGHTS_RANK[weights_kind(weights)], weights)
+
+
+def _model_page(model: str, variants: dict[tuple, list[dict]], unreadable: frozenset[str] = frozenset()) -> str:
     family = next(iter(variants.values()))[0]["family"]
     sections = []
     for variant, rows in variants.items():
@@ -257,65 +446,32 @@ def _model_page(model: str, variants: dict[tuple, list[dict]]) -> str:
         features = sorted({row["feature"] for row in rows})
         cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
         for row in sorted(rows, key=lambda r: (r["seed"], r["key"])):
-            cells[(row["layer"], row["feature"])].append(row)
-        header = "".join(f'<th data-feature="{f}">{f}</th>' for f in features)
-        body = []
-        for layer in layers:
-            tds = "".join(
-                f'<td data-feature="{f}">{"".join(_thumb(r, 1) for r in cells.get((layer, f), []))}</td>'
-                for f in features)
-            body.append(f'<tr data-layer="{layer}"><th scope="row">layer {layer}</th>{tds}</tr>')
-        sections.append(
-            f'<section class="variant"><h2>{html.escape(_variant_title(variant))}</h2>'
-            f'<p class="muted">{_count(len(rows), "image")}, {_count(len(layers), "layer")} × '
-            f'{_count(len(features), "feature")}; '
-            'rows run from early (top) to late layers.</p>'
-            f'<div class="grid-scroll"><table class="grid"><thead><tr><th>feature →</th>{header}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div></section>'
-        )
+            cells[(row["layer"], row["feature"])].append(_thumb(row, unreadable))
+        sections.append({
+            "title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
+            "layers": layers, "features": features,
+            "rows": [{"layer": layer, "cells": [{"feature": f, "thumbs": cells.get((layer, f), [])} for f in features]}
+                     for layer in layers],
+        })
     total = sum(len(rows) for rows in variants.values())
-    controls = (
-        '<form class="filters" id="grid-filter" onsubmit="return false">'
-        '<label>layers <input id="filter-layer" name="layer" placeholder="e.g. 0-3,11"></label>'
-        '<label>features <input id="filter-feature" name="feature" placeholder="e.g. 0-15"></label>'
-        f'<output id="filter-count">{total} images</output></form>'
-    )
-    body = (f'<h1>{html.escape(model)}</h1><p class="muted">family {html.escape(family)} · {total} images</p>'
-            f'{controls}{"".join(sections)}')
-    return _page(f"{model} · vit-atlas", body, 1, ("atlas.js",))
+    return _render("model.html", title=f"{model} · vit-atlas", up="../", scripts=("atlas.js",), model=model,
+                   family=family, total=total, variants=sections, thumb_size=THUMB_SIZE)
 
 
-def _feature_page(row: dict, examples: list[dict]) -> str:
-    model_href = f"../models/{model_slug(row['model'])}.html"
+def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None) -> str:
     title = f"{row['model']} · layer {row['layer']} · feature {row['feature']}"
-    label = f'<p class="label">{html.escape(row["label"])}</p>' if row["label"] else ""
-    provenance = "".join(
-        f"<tr><th>{html.escape(name)}</th><td>{html.escape(_format_value(name, row[name]))}</td></tr>"
-        for name in METADATA_COLUMNS if name != "config")
     try:
         config = json.dumps(json.loads(row["config"]), indent=2, sort_keys=True)
-    except json.JSONDecodeError:
-        config = row["config"]
-    example_html = ""
-    if examples:
-        figures = "".join(
-            f'<figure><img src="../examples/{row["key"]}-r{e["rank"]}.jpg" loading="lazy" '
-            f'alt="dataset example {html.escape(e["image_id"])}"><figcaption>#{e["rank"]} '
-            f'{html.escape(e["image_id"])}<br>activation {e["activation"]:.4g}</figcaption></figure>'
-            for e in examples)
-        example_html = (f'<section><h2>Top dataset examples</h2><p class="muted">Activation map overlaid in red '
-                        f'(brighter = stronger).</p><div class="examples">{figures}</div></section>')
-    body = (
-        f'<p class="crumbs"><a href="{model_href}">{html.escape(row["model"])}</a> › layer {row["layer"]} › '
-        f'feature {row["feature"]}</p><h1>{html.escape(title)}</h1>{label}'
-        f'<div class="feature"><img class="visualization" src="../images/{row["key"]}.png" '
-        f'width="{row["image_size"]}" height="{row["image_size"]}" alt="{html.escape(title)}">'
-        f'<div><p class="activation">activation <strong>{row["activation"]:.6g}</strong> after '
-        f'{row["steps"]} steps</p>{_sparkline(row["activation_trace"])}</div></div>'
-        f'{example_html}<section><h2>Provenance</h2><table class="provenance">{provenance}</table>'
-        f'<h3>config</h3><pre>{html.escape(config, quote=False)}</pre></section>'
+    except (json.JSONDecodeError, TypeError):
+        config = str(row["config"])
+    return _render(
+        "feature.html", title=f"{title} · vit-atlas", up="../", scripts=(), row=row, heading=title,
+        slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
+        unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"),
+        trace=_sparkline(row["activation_trace"]), config=config,
+        examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],
+        provenance=[(name, _format_value(name, row[name])) for name in METADATA_COLUMNS if name != "config"],
     )
-    return _page(f"{title} · vit-atlas", body, 1)
 
 
 def _format_value(name: str, value) -> str:
@@ -326,31 +482,39 @@ def _format_value(name: str, value) -> str:
     return str(value)
 
 
-def _sparkline(trace: list[float], width: int = 240, height: int = 48) -> str:
-    """The objective during optimization as a small inline SVG (no script, no external file)."""
+def _sparkline(trace: list[float], width: int = 240, height: int = 48) -> dict | None:
+    """The objective during optimization, as the points of a small inline SVG (no script, no external file)."""
     if len(trace) < 2:
-        return ""
+        return None
     low, high = min(trace), max(trace)
     span = (high - low) or 1.0
     points = " ".join(f"{i * width / (len(trace) - 1):.1f},{height - (v - low) / span * height:.1f}"
                       for i, v in enumerate(trace))
-    return (f'<svg class="trace" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="objective during optimization, {low:.3g} to {high:.3g}">'
-            f'<polyline fill="none" stroke="currentColor" stroke-width="1.5" points="{points}"/></svg>'
-            f'<p class="muted">objective during optimization: {trace[0]:.4g} → {trace[-1]:.4g} '
-            f'(range {low:.4g} to {high:.4g})</p>')
+    return {"width": width, "height": height, "points": points, "low": low, "high": high,
+            "first": trace[0], "last": trace[-1]}
 
 
-def _layer_strip(variants: dict[tuple, list[dict]]) -> str:
-    """One thumbnail per layer, early -> late, from the variant that covers the most layers (MLP first)."""
-    rows = max(variants.items(), key=lambda item: (item[0][1] == "mlp", len({r["layer"] for r in item[1]})))[1]
-    first_per_layer: dict[int, dict] = {}
-    for row in sorted(rows, key=lambda r: (r["layer"], r["feature"], r["key"])):
-        first_per_layer.setdefault(row["layer"], row)
-    return "".join(_thumb(first_per_layer[layer], 0, 48) for layer in sorted(first_per_layer))
+def _front_strips(variants: dict[tuple, list[dict]], unreadable: frozenset[str]) -> list[dict]:
+    """Per weights (real, then planted, then random): one thumbnail per layer, early -> late, the layer's
+    most strongly activated feature (MLP features and the mean objective where the weights have them)."""
+    by_weights: dict[str, list[dict]] = defaultdict(list)
+    for (weights, _target, _objective, _config), rows in variants.items():
+        by_weights[weights].extend(rows)
+    strips = []
+    for weights in sorted(by_weights, key=weights_order):
+        rows = by_weights[weights]
+        rows = [r for r in rows if r["target"] == "mlp"] or rows
+        rows = [r for r in rows if r["objective"] == "mean"] or rows
+        best: dict[int, dict] = {}
+        for row in sorted(rows, key=lambda r: (-r["activation"], r["key"])):
+            best.setdefault(row["layer"], row)
+        strips.append({"weights": weights, "note": _weights_note(weights),
+                       "thumbs": [_thumb(best[layer], unreadable) for layer in sorted(best)]})
+    return strips
 
 
-def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int) -> str:
+def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int,
+                unreadable: frozenset[str] = frozenset()) -> str:
     by_family: dict[str, list[str]] = defaultdict(list)
     for model, variants in models.items():
         by_family[next(iter(variants.values()))[0]["family"]].append(model)
@@ -360,32 +524,19 @@ def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int) -> str:
         for model in by_family[family]:
             variants = models[model]
             rows = [row for group in variants.values() for row in group]
-            layers = len({row["layer"] for row in rows})
-            items.append(
-                f'<li class="model" data-model="{html.escape(model)}"><a href="models/{model_slug(model)}.html">'
-                f'{html.escape(model)}</a> <span class="muted">{_count(len(rows), "image")} · {_count(layers, "layer")}</span>'
-                f'<div class="strip">{_layer_strip(variants)}</div></li>')
-        families.append(f'<section class="family"><h2>{html.escape(family)}</h2><ul>{"".join(items)}</ul></section>')
-    options = "".join(f'<option value="{html.escape(f)}">{html.escape(f)}</option>' for f in sorted(by_family))
-    search = (
-        '<form class="filters" id="search" onsubmit="return false"><h2>Search</h2>'
-        '<label>model <input id="search-model" placeholder="part of a name"></label>'
-        f'<label>family <select id="search-family"><option value="">any</option>{options}</select></label>'
-        '<label>layers <input id="search-layer" placeholder="e.g. 0-3,11"></label>'
-        '<label>features <input id="search-feature" placeholder="e.g. 7"></label>'
-        '<output id="search-count"></output></form><div id="search-results" class="results"></div>'
-    )
-    body = (f'<h1>vit-atlas</h1><p class="muted">{total} feature visualizations of {len(models)} models. '
-            f'Each strip runs from the first to the last layer.</p>{search}{"".join(families)}')
-    return _page("vit-atlas", body, 0, ("atlas-index.js", "atlas.js"))
+            items.append({"name": model, "slug": model_slug(model), "images": len(rows),
+                          "layers": len({row["layer"] for row in rows}), "strips": _front_strips(variants, unreadable)})
+        families.append({"name": family, "models": items})
+    return _render("index.html", title="vit-atlas", up="", scripts=("atlas-index.js", "atlas.js"), models=models,
+                   total=total, families=families, thumb_size=THUMB_SIZE)
 
 
 def _search_index(models: dict[str, dict[tuple, list[dict]]]) -> str:
-    """The search index as a script: compact rows [key, model#, layer, feature, target, activation, label]."""
+    """The search index as a script: compact rows [file slug, model#, layer, feature, target, activation, label]."""
     names = list(models)
     model_rows = [[name, next(iter(models[name].values()))[0]["family"], model_slug(name)] for name in names]
-    records = [[row["key"], number, row["layer"], row["feature"], row["target"], round(row["activation"], 5),
-                row["label"]]
+    records = [[key_slug(row["key"]), number, row["layer"], row["feature"], row["target"],
+                round(row["activation"], 5), row["label"]]
                for number, name in enumerate(names) for rows in models[name].values() for row in rows]
     data = json.dumps({"models": model_rows, "records": records}, separators=(",", ":"))
     return f"window.ATLAS_INDEX = {data};\n"

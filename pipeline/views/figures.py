@@ -3,34 +3,40 @@
     python -m pipeline.figures store.root=/data/atlas out=/data/figures [model=a,b] [target=mlp]
 
 - ``progression.{png,pdf}``: the layer-progression strip of the paper's Figure 1:
-  one row per (model, weights), one panel per layer from early to late, each the
-  layer's most strongly activated visualized feature.
+  one row per (model, weights) (per model: real weights, then planted, then random),
+  one column per layer visualized anywhere in the figure, early to late, headed by
+  the layer; each panel is that layer's most strongly activated visualized feature,
+  and a row without the layer leaves its cell empty, so a column is one depth.
+  Rows of random weights say that they are a baseline expected to look like noise.
 - ``contact-<model>-<weights>-l<layer>.{png,pdf}``: a contact sheet per layer, every
   visualized feature of that layer in feature order (the first MAX_CONTACT_FEATURES).
 
 Where several records share (model, weights, layer, feature) (seeds, configs),
-the one with the highest activation is shown. The figure builders return the
-matplotlib Figure before anything is saved, so callers can restyle or inspect it.
+the one with the highest activation is shown. A record whose PNG does not decode
+is drawn as a labelled placeholder, with a warning naming it and the repair. The
+figure builders return the matplotlib Figure before anything is saved, so callers
+can restyle or inspect it.
 """
 
 from __future__ import annotations
 
-import io
+import logging
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
 
-from pipeline import cli
-from pipeline.views.atlas import model_slug
 from pipeline.errors import PipelineError
+from pipeline.store.png import PngDecodeError, decode_png
+from pipeline.views.atlas import REPAIR_HINT, model_slug, weights_kind, weights_order
 from pipeline.views.readers import AtlasStore, open_store
+
+log = logging.getLogger(__name__)
 
 MAX_CONTACT_FEATURES = 64
 PANEL_INCHES = 1.3
+RANDOM_CAPTION = "random weights: expected noise"
 USAGE = "usage: python -m pipeline.figures store.root=DIR out=DIR [model=NAME[,NAME...]] [target=mlp]"
 _SELECT_COLUMNS = ["key", "model", "weights", "layer", "feature", "activation"]
 
@@ -50,48 +56,86 @@ def _best_per_feature(atlas: AtlasStore, models: list[str] | None, target: str) 
     return sorted(best.values(), key=lambda r: (r["model"], r["weights"], r["layer"], r["feature"]))
 
 
-def _images(atlas: AtlasStore, rows: list[dict]) -> dict[str, np.ndarray]:
+def _images(atlas: AtlasStore, rows: list[dict]) -> dict[str, np.ndarray | None]:
+    """Pixels by key; None (after a warning naming the record and the repair) where the PNG does not decode."""
     models = sorted({row["model"] for row in rows})
-    images = {}
-    for batch in atlas.keyed_batches([row["key"] for row in rows], columns=["key", "png"], model=models):
+    by_key = {row["key"]: row for row in rows}
+    images: dict[str, np.ndarray | None] = {}
+    for batch in atlas.keyed_batches(list(by_key), columns=["key", "png"], model=models):
         for key, png in zip(batch.column("key").to_pylist(), batch.column("png").to_pylist()):
-            images[key] = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+            try:
+                images[key] = decode_png(png)
+            except PngDecodeError as error:
+                row = by_key[key]
+                log.warning("Record %r (%s, weights %s, layer %s, feature %s) has an image that does not decode: "
+                            "%s. The figure shows a placeholder for it. %s", key, row["model"], row["weights"],
+                            row["layer"], row["feature"], error, REPAIR_HINT.format(root=atlas.root))
+                images[key] = None
     return images
 
 
-def _panel(axes, image: np.ndarray, title: str) -> None:
-    axes.imshow(image, interpolation="nearest")
+def _panel(axes, image: np.ndarray | None, title: str) -> None:
+    if image is None:  # an undecodable record: a labelled grey square, never a blank that reads as "none"
+        axes.set_facecolor("#d0d0d0")
+        axes.text(0.5, 0.5, "image does\nnot decode", ha="center", va="center", fontsize=6, color="#a02020",
+                  transform=axes.transAxes)
+    else:
+        axes.imshow(image, interpolation="nearest")
     axes.set_title(title, fontsize=7)
     axes.set_xticks([])
     axes.set_yticks([])
     for spine in axes.spines.values():
-        spine.set_visible(False)
+        spine.set_visible(image is None)
 
 
 def progression_figure(atlas: AtlasStore, models: list[str] | None = None, target: str = "mlp") -> Figure:
-    """One row per (model, weights), one panel per visualized layer, early (left) to late (right)."""
+    """One row per (model, weights), one column per layer (early, left, to late), empty where a row lacks it."""
     rows = _best_per_feature(atlas, models, target)
     strongest: dict[tuple, dict] = {}
     for row in sorted(rows, key=lambda r: (-r["activation"], r["key"])):
         strongest.setdefault((row["model"], row["weights"], row["layer"]), row)
-    strips: dict[tuple, list[dict]] = {}
-    for (model, weights, _layer), row in sorted(strongest.items()):
-        strips.setdefault((model, weights), []).append(row)
-    columns = max(len(strip) for strip in strips.values())
+    strips: dict[tuple, dict[int, dict]] = {}
+    for (model, weights, layer), row in strongest.items():
+        strips.setdefault((model, weights), {})[layer] = row
+    order = sorted(strips, key=lambda item: (item[0], weights_order(item[1])))
+    layers = sorted({layer for strip in strips.values() for layer in strip})
     images = _images(atlas, list(strongest.values()))
 
-    figure = Figure(figsize=(PANEL_INCHES * columns + 1.5, (PANEL_INCHES + 0.3) * len(strips)),
-                    layout="constrained")
-    grid = figure.subplots(len(strips), columns, squeeze=False)
-    for axes_row, ((model, weights), strip) in zip(grid, strips.items()):
-        for position, axes in enumerate(axes_row):
-            if position >= len(strip):
-                figure.delaxes(axes)
-                continue
-            row = strip[position]
-            _panel(axes, images[row["key"]], f"layer {row['layer']} · f{row['feature']}")
-        axes_row[0].set_ylabel(f"{model}\n{weights}", fontsize=7, rotation=0, ha="right", va="center")
-    figure.suptitle(f"Feature progression, early → late layers ({target})", fontsize=9)
+    # A fixed layout (inches), so the column headers and row captions can be placed before drawing.
+    labels = [f"{model}\n{weights}" for model, weights in order]
+    left = max(1.2, 0.065 * max(len(line) for label in labels for line in label.split("\n")) + 0.3)
+    right, top, bottom, wspace, hspace = 0.15, 0.75, 0.15, 0.08, 0.3
+    columns, lines = len(layers), len(order)
+    width = left + right + PANEL_INCHES * (columns + wspace * (columns - 1))
+    height = top + bottom + PANEL_INCHES * (lines + hspace * (lines - 1))
+    figure = Figure(figsize=(width, height))
+    grid = figure.add_gridspec(lines, columns, left=left / width, right=1 - right / width, top=1 - top / height,
+                               bottom=bottom / height, wspace=wspace, hspace=hspace)
+    for number, ((model, weights), label) in enumerate(zip(order, labels)):
+        strip = strips[(model, weights)]
+        first = None
+        for column, layer in enumerate(layers):
+            if layer not in strip:
+                continue  # this row has no visualization of this layer: the cell stays empty
+            axes = figure.add_subplot(grid[number, column])
+            row = strip[layer]
+            _panel(axes, images.get(row["key"]), f"layer {layer} · f{row['feature']}")
+            if first is None:
+                first = (axes, column)
+        axes, column = first
+        axes.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+        # The row's label sits left of column 0 even when its first panel is further right.
+        axes.yaxis.set_label_coords(-column * (1 + wspace) - 0.06, 0.5)
+        if weights_kind(weights) == "random":
+            cell = grid[number, 0].get_position(figure)
+            figure.text(cell.x0 - 0.06 * cell.width, cell.y0 + 0.2 * cell.height, RANDOM_CAPTION, fontsize=6,
+                        style="italic", color="#a04040", ha="right", va="center")
+    for column, layer in enumerate(layers):
+        cell = grid[0, column].get_position(figure)
+        figure.text((cell.x0 + cell.x1) / 2, cell.y1 + 0.3 / height, f"layer {layer}", fontsize=8,
+                    fontweight="bold", ha="center", va="bottom")
+    figure.suptitle(f"Feature progression, early → late layers ({target})", fontsize=9, y=1 - 0.12 / height,
+                    va="top")
     return figure
 
 
@@ -112,7 +156,7 @@ def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int
         if position >= len(rows):
             figure.delaxes(axes)
             continue
-        _panel(axes, images[rows[position]["key"]], f"feature {rows[position]['feature']}")
+        _panel(axes, images.get(rows[position]["key"]), f"feature {rows[position]['feature']}")
     figure.suptitle(f"{model} · {weights} · layer {layer} ({target})", fontsize=9)
     return figure
 
@@ -136,5 +180,5 @@ def write_figures(store_root: str, out: str | Path, models: list[str] | None = N
 def _save(figure: Figure, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
     for path in paths:
-        figure.savefig(path, dpi=150)
+        figure.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.05)  # long row labels stay in the file
     return paths

@@ -37,10 +37,9 @@ class ProbeWorker(ModelWorker):
     def run(self, task: ProbeTask) -> pa.Table:
         model = self._model(task)
         probe = PROBES[task.probe]
-        preprocess = images_lib.Preprocess.from_config(model.pretrained_cfg)
+        preprocess = images_lib.Preprocess.for_model(model)
         tally = Tally()
-        for start in range(0, len(task.images), task.batch_size):
-            loaded = [task.images.load(i) for i in range(start, min(start + task.batch_size, len(task.images)))]
+        for loaded in task.images.batches(task.batch_size):  # each tar of the slice read once, in order
             labels = torch.tensor([image.ref.label for image in loaded], device=self.device)
             probe.measure(model, Batch(loaded, labels, preprocess, self.device), list(task.conditions), task.params,
                           tally, task.model)

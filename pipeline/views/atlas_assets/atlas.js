@@ -46,16 +46,19 @@ function filterGrid() {
   document.getElementById("filter-count").textContent = `${shown} images`;
 }
 
+const THUMB_SIZE = 128;  // the thumbnails' own size: shown 1:1, so the browser does not average their texture
+
 function resultCard(index, record) {
-  const [key, modelNumber, layer, feature, target, activation, label] = record;
+  // `slug` is the file name the atlas gave the record (its key when safe): never raw store text.
+  const [slug, modelNumber, layer, feature, target, activation, label] = record;
   const [model] = index.models[modelNumber];
   const link = document.createElement("a");
   link.className = "card";
-  link.href = `features/${key}.html`;
+  link.href = `features/${encodeURIComponent(slug)}.html`;
   const image = document.createElement("img");
-  image.src = `thumbs/${key}.jpg`;
+  image.src = `thumbs/${encodeURIComponent(slug)}.png`;
   image.loading = "lazy";
-  image.width = image.height = 96;
+  image.width = image.height = THUMB_SIZE;
   image.alt = `${model} layer ${layer} feature ${feature}`;
   const caption = document.createElement("span");
   caption.textContent = `${model} · L${layer} · f${feature} · ${target} · ${activation}` + (label ? ` · ${label}` : "");
@@ -92,6 +95,10 @@ function search() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
+  // The filter forms filter in place; Enter must not submit (reload) them. No inline handlers in the pages.
+  for (const form of document.querySelectorAll("form.filters")) {
+    form.addEventListener("submit", (event) => event.preventDefault());
+  }
   if (document.getElementById("grid-filter")) {
     for (const id of ["filter-layer", "filter-feature"]) {
       document.getElementById(id).addEventListener("input", filterGrid);
