@@ -16,6 +16,7 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.store.schemas import EXAMPLES, RECORD_SCHEMA, unit_key

@@ -62,7 +62,7 @@ THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so bro
 EXAMPLE_SIZE = 128
 USAGE = "usage: python -m pipeline.atlas store.root=DIR out=SITE_DIR"
 # What to do about a record whose image does not decode ({root}: the store root).
-REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true"
+REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true repair=true"
 REPAIR_HINT = (f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to "
                "recompute it.")
 # A manifest entry that makes the next run try a key again.
