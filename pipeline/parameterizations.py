@@ -211,7 +211,8 @@ class Maco:
     def spatial(self, phase: torch.Tensor) -> torch.Tensor:
         """(F, 3, H, W): the inverse real FFT of magnitude * exp(i * phase), before normalization."""
         phase = tie_hermitian(phase, self._size[1])
-        return torch.fft.irfft2(torch.polar(self._magnitude.expand_as(phase), phase), s=self._size)
+        spectrum = torch.complex(self._magnitude * torch.cos(phase), self._magnitude * torch.sin(phase))
+        return torch.fft.irfft2(spectrum, s=self._size)
 
     def project(self, params):
         pass
@@ -255,17 +256,13 @@ def tie_hermitian(phase: torch.Tensor, width: int) -> torch.Tensor:
     """Make phase(k) = -phase(-k) on the half spectrum's self-paired columns (f_x = 0, and Nyquist
     for even widths), so a real image's spectrum there has exactly the given magnitude; rows that
     are their own mirror (k = -k) keep their phase (their value becomes magnitude * cos(phase))."""
-    height = phase.shape[-2]
-    columns = [0] + ([width // 2] if width % 2 == 0 and width > 1 else [])
+    height, half = phase.shape[-2:]
+    mirrored = phase.flip(-2).roll(1, dims=-2)  # row k <- row (-k) mod H
     rows = torch.arange(height, device=phase.device)
-    mirror = (-rows) % height
-    own_mirror = (mirror == rows)[:, None]
-    tied = phase.clone()
-    for column in columns:
-        col = phase[..., column:column + 1]
-        antisymmetric = (col - col[..., mirror, :]) / 2
-        tied[..., column:column + 1] = torch.where(own_mirror, col, antisymmetric)
-    return tied
+    own_mirror = ((-rows) % height == rows)[:, None]
+    columns = torch.arange(half, device=phase.device)
+    paired = (columns == 0) | ((columns == width // 2) & (width % 2 == 0))
+    return torch.where(paired & ~own_mirror, (phase - mirrored) / 2, phase)
 
 
 # --- MACO magnitude spectra ---------------------------------------------------------------
