@@ -372,3 +372,13 @@ def test_every_parameterization_runs_on_cuda(param):
     assert bool(out.finite.all()) and out.images.device.type == "cpu"
     alone = visualize(score, [1], SMALL, dataclasses.replace(TOY, param=param), device)
     torch.testing.assert_close(alone.images[0], out.images[1], rtol=0, atol=1e-4)
+
+
+def test_a_sweep_grid_over_parameterizations_plans_one_config_each_with_its_own_lr(compose):
+    from pipeline.plan import build_plan
+
+    cfg = compose("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[1]", "sweep.features=[0,6]",
+                  "+sweep.grid={optim.param:[pixel,fourier,maco]}")
+    groups = build_plan(cfg).groups
+    assert [(g.optim.param, g.optim.lr) for g in groups] == [("pixel", 0.1), ("fourier", 0.05), ("maco", 1.0)]
+    assert len({g.config_hash for g in groups}) == 3 and all(g.features == (0, 6) for g in groups)
