@@ -41,7 +41,7 @@ class TargetSection:
 @dataclass
 class OptimSection:
     steps: int = 400
-    lr: Any = "auto"  # auto: 1.0 for CLIP, 0.1 otherwise (the paper's)
+    lr: Any = "auto"  # auto: pixel 1.0 for CLIP, 0.1 otherwise (the paper's); fourier 0.05; maco 1.0
     beta1: float = 0.5
     beta2: float = 0.99
     eps: float = 1e-8
@@ -54,6 +54,12 @@ class OptimSection:
     noise_std: float = 0.5
     precision: str = "fp32"
     trace_points: int = 20
+    param: str = "pixel"  # pixel | fourier | maco (pipeline/parameterizations.py)
+    fourier_decay: float = 1.0
+    fourier_sd: float = 0.01
+    fourier_decorrelate: bool = True
+    maco_spectrum: str = "powerlaw"  # powerlaw | PATH to a .npy/.safetensors magnitude spectrum
+    maco_alpha: float = 1.0
 
 
 @dataclass

@@ -11,7 +11,10 @@ single runs done in one forward pass.
 Per step, as in ../shared/PAPER.md: copies of each image -> colour shift ->
 noise -> jitter (circular shift) -> score; loss = -mean score over copies +
 lambda * TV(augmented copies); Adam(betas 0.5, 0.99), cosine-annealed lr; clamp
-to [0, 1] after every step.
+to [0, 1] after every step. The image comes from ``config.param``'s parameterization
+(pipeline/parameterizations.py): the paper's raw pixels by default, or Lucid's
+Fourier basis or MACO's phase, whose tensors Adam optimizes instead of the pixels;
+the augmentation ensemble and TV act on the images they produce.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from pipeline.engine import parameterizations
 
 SEED_STRIDE = 1_000_003  # seed 0 reproduces the released code's "seed = feature index"
 
@@ -45,6 +50,13 @@ class OptimConfig:
     noise_std: float = 0.5
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
     trace_points: int = 20  # how many times the objective is sampled during the run
+    # The image parameterization (pipeline/parameterizations.py): pixel (the paper's) | fourier | maco.
+    param: str = "pixel"
+    fourier_decay: float = 1.0  # Lucid fft_image(decay_power=1): coefficients scaled by 1/f**decay
+    fourier_sd: float = 0.01  # Lucid fft_image(sd=0.01): init std of the Fourier coefficients
+    fourier_decorrelate: bool = True  # Lucid param.image(decorrelate=True): colour via the SVD-sqrt matrix
+    maco_spectrum: str = "powerlaw"  # powerlaw | PATH (.npy/.safetensors); horama downloads an ImageNet one
+    maco_alpha: float = 1.0  # powerlaw magnitude 1/f**alpha: natural images' ~1/f amplitude (Field 1987)
 
     @property
     def tv_weight(self) -> float:
@@ -65,14 +77,14 @@ def visualize(score: Score, seeds: list[int], image_size: tuple[int, int], confi
     device = torch.device(device)
     height, width = image_size
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
-    images = torch.stack([torch.rand(3, height, width, generator=g, device=device) for g in generators])
-    images.requires_grad_(True)
-    optimizer = torch.optim.Adam([images], lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+    parameterization = parameterizations.create(config)
+    params = parameterization.init(generators, (height, width), device)
+    optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=0.0)
     trace_every = max(1, math.ceil(config.steps / max(1, config.trace_points)))
     traces = []
     for step in range(config.steps):
-        copies = augment(images, generators, step, config)
+        copies = augment(parameterization.images(params), generators, step, config)
         scores = score(copies)  # (F, copies)
         loss = (-scores.float().mean(dim=1) + config.tv_weight * total_variation(copies)).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -80,11 +92,11 @@ def visualize(score: Score, seeds: list[int], image_size: tuple[int, int], confi
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            images.clamp_(0.0, 1.0)
+            parameterization.project(params)
         if step % trace_every == 0 or step == config.steps - 1:
             traces.append(scores.detach().float().mean(dim=1))
     with torch.no_grad():
-        final = images.detach()
+        final = parameterization.images(params).detach()
         activations = score(final.unsqueeze(1)).float()[:, 0]
     finite = torch.isfinite(activations) & torch.isfinite(final).flatten(1).all(dim=1)
     return Visualization(final.cpu(), activations.cpu(), torch.stack(traces, dim=1).cpu(), finite.cpu())

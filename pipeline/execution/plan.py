@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.engine import parameterizations
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.errors import PipelineError
@@ -180,23 +181,30 @@ def _apply(settings: dict[str, dict[str, Any]], key: str, value: Any, where: str
 
 def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     values = dict(section)
-    if values.get("lr") == "auto":
-        values["lr"] = 1.0 if family == "clip" else 0.1
+    if values.get("lr") == "auto":  # the paper's 0.1 (1.0 for CLIP) for pixels; the published lr otherwise
+        values["lr"] = parameterizations.auto_lr(str(values.get("param", OptimConfig.param)), family)
     known = {f.name for f in dataclasses.fields(OptimConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise PipelineError(f"Unknown optimizer setting(s) {unknown}; known: {sorted(known)}.")
+    not_bool = [k for k, v in values.items() if type(getattr(OptimConfig, k)) is bool and not isinstance(v, bool)]
+    if not_bool:  # bool("false") is True: refuse instead of guessing
+        raise PipelineError(f"optim.{not_bool[0]}={values[not_bool[0]]!r} is not a boolean: use true or false.")
     try:
         config = OptimConfig(**{k: type(getattr(OptimConfig, k))(v) for k, v in values.items()})
     except (TypeError, ValueError) as error:
         raise PipelineError(f"Bad optimizer setting: {error}.") from None
     choices = {"colour_shift": ("code", "paper", "none"), "noise": ("code", "paper", "none"),
-               "precision": ("fp32", "bf16", "fp16")}
+               "precision": ("fp32", "bf16", "fp16"), "param": tuple(parameterizations.PARAMETERIZATIONS)}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise PipelineError(f"optim.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
     if config.steps < 1 or config.copies < 1 or config.jitter < 0 or config.lr <= 0:
         raise PipelineError("optim.steps and optim.copies must be >= 1, optim.jitter >= 0 and optim.lr > 0.")
+    if config.param == "fourier" and config.fourier_sd <= 0:
+        raise PipelineError("optim.fourier_sd must be > 0.")
+    if config.param == "maco":
+        parameterizations.check_spectrum(config.maco_spectrum)
     return config
 
 

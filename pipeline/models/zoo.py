@@ -18,14 +18,13 @@ from __future__ import annotations
 import difflib
 import functools
 import math
-import sys
 from dataclasses import dataclass, field
 
 import timm
 import torch
 from torch import nn
 
-from pipeline.errors import EXIT_BAD_INPUT, PipelineError, reporting_errors
+from pipeline.errors import PipelineError
 
 TARGETS = ("mlp", "keys", "queries", "values", "attn_out")
 

@@ -1,0 +1,474 @@
+"""How the optimized tensors become images: raw pixels, Lucid's Fourier basis, or MACO's phase.
+
+The optimizer (pipeline.optimize.visualize) never touches pixels directly. It asks a
+:class:`Parameterization` for the tensors to optimize (``init``), turns them into
+images in [0, 1] every step (``images``, differentiable), feeds those images to the
+paper's augmentation ensemble, and lets the parameterization put its tensors back
+in range after each Adam step (``project``). Every tensor has a leading feature
+dimension and every operation acts per feature, so a batch of F features stays F
+independent runs, each seeded from its own generator.
+
+* ``pixel``: the paper's. Raw RGB initialised U[0, 1), clamped to [0, 1] after each step.
+* ``fourier``: Lucid's ``fft_image`` + ``to_valid_rgb`` (Olah et al., "Feature
+  Visualization", Distill 2017). Real and imaginary Fourier coefficients of each
+  colour channel, initialised N(0, sd), scaled by 1 / max(f, 1/max(H, W)) ** decay
+  (f in cycles per pixel), an orthonormal inverse real FFT, divided by 4 (Lucid's
+  constant), mapped through the colour-correlation matrix (decorrelated colour
+  space -> RGB) and a sigmoid.
+* ``maco``: Fel et al., "Unlocking Feature Visualization for Deeper Networks with
+  MAgnitude Constrained Optimization" (NeurIPS 2023), after horama's ``maco_fv``:
+  only the phase is optimized; the magnitude is a fixed spectrum.
+  image = sigmoid(C @ standardize(irfft2(magnitude * exp(i * phase)))), standardize =
+  zero mean, unit std over the feature's whole (3, H, W) tensor (horama's
+  ``standardize``, eps 1e-4), C the same colour matrix. horama rescales the sigmoid
+  to the model's input range; here the sigmoid's [0, 1] is the pixel range and the
+  score applies the model's mean/std. Two departures from horama's code, both
+  because this project optimizes the whole image (horama scores random crops of
+  20-25% of a larger image, centred near its middle):
+
+  - The phase is initialised uniform on (-pi, pi] and used as is. horama draws it
+    N(0, 1) and standardizes it every step, which keeps the phases within about
+    +-1 rad: since cos(x) >= 1 - x**2 / 2, cos(phase) then averages at least 0.5,
+    so all frequencies add up in phase at pixel (0, 0) (a cusp ~80 std high at 224
+    px, measured), a corner horama's crops never see but the whole image does.
+  - Crops and the transparency (attribution) accumulator are not implemented; the
+    paper's augmentation ensemble (copies, colour shift, noise, jitter) is used.
+
+MACO's spectrum: horama downloads an ImageNet magnitude spectrum on first use; this
+project downloads nothing. The default is a power law, magnitude 1 / max(f, 1/max(H, W))
+** alpha with alpha = 1: natural images have an amplitude spectrum falling as about
+1/f (Field 1987, JOSA A 4(12); van der Schaaf & van Hateren 1996, Vision Research
+36(17), measured power-spectrum exponents near 2, i.e. amplitude exponents near 1).
+The same magnitude is used for the three decorrelated colour channels, which the
+colour matrix has whitened. :func:`spectrum_from_folder` computes an average spectrum
+from any folder of images instead (``python -m pipeline.engine.parameterizations spectrum
+FOLDER OUT.npy``); ``optim.maco_spectrum=OUT.npy`` then uses it, and
+:func:`spectrum_id` names it by the file's sha256 for the records.
+
+Real images have real Fourier coefficients at up to four self-conjugate frequencies
+(the mean, and the Nyquist row/column corners). A phase there cannot be free: the
+inverse real FFT keeps the real part, magnitude * cos(phase), which is also what
+horama's code gets. So MACO's magnitude is fixed exactly at every frequency but
+those (at most four) bins, where it is magnitude * |cos(phase)|; that keeps the
+mean colour optimizable. Elsewhere on the two self-paired columns of the half
+spectrum (f_x = 0 and, for even widths, Nyquist) the phases of k and -k are tied
+(phase(k) = -phase(-k)) so the image's magnitude is exactly the given one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError, reporting_errors
+
+if TYPE_CHECKING:
+    from pipeline.engine.optimize import OptimConfig
+
+# Lucid's colour-correlation matrix (lucid/optvis/param/color.py,
+# ``color_correlation_svd_sqrt``): the square root of ImageNet's RGB covariance from
+# its SVD, columns = decorrelated channels. Normalized by its largest column norm,
+# as Lucid and horama (``recorrelate_colors``) both use it.
+COLOR_CORRELATION_SVD_SQRT = ((0.26, 0.09, 0.02),
+                              (0.27, 0.00, -0.05),
+                              (0.27, -0.09, 0.03))
+FOURIER_SCALE_DIVISOR = 4.0  # Lucid fft_image: "image_t / 4.0"
+STANDARDIZE_EPS = 1e-4  # horama common.standardize: x / (std + 1e-4)
+SPECTRUM_SUFFIXES = (".npy", ".safetensors")
+_METADATA_KEY = "maco_spectrum"  # safetensors metadata: JSON with height, width, images
+POWERLAW = "powerlaw"
+
+
+def colour_matrix(device: torch.device | str = "cpu") -> torch.Tensor:
+    """(3, 3) RGB <- decorrelated colour: rgb = M @ t, M the normalized SVD-sqrt matrix."""
+    matrix = torch.tensor(COLOR_CORRELATION_SVD_SQRT, dtype=torch.float64)
+    return (matrix / matrix.norm(dim=0).max()).float().to(device)
+
+
+def recorrelate(x: torch.Tensor) -> torch.Tensor:
+    """(F, 3, H, W) decorrelated colour -> RGB (pre-sigmoid)."""
+    return torch.einsum("dc,fchw->fdhw", colour_matrix(x.device), x)
+
+
+def radial_frequency(image_size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H, W // 2 + 1): |f| in cycles per pixel at each bin of a real FFT's half spectrum."""
+    height, width = image_size
+    fy = torch.fft.fftfreq(height, device=device)[:, None]
+    fx = torch.fft.rfftfreq(width, device=device)[None, :]
+    return torch.sqrt(fy * fy + fx * fx)
+
+
+def inverse_power(image_size: tuple[int, int], power: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H, W // 2 + 1): 1 / max(f, 1 / max(H, W)) ** power; the mean bin takes the lowest frequency's value."""
+    lowest = 1.0 / max(image_size)
+    return radial_frequency(image_size, device).clamp(min=lowest) ** -power
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit std over everything but the leading (feature) dimension."""
+    dims = tuple(range(1, x.ndim))
+    return (x - x.mean(dim=dims, keepdim=True)) / (x.std(dim=dims, keepdim=True) + STANDARDIZE_EPS)
+
+
+class Parameterization(Protocol):
+    """What the optimizer asks of an image parameterization.
+
+    ``init`` binds the image size and device and returns the tensors to optimize
+    (fp32 leaves with requires_grad, leading dimension = features), drawing feature
+    i's initial values from ``generators[i]`` only. ``images`` maps them to
+    (F, 3, H, W) in [0, 1], differentiably. ``project`` runs under no_grad after
+    every optimizer step and may change the tensors in place.
+    """
+
+    name: ClassVar[str]
+
+    def init(self, generators: Sequence[torch.Generator], image_size: tuple[int, int],
+             device: torch.device) -> list[torch.Tensor]: ...
+
+    def images(self, params: list[torch.Tensor]) -> torch.Tensor: ...
+
+    def project(self, params: list[torch.Tensor]) -> None: ...
+
+
+@dataclass
+class Pixel:
+    """The paper's raw RGB pixels: U[0, 1) init, clamped to [0, 1] after every step."""
+
+    name: ClassVar[str] = "pixel"
+
+    def init(self, generators, image_size, device):
+        height, width = image_size
+        images = torch.stack([torch.rand(3, height, width, generator=g, device=device) for g in generators])
+        return [images.requires_grad_(True)]
+
+    def images(self, params):
+        return params[0]
+
+    def project(self, params):
+        params[0].clamp_(0.0, 1.0)
+
+
+@dataclass
+class Fourier:
+    """Lucid's decorrelated Fourier parameterization (``fft_image`` + ``to_valid_rgb``)."""
+
+    decay: float = 1.0
+    sd: float = 0.01
+    decorrelate: bool = True
+    name: ClassVar[str] = "fourier"
+    _size: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
+    _scale: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def init(self, generators, image_size, device):
+        height, width = image_size
+        self._size = (height, width)
+        self._scale = inverse_power(image_size, self.decay, device)
+        shape = (3, height, width // 2 + 1, 2)  # real and imaginary parts
+        coefficients = torch.stack([torch.randn(shape, generator=g, device=device) * self.sd for g in generators])
+        return [coefficients.requires_grad_(True)]
+
+    def images(self, params):
+        spectrum = torch.view_as_complex(params[0]) * self._scale
+        x = torch.fft.irfft2(spectrum, s=self._size, norm="ortho") / FOURIER_SCALE_DIVISOR
+        return torch.sigmoid(recorrelate(x) if self.decorrelate else x)
+
+    def project(self, params):
+        pass
+
+
+@dataclass
+class Maco:
+    """MACO: optimize the phase of a fixed magnitude spectrum (Fel et al. 2023, horama ``maco_fv``)."""
+
+    spectrum: str = POWERLAW
+    alpha: float = 1.0
+    name: ClassVar[str] = "maco"
+    _size: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
+    _magnitude: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def init(self, generators, image_size, device):
+        height, width = image_size
+        self._size = (height, width)
+        self._magnitude = magnitude_spectrum(self.spectrum, image_size, self.alpha).to(device)
+        shape = (3, height, width // 2 + 1)
+        phase = torch.stack([(torch.rand(shape, generator=g, device=device) * 2 - 1) * math.pi for g in generators])
+        return [phase.requires_grad_(True)]
+
+    def images(self, params):
+        return torch.sigmoid(recorrelate(standardize(self.spatial(params[0]))))
+
+    def spatial(self, phase: torch.Tensor) -> torch.Tensor:
+        """(F, 3, H, W): the inverse real FFT of magnitude * exp(i * phase), before normalization."""
+        phase = tie_hermitian(phase, self._size[1])
+        spectrum = torch.complex(self._magnitude * torch.cos(phase), self._magnitude * torch.sin(phase))
+        return torch.fft.irfft2(spectrum, s=self._size)
+
+    def project(self, params):
+        pass
+
+
+PARAMETERIZATIONS: dict[str, type] = {cls.name: cls for cls in (Pixel, Fourier, Maco)}
+
+# Learning rates the published methods use, where they differ from the paper's
+# (0.1, or 1.0 for CLIP; pipeline.plan.optim_config resolves ``lr: auto``). Lucid's
+# render_vis and lucent's use Adam(lr=0.05); horama's maco uses NAdam(lr=1.0). Both
+# ran with their own Adam betas and no annealing: the paper's optimizer (betas 0.5,
+# 0.99, cosine) is kept here, only the step size follows the parameterization.
+PUBLISHED_LR: dict[str, float] = {"fourier": 0.05, "maco": 1.0}
+
+
+def check_name(name: str) -> None:
+    if name not in PARAMETERIZATIONS:
+        raise PipelineError(f"optim.param={name!r} is not an image parameterization; "
+                            f"valid ones are {', '.join(PARAMETERIZATIONS)}.")
+
+
+def auto_lr(name: str, family: str) -> float:
+    """``optim.lr: auto``: the paper's 0.1 (1.0 for CLIP) for pixels, the published lr otherwise."""
+    check_name(name)
+    if name in PUBLISHED_LR:
+        return PUBLISHED_LR[name]
+    return 1.0 if family == "clip" else 0.1
+
+
+def create(config: OptimConfig) -> Parameterization:
+    """The parameterization ``config.param`` names, with its knobs from ``config``."""
+    check_name(config.param)
+    if config.param == "fourier":
+        return Fourier(config.fourier_decay, config.fourier_sd, config.fourier_decorrelate)
+    if config.param == "maco":
+        return Maco(config.maco_spectrum, config.maco_alpha)
+    return Pixel()
+
+
+def tie_hermitian(phase: torch.Tensor, width: int) -> torch.Tensor:
+    """Make phase(k) = -phase(-k) on the half spectrum's self-paired columns (f_x = 0, and Nyquist
+    for even widths), so a real image's spectrum there has exactly the given magnitude; rows that
+    are their own mirror (k = -k) keep their phase (their value becomes magnitude * cos(phase))."""
+    height, half = phase.shape[-2:]
+    mirrored = phase.flip(-2).roll(1, dims=-2)  # row k <- row (-k) mod H
+    rows = torch.arange(height, device=phase.device)
+    own_mirror = ((-rows) % height == rows)[:, None]
+    columns = torch.arange(half, device=phase.device)
+    paired = (columns == 0) | ((columns == width // 2) & (width % 2 == 0))
+    return torch.where(paired & ~own_mirror, (phase - mirrored) / 2, phase)
+
+
+# --- MACO magnitude spectra ---------------------------------------------------------------
+
+def powerlaw_spectrum(image_size: tuple[int, int], alpha: float = 1.0) -> torch.Tensor:
+    """(3, H, W // 2 + 1): 1 / max(f, 1 / max(H, W)) ** alpha for each decorrelated channel."""
+    return inverse_power(image_size, alpha).expand(3, -1, -1).contiguous()
+
+
+def magnitude_spectrum(spectrum: str, image_size: tuple[int, int], alpha: float = 1.0) -> torch.Tensor:
+    """(3, H, W // 2 + 1) on the CPU: ``powerlaw`` or the file at PATH, at ``image_size``."""
+    if spectrum == POWERLAW:
+        return powerlaw_spectrum(image_size, alpha)
+    return load_spectrum(spectrum, image_size)
+
+
+def spectrum_id(config: OptimConfig) -> str:
+    """What a record cites for MACO's magnitude: ``powerlaw-<alpha>`` or ``sha256-<file hex digest>``."""
+    if config.maco_spectrum == POWERLAW:
+        return f"{POWERLAW}-{float(config.maco_alpha)}"
+    return f"sha256-{file_sha256(config.maco_spectrum)}"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_spectrum(spectrum: str) -> None:
+    """Fail before any compute on a MACO spectrum that is neither ``powerlaw`` nor a readable file."""
+    if spectrum != POWERLAW:
+        _read_spectrum_file(spectrum)
+
+
+def _read_spectrum_file(path: str | os.PathLike) -> tuple[np.ndarray, int | None]:
+    """(C, h, w // 2 + 1) float array and the source width, if the file records it."""
+    path = Path(path)
+    usage = (f"optim.maco_spectrum is '{POWERLAW}' or a {' / '.join(SPECTRUM_SUFFIXES)} file written by "
+             f"`python -m pipeline.engine.parameterizations spectrum FOLDER OUT.npy`")
+    if path.suffix not in SPECTRUM_SUFFIXES:
+        raise PipelineError(f"MACO spectrum {str(path)!r} is not a {' or '.join(SPECTRUM_SUFFIXES)} file: {usage}.")
+    if not path.is_file():
+        raise PipelineError(f"MACO spectrum file {str(path)!r} does not exist: {usage}.")
+    width = None
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as handle:
+                keys = list(handle.keys())
+                if len(keys) != 1:
+                    raise ValueError(f"expected one tensor, found {keys}")
+                array = handle.get_tensor(keys[0])
+                width = json.loads((handle.metadata() or {}).get(_METADATA_KEY, "{}")).get("width")
+    except (OSError, ValueError) as error:
+        raise PipelineError(f"Cannot read MACO spectrum {str(path)!r} ({error}): {usage}.") from None
+    array = np.asarray(array, dtype=np.float32)
+    if array.ndim == 2:
+        array = np.broadcast_to(array, (3, *array.shape))
+    if array.ndim != 3 or array.shape[0] not in (1, 3) or min(array.shape[1:]) < 1:
+        raise PipelineError(f"MACO spectrum {str(path)!r} has shape {array.shape}; expected (H, W//2+1) or "
+                            f"(3, H, W//2+1) magnitudes: {usage}.")
+    if not np.isfinite(array).all() or (array < 0).any():
+        raise PipelineError(f"MACO spectrum {str(path)!r} holds negative or non-finite magnitudes: {usage}.")
+    return np.broadcast_to(array, (3, *array.shape[1:])).copy(), width
+
+
+def load_spectrum(path: str | os.PathLike, image_size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W // 2 + 1) magnitudes from a ``.npy`` / ``.safetensors`` file, resampled to ``image_size``.
+
+    A file for another size is resampled bilinearly in frequency (cycles per pixel), not in
+    array index, so each bin keeps its physical frequency; the self-paired columns are then
+    made mirror-symmetric, as a real image's spectrum is.
+    """
+    array, width = _read_spectrum_file(path)
+    magnitude = torch.from_numpy(array)
+    source_h, source_wr = magnitude.shape[1:]
+    source_w = width or 2 * (source_wr - 1)
+    height, target_w = image_size
+    if (source_h, source_w) != (height, target_w):
+        magnitude = _resample(magnitude, (source_h, source_w), image_size)
+    return _symmetrize(magnitude, target_w)
+
+
+def _resample(magnitude: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    source_h, source_w = source
+    shifted = torch.fft.fftshift(magnitude, dim=-2)  # row r <-> f_y = (r - h // 2) / h
+    rows = torch.fft.fftfreq(target[0])[:, None] * source_h + source_h // 2
+    cols = torch.fft.rfftfreq(target[1])[None, :] * source_w
+    rows, cols = torch.broadcast_tensors(rows, cols)
+    grid = torch.stack([2 * cols / max(1, shifted.shape[-1] - 1) - 1, 2 * rows / max(1, source_h - 1) - 1], dim=-1)
+    return torch.nn.functional.grid_sample(shifted[None], grid[None].float(), mode="bilinear",
+                                           padding_mode="border", align_corners=True)[0]
+
+
+def _symmetrize(magnitude: torch.Tensor, width: int) -> torch.Tensor:
+    height = magnitude.shape[-2]
+    mirror = (-torch.arange(height)) % height
+    out = magnitude.clone()
+    for column in [0] + ([width // 2] if width % 2 == 0 and width > 1 else []):
+        out[..., column] = (magnitude[..., column] + magnitude[..., mirror, column]) / 2
+    return out.contiguous()
+
+
+def _load_rgb(path: Path, image_size: tuple[int, int]) -> torch.Tensor | None:
+    """(3, H, W) in [0, 1]: shorter side resized to cover the size, centre-cropped; None if PIL cannot read it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            height, width = image_size
+            scale = max(height / image.height, width / image.width)
+            resized = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            image = image.resize(resized, Image.Resampling.BICUBIC)
+            left, top = (resized[0] - width) // 2, (resized[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+            pixels = np.asarray(image, dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def spectrum_from_folder(folder: str | os.PathLike, out: str | os.PathLike, image_size: tuple[int, int] = (224, 224),
+                         overwrite: bool = False, progress: Callable[[str], None] | None = None) -> str:
+    """Average magnitude spectrum of the images under ``folder``, written to ``out``; returns its id.
+
+    Every file under ``folder`` (recursively, sorted) that PIL can read is converted to
+    RGB, resized and centre-cropped to ``image_size``, taken to the decorrelated colour
+    space MACO optimizes in (the inverse of :func:`colour_matrix`), and its real FFT's
+    magnitude averaged per channel: a (3, H, W // 2 + 1) float32 array. The file is
+    written once: an existing ``out`` is an error unless ``overwrite``, since records
+    cite it by its sha256.
+    """
+    folder, out = Path(folder), Path(out)
+    if out.suffix not in SPECTRUM_SUFFIXES:
+        raise PipelineError(f"Spectrum output {str(out)!r} must end in {' or '.join(SPECTRUM_SUFFIXES)}.")
+    if out.exists() and not overwrite:
+        raise PipelineError(f"Spectrum file {str(out)!r} exists; records may cite it by its sha256. "
+                            f"Write to a new path, or pass --force to replace it.")
+    if not folder.is_dir():
+        raise PipelineError(f"Image folder {str(folder)!r} is not a directory.")
+    inverse = torch.linalg.inv(colour_matrix().double())
+    total = torch.zeros(3, image_size[0], image_size[1] // 2 + 1, dtype=torch.float64)
+    count = skipped = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        pixels = _load_rgb(path, image_size)
+        if pixels is None:
+            skipped += 1
+            continue
+        decorrelated = torch.einsum("cd,dhw->chw", inverse, pixels.double())
+        total += torch.fft.rfft2(decorrelated).abs()
+        count += 1
+    if count == 0:
+        raise PipelineError(f"No image PIL can read under {str(folder)!r} ({skipped} other files).")
+    magnitude = (total / count).float().numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial" + out.suffix)
+    if out.suffix == ".npy":
+        np.save(partial, magnitude, allow_pickle=False)
+    else:
+        from safetensors.numpy import save_file
+
+        # One metadata key: safetensors writes a multi-key metadata map in no fixed order, and the
+        # file's bytes must not change between two runs on the same images.
+        about = json.dumps({"height": image_size[0], "width": image_size[1], "images": count}, sort_keys=True)
+        save_file({"magnitude": magnitude}, str(partial), metadata={_METADATA_KEY: about})
+    os.replace(partial, out)
+    if progress:
+        progress(f"{count} images ({skipped} unreadable files skipped) -> {out}")
+    return f"sha256-{file_sha256(out)}"
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    height, _, width = text.lower().partition("x")
+    try:
+        size = (int(height), int(width or height))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return size
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.engine.parameterizations",
+                                     description="MACO magnitude spectra for optim.maco_spectrum.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    spectrum = commands.add_parser("spectrum", help="average magnitude spectrum of a folder of images")
+    spectrum.add_argument("folder")
+    spectrum.add_argument("out", help="OUT.npy or OUT.safetensors")
+    spectrum.add_argument("--size", type=_parse_size, default=(224, 224), help="N or HxW (default 224)")
+    spectrum.add_argument("--force", action="store_true", help="replace an existing OUT")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        print(spectrum_from_folder(args.folder, args.out, args.size, args.force,
+                                   progress=lambda line: print(line, file=sys.stderr)))
+
+    return reporting_errors(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
