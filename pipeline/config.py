@@ -54,6 +54,7 @@ class OptimSection:
     noise_std: float = 0.5
     precision: str = "fp32"
     trace_points: int = 20
+    objective_scale: str = "code"
     param: str = "pixel"  # pixel | fourier | maco (pipeline/parameterizations.py)
     fourier_decay: float = 1.0
     fourier_sd: float = 0.01

@@ -160,14 +160,36 @@ def angle_gap(a: float, b: float) -> float:
     return min(abs(a - b) % 180, 180 - abs(a - b) % 180)
 
 
-def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus():
+def test_the_default_loss_is_the_released_codes_and_paper_text_keeps_the_texts(compose):
+    from dataclasses import replace
+
+    from pipeline.engine.optimize import losses, total_variation
+    from pipeline.execution.plan import optim_config
+
+    generator = torch.Generator().manual_seed(0)
+    copies = torch.rand(1, 8, 3, 32, 32, generator=generator)  # one feature's 8 augmented copies
+    feats = torch.randn(8, generator=generator)  # the released code's all_feats[:8, f]
+    default = optim_config(dict(compose().optim), "deit")
+    assert default.objective_scale == "code"
+    # loss/image_net.py, ViTEnsFeatHook: -all_feats[:8, f].diag().mean(), plus the TV term
+    released = -feats.diag().mean() + default.tv_weight * total_variation(copies)[0]
+    torch.testing.assert_close(losses(feats[None], copies, default)[0], released)
+    text = optim_config(dict(compose("optim=paper_text").optim), "deit")
+    assert text.objective_scale == "paper" and replace(text, objective_scale="code", colour_shift="code",
+                                                       noise="code") == default
+    torch.testing.assert_close(losses(feats[None], copies, text)[0],
+                               -feats.mean() + text.tv_weight * total_variation(copies)[0])
+
+
+@pytest.mark.parametrize("objective_scale", ["code", "paper"])
+def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus(objective_scale):
     from pipeline.models import planted
 
     choice = weights.resolve("deit_tiny_patch16_224", "planted")
     viz = Visualizer("deit_tiny_patch16_224", choice, CPU)
     units = planted.planted_units("deit_tiny_patch16_224")
     features = [u.feature for u in units]
-    config = OptimConfig(steps=40, copies=2)  # the paper's augmentations, shortened
+    config = OptimConfig(steps=40, copies=2, objective_scale=objective_scale)  # the paper's augmentations, shortened
     out = viz.run(planted.PLANTED_LAYER, "mlp", parse_objective("mean"), features,
                   [seed_for(f, 0) for f in features], config)
     for unit, image in zip(units, out.images):

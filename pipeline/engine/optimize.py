@@ -9,8 +9,9 @@ per-feature terms, its own independent optimization: batching F features is F
 single runs done in one forward pass.
 
 Per step, as in ../shared/PAPER.md: copies of each image -> colour shift ->
-noise -> jitter (circular shift) -> score; loss = -mean score over copies +
-lambda * TV(augmented copies); Adam(betas 0.5, 0.99), cosine-annealed lr; clamp
+noise -> jitter (circular shift) -> score; loss = -mean score over copies
+(divided by the number of copies, as the released code's ``diag().mean()`` does,
+unless ``objective_scale`` is ``paper``) + lambda * TV(augmented copies); Adam(betas 0.5, 0.99), cosine-annealed lr; clamp
 to [0, 1] after every step. The image comes from ``config.param``'s parameterization
 (pipeline/parameterizations.py): the paper's raw pixels by default, or Lucid's
 Fourier basis or MACO's phase, whose tensors Adam optimizes instead of the pixels;
@@ -50,6 +51,9 @@ class OptimConfig:
     noise_std: float = 0.5
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
     trace_points: int = 20  # how many times the objective is sampled during the run
+    # code: the released code's -feats[:8, f].diag().mean(), the copies' mean divided by their number, which
+    # made TV weigh 8x its stated lambda in the paper's figures | paper: the text's mean over copies
+    objective_scale: str = "code"
     # The image parameterization (pipeline/parameterizations.py): pixel (the paper's) | fourier | maco.
     param: str = "pixel"
     fourier_decay: float = 1.0  # Lucid fft_image(decay_power=1): coefficients scaled by 1/f**decay
@@ -86,7 +90,7 @@ def visualize(score: Score, seeds: list[int], image_size: tuple[int, int], confi
     for step in range(config.steps):
         copies = augment(parameterization.images(params), generators, step, config)
         scores = score(copies)  # (F, copies)
-        loss = (-scores.float().mean(dim=1) + config.tv_weight * total_variation(copies)).sum()
+        loss = losses(scores, copies, config).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -100,6 +104,20 @@ def visualize(score: Score, seeds: list[int], image_size: tuple[int, int], confi
         activations = score(final.unsqueeze(1)).float()[:, 0]
     finite = torch.isfinite(activations) & torch.isfinite(final).flatten(1).all(dim=1)
     return Visualization(final.cpu(), activations.cpu(), torch.stack(traces, dim=1).cpu(), finite.cpu())
+
+
+def losses(scores: torch.Tensor, copies: torch.Tensor, config: OptimConfig) -> torch.Tensor:
+    """(F, copies) scores of the augmented copies (F, copies, 3, H, W) -> (F,) each feature's loss.
+
+    Adam is insensitive to the loss's overall scale but not to the balance of its terms: the
+    released code's objective, ``-all_feats[:8, f].diag().mean()``, is the mean of an 8 x 8
+    diagonal matrix, i.e. the copies' mean divided by 8, so its figures were made with TV
+    weighing 8x (the number of copies x) the stated lambda against the objective.
+    """
+    objective = scores.float().mean(dim=1)
+    if config.objective_scale == "code":
+        objective = objective / scores.shape[1]
+    return -objective + config.tv_weight * total_variation(copies)
 
 
 def seed_for(feature: int, seed: int, attempt: int = 0) -> int:

@@ -195,6 +195,7 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     except (TypeError, ValueError) as error:
         raise PipelineError(f"Bad optimizer setting: {error}.") from None
     choices = {"colour_shift": ("code", "paper", "none"), "noise": ("code", "paper", "none"),
+               "objective_scale": ("code", "paper"),
                "precision": ("fp32", "bf16", "fp16"), "param": tuple(parameterizations.PARAMETERIZATIONS)}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
