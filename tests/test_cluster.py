@@ -1,4 +1,4 @@
-"""A Ray cluster that changes under a sweep: nodes lost for good, nodes that join late, workers that die."""
+"""A Ray cluster that changes under a sweep (nodes lost for good or joining late, workers dying) or lacks GPUs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from test_resilience import ENV, REPO, assert_exactly
 
+from pipeline.errors import PipelineError
 from pipeline.execution import scheduler
 from pipeline.execution.plan import build_plan
 
@@ -101,6 +103,36 @@ def test_a_node_that_joins_mid_sweep_gets_work(compose, tmp_path):
     per_worker = after[after.index("tasks per worker: "):].splitlines()[0]
     assert per_worker.startswith("tasks per worker: 1: ") and ", 2: 0" not in per_worker and ", 2: " in per_worker
     assert_exactly(tmp_path / "store", build_plan(compose(*SWEEP, "optim.steps=30")).keys())
+
+
+def test_cluster_ray_on_a_cluster_without_gpus_runs_on_cpus_by_default(ray_local, compose):
+    cfg = compose("cluster=ray")
+    assert cfg.cluster.gpus_per_worker == "auto" and cfg.cluster.gpu_wait_s > 60
+    assert scheduler.gpus_per_worker(cfg.cluster) == 0.0
+
+
+def test_gpus_asked_for_on_a_cluster_without_them_stop_after_gpu_wait_s(ray_local, compose, tmp_path, capsys):
+    import time
+
+    from pipeline.errors import EXIT_BAD_INPUT, reporting_errors
+    from pipeline.execution.driver import run_sweep
+
+    root = tmp_path / "store"
+    cfg = compose("cluster=ray", "cluster.gpus_per_worker=1", "cluster.gpu_wait_s=2", "sweep.layers=[0]",
+                  "sweep.features=[0]", f"store.root={root}")
+    started = time.monotonic()
+    assert reporting_errors(lambda: run_sweep(cfg)) == EXIT_BAD_INPUT
+    assert 2 <= time.monotonic() - started < 60
+    error = capsys.readouterr().err
+    assert error.startswith("error: cluster.gpus_per_worker=1 but the Ray cluster has no GPU, and none joined within "
+                            "cluster.gpu_wait_s=2 s") and error.strip().count("\n") == 0
+    assert "cluster.gpus_per_worker=0" in error and "add GPU nodes" in error
+    assert not (root / "plan").exists()
+    local = compose("cluster=local", "cluster.gpus_per_worker=1", "cluster.gpu_wait_s=600")
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match="this machine's Ray has no GPU"):
+        scheduler.gpus_per_worker(local.cluster)  # a local Ray gets no new nodes: no wait
+    assert time.monotonic() - started < 5
 
 
 @dataclass(frozen=True)

@@ -80,8 +80,9 @@ def run_sweep(cfg: DictConfig) -> int:
 
     from pipeline.execution import scheduler
 
-    store.write_plan(plan.units_table())
     scheduler.start_ray(cfg.cluster)
+    scheduler.gpus_per_worker(cfg.cluster)  # GPUs asked for and absent stop here (after a bounded wait), unwritten
+    store.write_plan(plan.units_table())
     progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
     interrupted = False
     try:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 TASK_RETRIES = 3  # times a task may lose its worker (or its result) and still be run again
 PING_EVERY_S = 2.0  # how often a lost worker is asked whether it is back
 GROW_EVERY_S = 5.0  # how often cluster.workers=auto looks for room for more workers
+GPU_POLL_S = 2.0
 IDLE_WARNING_S = 60.0  # how often to say that no worker is live
 T = TypeVar("T")
 
@@ -82,17 +83,49 @@ def start_ray(cluster: DictConfig) -> None:
 
 
 def gpus_per_worker(cluster: DictConfig) -> float:
-    """The GPUs each worker asks for; a local Ray without GPUs cannot satisfy a request for them."""
+    """The GPUs each worker asks for.
+
+    ``auto`` is 1 where the cluster has GPUs, else 0. A number of GPUs where there are none:
+    a local Ray cannot get any, so that stops at once; a cluster may be waiting for an
+    autoscaler, so that waits up to ``cluster.gpu_wait_s`` (asking the autoscaler for a GPU
+    node meanwhile) and then stops. Either stop is a :class:`PipelineError` naming the remedies.
+    """
     if cluster.gpus_per_worker == "auto":
         return 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     gpus = float(cluster.gpus_per_worker)
-    if gpus and not ray.cluster_resources().get("GPU"):
-        message = (f"cluster.gpus_per_worker={gpus} but the Ray cluster has no GPU: workers would wait forever. "
-                   f"Set cluster.gpus_per_worker=0 to run on CPUs, or add GPU nodes.")
-        if cluster.kind == "local":
-            raise PipelineError(message)
-        log.warning("%s (waiting, in case an autoscaler adds GPU nodes)", message)
-    return gpus
+    if not gpus or ray.cluster_resources().get("GPU"):
+        return gpus
+    remedy = "Set cluster.gpus_per_worker=0 (or auto) to run on the cluster's CPUs, or add GPU nodes"
+    if cluster.kind == "local":
+        raise PipelineError(f"cluster.gpus_per_worker={gpus:g} but this machine's Ray has no GPU: workers would "
+                            f"wait forever. {remedy}.")
+    wait_s = float(cluster.gpu_wait_s)
+    log.warning("cluster.gpus_per_worker=%g but the Ray cluster has no GPU; waiting up to %.0f s "
+                "(cluster.gpu_wait_s) for an autoscaler to add GPU nodes", gpus, wait_s)
+    _request_resources([{"GPU": gpus, "CPU": cluster.cpus_per_worker}])  # what an autoscaler scales up for
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(GPU_POLL_S, max(0.0, deadline - time.monotonic())))
+            if ray.cluster_resources().get("GPU"):
+                return gpus
+    finally:
+        _request_resources([])
+    raise PipelineError(
+        f"cluster.gpus_per_worker={gpus:g} but the Ray cluster has no GPU, and none joined within "
+        f"cluster.gpu_wait_s={wait_s:g} s: workers would wait forever. {remedy} (or raise cluster.gpu_wait_s "
+        f"for an autoscaler that needs longer)."
+    )
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    """Tell an autoscaler, if the cluster has one, what to scale up for (none: a no-op)."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as error:  # only a hint to an autoscaler; the wait works without it
+        log.debug("could not request resources from the autoscaler: %s", error)
 
 
 def worker_count(cluster: DictConfig, gpus: float) -> int:
