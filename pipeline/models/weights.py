@@ -11,13 +11,18 @@
 
 Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>``, ``planted-<version>-<seed>``
 or ``sha256-<hex of the file>``. :func:`resolve` validates a choice and computes its id
-cheaply, before any compute; :func:`load` builds the model.
+cheaply, before any compute; :func:`load` builds the model. A file is checked at plan time
+against the architecture (names and shapes) and, when a worker loads it later, against the
+planned hash: the worker reads the file once, hashes those bytes and loads from them, so a
+file replaced in between fails its units (:class:`CheckpointChanged`) instead of being
+recorded under the old hash.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +34,10 @@ from pipeline.models import zoo
 from pipeline.errors import PipelineError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+class CheckpointChanged(PipelineError):
+    """The file at a planned checkpoint path is not the one the sweep was planned with."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "c
     if choice.kind == "pretrained":
         model = _load_pretrained(model_name)
     else:
+        data = _read_planned(choice) if choice.kind == "file" else None  # before building: a changed file fails fast
         torch.manual_seed(choice.init_seed)
         model = zoo.create_architecture(model_name)
         if choice.kind == "planted":
@@ -68,7 +78,8 @@ def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "c
 
             model.load_state_dict(planted.planted_state_dict(model_name, seed=choice.init_seed))
         elif choice.kind == "file":
-            _load_file(model, Path(choice.path))
+            _load_file(model, Path(choice.path), data)
+            del data
     model.requires_grad_(False)
     return model.eval().to(device)
 
@@ -164,14 +175,15 @@ def _sha256(path: str, _mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in the file at ``path``, or in ``data`` (that file's bytes, already read)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
-            state = load_file(str(path))
+            state = load_file(str(path)) if data is None else load(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
         raise _unreadable(path, error) from None
     # Training scripts nest the weights and DataParallel prefixes names; unwrap both.
@@ -228,10 +240,27 @@ def _check_checkpoint(model_name: str, path: Path) -> None:
         )
 
 
-def _load_file(model: nn.Module, path: Path) -> None:
+def _read_planned(choice: WeightsChoice) -> bytes:
+    """The checkpoint's bytes, read once, if they still hash to the planned id."""
+    try:
+        data = Path(choice.path).read_bytes()
+    except OSError as error:
+        raise CheckpointChanged(f"the checkpoint at {choice.path} is gone since the sweep was planned (planned "
+                                f"{choice.weights_id}; {type(error).__name__}: {error.strerror or error}); "
+                                f"restore it, or re-run to plan with another file") from None
+    found = f"sha256-{hashlib.sha256(data).hexdigest()}"
+    if found != choice.weights_id:
+        raise CheckpointChanged(f"the checkpoint at {choice.path} changed since the sweep was planned: planned "
+                                f"{choice.weights_id}, found {found}; re-run to plan with the new file")
+    return data
+
+
+def _load_file(model: nn.Module, path: Path, data: bytes) -> None:
+    """Load the file from ``data``, the bytes that were hashed (so it is the planned file, whatever has
+    happened to the path since); the file is in memory twice for a moment."""
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise PipelineError(f"'{path}' is a Google .npz checkpoint, which only original ViT models can load.")
-        model.load_pretrained(str(path))
+        model.load_pretrained(io.BytesIO(data))
         return
-    model.load_state_dict(_read_state_dict(path), strict=True)
+    model.load_state_dict(_read_state_dict(path, data), strict=True)
