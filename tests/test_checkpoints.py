@@ -1,4 +1,4 @@
-"""Checkpoint files: a file replaced after planning fails its units."""
+"""Checkpoint files: Google .npz checked at plan time, a file replaced after planning fails its units."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.execution import worker
+from pipeline.errors import PipelineError
+from pipeline.execution import driver, scheduler, worker
 from pipeline.execution.plan import build_plan
 from pipeline.models import weights, zoo
 
@@ -55,6 +56,52 @@ def vit_npz(tmp_path_factory):
     path = tmp_path_factory.mktemp("npz") / "ViT-Ti_16.npz"
     arrays = google_npz(source, path)
     return path, source.state_dict(), arrays
+
+
+def test_a_google_npz_is_checked_at_plan_time_and_loads_the_same_weights(vit_npz):
+    path, state, _ = vit_npz
+    choice = weights.resolve(VIT, str(path))
+    assert choice.weights_id.startswith("sha256-")
+    loaded = weights.load(VIT, choice).state_dict()
+    for name in ("patch_embed.proj.weight", "blocks.5.attn.qkv.weight", "blocks.11.mlp.fc2.weight", "pos_embed"):
+        torch.testing.assert_close(loaded[name], state[name])
+
+
+def test_a_corrupt_or_unrelated_npz_is_refused_at_plan_time_in_one_paragraph(vit_npz, tmp_path):
+    path, _, arrays = vit_npz
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"\x00" * 512)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    unrelated = tmp_path / "unrelated.npz"
+    np.savez(unrelated, weights=np.zeros(3), labels=np.arange(4))
+    shallow = tmp_path / "shallow.npz"
+    np.savez(shallow, **{k: v for k, v in arrays.items() if "encoderblock_11/" not in k})
+    cases = [
+        (corrupt, VIT, "could not be read as a NumPy .npz archive"),
+        (truncated, VIT, "could not be read as a NumPy .npz archive|does not load into"),
+        (unrelated, VIT, "does not load into the architecture 'vit_tiny_patch16_224' through timm's Google ViT "
+                         "loader"),
+        (shallow, VIT, "it has 11 encoder blocks, the architecture 12"),
+        (path, "vit_small_patch16_224", "does not load into the architecture 'vit_small_patch16_224'"),
+        (path, "deit_tiny_distilled_patch16_224", "does not load into|lacks the array"),
+        (path, "swin_tiny_patch4_window7_224", "only original ViT models can load"),
+    ]
+    for file, model, message in cases:
+        with pytest.raises(PipelineError, match=message) as raised:
+            weights.resolve(model, str(file))
+        assert "\n" not in str(raised.value)
+
+
+def test_a_sweep_with_a_bad_npz_stops_before_ray(compose, tmp_path, monkeypatch):
+    monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("bad input reached Ray"))
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, something=np.zeros(2))
+    cfg = compose(f"sweep.models=[{VIT}]", "sweep.layers=[0]", "sweep.features=[0]", f"model.weights={bad}",
+                  f"store.root={tmp_path / 'store'}")
+    with pytest.raises(PipelineError, match="Google ViT loader"):
+        driver.run_sweep(cfg)
+    assert not (tmp_path / "store").exists()
 
 
 def replace_checkpoint(path) -> None:

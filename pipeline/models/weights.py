@@ -12,10 +12,11 @@
 Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>``, ``planted-<version>-<seed>``
 or ``sha256-<hex of the file>``. :func:`resolve` validates a choice and computes its id
 cheaply, before any compute; :func:`load` builds the model. A file is checked at plan time
-against the architecture (names and shapes) and, when a worker loads it later, against the
-planned hash: the worker reads the file once, hashes those bytes and loads from them, so a
-file replaced in between fails its units (:class:`CheckpointChanged`) instead of being
-recorded under the old hash.
+against the architecture (names and shapes; an ``.npz`` goes through timm's loader into the
+architecture built on the meta device) and, when a worker loads it later, against the planned
+hash: the worker reads the file once, hashes those bytes and loads from them, so a file
+replaced in between fails its units (:class:`CheckpointChanged`) instead of being recorded
+under the old hash.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import functools
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,7 +222,8 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_checkpoint(model_name: str, path: Path) -> None:
     """Compare names and shapes against the architecture (built on meta: no memory, no compute)."""
     if path.suffix == ".npz":
-        return  # timm's own loader maps Google's names; it reports its own mismatches at load
+        _check_npz(model_name, path)
+        return
     shapes = _checkpoint_shapes(path)
     expected = {k: tuple(v.shape) for k, v in zoo.create_architecture(model_name, "meta").state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
@@ -238,6 +241,57 @@ def _check_checkpoint(model_name: str, path: Path) -> None:
             f"Checkpoint '{path}' does not match the architecture '{model_name}' — {'; '.join(parts)}. "
             f"Check that the file was saved from this architecture (same size, patch and image size)."
         )
+
+
+def _check_npz(model_name: str, path: Path) -> None:
+    """A Google ViT ``.npz``: a NumPy archive of named arrays (no pickles) that timm's own loader puts
+    into the architecture. The loader runs for real, into the architecture built on the meta device:
+    every array it reads is read and shape-checked against its parameter, nothing is allocated."""
+    import numpy as np
+
+    try:
+        archive = np.load(str(path), allow_pickle=False)
+    except Exception as error:
+        raise _unreadable_npz(path, error) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise PipelineError(f"Checkpoint '{path}' holds a single NumPy array, not an .npz archive of named arrays "
+                            f"as Google's ViT checkpoints are.")
+    with archive:
+        names = set(archive.files)
+    model = zoo.create_architecture(model_name, "meta")
+    if not hasattr(model, "load_pretrained"):
+        raise PipelineError(f"Checkpoint '{path}' is a Google .npz checkpoint, which only original ViT models can "
+                            f"load, and '{model_name}' is not one. Convert it to a state dict of this architecture "
+                            f"(.safetensors or .pth).")
+    blocks = len(getattr(model, "blocks", ()))
+    in_file = {int(match[1]) for name in names if (match := _NPZ_BLOCK.match(name))}
+    if in_file and len(in_file) != blocks:
+        raise PipelineError(f"Checkpoint '{path}' does not match the architecture '{model_name}' — it has "
+                            f"{len(in_file)} encoder blocks, the architecture {blocks}. Check that the file was "
+                            f"saved from this architecture (same depth and width).")
+    try:
+        with torch.no_grad():
+            model.load_pretrained(str(path))
+    except KeyError as error:
+        raise PipelineError(f"Checkpoint '{path}' is not a Google ViT checkpoint of '{model_name}': it lacks the "
+                            f"array {error.args[0]!r}, which timm's loader reads for this architecture. Check that "
+                            f"the file was saved from this architecture.") from None
+    except Exception as error:
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        raise PipelineError(f"Checkpoint '{path}' does not load into the architecture '{model_name}' through timm's "
+                            f"Google ViT loader ({detail}). It may be truncated or corrupt, or saved from another "
+                            f"architecture (size, patch or depth).") from None
+
+
+_NPZ_BLOCK = re.compile(r"(?:.*/)?Transformer/encoderblock_(\d+)/")
+
+
+def _unreadable_npz(path: Path, error: Exception) -> PipelineError:
+    return PipelineError(
+        f"Checkpoint '{path}' could not be read as a NumPy .npz archive ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'}). It may be truncated or corrupt, or "
+        f"hold pickled objects, which are refused for safety."
+    )
 
 
 def _read_planned(choice: WeightsChoice) -> bytes:
