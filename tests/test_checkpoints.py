@@ -1,4 +1,5 @@
-"""Checkpoint files: Google .npz checked at plan time, a file replaced after planning fails its units."""
+"""Checkpoint files: Google .npz checked at plan time, a file replaced after planning fails its units,
+and a sweep whose units all failed says so in its exit status."""
 
 from __future__ import annotations
 
@@ -139,3 +140,22 @@ def test_a_checkpoint_replaced_after_planning_fails_its_units_and_records_nothin
     gone = worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0])
     assert not gone.records and "is gone since the sweep was planned" in gone.failures[0][1]
 
+
+def test_a_sweep_whose_units_all_failed_exits_1_with_the_reasons(ray_local, vit_npz, compose, tmp_path,
+                                                                  monkeypatch, capsys):
+    path = tmp_path / "ckpt.npz"
+    path.write_bytes(vit_npz[0].read_bytes())
+    cfg = compose(f"sweep.models=[{VIT}]", "sweep.layers=[0]", "sweep.features=[0,1,2]", f"model.weights={path}",
+                  "optim.steps=2", "sweep.chunk_size=1", "progress.bar=false", f"store.root={tmp_path / 'store'}")
+    run_plan = scheduler.run_plan
+
+    def replaced_after_planning(*args, **kwargs):
+        replace_checkpoint(path)
+        return run_plan(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "run_plan", replaced_after_planning)
+    assert driver.run_sweep(cfg) == driver.EXIT_FAILURES
+    out = capsys.readouterr().out
+    assert "done: 0 new records, 3 failed" in out
+    assert "failed units (3; a re-run retries them):" in out
+    assert f"3 x the checkpoint at {path} changed since the sweep was planned" in out

@@ -63,6 +63,16 @@ def _print_where(store: Store) -> None:
 
 
 def run_sweep(cfg: DictConfig) -> int:
+    """Plan, then run what the store lacks; the exit status says how it ended.
+
+    - 0: every planned unit is in the store (done now or before);
+    - 1 (``EXIT_FAILURES``): some units failed (their reasons are printed and recorded
+      under STORE/failures; a re-run retries them), or more than ``cluster.max_failures``
+      failed and the sweep stopped early;
+    - 130 (``EXIT_INTERRUPTED``): interrupted; the complete records are committed;
+    - 2: bad input (a :class:`~pipeline.errors.PipelineError`, raised before any compute
+      and reported by the entry point as one paragraph).
+    """
     store = Store(cfg.store.root)
     store.check_writable()
     plan = build_plan(cfg)
@@ -109,4 +119,4 @@ def run_sweep(cfg: DictConfig) -> int:
             print(f"  {count} x {reason}")
     if summary.aborted:
         print(f"stopped: more than cluster.max_failures={cfg.cluster.max_failures} units failed.")
-    return EXIT_FAILURES if summary.aborted else 0
+    return EXIT_FAILURES if summary.failed or summary.aborted else 0
