@@ -249,13 +249,15 @@ def _check_npz(model_name: str, path: Path) -> None:
     every array it reads is read and shape-checked against its parameter, nothing is allocated."""
     import numpy as np
 
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":  # numpy would take anything else for a pickle
+            raise PipelineError(f"Checkpoint '{path}' is not a NumPy .npz archive (a zip of named arrays, as "
+                                f"Google's ViT checkpoints are): it may be corrupt, or another format under an .npz "
+                                f"name.")
     try:
         archive = np.load(str(path), allow_pickle=False)
     except Exception as error:
         raise _unreadable_npz(path, error) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise PipelineError(f"Checkpoint '{path}' holds a single NumPy array, not an .npz archive of named arrays "
-                            f"as Google's ViT checkpoints are.")
     with archive:
         names = set(archive.files)
     model = zoo.create_architecture(model_name, "meta")
