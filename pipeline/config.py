@@ -77,6 +77,7 @@ class ClusterSection:
     workers: Any = "auto"  # auto: as many as the resources allow
     cpus_per_worker: float = 1.0
     gpus_per_worker: Any = "auto"  # auto: 1 where Ray sees GPUs, else 0; 0.25 packs four workers on a GPU
+    gpu_wait_s: float = 300.0  # how long GPUs asked for but absent are waited for (an autoscaler), then stop
     max_in_flight: Any = "auto"  # chunks submitted but not finished; auto: 2 per worker
     max_failures: int = 100
     model_cache: int = 2  # models a worker keeps loaded

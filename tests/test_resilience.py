@@ -25,7 +25,9 @@ from pipeline.execution.progress import Progress
 from pipeline.store.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# PYTHONPATH: subprocesses run from tmp_path import this checkout, not whichever one the venv was installed from.
+ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
 
 def committed(root: Path) -> int:

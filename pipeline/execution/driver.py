@@ -82,6 +82,16 @@ def _print_where(store: Store) -> None:
 
 
 def run_sweep(cfg: DictConfig) -> int:
+    """Plan, then run what the store lacks; the exit status says how it ended.
+
+    - 0: every planned unit is in the store (done now or before);
+    - 1 (``EXIT_FAILURES``): some units failed (their reasons are printed and recorded
+      under STORE/failures; a re-run retries them), or more than ``cluster.max_failures``
+      failed and the sweep stopped early;
+    - 130 (``EXIT_INTERRUPTED``): interrupted; the complete records are committed;
+    - 2: bad input (a :class:`~pipeline.errors.PipelineError`, raised before any compute
+      and reported by the entry point as one paragraph).
+    """
     store = Store(cfg.store.root)
     store.check_writable()
     store.recover()  # also when there is nothing to do: an interrupted last commit is finished now
@@ -107,8 +117,9 @@ def run_sweep(cfg: DictConfig) -> int:
 
     with store.lease("records"):
         done = store.committed_keys() & planned  # what a driver that held the lease before us committed
-        store.write_plan(plan.units_table())
         scheduler.start_ray(cfg.cluster)
+        scheduler.gpus_per_worker(cfg.cluster)  # GPUs asked for and absent stop here (after a bounded wait)
+        store.write_plan(plan.units_table())
         progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
         interrupted = False
         try:
@@ -135,4 +146,4 @@ def run_sweep(cfg: DictConfig) -> int:
             print(f"  {count} x {reason}")
     if summary.aborted:
         print(f"stopped: more than cluster.max_failures={cfg.cluster.max_failures} units failed.")
-    return EXIT_FAILURES if summary.aborted else 0
+    return EXIT_FAILURES if summary.failed or summary.aborted else 0

@@ -1,8 +1,9 @@
 """Progress of a sweep: a live bar for terminals, a periodic one-line summary for logs.
 
 A cluster job's log has no terminal, so besides the tqdm bar (done/total, rate,
-ETA, failures) a line like ``progress 120/1000 (12.0%) 2.10 units/s ETA 6m59s
-failed 0`` goes to the log every ``log_every_s`` seconds and once at the end.
+ETA, failures, live workers) a line like ``progress 120/1000 (12.0%) 2.10 units/s
+ETA 6m59s failed 0 workers 7/8 elapsed 1m00s`` goes to the log every
+``log_every_s`` seconds and once at the end.
 """
 
 from __future__ import annotations
@@ -28,17 +29,25 @@ class Progress:
         self.total = total
         self.done = 0
         self.failed = 0
+        self.workers: tuple[int, int] | None = None  # (live, all)
         self.log_every_s = log_every_s
         self.started = time.monotonic()
         self._last_log = self.started
         self._bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr,
                          disable=not bar or None, smoothing=0.1)
 
-    def update(self, done: int, failed: int) -> None:
-        if done != self.done or failed != self.failed:
+    def update(self, done: int, failed: int, workers: tuple[int, int] | None = None) -> None:
+        """``workers``: (live, all) workers of the pool, shown as ``workers 1/2``."""
+        progressed = done != self.done or failed != self.failed
+        if progressed or (workers is not None and workers != self.workers):
             self._bar.update(done + failed - self.done - self.failed)
-            self._bar.set_postfix(failed=failed, refresh=False)
             self.done, self.failed = done, failed
+            if workers is not None:
+                self.workers = workers
+            postfix = {"failed": failed}
+            if self.workers is not None:
+                postfix["workers"] = f"{self.workers[0]}/{self.workers[1]}"
+            self._bar.set_postfix(postfix, refresh=not progressed)
         now = time.monotonic()
         if now - self._last_log >= self.log_every_s:
             self._last_log = now
@@ -50,8 +59,9 @@ class Progress:
         rate = finished / elapsed if elapsed > 0 else 0.0
         eta = _duration((self.total - finished) / rate) if rate > 0 else "?"
         share = 100.0 * finished / self.total if self.total else 100.0
+        workers = f"workers {self.workers[0]}/{self.workers[1]} " if self.workers is not None else ""
         return (f"progress {finished}/{self.total} ({share:.1f}%) {rate:.2f} units/s ETA {eta} "
-                f"failed {self.failed} elapsed {_duration(elapsed)}")
+                f"failed {self.failed} {workers}elapsed {_duration(elapsed)}")
 
     def close(self) -> None:
         self._bar.close()

@@ -1,16 +1,24 @@
-"""Ray scheduling: actors that keep models loaded, a bounded number of chunks in flight.
+"""Ray scheduling: a pool of actors that keep models loaded, the queue of work in the driver.
 
 The driver is the only writer of the store: chunks go out to
 :class:`~pipeline.worker.VisualizationWorker` actors, results come back as they
 finish (``ray.wait``) and are handed to the store writer, which drops late
-duplicates. At most ``max_in_flight`` chunks are outstanding at any time, so a
-plan of a million units never floods the object store.
+duplicates. The queue stays in the driver: a task goes to an actor only when
+that actor is known to be up and has a free slot (two by default), so at most
+``max_in_flight`` chunks are outstanding and no work waits on an actor that
+cannot run it.
 
-Crashed workers and lost nodes are Ray's to handle: actors restart
-(``max_restarts=-1``) and their method calls are retried
-(``max_task_retries``); a chunk that still fails is reported as failed units.
-The same code runs on a laptop (``cluster.kind=local`` starts a Ray sized to the
-machine) and on a cluster (``cluster.kind=ray`` joins RAY_ADDRESS).
+Crashed workers and lost nodes: Ray restarts an actor whose process or node dies
+(``max_restarts=-1``), but where nothing can host it (a fixed allocation that
+lost a node, a spot node without an autoscaler) the restart never happens. So
+the driver retries, not Ray (``max_task_retries=0``): the chunks of a lost actor
+go back to the front of the queue for the live ones, the lost actor is asked now
+and then whether it is back (a restart placed on a node that joined), and a
+chunk whose worker is lost more than ``TASK_RETRIES`` times is reported as
+failed units. When the cluster grows (``cluster.workers=auto``), actors are
+added for the new resources. The same code runs on a laptop
+(``cluster.kind=local`` starts a Ray sized to the machine) and on a cluster
+(``cluster.kind=ray`` joins RAY_ADDRESS).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
@@ -32,7 +42,11 @@ from pipeline.execution.worker import VisualizationWorker
 
 log = logging.getLogger(__name__)
 
-TASK_RETRIES = 3
+TASK_RETRIES = 3  # times a task may lose its worker (or its result) and still be run again
+PING_EVERY_S = 2.0  # how often a lost worker is asked whether it is back
+GROW_EVERY_S = 5.0  # how often cluster.workers=auto looks for room for more workers
+GPU_POLL_S = 2.0
+IDLE_WARNING_S = 60.0  # how often to say that no worker is live
 T = TypeVar("T")
 
 
@@ -69,17 +83,49 @@ def start_ray(cluster: DictConfig) -> None:
 
 
 def gpus_per_worker(cluster: DictConfig) -> float:
-    """The GPUs each worker asks for; a local Ray without GPUs cannot satisfy a request for them."""
+    """The GPUs each worker asks for.
+
+    ``auto`` is 1 where the cluster has GPUs, else 0. A number of GPUs where there are none:
+    a local Ray cannot get any, so that stops at once; a cluster may be waiting for an
+    autoscaler, so that waits up to ``cluster.gpu_wait_s`` (asking the autoscaler for a GPU
+    node meanwhile) and then stops. Either stop is a :class:`PipelineError` naming the remedies.
+    """
     if cluster.gpus_per_worker == "auto":
         return 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     gpus = float(cluster.gpus_per_worker)
-    if gpus and not ray.cluster_resources().get("GPU"):
-        message = (f"cluster.gpus_per_worker={gpus} but the Ray cluster has no GPU: workers would wait forever. "
-                   f"Set cluster.gpus_per_worker=0 to run on CPUs, or add GPU nodes.")
-        if cluster.kind == "local":
-            raise PipelineError(message)
-        log.warning("%s (waiting, in case an autoscaler adds GPU nodes)", message)
-    return gpus
+    if not gpus or ray.cluster_resources().get("GPU"):
+        return gpus
+    remedy = "Set cluster.gpus_per_worker=0 (or auto) to run on the cluster's CPUs, or add GPU nodes"
+    if cluster.kind == "local":
+        raise PipelineError(f"cluster.gpus_per_worker={gpus:g} but this machine's Ray has no GPU: workers would "
+                            f"wait forever. {remedy}.")
+    wait_s = float(cluster.gpu_wait_s)
+    log.warning("cluster.gpus_per_worker=%g but the Ray cluster has no GPU; waiting up to %.0f s "
+                "(cluster.gpu_wait_s) for an autoscaler to add GPU nodes", gpus, wait_s)
+    _request_resources([{"GPU": gpus, "CPU": cluster.cpus_per_worker}])  # what an autoscaler scales up for
+    try:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            time.sleep(min(GPU_POLL_S, max(0.0, deadline - time.monotonic())))
+            if ray.cluster_resources().get("GPU"):
+                return gpus
+    finally:
+        _request_resources([])
+    raise PipelineError(
+        f"cluster.gpus_per_worker={gpus:g} but the Ray cluster has no GPU, and none joined within "
+        f"cluster.gpu_wait_s={wait_s:g} s: workers would wait forever. {remedy} (or raise cluster.gpu_wait_s "
+        f"for an autoscaler that needs longer)."
+    )
+
+
+def _request_resources(bundles: list[dict[str, float]]) -> None:
+    """Tell an autoscaler, if the cluster has one, what to scale up for (none: a no-op)."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as error:  # only a hint to an autoscaler; the wait works without it
+        log.debug("could not request resources from the autoscaler: %s", error)
 
 
 def worker_count(cluster: DictConfig, gpus: float) -> int:
@@ -91,48 +137,206 @@ def worker_count(cluster: DictConfig, gpus: float) -> int:
     return max(1, int(resources.get("CPU", 1) / max(cluster.cpus_per_worker, 1e-3)))
 
 
-def make_actors(worker_class: type, cluster: DictConfig, gpus: float, count: int, *args) -> list:
-    """``count`` actors of ``worker_class``; Ray restarts them and retries their calls when they die."""
-    actor_class = ray.remote(worker_class).options(
-        num_cpus=cluster.cpus_per_worker, num_gpus=gpus,
-        max_restarts=-1, max_task_retries=TASK_RETRIES,
+def actor_class(worker_class: type, cluster: DictConfig, gpus: float):
+    """``worker_class`` as a Ray actor that Ray restarts when it dies; retrying its calls is the driver's job."""
+    return ray.remote(worker_class).options(
+        num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=0,
     )
-    return [actor_class.remote(*args) for _ in range(count)]
 
 
 def in_flight_limit(cluster: DictConfig, actors: int) -> int:
     return 2 * actors if cluster.max_in_flight == "auto" else max(1, int(cluster.max_in_flight))
 
 
-def drive(actors: list, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectRef],
-          on_done: Callable[[T, ray.ObjectRef], None], limit: int, after_wait: Callable[[], bool]) -> None:
-    """Run ``tasks`` over ``actors`` with at most ``limit`` in flight, least-loaded actor first.
+@dataclass
+class _Worker:
+    """One actor of the pool, as the driver sees it."""
 
-    ``on_done`` gets each finished task with its result reference (``ray.get`` it,
-    errors included) in completion order; ``after_wait`` runs after every wait
-    (at least once a second) and returns True to stop early. The actors are killed,
-    and with them any outstanding call, however this returns.
+    number: int
+    handle: Any
+    state: str = "starting"  # starting (not yet placed) | up | lost (restarting, maybe nowhere) | dead
+    ping: ray.ObjectRef | None = None  # an outstanding "are you up?" call
+    next_ping: float = 0.0
+    tasks: list[ray.ObjectRef] = field(default_factory=list)  # its outstanding calls, oldest (running) first
+    finished: int = 0  # tasks it returned
+
+
+class Pool:
+    """The actors of one run: which are up, which are lost, and room for more when the cluster grows.
+
+    A worker gets tasks only once it has answered a ping (``__ray_ready__``): an actor Ray
+    cannot place, or one restarting after its node died, holds no work. ``wanted`` (called
+    every ``GROW_EVERY_S`` while work is queued) says how many workers the cluster has room for.
     """
-    queue = deque(tasks)
-    in_flight: dict[ray.ObjectRef, tuple[T, int]] = {}
-    load = [0] * len(actors)
+
+    def __init__(self, make: Callable[[], Any], count: int, wanted: Callable[[], int] = lambda: 0):
+        self._make = make
+        self._wanted = wanted
+        self._next_grow = time.monotonic() + GROW_EVERY_S
+        self.workers: list[_Worker] = []
+        self.last_loss = ""
+        self._add(count)
+
+    def _add(self, count: int) -> None:
+        for _ in range(count):
+            self.workers.append(_Worker(len(self.workers) + 1, self._make()))
+
+    @property
+    def size(self) -> int:
+        return sum(w.state != "dead" for w in self.workers)
+
+    def up(self) -> list[_Worker]:
+        return [w for w in self.workers if w.state == "up"]
+
+    def grow(self, now: float, most: int) -> None:
+        """Add workers, at most ``most``, where the cluster now has room for more than the pool holds."""
+        if now < self._next_grow:
+            return
+        self._next_grow = now + GROW_EVERY_S
+        extra = min(self._wanted() - self.size, most)
+        if extra > 0:
+            self._add(extra)
+            log.info("the cluster has room for more workers: %d added (%d in all)", extra, self.size)
+
+    def send_pings(self, now: float) -> None:
+        for worker in self.workers:
+            if worker.state in ("starting", "lost") and worker.ping is None and now >= worker.next_ping:
+                worker.ping = worker.handle.__ray_ready__.remote()
+
+    def pings(self) -> dict[ray.ObjectRef, _Worker]:
+        return {w.ping: w for w in self.workers if w.ping is not None}
+
+    def answered(self, worker: _Worker) -> None:
+        """A ping came back: the worker is up, still restarting, or gone for good."""
+        ping, worker.ping = worker.ping, None
+        try:
+            ray.get(ping)
+        except ray.exceptions.ActorDiedError as error:  # not restartable (its constructor failed, or killed)
+            worker.state = "dead"
+            self.last_loss = _first_line(error)
+            log.warning("worker %d cannot run: %s", worker.number, self.last_loss)
+            return
+        except ray.exceptions.RayError:  # restarting, and maybe with nowhere to go: ask again later
+            worker.next_ping = time.monotonic() + PING_EVERY_S
+            return
+        if worker.state == "lost":
+            log.info("worker %d is back: %d/%d workers live", worker.number, len(self.up()) + 1, self.size)
+        else:
+            log.debug("worker %d is up", worker.number)
+        worker.state = "up"
+
+    def lose(self, worker: _Worker, error: Exception) -> None:
+        if worker.state == "up":
+            self.last_loss = _first_line(error)
+            log.warning("worker %d lost (%s): its %d outstanding task(s) go to the live workers; %d/%d workers "
+                        "live", worker.number, self.last_loss, len(worker.tasks), len(self.up()) - 1, self.size)
+        worker.state = "lost"
+        worker.tasks.clear()
+        worker.next_ping = time.monotonic() + PING_EVERY_S
+
+    def kill(self) -> None:
+        for worker in self.workers:  # ends the actor's outstanding calls too (actor tasks cannot be force-cancelled)
+            ray.kill(worker.handle)
+
+
+def drive(pool: Pool, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectRef],
+          on_done: Callable[[T, Any], None], on_failed: Callable[[T, str, int], None],
+          limit: Callable[[int], int], after_wait: Callable[[int, int], bool]) -> None:
+    """Run ``tasks`` on the pool's live workers, least-loaded first, at most ``limit(pool size)`` in flight.
+
+    The queue is the driver's. ``on_done`` gets each task's result once, in completion
+    order (a task run twice, after its worker was thought lost, counts once: only the
+    latest submission is awaited); ``on_failed`` gets a task that failed with its one-line
+    reason and attempts: at once when the worker raised, after ``TASK_RETRIES`` re-runs
+    when the worker or the result was lost. ``after_wait`` gets the live and total worker
+    counts after every wait (at least once a second) and returns True to stop early. The
+    actors are killed, and with them any outstanding call, however this returns.
+    """
+    queue: deque[tuple[T, int]] = deque((task, 0) for task in tasks)  # (task, times its worker was lost)
+    in_flight: dict[ray.ObjectRef, tuple[T, int, _Worker]] = {}
+    idle_since = time.monotonic()
     try:
         while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                actor = min(range(len(actors)), key=load.__getitem__)
-                task = queue.popleft()
-                in_flight[submit(actors[actor], task)] = (task, actor)
-                load[actor] += 1
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            now = time.monotonic()
+            if queue:
+                pool.grow(now, len(queue))
+            pool.send_pings(now)
+            up = pool.up()
+            cap = limit(pool.size)
+            slots = max(1, math.ceil(cap / max(1, pool.size)))
+            while queue and len(in_flight) < cap:
+                free = [w for w in up if len(w.tasks) < slots]
+                if not free:
+                    break
+                worker = min(free, key=lambda w: len(w.tasks))
+                task, lost = queue.popleft()
+                ref = submit(worker.handle, task)
+                in_flight[ref] = (task, lost, worker)
+                worker.tasks.append(ref)
+            if not pool.size:  # every worker is gone for good: nothing can run what is left
+                reason = f"no worker could run it: {pool.last_loss}"
+                while queue:
+                    task, lost = queue.popleft()
+                    on_failed(task, reason, lost + 1)
+                break
+            if up or in_flight:
+                idle_since = now
+            elif now - idle_since >= IDLE_WARNING_S:
+                idle_since = now
+                log.warning("no worker is live: waiting for Ray to place the %d worker(s), which needs a node "
+                            "with room for one (committed records are safe; Ctrl-C stops)", pool.size)
+            pings = pool.pings()
+            waiting = [*in_flight, *pings]
+            ready = []
+            if waiting:
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+            else:  # every worker lost, none due for a ping yet
+                time.sleep(0.5)
             for ref in ready:
-                task, actor = in_flight.pop(ref)
-                load[actor] -= 1
-                on_done(task, ref)
-            if after_wait():
+                if ref in pings:
+                    pool.answered(pings[ref])
+                    continue
+                if ref not in in_flight:  # went back to the queue with its lost worker's other tasks
+                    continue
+                task, lost, worker = in_flight.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except ray.exceptions.RayTaskError as error:  # the worker's own exception: no retry helps
+                    worker.tasks.remove(ref)
+                    on_failed(task, failure_reason(error), 1)
+                    continue
+                except ray.exceptions.RayError as error:  # the worker or its result was lost
+                    _requeue(pool, queue, in_flight, ref, task, lost, worker, error, on_failed)
+                    continue
+                worker.tasks.remove(ref)
+                worker.finished += 1
+                on_done(task, value)
+            if after_wait(len(pool.up()), pool.size):
                 break
     finally:
-        for actor in actors:  # ends the actor's outstanding calls too (actor tasks cannot be force-cancelled)
-            ray.kill(actor)
+        log.debug("tasks per worker: %s", ", ".join(f"{w.number}: {w.finished}" for w in pool.workers))
+        pool.kill()
+
+
+def _requeue(pool: Pool, queue: deque, in_flight: dict, ref: ray.ObjectRef, task: T, lost: int, worker: _Worker,
+             error: Exception, on_failed: Callable[[T, str, int], None]) -> None:
+    """Put a task whose worker (or result) was lost back at the front of the queue; a lost worker's other
+    outstanding tasks go back with it. Only the oldest, the one it was running, counts a loss."""
+    if isinstance(error, ray.exceptions.RayActorError):
+        refs = list(worker.tasks)  # oldest first; ``ref`` is among them
+        pool.lose(worker, error)
+    else:
+        worker.tasks.remove(ref)
+        refs = [ref]
+    back = []
+    for i, other in enumerate(refs):
+        again, losses = (task, lost) if other == ref else in_flight.pop(other)[:2]
+        back.append((again, losses + 1 if i == 0 else losses))
+    for again, losses in reversed(back):
+        if losses > TASK_RETRIES:
+            on_failed(again, f"worker lost {losses} times: {_first_line(error)}", losses)
+        else:
+            queue.appendleft((again, losses))
 
 
 def run_tasks(worker_class: type, tasks: list[T], cluster: DictConfig, device: str, progress: Progress,
@@ -151,27 +355,26 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: DictConfig, device: s
         return summary
     start_ray(cluster)
     gpus = gpus_per_worker(cluster)
-    actors = make_actors(worker_class, cluster, gpus, min(worker_count(cluster, gpus), len(tasks)), device,
-                         cluster.model_cache, max(1, int(cluster.cpus_per_worker)))
+    remote = actor_class(worker_class, cluster, gpus)
+    args = (device, cluster.model_cache, max(1, int(cluster.cpus_per_worker)))
 
-    def on_done(task: T, ref: ray.ObjectRef) -> None:
-        try:
-            result = ray.get(ref)
-        except ray.exceptions.RayError as error:
-            reason = failure_reason(error)
-            log.warning("%s failed: %s", task.name, reason)
-            fail(task, reason, 1 if isinstance(error, ray.exceptions.RayTaskError) else TASK_RETRIES + 1, summary)
-            return
-        commit(task, result, summary)
+    def wanted() -> int:
+        return worker_count(cluster, gpus) if cluster.workers == "auto" else 0
 
-    def after_wait() -> bool:
+    pool = Pool(lambda: remote.remote(*args), min(worker_count(cluster, gpus), len(tasks)), wanted)
+
+    def on_failed(task: T, reason: str, attempts: int) -> None:
+        log.warning("%s failed: %s", task.name, reason)
+        fail(task, reason, attempts, summary)
+
+    def after_wait(live: int, workers: int) -> bool:
         tick()
-        progress.update(done=summary.done, failed=summary.failed)
+        progress.update(done=summary.done, failed=summary.failed, workers=(live, workers))
         summary.aborted = summary.failed > cluster.max_failures
         return summary.aborted
 
-    drive(actors, tasks, lambda actor, task: actor.run.remote(task), on_done, in_flight_limit(cluster, len(actors)),
-          after_wait)
+    drive(pool, tasks, lambda actor, task: actor.run.remote(task), lambda task, result: commit(task, result, summary),
+          on_failed, lambda size: in_flight_limit(cluster, size), after_wait)
     return summary
 
 
@@ -230,9 +433,19 @@ def run_part_tasks(worker_class: type, tasks: list, parts, cluster: DictConfig, 
 
 
 def failure_reason(error: ray.exceptions.RayError) -> str:
-    """One line: the worker's own exception, or how Ray lost the worker after its retries."""
+    """One line: the worker's own exception, or what Ray said."""
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
         cause = error.cause
         return f"worker raised {type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
-    first_line = str(error).splitlines()[0][:300] if str(error) else ""
-    return f"worker lost after {TASK_RETRIES} retries: {type(error).__name__}: {first_line}"
+    return _first_line(error)
+
+
+def _first_line(error: Exception) -> str:
+    """``Type: first line`` of an error; for an actor whose constructor raised, that exception's line."""
+    lines = [line.strip() for line in _ANSI.sub("", str(error)).splitlines() if line.strip()]
+    if isinstance(error, ray.exceptions.ActorDiedError) and error.actor_init_failed and lines:
+        return f"the worker could not start: {lines[-1][:300]}"
+    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -7,7 +7,8 @@ complete records and failures, and the driver commits them exactly once.
 Failure handling that belongs to one chunk lives here: a feature whose image or
 activation is not finite is retried once on another random stream, then
 reported as failed with the reason; a GPU out-of-memory error halves the chunk
-and retries each half.
+and retries each half; a checkpoint file that is no longer the planned one (its
+sha256 differs) fails the chunk's units with that reason.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.engine.objectives import parse_objective
 from pipeline.engine.optimize import seed_for
 from pipeline.execution.plan import Chunk
+from pipeline.models import weights
 from pipeline.store.png import encode_png
 
 NONFINITE_RETRIES = 1
@@ -77,7 +79,11 @@ class VisualizationWorker(ModelWorker):
     def run(self, chunk: Chunk) -> ChunkResult:
         started = time.perf_counter()
         result = ChunkResult()
-        self._run(chunk, result)
+        try:
+            self._run(chunk, result)
+        except weights.CheckpointChanged as error:  # the file is not the planned one: no unit of it may be recorded
+            result.records.clear()
+            result.failures = [(unit, str(error), 1) for unit in chunk.units()]
         result.busy_s = time.perf_counter() - started
         return result
 

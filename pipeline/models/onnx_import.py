@@ -275,15 +275,18 @@ class _Backbone:
             self.consumed.update(sources)
 
 
-def _read_model(path: Path):
+def _read_model(path: Path, data: bytes | None = None):
+    """The parsed file; ``data``: its bytes already read (the bytes a worker hashed and checked)."""
+    import io
+
     import onnx
     from google.protobuf.message import DecodeError
 
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise PipelineError(f"ONNX file '{path}' does not exist. Check the path.")
     try:
         # Protobuf parsing only: an ONNX file holds data, nothing in it is executed.
-        proto = onnx.load(str(path))
+        proto = onnx.load(io.BytesIO(data) if data is not None else str(path))
     except (DecodeError, ValueError, OSError, onnx.checker.ValidationError) as error:
         raise PipelineError(
             f"'{path}' could not be read as an ONNX model ({type(error).__name__}: "
@@ -461,8 +464,9 @@ def _grid(patch_count: int, input_grid: tuple[int, int] | None, path: Path) -> t
     return side, side
 
 
-def onnx_state_dict(path: str | Path, model: nn.Module) -> ImportResult:
-    """The backbone weights of an ONNX export, under the timm names of `model` (which may be on meta).
+def onnx_state_dict(path: str | Path, model: nn.Module, data: bytes | None = None) -> ImportResult:
+    """The backbone weights of an ONNX export (read from ``data`` when given), under the timm names of
+    `model` (which may be on meta).
 
     Raises one PipelineError paragraph for unreadable files, unsupported graphs, and for missing,
     unexpected or mis-shaped tensors. ``pos_embed`` keeps the checkpoint's grid; resample it with
@@ -475,7 +479,7 @@ def onnx_state_dict(path: str | Path, model: nn.Module) -> ImportResult:
             f"ONNX import needs a timm VisionTransformer as its target, not {type(model).__name__}; "
             f"{SUPPORTED}."
         )
-    graph = _Graph(_read_model(path).graph)
+    graph = _Graph(_read_model(path, data).graph)
     backbone = _find_backbone(graph, path)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     # Classification models hold the backbone under one module ('vit.', 'deit.') beside their heads.

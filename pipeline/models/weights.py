@@ -16,14 +16,21 @@ embeddings resampled to its grid (bicubic, prefix tokens kept, as timm and trans
 
 Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>``, ``planted-<version>-<seed>``
 or ``sha256-<hex of the file>``. :func:`resolve` validates a choice and computes its id
-cheaply, before any compute; :func:`load` builds the model.
+cheaply, before any compute; :func:`load` builds the model. A file is checked at plan time
+against the architecture (names and shapes; an ``.npz`` goes through timm's loader into the
+architecture built on the meta device) and, when a worker loads it later, against the planned
+hash: the worker reads the file once, hashes those bytes and loads from them, so a file
+replaced in between fails its units (:class:`CheckpointChanged`) instead of being recorded
+under the old hash.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
+import re
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -37,6 +44,10 @@ from pipeline.errors import PipelineError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".onnx")
+
+
+class CheckpointChanged(PipelineError):
+    """The file at a planned checkpoint path is not the one the sweep was planned with."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "c
     if choice.kind == "pretrained":
         model = _load_pretrained(model_name, choice.img_size)
     else:
+        data = _read_planned(choice) if choice.kind == "file" else None  # before building: a changed file fails fast
         torch.manual_seed(choice.init_seed)
         model = zoo.create_architecture(model_name, img_size=choice.img_size)
         if choice.kind == "planted":
@@ -111,7 +123,8 @@ def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "c
 
             model.load_state_dict(planted.planted_state_dict(model_name, seed=choice.init_seed))
         elif choice.kind == "file":
-            _load_file(model, Path(choice.path))
+            _load_file(model, Path(choice.path), data)
+            del data
     model.requires_grad_(False)
     return model.eval().to(device)
 
@@ -241,14 +254,15 @@ def _sha256(path: str, _mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in the file at ``path``, or in ``data`` (that file's bytes, already read)."""
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
-            state = load_file(str(path))
+            state = load_file(str(path)) if data is None else load(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
         raise _unreadable(path, error) from None
     # Training scripts nest the weights and DataParallel prefixes names; unwrap both.
@@ -285,7 +299,8 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_checkpoint(model_name: str, path: Path, img_size: int | None) -> None:
     """Compare names and shapes against the architecture (built on meta: no memory, no compute)."""
     if path.suffix == ".npz":
-        return  # timm's own loader maps Google's names; it reports its own mismatches at load
+        _check_npz(model_name, path, img_size)
+        return
     architecture = zoo.create_architecture(model_name, "meta", img_size)
     if path.suffix == ".onnx":
         _onnx_import().onnx_state_dict(path, architecture)  # reports what does not map, by name
@@ -310,16 +325,86 @@ def _check_checkpoint(model_name: str, path: Path, img_size: int | None) -> None
         )
 
 
-def _load_file(model: nn.Module, path: Path) -> None:
+def _check_npz(model_name: str, path: Path, img_size: int | None) -> None:
+    """A Google ViT ``.npz``: a NumPy archive of named arrays (no pickles) that timm's own loader puts
+    into the architecture. The loader runs for real, into the architecture built on the meta device:
+    every array it reads is read and shape-checked against its parameter, nothing is allocated."""
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"PK\x03\x04":  # numpy would take anything else for a pickle
+            raise PipelineError(f"Checkpoint '{path}' is not a NumPy .npz archive (a zip of named arrays, as "
+                                f"Google's ViT checkpoints are): it may be corrupt, or another format under an .npz "
+                                f"name.")
+    try:
+        archive = np.load(str(path), allow_pickle=False)
+    except Exception as error:
+        raise _unreadable_npz(path, error) from None
+    with archive:
+        names = set(archive.files)
+    model = zoo.create_architecture(model_name, "meta", img_size)  # timm's loader resamples positions
+    if not hasattr(model, "load_pretrained"):
+        raise PipelineError(f"Checkpoint '{path}' is a Google .npz checkpoint, which only original ViT models can "
+                            f"load, and '{model_name}' is not one. Convert it to a state dict of this architecture "
+                            f"(.safetensors or .pth).")
+    blocks = len(getattr(model, "blocks", ()))
+    in_file = {int(match[1]) for name in names if (match := _NPZ_BLOCK.match(name))}
+    if in_file and len(in_file) != blocks:
+        raise PipelineError(f"Checkpoint '{path}' does not match the architecture '{model_name}' — it has "
+                            f"{len(in_file)} encoder blocks, the architecture {blocks}. Check that the file was "
+                            f"saved from this architecture (same depth and width).")
+    try:
+        with torch.no_grad():
+            model.load_pretrained(str(path))
+    except KeyError as error:
+        raise PipelineError(f"Checkpoint '{path}' is not a Google ViT checkpoint of '{model_name}': it lacks the "
+                            f"array {error.args[0]!r}, which timm's loader reads for this architecture. Check that "
+                            f"the file was saved from this architecture.") from None
+    except Exception as error:
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        raise PipelineError(f"Checkpoint '{path}' does not load into the architecture '{model_name}' through timm's "
+                            f"Google ViT loader ({detail}). It may be truncated or corrupt, or saved from another "
+                            f"architecture (size, patch or depth).") from None
+
+
+_NPZ_BLOCK = re.compile(r"(?:.*/)?Transformer/encoderblock_(\d+)/")
+
+
+def _unreadable_npz(path: Path, error: Exception) -> PipelineError:
+    return PipelineError(
+        f"Checkpoint '{path}' could not be read as a NumPy .npz archive ({type(error).__name__}: "
+        f"{str(error).splitlines()[0][:200] if str(error) else 'no detail'}). It may be truncated or corrupt, or "
+        f"hold pickled objects, which are refused for safety."
+    )
+
+
+def _read_planned(choice: WeightsChoice) -> bytes:
+    """The checkpoint's bytes, read once, if they still hash to the planned id."""
+    try:
+        data = Path(choice.path).read_bytes()
+    except OSError as error:
+        raise CheckpointChanged(f"the checkpoint at {choice.path} is gone since the sweep was planned (planned "
+                                f"{choice.weights_id}; {type(error).__name__}: {error.strerror or error}); "
+                                f"restore it, or re-run to plan with another file") from None
+    found = f"sha256-{hashlib.sha256(data).hexdigest()}"
+    if found != choice.weights_id:
+        raise CheckpointChanged(f"the checkpoint at {choice.path} changed since the sweep was planned: planned "
+                                f"{choice.weights_id}, found {found}; re-run to plan with the new file")
+    return data
+
+
+def _load_file(model: nn.Module, path: Path, data: bytes) -> None:
+    """Load the file from ``data``, the bytes that were hashed (so it is the planned file, whatever has
+    happened to the path since); the file is in memory twice for a moment."""
     if path.suffix == ".npz":
         if not hasattr(model, "load_pretrained"):
             raise PipelineError(f"'{path}' is a Google .npz checkpoint, which only original ViT models can load.")
-        model.load_pretrained(str(path))
+        model.load_pretrained(io.BytesIO(data))
         return
     if path.suffix == ".onnx":
-        state = _onnx_import().onnx_state_dict(path, model).state_dict
+        state = _onnx_import().onnx_state_dict(path, model, data).state_dict
     else:
-        state = _read_state_dict(path)
+        state = _read_state_dict(path, data)
     model.load_state_dict(fit_position_embedding(state, model), strict=True)
 
 
@@ -354,7 +439,7 @@ def _verify_onnx(model_name: str, path: str, weights_id: str) -> str:
     onnx_import = _onnx_import()
     size = onnx_import.input_size(path)
     model = zoo.create_architecture(model_name, "cpu", size or None)
-    _load_file(model, Path(path))
+    _load_file(model, Path(path), Path(path).read_bytes())
     report = onnx_import.verify_import(path, model)
     report.raise_if_diverged()
     worst = max(report.layer_max_abs_diff, key=report.layer_max_abs_diff.get)
