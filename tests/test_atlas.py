@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import cli
 from pipeline.atlas import main
 from pipeline.views.atlas import build_site, model_slug
 from synthetic_store import CLIP, DEIT, MODELS, RECORD_COUNT, write_examples, write_store
@@ -95,8 +94,8 @@ def test_an_interrupted_first_build_is_completed_by_the_next(tmp_path, monkeypat
 
 
 def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
-    def atlas(*args):  # in-process: `python -m pipeline.atlas` is cli.run(main) with sys.argv
-        return cli.run(main, list(args)), capsys.readouterr()
+    def atlas(*args):  # in-process: `python -m pipeline.atlas` is main() with sys.argv
+        return main(list(args)), capsys.readouterr()
 
     status, output = atlas(f"store.root={tmp_path / 'none'}", f"out={tmp_path / 'site'}")
     assert status == 2 and output.err.startswith("error: No store at") and output.err.count("\n") == 1

@@ -201,7 +201,7 @@ def test_sweep_killed_after_its_first_commit_resumes_to_exactly_the_plan(s3, com
     planned = sorted(build_plan(cfg).keys())
     store = Store(root)
 
-    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides, f"hydra.run.dir={tmp_path}"],
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90

@@ -16,9 +16,11 @@ to [0, 1] after every step.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 
@@ -27,24 +29,47 @@ SEED_STRIDE = 1_000_003  # seed 0 reproduces the released code's "seed = feature
 Score = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    """Every knob of the method; defaults are the released code's settings."""
+PAPER_LR = 0.1  # the paper's learning rate for ViT-family models
+CLIP_LR = 1.0  # and for CLIP's image towers
 
-    steps: int = 400
-    lr: float = 0.1  # the paper: 0.1 for ViT-family models, 1.0 for CLIP (the sweep's `auto` picks)
-    beta1: float = 0.5
-    beta2: float = 0.99
-    eps: float = 1e-8
-    tv: float = 1.0  # the paper's v; lambda = tv_scale * tv
-    tv_scale: float = 0.0005
-    copies: int = 8  # the augmentation ensemble
-    jitter: int = 32  # max circular shift in pixels, each direction
-    colour_shift: str = "code"  # code: (x - mu) / sigma | paper: sigma * x + mu | none
-    noise: str = "code"  # code: per-channel offset, std annealed to 0 | paper: per-pixel N(0, 1) | none
-    noise_std: float = 0.5
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
-    trace_points: int = 20  # how many times the objective is sampled during the run
+
+@dataclass
+class OptimConfig:
+    """Every knob of the method; the values live in conf/optim/paper.yaml (the released code's
+    settings): :meth:`paper` reads them. This class is also the type of a sweep's ``optim``
+    section, where ``lr`` may say ``auto`` (:meth:`for_family` resolves it)."""
+
+    steps: int
+    lr: Union[float, int, str]  # a number; `auto` in a sweep config: 1.0 for CLIP, 0.1 otherwise (the paper's)
+    beta1: float
+    beta2: float
+    eps: float
+    tv: float  # the paper's v; lambda = tv_scale * tv
+    tv_scale: float
+    copies: int  # the augmentation ensemble
+    jitter: int  # max circular shift in pixels, each direction
+    colour_shift: str  # code: (x - mu) / sigma | paper: sigma * x + mu | none
+    noise: str  # code: per-channel offset, std annealed to 0 | paper: per-pixel N(0, 1) | none
+    noise_std: float
+    precision: str  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
+    trace_points: int  # how many times the objective is sampled during the run
+
+    @classmethod
+    def paper(cls, family: str | None = None, **changes: Any) -> "OptimConfig":
+        """The paper's settings (conf/optim/paper.yaml) with ``changes``, lr resolved for ``family``."""
+        from omegaconf import OmegaConf
+
+        from pipeline.config import conf_dir
+
+        values = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.load(conf_dir() / "optim" / "paper.yaml"),
+                                 changes)
+        return OmegaConf.to_object(values).for_family(family)
+
+    def for_family(self, family: str | None) -> "OptimConfig":
+        """This config with ``lr: auto`` replaced by the paper's rate for the model family."""
+        if self.lr != "auto":
+            return self
+        return dataclasses.replace(self, lr=CLIP_LR if family == "clip" else PAPER_LR)
 
     @property
     def tv_weight(self) -> float:

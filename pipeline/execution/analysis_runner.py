@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+from pipeline.config import ClusterSection, ProgressSection
 
 from pipeline.execution import scheduler
 from pipeline.execution.progress import Progress
@@ -29,7 +29,7 @@ class UnitSummary:
     aborted: bool = False
 
 
-def run_units(worker_class: type, tasks: list[Any], cluster: DictConfig, device: str, progress: DictConfig,
+def run_units(worker_class: type, tasks: list[Any], cluster: ClusterSection, device: str, progress: ProgressSection,
               commit: Callable[[Any, Any], None]) -> UnitSummary:
     import ray
 

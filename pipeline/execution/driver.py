@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig
-
+from pipeline.config import SweepConfig
 from pipeline.models import weights
 from pipeline.execution.plan import Plan, build_plan
 from pipeline.execution.progress import Progress
@@ -62,7 +61,7 @@ def _print_where(store: Store) -> None:
           f"  figures:    python -m pipeline.figures store.root={root} out=figures", flush=True)
 
 
-def run_sweep(cfg: DictConfig) -> int:
+def run_sweep(cfg: SweepConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
     plan = build_plan(cfg)

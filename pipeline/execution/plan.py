@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.config import SweepConfig
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.errors import PipelineError
@@ -164,17 +166,24 @@ def _apply(settings: dict[str, dict[str, Any]], key: str, value: Any, where: str
 
 
 def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
-    values = dict(section)
-    if values.get("lr") == "auto":
-        values["lr"] = 1.0 if family == "clip" else 0.1
+    """The optimizer settings of one group: typed like the command line's, ``lr: auto`` resolved for the family."""
     known = {f.name for f in dataclasses.fields(OptimConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(section) - known)
     if unknown:
         raise PipelineError(f"Unknown optimizer setting(s) {unknown}; known: {sorted(known)}.")
     try:
-        config = OptimConfig(**{k: type(getattr(OptimConfig, k))(v) for k, v in values.items()})
-    except (TypeError, ValueError) as error:
-        raise PipelineError(f"Bad optimizer setting: {error}.") from None
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), section))
+    except OmegaConfBaseException as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        key = f"optim.{error.full_key}" if getattr(error, "full_key", None) else "optim"
+        raise PipelineError(f"Bad optimizer setting {key}: {problem}.") from None
+    if isinstance(config.lr, str) and config.lr != "auto":
+        try:
+            config.lr = float(config.lr)
+        except ValueError:
+            raise PipelineError(f"optim.lr={config.lr!r} is neither auto nor a number.") from None
+    config = config.for_family(family)
+    config.lr = float(config.lr)
     choices = {"colour_shift": ("code", "paper", "none"), "noise": ("code", "paper", "none"),
                "precision": ("fp32", "bf16", "fp16")}
     for name, allowed in choices.items():
@@ -185,7 +194,7 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     return config
 
 
-def build_plan(cfg: DictConfig) -> Plan:
+def build_plan(cfg: SweepConfig) -> Plan:
     """Expand and validate the sweep; raises PipelineError on any bad input, before any compute.
 
     The sweep is (each of ``sweep.variants``, default one empty variant) x (each
@@ -195,9 +204,7 @@ def build_plan(cfg: DictConfig) -> Plan:
     random and planted weights look at different layers). A unit planned twice
     is kept once.
     """
-    if cfg.sweep.chunk_size < 1:
-        raise PipelineError("sweep.chunk_size must be >= 1.")
-    base = OmegaConf.to_container(cfg, resolve=True)
+    base = dataclasses.asdict(cfg)
     variants = base["sweep"].get("variants") or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise PipelineError("sweep.variants must be a list of mappings, e.g. [{model.weights: planted, "

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 import ray
-from omegaconf import DictConfig
 
+from pipeline.config import ClusterSection
 from pipeline.errors import PipelineError
 from pipeline.execution.plan import Chunk, Plan
 from pipeline.execution.progress import Progress
@@ -46,7 +46,7 @@ class RunSummary:
     aborted: bool = False
 
 
-def start_ray(cluster: DictConfig) -> None:
+def start_ray(cluster: ClusterSection) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -68,7 +68,7 @@ def start_ray(cluster: DictConfig) -> None:
         raise PipelineError(f"cluster.kind='{cluster.kind}' is not one of local, ray.")
 
 
-def gpus_per_worker(cluster: DictConfig) -> float:
+def gpus_per_worker(cluster: ClusterSection) -> float:
     """The GPUs each worker asks for; a local Ray without GPUs cannot satisfy a request for them."""
     if cluster.gpus_per_worker == "auto":
         return 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
@@ -82,7 +82,7 @@ def gpus_per_worker(cluster: DictConfig) -> float:
     return gpus
 
 
-def worker_count(cluster: DictConfig, gpus: float) -> int:
+def worker_count(cluster: ClusterSection, gpus: float) -> int:
     if cluster.workers != "auto":
         return max(1, int(cluster.workers))
     resources = ray.cluster_resources()
@@ -91,7 +91,7 @@ def worker_count(cluster: DictConfig, gpus: float) -> int:
     return max(1, int(resources.get("CPU", 1) / max(cluster.cpus_per_worker, 1e-3)))
 
 
-def make_actors(worker_class: type, cluster: DictConfig, gpus: float, count: int, *args) -> list:
+def make_actors(worker_class: type, cluster: ClusterSection, gpus: float, count: int, *args) -> list:
     """``count`` actors of ``worker_class``; Ray restarts them and retries their calls when they die."""
     actor_class = ray.remote(worker_class).options(
         num_cpus=cluster.cpus_per_worker, num_gpus=gpus,
@@ -100,7 +100,7 @@ def make_actors(worker_class: type, cluster: DictConfig, gpus: float, count: int
     return [actor_class.remote(*args) for _ in range(count)]
 
 
-def in_flight_limit(cluster: DictConfig, actors: int) -> int:
+def in_flight_limit(cluster: ClusterSection, actors: int) -> int:
     return 2 * actors if cluster.max_in_flight == "auto" else max(1, int(cluster.max_in_flight))
 
 
@@ -135,7 +135,7 @@ def drive(actors: list, tasks: Iterable[T], submit: Callable[[Any, T], ray.Objec
             ray.kill(actor)
 
 
-def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, writer, progress: Progress,
+def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSection, writer, progress: Progress,
              device: str) -> RunSummary:
     """Run the plan's missing units on Ray actors, stream results into ``writer``.
 

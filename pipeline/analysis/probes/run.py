@@ -11,14 +11,14 @@ runs the units without a part, then re-aggregates.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
 
-from omegaconf import DictConfig, OmegaConf
-
 from pipeline.analysis import images as images_lib
+from pipeline.config import ProbesConfig
 from pipeline.errors import PipelineError
 from pipeline.store.parts import PartTable
 from pipeline.analysis.probes import PROBES, classifier
@@ -29,10 +29,11 @@ from pipeline.store.store import Store
 EXIT_FAILURES = 1
 
 
-def plan_tasks(cfg: DictConfig, image_set: images_lib.ImageSet) -> list[ProbeTask]:
+def plan_tasks(cfg: ProbesConfig, image_set: images_lib.ImageSet) -> list[ProbeTask]:
     name = cfg.probe.name
     probe = PROBES[name]
-    params = OmegaConf.to_container(cfg.probe[name], resolve=True) if name in cfg.probe else {}
+    section = getattr(cfg.probe, name, None)  # the probe's parameters, where it has any
+    params = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
     slices = math.ceil(len(image_set) / cfg.slice_size)
     tasks = []
     for model in cfg.probe.models:
@@ -46,7 +47,7 @@ def plan_tasks(cfg: DictConfig, image_set: images_lib.ImageSet) -> list[ProbeTas
     return tasks
 
 
-def _check(cfg: DictConfig, image_set: images_lib.ImageSet) -> None:
+def _check(cfg: ProbesConfig, image_set: images_lib.ImageSet) -> None:
     if cfg.probe.name not in PROBES:
         raise PipelineError(f"probe.name='{cfg.probe.name}' is not a probe; probes are {', '.join(PROBES)}.")
     if not cfg.probe.models:
@@ -58,7 +59,7 @@ def _check(cfg: DictConfig, image_set: images_lib.ImageSet) -> None:
                             f"directory of ImageNet XML annotations or a CSV image_id,xmin,ymin,xmax,ymax[,label].")
 
 
-def run_probes(cfg: DictConfig) -> int:
+def run_probes(cfg: ProbesConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
     image_set = images_lib.open_images(cfg.images.path, cfg.images.boxes, cfg.images.limit)
