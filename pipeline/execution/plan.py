@@ -100,7 +100,10 @@ class Plan:
 
 
 def select(spec: Any, count: int, what: str, where: str) -> list[int]:
-    """``all`` | ``first:N`` | ``last:N`` | ``A-B`` (inclusive) | N | [N, ...] -> indices, range-checked."""
+    """``all`` | ``first:N`` | ``last:N`` | ``A-B`` (inclusive) | N | [N, ...] -> indices, range-checked.
+
+    A range is checked before it is expanded, so ``0-999999999`` costs nothing to refuse.
+    """
     if isinstance(spec, str):
         spec = spec.strip()
         if spec == "all":
@@ -109,8 +112,15 @@ def select(spec: Any, count: int, what: str, where: str) -> list[int]:
             n = min(int(match[2]), count)
             return list(range(n)) if match[1] == "first" else list(range(count - n, count))
         if match := _RANGE.fullmatch(spec):
-            indices = list(range(int(match[1]), int(match[2]) + 1))
-        elif spec.isdigit():
+            start, end = int(match[1]), int(match[2])
+            if start > end:
+                raise PipelineError(
+                    f"Cannot read {what} selection '{spec}': a range A-B runs upwards and includes both ends, "
+                    f"so write it as {end}-{start}."
+                )
+            _check_range([start, end] if end >= count else [], count, what, where, f"{start}-{end}")
+            return list(range(start, end + 1))
+        if spec.isdigit():
             indices = [int(spec)]
         else:
             raise PipelineError(
@@ -124,13 +134,16 @@ def select(spec: Any, count: int, what: str, where: str) -> list[int]:
             indices = [int(i) for i in spec]
         except (TypeError, ValueError):
             raise PipelineError(f"Cannot read {what} selection {spec!r}: expected a list of integers.") from None
-    bad = [i for i in indices if not 0 <= i < count]
+    _check_range([i for i in indices if not 0 <= i < count], count, what, where)
+    return list(dict.fromkeys(indices))
+
+
+def _check_range(bad: list[int], count: int, what: str, where: str, shown: str = "") -> None:
     if bad:
         raise PipelineError(
-            f"{what.capitalize()} {bad[:5]} out of range for {where}, which has {count} {what}s: "
+            f"{what.capitalize()} {shown or bad[:5]} out of range for {where}, which has {count} {what}s: "
             f"valid {what}s are 0..{count - 1}."
         )
-    return list(dict.fromkeys(indices))
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
