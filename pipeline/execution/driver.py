@@ -52,13 +52,15 @@ def _print_results(store: Store, keys: list[str]) -> None:
 
 
 def _print_where(store: Store) -> None:
+    from pipeline.cli import shell_command  # commands that work as printed, in a new shell
+
     root = store.root
     print(f"store: {root}\n"
           f"  parquet:    pyarrow.dataset.dataset('{root}/parquet', format='parquet', partitioning='hive')\n"
           f"  webdataset: webdataset.WebDataset(sorted(glob.glob('{root}/webdataset/*.tar')))\n"
-          f"  status:     python -m pipeline.status store.root={root}\n"
-          f"  atlas:      python -m pipeline.atlas store.root={root} out=site  (then open site/index.html)\n"
-          f"  figures:    python -m pipeline.figures store.root={root} out=figures", flush=True)
+          f"  status:     {shell_command('status', f'store.root={root}')}\n"
+          f"  atlas:      {shell_command('atlas', f'store.root={root}', 'out=site')}  (then open site/index.html)\n"
+          f"  figures:    {shell_command('figures', f'store.root={root}', 'out=figures')}", flush=True)
 
 
 def run_sweep(cfg: SweepConfig) -> int:
