@@ -69,6 +69,7 @@ class SweepSection:
 class ModelSection:
     weights: str  # pretrained | random | planted | PATH (file or directory)
     init_seed: int
+    img_size: Optional[int]  # input side in pixels; null: the architecture's native size
     device: str  # auto | cpu | cuda | cuda:N
 
 
@@ -215,6 +216,8 @@ class ProbesConfig:
 @dataclass
 class StatusConfig:
     store: StoreRoot
+    verify: bool  # also read every record and check its checksums
+    repair: bool  # with verify: repair what the check found
 
 
 @dataclass

@@ -12,10 +12,9 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.store.schemas import unit_key
+from pipeline.store.schemas import EXAMPLES, unit_key
 from pipeline.store.store import Store
 
 DEIT = "deit_tiny_patch16_224"
@@ -77,11 +76,6 @@ def write_examples(root, keys: list[str], per_key: int = 3, grid: tuple[int, int
                              thumbnail=buffer.getvalue(),
                              activation_map=[float(i == rank) for i in range(grid[0] * grid[1])],
                              grid_rows=grid[0], grid_cols=grid[1]))
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("key", pa.string()), ("rank", pa.int32()), ("image_id", pa.string()), ("activation", pa.float32()),
-        ("thumbnail", pa.binary()), ("activation_map", pa.list_(pa.float32())), ("grid_rows", pa.int32()),
-        ("grid_cols", pa.int32()),
-    ]))
-    (root / "examples").mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, root / "examples" / "part-0.parquet")
+    table = pa.Table.from_pylist(rows, schema=EXAMPLES.schema)
+    Store(str(root)).table(EXAMPLES).write("0", table)
     return table

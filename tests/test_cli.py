@@ -175,9 +175,7 @@ def test_the_fgbg_probe_without_boxes_stops_in_the_driver_before_any_worker(tmp_
     from tests.analysis_fixtures import save_image
     import numpy as np
 
-    from pipeline.execution import analysis_runner
-
-    monkeypatch.setattr(analysis_runner.scheduler, "start_ray", lambda *a, **k: pytest.fail("a worker started"))
+    monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("a worker started"))
     for label in ("a", "b"):
         save_image(tmp_path / "images" / label / "0.png", np.full((8, 8, 3), 0.5))
     code, out, err = run_main("probes", capsys, "experiment=probe_fgbg", "probe.weights=random",

@@ -11,7 +11,8 @@ from PIL import Image
 
 from pipeline.models import planted
 from pipeline.errors import PipelineError
-from pipeline.analysis.examples import EXAMPLE_SCHEMA, run_examples
+from pipeline.analysis.examples import run_examples
+from pipeline.store.schemas import EXAMPLES
 from pipeline.store.store import Store
 from tests.analysis_fixtures import compose, save_image, visualization_record
 
@@ -48,7 +49,7 @@ def test_planted_features_rank_their_colour_first_and_rerun_skips(tmp_path, imag
     assert run_examples(cfg) == 0
 
     table = ds.dataset(f"{store.root}/examples", format="parquet").to_table()
-    assert table.schema.equals(EXAMPLE_SCHEMA, check_metadata=False)
+    assert table.schema.equals(EXAMPLES.schema, check_metadata=False)
     assert set(table["key"].to_pylist()) == set(keys.values())  # the position-objective record gets none
     rows = table.to_pylist()
     for feature, colour in enumerate(COLOURS[:3]):

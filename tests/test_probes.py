@@ -223,3 +223,15 @@ def test_cli_bad_input_exits_2_with_one_paragraph(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: Images path") and result.stderr.count("\n") == 1
     assert not (tmp_path / "store").exists()
+
+
+def test_pretrained_weights_missing_offline_stop_the_probe_in_the_driver(tmp_path, monkeypatch, capsys):
+    from pipeline.execution import scheduler
+
+    images = _dataset(tmp_path / "images", _one_patch)
+    monkeypatch.setattr(scheduler, "run_tasks", lambda *a, **k: pytest.fail("a worker started without weights"))
+    cfg = compose("probes", "probe.name=tokens", f"probe.models=[{MODEL}]", "probe.weights=pretrained",
+                  f"images.path={images}", f"store.root={tmp_path / 'store'}")
+    with pytest.raises(PipelineError, match=rf"Pretrained weights for '{MODEL}' could not be loaded: HF_HUB_OFFLINE"):
+        run_probes(cfg)
+    assert "results:" not in capsys.readouterr().out

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.views.readers import METADATA_COLUMNS, UnknownSchemaError, collate_samples, open_store
+from pipeline.store.store import UnknownSchemaError
+from pipeline.views.readers import METADATA_COLUMNS, collate_samples, open_store
 from pipeline.store.schemas import RECORD_SCHEMA
 from synthetic_store import CLIP, DEIT, IMAGE_SIZE, RECORD_COUNT, write_store
 

@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pytest
@@ -221,3 +222,101 @@ def test_sweep_killed_after_its_first_commit_resumes_to_exactly_the_plan(s3, com
     keys = parquet_keys(root)
     assert sorted(keys) == planned and max(Counter(keys).values()) == 1
     assert sorted(shard_keys(store)) == planned
+
+
+def _kill_after_first_part(command: list[str], table, cwd: Path, timeout_s: float = 120) -> set[str]:
+    """Run a job in its own session, kill -9 it (with its Ray) once its first part is committed."""
+    job = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not table.done():
+            assert job.poll() is None, f"the job ended before its first part:\n{job.stdout.read().decode()}"
+            assert time.monotonic() < deadline, f"no part within {timeout_s} s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+        job.stdout.close()
+    return table.done()
+
+
+@pytest.mark.timeout(240)
+def test_examples_into_s3_killed_midway_resume_to_exactly_their_keys(s3, ray_local, tmp_path, capsys):
+    from analysis_fixtures import compose as compose_analysis, save_image, visualization_record
+
+    from pipeline.analysis.examples import example_tables, run_examples
+    from pipeline.models import planted
+
+    root = s3.uri("examples")
+    store = Store(root)
+    layer = planted.PLANTED_LAYER
+    keys = {}
+    with store.writer() as writer:
+        for feature in range(3):
+            record = visualization_record("deit_tiny_patch16_224", "planted-v1-0", "planted", layer, feature)
+            writer.add(record)
+            keys[feature] = record["key"]
+    images = tmp_path / "images"
+    for i in range(12):  # one image per unit of work: many units, so the kill lands midway
+        save_image(images / "a" / f"img{i:02d}.png", np.full((64, 64, 3), i / 12))
+    overrides = [f"store.root={root}", f"images.path={images}", "k=2", "slice_size=1", "cluster.workers=1",
+                 "progress.bar=false"]
+    final, slices = example_tables(store)
+    before = _kill_after_first_part([sys.executable, "-m", "pipeline.examples", *overrides], slices, tmp_path)
+    assert 0 < len(before) < 12 and not final.done(), "the kill must interrupt the job midway to test a resume"
+
+    assert run_examples(compose_analysis("examples", *overrides)) == 0
+    assert f"{12 - len(before)} units to run" in capsys.readouterr().out
+    table = final.read()
+    assert sorted(table["key"].to_pylist()) == sorted(k for k in keys.values() for _ in range(2))
+    assert not slices.done()  # merged into the final part, then removed
+
+
+@pytest.mark.timeout(240)
+def test_a_probe_into_s3_killed_midway_resumes_to_exactly_its_units_and_publishes_its_report(
+        s3, ray_local, tmp_path, capsys):
+    from analysis_fixtures import compose as compose_analysis, save_image
+    from constructed_vit import MODEL, save_constructed
+
+    from pipeline.analysis.probes.run import plan_tasks, run_probes
+    from pipeline.analysis import images as images_lib
+    from pipeline.store.schemas import probe_results
+
+    root = s3.uri("probe")
+    images = tmp_path / "images"
+    for c in range(3):
+        for i in range(4):
+            array = np.full((248, 248, 3), 0.5)
+            array[:, :, c] = 1.0
+            save_image(images / f"c{c}" / f"img{c}{i}.png", array)
+    weights = save_constructed(tmp_path / "colour.safetensors", evidence="colour")
+    overrides = ["probe.name=tokens", f"probe.models=[{MODEL}]", f"probe.weights={weights}", f"images.path={images}",
+                 f"store.root={root}", "probe.tokens.isolate=[0]", "probe.tokens.drop=[]", "slice_size=1",
+                 "cluster.workers=1", "progress.bar=false"]
+    cfg = compose_analysis("probes", *overrides)
+    planned = {task.part_id for task in plan_tasks(cfg, images_lib.open_images(str(images)))}
+    parts = Store(root).table(probe_results("tokens"))
+    before = _kill_after_first_part([sys.executable, "-m", "pipeline.probes", *overrides], parts, tmp_path)
+    assert 0 < len(before) < len(planned), "the kill must interrupt the probe midway to test a resume"
+
+    assert run_probes(cfg) == 0
+    out = capsys.readouterr().out
+    assert f"{len(before)} done, {len(planned) - len(before)} to run" in out
+    assert parts.done() == planned
+    assert parts.read().num_rows == sum(len(parts.read({p})) for p in planned)  # one part per unit, none twice
+    filesystem = Store(root).filesystem
+    report_path = f"{root.removeprefix('s3://')}/probes/tokens/report.md"
+    with filesystem.open_input_stream(report_path) as report:
+        assert "natural" in report.read().decode()
+    assert f"{root}/probes/tokens/report.md" in out
+
+
+def test_the_store_lease_works_on_an_object_store(s3):
+    from pipeline.store.lease import LeaseHeld
+
+    root = s3.uri("lease")
+    with Store(root).lease():
+        with pytest.raises(LeaseHeld, match="Another driver is writing records"):
+            Store(root).lease().acquire()
+    with Store(root).lease():  # released: the next driver gets it
+        pass

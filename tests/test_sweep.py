@@ -161,6 +161,31 @@ def test_pretrained_weights_offline_fail_with_remedies(monkeypatch):
         weights.load("deit_tiny_patch16_224", choice)
 
 
+def test_an_unreachable_hub_is_detected_once_and_quickly(monkeypatch, tmp_path):
+    import time
+
+    import huggingface_hub.constants
+
+    from pipeline.models import weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    weights._hub_unreachable.cache_clear()
+    started = time.monotonic()
+    try:
+        with pytest.raises(PipelineError) as raised:
+            weights.ensure_pretrained("deit_tiny_patch16_224")
+    finally:
+        weights._hub_unreachable.cache_clear()
+    assert time.monotonic() - started < 10
+    message = str(raised.value)
+    assert "The hub (127.0.0.1) cannot be reached from this machine" in message and "not in the Hugging Face" \
+        in message and "\n" not in message
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # later downloads (workers' too) read the cache only
+
+
 def test_a_sweep_without_its_pretrained_weights_stops_before_any_compute(compose, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("reached Ray without weights"))

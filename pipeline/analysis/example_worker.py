@@ -18,19 +18,7 @@ from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.engine.activations import ActivationReader
 from pipeline.execution.worker import ModelWorker
-
-PARTIAL_SCHEMA = pa.schema([
-    pa.field("layer", pa.int32()),
-    pa.field("feature", pa.int32()),
-    pa.field("rank", pa.int32()),
-    pa.field("image_id", pa.string()),
-    pa.field("activation", pa.float64()),
-    pa.field("thumbnail", pa.binary()),
-    pa.field("activation_map", pa.list_(pa.float32())),
-    pa.field("grid_rows", pa.int32()),
-    pa.field("grid_cols", pa.int32()),
-])
-
+from pipeline.store.schemas import EXAMPLE_SLICES
 
 @dataclass(frozen=True)
 class ExampleTask:
@@ -42,6 +30,10 @@ class ExampleTask:
     k: int
     batch_size: int
     thumbnail: int
+
+    @property
+    def name(self) -> str:
+        return f"unit {self.part_id}"
 
 
 @dataclass
@@ -66,10 +58,10 @@ class ExampleWorker(ModelWorker):
     def _reader(self, task: ExampleTask) -> tuple[ActivationReader, images_lib.Preprocess]:
         def build() -> tuple[ActivationReader, images_lib.Preprocess]:
             model = weights_lib.load(task.model, task.weights, self.device)
-            return (ActivationReader(model, zoo.layout(task.model)),
+            return (ActivationReader(model, zoo.layout(task.model, task.weights.img_size)),
                     images_lib.Preprocess.from_config(model.pretrained_cfg))
 
-        return self.cached((task.model, task.weights.weights_id), build)
+        return self.cached((task.model, task.weights), build)
 
     @torch.no_grad()
     def run(self, task: ExampleTask) -> pa.Table:
@@ -111,4 +103,4 @@ class ExampleWorker(ModelWorker):
                                  "activation": float(top.values[rank, column]), "thumbnail": encoded[index],
                                  "activation_map": top.maps[rank, column].cpu().tolist(),
                                  "grid_rows": rows_, "grid_cols": cols_})
-        return pa.Table.from_pylist(rows, schema=PARTIAL_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=EXAMPLE_SLICES.schema)

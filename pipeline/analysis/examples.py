@@ -5,7 +5,7 @@
 For every MLP feature visualized in the store with the ``mean`` objective, the
 top-k images of ``images.path`` by that feature's patch-mean activation, with the
 activation map over the patch grid and a thumbnail, land in
-``ROOT/examples/part-*.parquet`` under the visualization's key (EXAMPLE_SCHEMA),
+``ROOT/examples/part-*.parquet`` under the visualization's key (schemas.EXAMPLES),
 for the atlas to show beside the visualization.
 
 Work is planned per (model, weights): one *batch* holds every feature that model
@@ -30,23 +30,11 @@ from pipeline.analysis import images as images_lib
 from pipeline.config import ExamplesConfig
 from pipeline.models import weights as weights_lib
 from pipeline.errors import PipelineError
-from pipeline.analysis.example_worker import PARTIAL_SCHEMA, ExampleTask, ExampleWorker
-from pipeline.store.parts import PartTable
-from pipeline.store.store import Store
+from pipeline.analysis.example_worker import ExampleTask, ExampleWorker
+from pipeline.store.schemas import EXAMPLE_SLICES, EXAMPLES
+from pipeline.store.store import PartTable, Store
 
 EXIT_FAILURES = 1
-
-EXAMPLE_SCHEMA = pa.schema([
-    pa.field("key", pa.string(), nullable=False),  # the visualization's key
-    pa.field("rank", pa.int32(), nullable=False),  # 0 = most activating
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("activation", pa.float64(), nullable=False),  # patch-mean activation (the sweep's objective)
-    pa.field("thumbnail", pa.binary(), nullable=False),  # PNG of the model's crop
-    pa.field("activation_map", pa.list_(pa.float32()), nullable=False),  # row-major over the patch grid
-    pa.field("grid_rows", pa.int32(), nullable=False),
-    pa.field("grid_cols", pa.int32(), nullable=False),
-])
-
 
 @dataclass(frozen=True)
 class Batch:
@@ -66,55 +54,30 @@ class Batch:
 
 
 def example_tables(store: Store) -> tuple[PartTable, PartTable]:
-    return PartTable(store, "examples", EXAMPLE_SCHEMA), PartTable(store, "examples-partial", PARTIAL_SCHEMA)
+    return store.table(EXAMPLES), store.table(EXAMPLE_SLICES)
 
 
 def plan_batches(store: Store, done_keys: set[str], image_set: images_lib.ImageSet, cfg: ExamplesConfig) -> list[Batch]:
     """Batches for the store's mean-objective MLP visualizations that have no examples yet."""
-    table = store.parquet_dataset().to_table(
-        columns=["key", "model", "weights", "layer", "feature", "config"],
+    table = store.read_records(
+        columns=["key", "model", "weights", "layer", "feature", "config", "image_size"],
         filter=(ds.field("target") == "mlp") & (ds.field("objective") == "mean"))
     table = table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(sorted(done_keys), pa.string()))))
-    grouped: dict[tuple[str, str], dict[tuple[int, int], list[str]]] = {}
-    configs: dict[tuple[str, str], str] = {}
+    grouped: dict[tuple[str, str, int], dict[tuple[int, int], list[str]]] = {}
+    configs: dict[tuple[str, str, int], str] = {}
     for row in table.to_pylist():
-        group = (row["model"], row["weights"])
+        group = (row["model"], row["weights"], row["image_size"])
         grouped.setdefault(group, {}).setdefault((row["layer"], row["feature"]), []).append(row["key"])
         configs[group] = row["config"]
     batches = []
-    for (model, weights_id), keys in sorted(grouped.items()):
-        choice = _weights_for(model, weights_id, configs[(model, weights_id)], cfg.weights)
-        identity = json.dumps([model, weights_id, sorted(keys), image_set.fingerprint(), cfg.k, cfg.slice_size,
-                               cfg.thumbnail])
+    for (model, weights_id, image_size), keys in sorted(grouped.items()):
+        choice = weights_lib.choice_of_record(model, weights_id, json.loads(configs[(model, weights_id, image_size)])
+                                              .get("weights", ""), image_size, cfg.weights)
+        identity = json.dumps([model, weights_id, image_size, sorted(keys), image_set.fingerprint(), cfg.k,
+                               cfg.slice_size, cfg.thumbnail])
         batch_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
         batches.append(Batch(batch_id, model, choice, {f: tuple(sorted(k)) for f, k in keys.items()}))
     return batches
-
-
-def _weights_for(model: str, weights_id: str, config_json: str, override: str | None) -> weights_lib.WeightsChoice:
-    """The weights a visualization was made with, recovered from its record (or the override path)."""
-    kind, _, rest = weights_id.partition("-")
-    if kind == "random":
-        choice = weights_lib.resolve(model, "random", int(rest))
-    elif kind == "planted":
-        choice = weights_lib.resolve(model, "planted", int(rest.rpartition("-")[2]))
-    else:
-        recorded = override or json.loads(config_json).get("weights", "")
-        try:
-            choice = weights_lib.resolve(model, recorded)
-        except PipelineError as error:
-            raise PipelineError(
-                f"The visualizations of '{model}' were made with weights {weights_id} from '{recorded}', which "
-                f"cannot be loaded here: {error} Pass weights=PATH (the checkpoint file or a directory of "
-                f"<model>.safetensors files) to point at the same weights."
-            ) from None
-    if choice.weights_id != weights_id:
-        raise PipelineError(
-            f"The visualizations of '{model}' were made with weights {weights_id}, but the weights found "
-            f"('{override or 'as recorded'}') are {choice.weights_id}. Examples must come from the same weights: "
-            f"pass weights=PATH to the checkpoint the sweep used."
-        )
-    return choice
 
 
 def merge(batch: Batch, partial: pa.Table, k: int) -> pa.Table:
@@ -131,7 +94,7 @@ def merge(batch: Batch, partial: pa.Table, k: int) -> pa.Table:
                 out.append({"key": key, "rank": rank, "image_id": row["image_id"], "activation": row["activation"],
                             "thumbnail": row["thumbnail"], "activation_map": row["activation_map"],
                             "grid_rows": row["grid_rows"], "grid_cols": row["grid_cols"]})
-    return pa.Table.from_pylist(out, schema=EXAMPLE_SCHEMA)
+    return pa.Table.from_pylist(out, schema=EXAMPLES.schema)
 
 
 def _check(cfg: ExamplesConfig) -> None:
@@ -144,9 +107,17 @@ def run_examples(cfg: ExamplesConfig) -> int:
     _check(cfg)
     store = Store(cfg.store.root)
     store.check_writable()
+    store.recover()
     image_set = images_lib.open_images(cfg.images.path, limit=cfg.images.limit)
+    with store.lease("examples"):  # merging deletes slices: two jobs at once would lose each other's
+        return _run_examples(store, image_set, cfg)
+
+
+def _run_examples(store: Store, image_set: images_lib.ImageSet, cfg: ExamplesConfig) -> int:
     final, partial = example_tables(store)
     done_keys = set(final.read()["key"].to_pylist())
+    # A job killed between writing a model's merged part and deleting its slices left them behind.
+    partial.delete({part for part in partial.done() if part.rpartition("-")[0] in final.done()})
     batches = plan_batches(store, done_keys, image_set, cfg)
     slices = math.ceil(len(image_set) / cfg.slice_size)
     committed = partial.done()
@@ -159,10 +130,9 @@ def run_examples(cfg: ExamplesConfig) -> int:
           f"{len(batches)} model(s) to do over {len(image_set)} images in {slices} slice(s): {len(tasks)} units "
           f"to run", flush=True)
 
-    from pipeline.execution.analysis_runner import run_units
+    from pipeline.execution.scheduler import run_part_tasks
 
-    summary = run_units(ExampleWorker, tasks, cfg.cluster, cfg.device, cfg.progress,
-                        lambda task, table: partial.write(task.part_id, table))
+    summary = run_part_tasks(ExampleWorker, tasks, partial, cfg.cluster, cfg.device, cfg.progress)
     finished = 0
     for batch in batches:
         ids = {batch.part_id(i) for i in range(slices)}
@@ -172,6 +142,6 @@ def run_examples(cfg: ExamplesConfig) -> int:
             finished += 1
     print(f"done: {summary.done} units run, {summary.failed} failed; {finished}/{len(batches)} models complete\n"
           f"examples: pyarrow.dataset.dataset('{store.root}/examples', format='parquet')", flush=True)
-    for failure in summary.failures[:10]:
-        print(f"  failed {failure}")
+    for part_id, reason in summary.failures[:10]:
+        print(f"  failed {part_id}: {reason}")
     return EXIT_FAILURES if summary.failed else 0

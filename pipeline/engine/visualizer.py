@@ -32,7 +32,7 @@ class Visualizer:
         self.model_name = model_name
         self.weights = weights
         self.device = device
-        self.layout = zoo.layout(model_name)
+        self.layout = zoo.layout(model_name, weights.img_size)
         self.model = weights_lib.load(model_name, weights, device)
         self.reader = ActivationReader(self.model, self.layout)
         self._mean = torch.tensor(self.layout.mean, device=device).view(3, 1, 1)

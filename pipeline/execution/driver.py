@@ -28,7 +28,8 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str]) -> None:
           + (f" ({len(failed)} failed before, retried now)" if failed else ""), flush=True)
     per_model: dict[str, list[int]] = {}
     for group in plan.groups:
-        counts = per_model.setdefault(f"{group.model} [{group.weights.weights_id}]", [0, 0])
+        size = f" at {group.weights.img_size} px" if group.weights.img_size else ""
+        counts = per_model.setdefault(f"{group.model}{size} [{group.weights.weights_id}]", [0, 0])
         counts[0] += len(group.features)
         counts[1] += sum(group.key(f) in done for f in group.features)
     for name, (total, finished) in per_model.items():
@@ -66,9 +67,13 @@ def _print_where(store: Store) -> None:
 def run_sweep(cfg: SweepConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
+    store.recover()  # also when there is nothing to do: an interrupted last commit is finished now
     plan = build_plan(cfg)
-    for (model, _), choice in plan.weights().items():
+    for model, choice in plan.weights():
         weights.ensure_available(model, choice)
+        verified = weights.ensure_verified(model, choice)
+        if verified:
+            print(verified, flush=True)
     keys = plan.keys()
     planned = set(keys)
     done = store.committed_keys() & planned
@@ -81,18 +86,20 @@ def run_sweep(cfg: SweepConfig) -> int:
 
     from pipeline.execution import scheduler
 
-    store.write_plan(plan.units_table())
-    scheduler.start_ray(cfg.cluster)
-    progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
-    interrupted = False
-    try:
-        with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
-            summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
-                                         cfg.model.device)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.close()
+    with store.lease("records"):
+        done = store.committed_keys() & planned  # what a driver that held the lease before us committed
+        store.write_plan(plan.units_table())
+        scheduler.start_ray(cfg.cluster)
+        progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
+        interrupted = False
+        try:
+            with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
+                summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
+                                             cfg.model.device)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.close()
     if interrupted:
         print("interrupted: complete records are committed; run the same command again to do the rest.")
         return EXIT_INTERRUPTED

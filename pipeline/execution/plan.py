@@ -66,6 +66,10 @@ class Chunk:
     group: Group
     features: tuple[int, ...]
 
+    @property
+    def name(self) -> str:
+        return f"chunk {self.group.model} layer {self.group.layer} features {list(self.features)}"
+
     def units(self) -> list[dict[str, Any]]:
         return [self.group.unit(f) for f in self.features]
 
@@ -84,9 +88,9 @@ class Plan:
     def keys(self) -> list[str]:
         return [g.key(f) for g in self.groups for f in g.features]
 
-    def weights(self) -> dict[tuple[str, str], weights_lib.WeightsChoice]:
-        """Each distinct (model, weights id) of the plan, with its weights choice."""
-        return {(g.model, g.weights.weights_id): g.weights for g in self.groups}
+    def weights(self) -> list[tuple[str, weights_lib.WeightsChoice]]:
+        """Each distinct (model, weights choice) of the plan."""
+        return list(dict.fromkeys((g.model, g.weights) for g in self.groups))
 
     def units_table(self) -> pa.Table:
         return pa.Table.from_pylist([g.unit(f) for g in self.groups for f in g.features], schema=UNIT_SCHEMA)
@@ -246,18 +250,21 @@ def build_plan(cfg: SweepConfig) -> Plan:
 def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[Group]:
     sweep = settings["sweep"]
     family = zoo.family_of(model)
-    info = zoo.layout(model)
     target = settings["target"]["kind"]
     if target not in zoo.TARGETS:
         raise PipelineError(f"target.kind='{target}' is not a target; targets are {', '.join(zoo.TARGETS)}.")
     objective = parse_objective(settings["target"]["objective"])
-    choice = weights_lib.resolve(model, str(settings["model"]["weights"]), int(settings["model"]["init_seed"]))
+    choice = weights_lib.resolve(model, str(settings["model"]["weights"]), int(settings["model"]["init_seed"]),
+                                 settings["model"].get("img_size"))
+    info = zoo.layout(model, choice.img_size)
     optim = optim_config(settings["optim"], family)
-    optim_json = json.dumps(dataclasses.asdict(optim), sort_keys=True)
-    config_hash = hashlib.sha256(optim_json.encode()).hexdigest()[:12]
+    # The hash names everything besides the unit's own fields that changes its image: the optimizer's
+    # settings and, when it is not the model's native one, the input size.
+    identity = {**dataclasses.asdict(optim), **({"image_size": choice.img_size} if choice.img_size else {})}
+    config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     config_json = json.dumps({"optim": dataclasses.asdict(optim), "target": target, "objective": objective.name,
-                              "weights": str(settings["model"]["weights"]), "weights_id": choice.weights_id},
-                             sort_keys=True)
+                              "weights": str(settings["model"]["weights"]), "weights_id": choice.weights_id,
+                              "image_size": info.input_size[-1]}, sort_keys=True)
     groups = []
     for layer in select(sweep["layers"], len(info.layers), "layer", f"'{model}'"):
         where = f"layer {layer} of '{model}'"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import ray
 
-from pipeline.config import ClusterSection
+from pipeline.config import ClusterSection, ProgressSection
 from pipeline.errors import PipelineError
 from pipeline.execution.plan import Chunk, Plan
 from pipeline.execution.progress import Progress
@@ -42,7 +42,7 @@ class RunSummary:
     failed: int = 0
     duplicates: int = 0
     busy_s: float = 0.0
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (unit key or part id, reason)
     aborted: bool = False
 
 
@@ -135,59 +135,98 @@ def drive(actors: list, tasks: Iterable[T], submit: Callable[[Any, T], ray.Objec
             ray.kill(actor)
 
 
+def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, device: str, progress: Progress,
+              commit: Callable[[T, Any, RunSummary], None], fail: Callable[[T, str, int, RunSummary], None],
+              tick: Callable[[], None] = lambda: None) -> RunSummary:
+    """Run ``tasks`` on actors of ``worker_class`` (``run(task) -> result``): the one task pool.
+
+    Every job (sweep chunks, dataset-example slices, probe slices) runs through here:
+    ``commit`` takes each finished task's result in completion order, ``fail`` each task
+    that failed with its one-line reason and attempts; both count into the summary.
+    ``tick`` runs after every wait (at least once a second). Stops past
+    ``cluster.max_failures`` failed units.
+    """
+    summary = RunSummary()
+    if not tasks:
+        return summary
+    start_ray(cluster)
+    gpus = gpus_per_worker(cluster)
+    actors = make_actors(worker_class, cluster, gpus, min(worker_count(cluster, gpus), len(tasks)), device,
+                         cluster.model_cache, max(1, int(cluster.cpus_per_worker)))
+
+    def on_done(task: T, ref: ray.ObjectRef) -> None:
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as error:
+            reason = failure_reason(error)
+            log.warning("%s failed: %s", task.name, reason)
+            fail(task, reason, 1 if isinstance(error, ray.exceptions.RayTaskError) else TASK_RETRIES + 1, summary)
+            return
+        commit(task, result, summary)
+
+    def after_wait() -> bool:
+        tick()
+        progress.update(done=summary.done, failed=summary.failed)
+        summary.aborted = summary.failed > cluster.max_failures
+        return summary.aborted
+
+    drive(actors, tasks, lambda actor, task: actor.run.remote(task), on_done, in_flight_limit(cluster, len(actors)),
+          after_wait)
+    return summary
+
+
 def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSection, writer, progress: Progress,
              device: str) -> RunSummary:
     """Run the plan's missing units on Ray actors, stream results into ``writer``.
 
     Chunks are at most ``chunk_size`` features, and smaller when that keeps every
-    worker busy (a small sweep on many workers). Stops past ``cluster.max_failures``.
+    worker busy (a small sweep on many workers).
     """
-    summary = RunSummary()
-    gpus = gpus_per_worker(cluster)
-    workers = worker_count(cluster, gpus)
+    start_ray(cluster)
+    workers = worker_count(cluster, gpus_per_worker(cluster))
     todo = len(plan) - len(done)
     chunks = plan.chunks(done, min(chunk_size, max(1, math.ceil(todo / workers))))
-    if not chunks:
-        return summary
-    threads = max(1, int(cluster.cpus_per_worker))
-    actors = make_actors(VisualizationWorker, cluster, gpus, min(workers, len(chunks)), device,
-                         cluster.model_cache, threads)
 
-    def after_wait() -> bool:
-        writer.maybe_commit()
-        progress.update(done=summary.done, failed=summary.failed)
-        summary.aborted = summary.failed > cluster.max_failures
-        return summary.aborted
+    def commit(chunk: Chunk, result, summary: RunSummary) -> None:
+        summary.busy_s += result.busy_s
+        for record in result.records:
+            if writer.add(record):
+                summary.done += 1
+            else:
+                summary.duplicates += 1
+        for unit, reason, attempts in result.failures:
+            _fail_unit(unit, reason, attempts, summary)
 
-    drive(actors, chunks, lambda actor, chunk: actor.run.remote(chunk),
-          lambda chunk, ref: _collect(ref, chunk, writer, summary), in_flight_limit(cluster, len(actors)),
-          after_wait)
-    return summary
-
-
-def _collect(ref: ray.ObjectRef, chunk: Chunk, writer, summary: RunSummary) -> None:
-    try:
-        result = ray.get(ref)
-    except ray.exceptions.RayError as error:
-        reason = failure_reason(error)
-        log.warning("chunk %s layer %d features %s failed: %s", chunk.group.model, chunk.group.layer,
-                    list(chunk.features), reason)
-        attempts = 1 if isinstance(error, ray.exceptions.RayTaskError) else TASK_RETRIES + 1
-        for unit in chunk.units():
-            writer.add_failure(unit, reason, attempts)
-            summary.failed += 1
-            summary.failures.append((unit["key"], reason))
-        return
-    summary.busy_s += result.busy_s
-    for record in result.records:
-        if writer.add(record):
-            summary.done += 1
-        else:
-            summary.duplicates += 1
-    for unit, reason, attempts in result.failures:
+    def _fail_unit(unit: dict, reason: str, attempts: int, summary: RunSummary) -> None:
         writer.add_failure(unit, reason, attempts)
         summary.failed += 1
         summary.failures.append((unit["key"], reason))
+
+    def fail(chunk: Chunk, reason: str, attempts: int, summary: RunSummary) -> None:
+        for unit in chunk.units():
+            _fail_unit(unit, reason, attempts, summary)
+
+    return run_tasks(VisualizationWorker, chunks, cluster, device, progress, commit, fail, writer.maybe_commit)
+
+
+def run_part_tasks(worker_class: type, tasks: list, parts, cluster: ClusterSection, device: str,
+                   progress: ProgressSection) -> RunSummary:
+    """Analysis jobs: each task's result is one part of a part table, committed as it arrives, so an
+    interruption loses at most the tasks in flight and a re-run skips the parts present."""
+
+    def commit(task, table, summary: RunSummary) -> None:
+        parts.write(task.part_id, table)
+        summary.done += 1
+
+    def fail(task, reason: str, _attempts: int, summary: RunSummary) -> None:
+        summary.failed += 1
+        summary.failures.append((task.part_id, reason))
+
+    bar = Progress(len(tasks), progress.log_every_s, progress.bar)
+    try:
+        return run_tasks(worker_class, tasks, cluster, device, bar, commit, fail)
+    finally:
+        bar.close()
 
 
 def failure_reason(error: ray.exceptions.RayError) -> str:

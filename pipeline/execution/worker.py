@@ -76,7 +76,7 @@ class VisualizationWorker(ModelWorker):
 
     def _visualizer(self, chunk: Chunk) -> Visualizer:
         group = chunk.group
-        return self.cached((group.model, group.weights.weights_id),
+        return self.cached((group.model, group.weights),
                            lambda: Visualizer(group.model, group.weights, self.device))
 
     def run(self, chunk: Chunk) -> ChunkResult:

@@ -295,6 +295,13 @@ def _read_model(path: Path):
     return proto
 
 
+def input_size(path: str | Path) -> int | None:
+    """The side of the square image the file takes, or None when its spatial dimensions are dynamic."""
+    graph = _read_model(Path(path)).graph
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] if len(graph.input) == 1 else []
+    return dims[2] if len(dims) == 4 and dims[2] and dims[2] == dims[3] else None
+
+
 def _not_supported(path: Path, what: str) -> PipelineError:
     return PipelineError(
         f"'{path}' is not supported: {SUPPORTED} (ViTModel, DeiTModel, Dinov2Model and their "

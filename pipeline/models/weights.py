@@ -6,8 +6,13 @@
 - ``random``: timm's own init under ``torch.manual_seed(model.init_seed)``;
 - ``planted``: seeded random weights with units wired to prefer known stimuli (pipeline.planted);
 - a path: a ``.safetensors`` file, a torch state-dict file (loaded with weights_only=True),
-  an original Google ViT ``.npz`` (through timm's own loader), or a directory that holds
-  ``<model name>.safetensors`` (or ``.pth``/``.npz``) per model, for sweeps over several models.
+  an original Google ViT ``.npz`` (through timm's own loader), an ONNX export of a transformers
+  ViT/DeiT/DINOv2 (``.onnx``, pipeline.models.onnx_import; verified against onnxruntime before
+  any sweep uses it), or a directory that holds ``<model name>.safetensors`` (or another of
+  those suffixes) per model, for sweeps over several models.
+
+A model built at another input size (``model.img_size``) gets the checkpoint's absolute position
+embeddings resampled to its grid (bicubic, prefix tokens kept, as timm and transformers do).
 
 Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>``, ``planted-<version>-<seed>``
 or ``sha256-<hex of the file>``. :func:`resolve` validates a choice and computes its id
@@ -19,6 +24,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +35,8 @@ from torch import nn
 from pipeline.models import zoo
 from pipeline.errors import PipelineError
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+HUB_PROBE_TIMEOUT_S = 3.0
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".onnx")
 
 
 @dataclass(frozen=True)
@@ -37,32 +45,67 @@ class WeightsChoice:
     weights_id: str
     path: str | None = None
     init_seed: int = 0
+    img_size: int | None = None  # the input size the model is built at; None: its native size
 
 
-def resolve(model_name: str, weights: str, init_seed: int = 0) -> WeightsChoice:
-    """Validate ``weights`` for ``model_name`` without building the model; raise a clear error otherwise."""
+def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | None = None) -> WeightsChoice:
+    """Validate ``weights`` for ``model_name`` (built at ``img_size``, or natively) without building the
+    model; raise a clear error otherwise."""
     zoo.family_of(model_name)
+    if img_size == zoo.native_size(model_name):
+        img_size = None  # one identity, and one unit key, per model and size
+    zoo.layout(model_name, img_size)  # refuses sizes the architecture cannot take
     if weights == "random":
-        return WeightsChoice("random", f"random-{init_seed}", init_seed=init_seed)
+        return WeightsChoice("random", f"random-{init_seed}", init_seed=init_seed, img_size=img_size)
     if weights == "planted":
         from pipeline.models import planted
 
         planted.planted_units(model_name)  # raises for models without a planted construction
-        return WeightsChoice("planted", f"planted-{planted.PLANTED_VERSION}-{init_seed}", init_seed=init_seed)
+        return WeightsChoice("planted", f"planted-{planted.PLANTED_VERSION}-{init_seed}", init_seed=init_seed,
+                             img_size=img_size)
     if weights == "pretrained":
-        return WeightsChoice("pretrained", f"pretrained-{_pretrained_tag(model_name)}")
+        return WeightsChoice("pretrained", f"pretrained-{_pretrained_tag(model_name)}", img_size=img_size)
     path = _checkpoint_path(model_name, Path(weights).expanduser())
-    _check_checkpoint(model_name, path)
-    return WeightsChoice("file", f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}", path=str(path))
+    _check_checkpoint(model_name, path, img_size)
+    return WeightsChoice("file", f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}", path=str(path),
+                         img_size=img_size)
+
+
+def choice_of_record(model_name: str, weights_id: str, recorded: str, image_size: int,
+                     override: str | None = None) -> WeightsChoice:
+    """The weights a record was made with, from its ``weights`` id, the ``model.weights`` its config
+    recorded and its image size; ``override`` points at a checkpoint file that has moved since."""
+    kind, _, rest = weights_id.partition("-")
+    if kind == "random":
+        choice = resolve(model_name, "random", int(rest), image_size)
+    elif kind == "planted":
+        choice = resolve(model_name, "planted", int(rest.rpartition("-")[2]), image_size)
+    else:
+        recorded = override or recorded
+        try:
+            choice = resolve(model_name, recorded, img_size=image_size)
+        except PipelineError as error:
+            raise PipelineError(
+                f"The visualizations of '{model_name}' were made with weights {weights_id} from '{recorded}', "
+                f"which cannot be loaded here: {error} Pass weights=PATH (the checkpoint file or a directory of "
+                f"<model>.safetensors files) to point at the same weights."
+            ) from None
+    if choice.weights_id != weights_id:
+        raise PipelineError(
+            f"The visualizations of '{model_name}' were made with weights {weights_id}, but the weights found "
+            f"('{override or 'as recorded'}') are {choice.weights_id}. Analyses must use the same weights: "
+            f"pass weights=PATH to the checkpoint the sweep used."
+        )
+    return choice
 
 
 def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "cpu") -> nn.Module:
     """The model in eval mode on ``device``, parameters frozen (only the input image is optimized)."""
     if choice.kind == "pretrained":
-        model = _load_pretrained(model_name)
+        model = _load_pretrained(model_name, choice.img_size)
     else:
         torch.manual_seed(choice.init_seed)
-        model = zoo.create_architecture(model_name)
+        model = zoo.create_architecture(model_name, img_size=choice.img_size)
         if choice.kind == "planted":
             from pipeline.models import planted
 
@@ -89,43 +132,77 @@ def _pretrained_tag(model_name: str) -> str:
 def ensure_available(model_name: str, choice: WeightsChoice) -> None:
     """Fetch pretrained weights into the Hugging Face cache now, in the driver, so a sweep that
     cannot have them stops before any compute (and workers sharing the cache find them there)."""
-    if choice.kind != "pretrained":
-        return
+    if choice.kind == "pretrained":
+        ensure_pretrained(model_name)
+
+
+def ensure_pretrained(model_name: str) -> None:
+    """The same for any timm model (the probes' CNNs too). Whether the hub can be reached is asked once,
+    in a second: its client would otherwise retry for a minute before failing."""
     import timm
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
 
     cfg = timm.models.get_pretrained_cfg(model_name)
+    unreachable = _hub_unreachable()
     try:
         if cfg.hf_hub_id:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
             repo, _, revision = cfg.hf_hub_id.partition("@")
             for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
                 try:
-                    hf_hub_download(repo_id=repo, filename=filename, revision=revision or None)
+                    hf_hub_download(repo_id=repo, filename=filename, revision=revision or None,
+                                    local_files_only=unreachable is not None)
                     return
                 except EntryNotFoundError:
                     continue
             raise FileNotFoundError(f"no weights file in hub repository {repo}")
+        if unreachable is not None:
+            raise ConnectionError(f"{cfg.url} is not in timm's cache")
         timm.models._hub.download_cached_file(cfg.url)
     except Exception as error:  # the hub client raises many types; all mean "not available here"
-        raise _unavailable(model_name, error) from None
+        raise _unavailable(model_name, error, unreachable) from None
 
 
-def _load_pretrained(model_name: str) -> nn.Module:
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None when it can.
+
+    When it cannot, this process (and a local Ray's workers, which inherit its environment) read
+    the cache only: HF_HUB_OFFLINE=1 spares every later download its minute of retries.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname
+    try:
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return None
+    except OSError as error:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # read once at import; set for this process too
+        return f"the hub ({host}) cannot be reached from this machine ({type(error).__name__}: {error})"
+
+
+def _load_pretrained(model_name: str, img_size: int | None) -> nn.Module:
     import timm
 
-    try:
-        return timm.create_model(model_name, pretrained=True)
+    try:  # timm resamples the checkpoint's position embeddings to img_size itself
+        return timm.create_model(model_name, pretrained=True, **({"img_size": img_size} if img_size else {}))
     except Exception as error:  # the hub client raises many types; all mean "not available here"
-        raise _unavailable(model_name, error) from None
+        raise _unavailable(model_name, error, _hub_unreachable()) from None
 
 
-def _unavailable(model_name: str, error: Exception) -> PipelineError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+def _unavailable(model_name: str, error: Exception, unreachable: str | None = None) -> PipelineError:
     detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
+    cause = (f"{unreachable[0].upper()}{unreachable[1:]}, and they are not in the Hugging Face cache "
+             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')})" if unreachable else
+             f"{type(error).__name__}: {detail}")
     return PipelineError(
-        f"Pretrained weights for '{model_name}' could not be loaded ({type(error).__name__}: {detail}). "
-        f"{'HF_HUB_OFFLINE is set and they are not in the Hugging Face cache. ' if offline else ''}"
+        f"Pretrained weights for '{model_name}' could not be loaded: {cause}. "
         f"Remedies: run once where the hub is reachable so they land in the cache (HF_HOME, "
         f"default ~/.cache/huggingface) and point HF_HOME at that cache here; or download the "
         f"checkpoint and pass model.weights=/path/to/file.safetensors; or use model.weights=random "
@@ -205,16 +282,21 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise _unreadable(path, error) from None
 
 
-def _check_checkpoint(model_name: str, path: Path) -> None:
+def _check_checkpoint(model_name: str, path: Path, img_size: int | None) -> None:
     """Compare names and shapes against the architecture (built on meta: no memory, no compute)."""
     if path.suffix == ".npz":
         return  # timm's own loader maps Google's names; it reports its own mismatches at load
+    architecture = zoo.create_architecture(model_name, "meta", img_size)
+    if path.suffix == ".onnx":
+        _onnx_import().onnx_state_dict(path, architecture)  # reports what does not map, by name
+        return
     shapes = _checkpoint_shapes(path)
-    expected = {k: tuple(v.shape) for k, v in zoo.create_architecture(model_name, "meta").state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in architecture.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     mismatched = sorted(
-        f"{k} {shapes[k]} vs {expected[k]}" for k in set(shapes) & set(expected) if shapes[k] != expected[k]
+        f"{k} {shapes[k]} vs {expected[k]}" for k in set(shapes) & set(expected)
+        if shapes[k] != expected[k] and not _resamplable(k, shapes[k], expected[k])
     )
     if missing or unexpected or mismatched:
         parts = []
@@ -234,4 +316,54 @@ def _load_file(model: nn.Module, path: Path) -> None:
             raise PipelineError(f"'{path}' is a Google .npz checkpoint, which only original ViT models can load.")
         model.load_pretrained(str(path))
         return
-    model.load_state_dict(_read_state_dict(path), strict=True)
+    if path.suffix == ".onnx":
+        state = _onnx_import().onnx_state_dict(path, model).state_dict
+    else:
+        state = _read_state_dict(path)
+    model.load_state_dict(fit_position_embedding(state, model), strict=True)
+
+
+def _resamplable(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Absolute position embeddings of another grid (the same prefix, the same width) are resampled."""
+    return name == "pos_embed" and len(found) == len(expected) == 3 and found[-1] == expected[-1]
+
+
+def fit_position_embedding(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with its ``pos_embed`` resampled to ``model``'s patch grid when the grids differ."""
+    wanted = getattr(model, "pos_embed", None)
+    found = state.get("pos_embed")
+    if wanted is None or found is None or tuple(found.shape) == tuple(wanted.shape):
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    grid = tuple(model.patch_embed.grid_size)
+    resampled = _onnx_import().resample_position_embedding(found.float(), grid, prefix).to(found.dtype)
+    return {**state, "pos_embed": resampled}
+
+
+def ensure_verified(model_name: str, choice: WeightsChoice) -> str | None:
+    """For an ONNX file: import it into the architecture at the file's input size, run the same input
+    through onnxruntime and timm, and stop (one paragraph, naming the first diverging layer) beyond the
+    tolerance. Returns the line to print; None for other weights. Done once per file and process."""
+    if choice.kind != "file" or not choice.path.endswith(".onnx"):
+        return None
+    return _verify_onnx(model_name, choice.path, choice.weights_id)
+
+
+@functools.lru_cache(maxsize=None)
+def _verify_onnx(model_name: str, path: str, weights_id: str) -> str:
+    onnx_import = _onnx_import()
+    size = onnx_import.input_size(path)
+    model = zoo.create_architecture(model_name, "cpu", size or None)
+    _load_file(model, Path(path))
+    report = onnx_import.verify_import(path, model)
+    report.raise_if_diverged()
+    worst = max(report.layer_max_abs_diff, key=report.layer_max_abs_diff.get)
+    return (f"weights {path} ({weights_id[:19]}...) imported into {model_name}: final features match onnxruntime "
+            f"to {report.max_abs_diff:.2g} (largest block difference {report.layer_max_abs_diff[worst]:.2g} at "
+            f"{worst}; tolerance {report.atol:g} relative)")
+
+
+def _onnx_import():
+    from pipeline.models import onnx_import  # onnx and onnxruntime load only for ONNX weights
+
+    return onnx_import

@@ -171,11 +171,23 @@ class ModelLayout:
             )
 
 
-def create_architecture(model_name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The timm architecture with its pretrained config attached, initialised but without weights."""
+def native_size(model_name: str) -> int:
+    """The input side the architecture is registered with (DINOv2: 518; most others 224 or 384)."""
+    return int(timm.models.get_pretrained_cfg(model_name).input_size[-1])
+
+
+def create_architecture(model_name: str, device: torch.device | str = "cpu", img_size: int | None = None) -> nn.Module:
+    """The timm architecture with its pretrained config attached, initialised but without weights.
+
+    ``img_size`` builds it for N x N inputs (absolute position embeddings sized for that grid).
+    """
     family_of(model_name)
-    with torch.device(device):
-        return timm.create_model(model_name, pretrained=False).eval()
+    size = {"img_size": img_size} if img_size else {}
+    try:
+        with torch.device(device):
+            return timm.create_model(model_name, pretrained=False, **size).eval()
+    except (AssertionError, ValueError, RuntimeError) as error:
+        raise _bad_size(model_name, img_size, f"timm cannot build it ({error})") from None
 
 
 def _prefix_and_grid(tokens: int, hint: int) -> tuple[int, tuple[int, int]]:
@@ -193,10 +205,14 @@ def _prefix_and_grid(tokens: int, hint: int) -> tuple[int, tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=None)
-def layout(model_name: str) -> ModelLayout:
-    """Trace a model's layers; cached per process (tracing on meta costs well under a second)."""
+def layout(model_name: str, img_size: int | None = None) -> ModelLayout:
+    """Trace a model's layers at its native size or at ``img_size``; cached per process (tracing on
+    meta costs well under a second). A size the architecture cannot take is refused, naming valid ones."""
     family = family_of(model_name)
-    model = create_architecture(model_name, device="meta")
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise PipelineError(f"model.img_size={img_size!r} is not a positive integer (pixels per side), or null "
+                            f"for the model's native size.")
+    model = create_architecture(model_name, device="meta", img_size=img_size)
     modules = dict(model.named_modules())
     mlps = {path: m for path, m in modules.items() if hasattr(m, "fc1") and hasattr(m, "act")}
     if not mlps:
@@ -216,9 +232,11 @@ def layout(model_name: str) -> ModelLayout:
         for path, module in watched.items():
             handles.append(module.register_forward_hook(
                 lambda _m, _i, out, path=path: calls.append((path, tuple(out.shape)))))
-        _, height, width = model.pretrained_cfg["input_size"]
+        height = width = img_size or native_size(model_name)
         with torch.no_grad():
             model(torch.empty(1, 3, height, width, device="meta"))
+    except (AssertionError, ValueError, RuntimeError) as error:
+        raise _bad_size(model_name, img_size, f"its forward pass fails at that size ({error})") from None
     finally:
         for handle in handles:
             handle.remove()
@@ -242,14 +260,61 @@ def layout(model_name: str) -> ModelLayout:
         sites.update(_attention_sites(block, calls, tokens))
         layers.append(LayerInfo(len(layers), block, tokens, prefix, grid, sites))
     cfg = model.pretrained_cfg
-    return ModelLayout(
+    info = ModelLayout(
         name=model_name,
         family=family,
-        input_size=tuple(cfg["input_size"]),
+        input_size=(3, height, width),
         mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]),
         activation=type(next(iter(mlps.values())).act).__name__,
         layers=tuple(layers),
+    )
+    if img_size is not None:
+        _check_size(model_name, model, info, img_size)
+    return info
+
+
+def _size_constraints(model: nn.Module, info: ModelLayout) -> tuple[int, list[str]]:
+    """The side every valid input size is a multiple of, and why: the patch embedding's stride, each
+    stage's downsampling (a stage must not drop pixels) and, for Swin, windows that tile each stage."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    stride = int(proj.stride[0]) if isinstance(proj, nn.Conv2d) else 1
+    multiple, reasons = stride, [f"the patch embedding's stride {stride}"] if stride > 1 else []
+    side = info.input_size[-1]
+    modules = dict(model.named_modules())
+    for layer in info.layers:
+        factor = side // layer.grid[0] if side % layer.grid[0] == 0 else 1
+        window = getattr(modules[layer.block], "window_size", None)
+        window = int(window[0] if isinstance(window, (tuple, list)) else window or 1)
+        need = factor * window
+        if need > 1 and need % multiple and multiple % need:
+            multiple = math.lcm(multiple, need)
+        elif need > multiple:
+            multiple = need
+        else:
+            continue
+        reasons.append(f"layer {layer.index}: {factor}x downsampling" + (f" in {window}x{window} windows"
+                                                                        if window > 1 else ""))
+    return multiple, reasons
+
+
+def _check_size(model_name: str, model: nn.Module, info: ModelLayout, img_size: int) -> None:
+    native = layout(model_name)
+    multiple, reasons = _size_constraints(model, native)
+    if img_size % multiple:
+        raise _bad_size(model_name, img_size, f"it must be a multiple of {multiple} ({'; '.join(reasons)})",
+                        multiple)
+
+
+def _bad_size(model_name: str, img_size: int | None, why: str, multiple: int | None = None) -> PipelineError:
+    if multiple is None:
+        model = create_architecture(model_name, "meta")
+        multiple, _ = _size_constraints(model, layout(model_name))
+    near = sorted({max(multiple, (img_size or 0) // multiple * multiple + k * multiple) for k in (-1, 0, 1, 2)})
+    return PipelineError(
+        f"model.img_size={img_size} does not fit '{model_name}': {why}. Valid sizes are multiples of "
+        f"{multiple}, e.g. {', '.join(map(str, near))}; its native size is {native_size(model_name)} "
+        f"(model.img_size=null)."
     )
 
 
@@ -275,8 +340,8 @@ def _attention_sites(block: str, calls: list[tuple[str, tuple[int, ...]]], token
     }
 
 
-def describe(model_name: str) -> str:
-    info = layout(model_name)
+def describe(model_name: str, img_size: int | None = None) -> str:
+    info = layout(model_name, img_size)
     lines = [
         f"{info.name}  (family {info.family}, {len(info.layers)} layers, MLP activation {info.activation})",
         f"input {info.input_size[1]}x{info.input_size[2]}, normalization mean={info.mean} std={info.std}",

@@ -1,4 +1,4 @@
-"""The shape of what flows from the planner and the workers into the store.
+"""The shape of everything the store holds: one schema per table, all of them here.
 
 A *unit* is one planned visualization: (model, weights, target, layer, feature,
 seed, config). Its ``key`` is derived from those fields alone, so the same sweep
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -60,6 +61,9 @@ FAILURE_SCHEMA = pa.schema(
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
+# What unit_key makes, and all a store accepts: keys become file names (WebDataset members,
+# atlas pages) and HTML attributes, so nothing but these characters may reach them.
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_]+-[a-z_]+-l\d{3,}-f\d{5,}-s-?\d+-[0-9a-f]{12}")
 
 
 def unit_key(model: str, weights: str, target: str, objective: str, layer: int, feature: int, seed: int,
@@ -68,3 +72,49 @@ def unit_key(model: str, weights: str, target: str, objective: str, layer: int, 
     identity = "|".join(map(str, (model, weights, target, objective, layer, feature, seed, config_hash)))
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     return f"{_UNSAFE.sub('_', model)}-{target}-l{layer:03d}-f{feature:05d}-s{seed}-{digest}"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A named part table of a store: ``<root>/<name>/part-<part id>.parquet``, all of ``schema``."""
+
+    name: str
+    schema: pa.Schema
+
+
+EXAMPLE_FIELDS = [
+    pa.field("rank", pa.int32(), nullable=False),  # 0 = most activating
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("activation", pa.float64(), nullable=False),  # patch-mean activation (the sweep's objective)
+    pa.field("thumbnail", pa.binary(), nullable=False),  # PNG of the model's crop
+    pa.field("activation_map", pa.list_(pa.float32()), nullable=False),  # row-major over the patch grid
+    pa.field("grid_rows", pa.int32(), nullable=False),
+    pa.field("grid_cols", pa.int32(), nullable=False),
+]
+
+# Top natural images per visualization, under the visualization's key, for the atlas.
+EXAMPLES = TableSpec("examples", pa.schema(
+    [pa.field("key", pa.string(), nullable=False)] + EXAMPLE_FIELDS,
+    metadata={"schema_id": "vit-atlas/examples/v1"}))
+
+# One slice of images' top-k per (layer, feature) of a model, merged into EXAMPLES when all slices are in.
+EXAMPLE_SLICES = TableSpec("examples-partial", pa.schema(
+    [pa.field("layer", pa.int32(), nullable=False), pa.field("feature", pa.int32(), nullable=False)]
+    + EXAMPLE_FIELDS,
+    metadata={"schema_id": "vit-atlas/examples-partial/v1"}))
+
+PROBE_RESULT_SCHEMA = pa.schema([
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("weights", pa.string(), nullable=False),
+    pa.field("condition", pa.string(), nullable=False),
+    pa.field("param", pa.float64()),  # the swept value: block l, patch index, cut-off radius, layer
+    pa.field("feature", pa.int32(), nullable=False),  # -1 where the measurement is not per feature
+    pa.field("metric", pa.string(), nullable=False),
+    pa.field("total", pa.float64(), nullable=False),
+    pa.field("count", pa.int64(), nullable=False),
+], metadata={"schema_id": "vit-atlas/probe-result/v1"})
+
+
+def probe_results(probe: str) -> TableSpec:
+    """A probe's sums per unit (one model x one slice of images), beside its report and plot."""
+    return TableSpec(f"probes/{probe}", PROBE_RESULT_SCHEMA)

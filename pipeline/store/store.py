@@ -6,6 +6,9 @@ Layout under a store root (a local directory or a pyarrow filesystem URI)::
     webdataset/shard-<commit_id>.tar                 <key>.png + <key>.json per record
     failures/part-<commit_id>.parquet                FAILURE_SCHEMA
     plan/plan-<hash>.parquet                         UNIT_SCHEMA, one file per distinct plan
+    <table>/part-<part id>.parquet                   a part table (dataset examples, probe results):
+                                                     one part per finished unit of an analysis job
+    <job>/<artifact>                                 a job's report or plot (probes/<probe>/report.md)
 
 The Parquet part keeps its ``model`` column although the directory also names the
 model: a part read on its own is then a complete RECORD_SCHEMA table, and
@@ -35,15 +38,23 @@ never touched. Readers of this module (``shard_paths``) list only final shards
 of committed parts. Each file becomes visible only when complete: local files
 are written under a hidden name ('.'-prefixed), fsynced and renamed; object
 stores publish an object only when its upload completes, so there they are
-written in place.
+written in place; a write that fails removes its own temporary at once.
+
+Every command that opens a store (a sweep, also one with nothing to do, status,
+the readers, the atlas) first finishes interrupted commits (``recover``), so a
+kill between steps 2 and 3 of the last commit never leaves a permanent gap in the
+WebDataset view. Writers hold the store's lease (pipeline.store.lease): two
+drivers never commit into one store at once. Parquet is written with page
+checksums and read with their verification; ``verify`` (pipeline.store.verify)
+checks every part against its shard.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import io
-import json
 import logging
 import os
 import posixpath
@@ -52,17 +63,22 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import webdataset
 
-from pipeline.errors import PipelineError
-from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
+from pipeline.store.errors import DamagedStoreError, StoreError, UnknownSchemaError
+from pipeline.store.lease import Lease
+from pipeline.store.schemas import FAILURE_SCHEMA, KEY_PATTERN, RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, TableSpec
+from pipeline.store.shards import sample_of, write_shard
+from pipeline.store.tables import PartTable
+
+if TYPE_CHECKING:
+    from pipeline.store.verify import VerifyReport
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +92,6 @@ DEFAULT_RECOVER_AFTER_S = 600.0
 
 _REQUIRED = {f.name for f in RECORD_SCHEMA if not f.nullable}
 _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
-
-
-class StoreError(PipelineError):
-    """The store root cannot be used; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +146,28 @@ class Store:
             self._uri_prefix = ""
         self._local = self.filesystem.type_name == "local"
         self.paths = StorePaths.under(path.rstrip("/") or "/")
+        self._checked_parts: set[str] = set()
+        self._parquet_format = ds.ParquetFileFormat(
+            default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+
+    @classmethod
+    def existing(cls, root: str) -> "Store":
+        """A store that a sweep has written to; a clear error if there is none at ``root``."""
+        store = cls(root)
+        try:
+            found = store.filesystem.get_file_info(store.paths.parquet).type == pafs.FileType.Directory
+        except OSError as err:
+            raise StoreError(
+                f"The store at {root!r} cannot be read ({err}). Check the location and this machine's "
+                "credentials for it."
+            ) from err
+        if not found:
+            raise StoreError(
+                f"No store at {root!r}: it has no parquet/ directory of committed records. Point store.root "
+                "at the directory a sweep wrote (the sweep's store.root), or run a sweep there first."
+            )
+        store.recover()
+        return store
 
     # ----------------------------------------------------------------- checks
 
@@ -143,6 +177,8 @@ class Store:
         On object stores, permission is only known at the first write; this
         catches roots that are files and unreachable filesystems.
         """
+        if self._local:
+            _check_no_link_loop(self.paths.root, self.root)
         try:
             info = self.filesystem.get_file_info(self.paths.root)
             # The root may not exist yet: it will be created under its nearest
@@ -178,9 +214,32 @@ class Store:
 
     # ---------------------------------------------------------------- reading
 
-    def parquet_dataset(self) -> ds.Dataset:
-        """All committed records, RECORD_SCHEMA, filterable on ``model``."""
-        return self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+    def parquet_dataset(self, touching: ds.Expression | None = None) -> ds.Dataset:
+        """All committed records, RECORD_SCHEMA, filterable on ``model``.
+
+        Every part the ``touching`` filter can reach (all parts when None) is first checked
+        for a schema id this code reads, so a store written by an incompatible version fails
+        with a clear message, not a type error.
+        """
+        dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        fragments = dataset.get_fragments(filter=touching) if touching is not None else dataset.get_fragments()
+        for fragment in fragments:
+            if fragment.path in self._checked_parts:
+                continue
+            try:
+                metadata = fragment.physical_schema.metadata or {}
+            except (pa.ArrowException, OSError) as error:
+                raise self.damaged(fragment.path, error) from None
+            found = metadata.get(b"schema_id", b"").decode() or "none"
+            if found != SCHEMA_ID:
+                raise UnknownSchemaError(
+                    f"The Parquet part {fragment.path} was written with record schema {found!r}, but this "
+                    f"version of vit-atlas reads {SCHEMA_ID!r}. Read the store with the vit-atlas version "
+                    "that wrote it, or rewrite the part with this version; parts from other tools do not "
+                    "belong under the store's parquet/ directory."
+                )
+            self._checked_parts.add(fragment.path)
+        return dataset
 
     def shard_paths(self) -> list[str]:
         """Sorted committed shard locations, for ``webdataset.WebDataset(urls)``.
@@ -196,21 +255,95 @@ class Store:
                 shards.append(self._uri_prefix + info.path)
         return sorted(shards)
 
+    def shards_with(self, expression: ds.Expression | None) -> dict[str, set[str]]:
+        """Per commit id whose shard holds records matching ``expression``, the keys to read from it.
+
+        A part and its shard share a commit id, so only the shards of matching parts need opening.
+        A key committed twice (by two drivers, before stores had leases) is read from one shard only.
+        """
+        present = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
+        commits: dict[str, set[str]] = {}
+        seen: set[str] = set()
+        for fragment in sorted(self.parquet_dataset(expression).get_fragments(filter=expression),
+                               key=lambda f: f.path):
+            matched = set(self._read_fragment(fragment, ["key"], expression)["key"].to_pylist()) - seen
+            if not matched:
+                continue
+            cid = _commit_id(posixpath.basename(fragment.path), "part-", ".parquet")
+            staged, final = (posixpath.basename(p) for p in self._shard_locations(cid))
+            # A committed part's shard is complete under either name: staged until the writer
+            # (or the next one opened, after a crash) moves it into place.
+            if final not in present and staged not in present:
+                raise StoreError(
+                    f"The store at {self.root!r} has the Parquet part {fragment.path} but no WebDataset shard "
+                    f"for it ({final}). Read this store through table()/frame(), or restore the webdataset/ "
+                    "directory from the same copy as parquet/."
+                )
+            commits[cid] = matched
+            seen |= matched
+        return commits
+
+    def open_shard(self, commit_id: str):
+        """A committed shard as a binary input stream, wherever the commit protocol left it."""
+        staged, final = self._shard_locations(commit_id)
+        # Final name, else staged (not moved into place yet), else final again (moved between
+        # the first two tries); the last try's error is the real one.
+        for attempt, path in enumerate((final, staged, final), 1):
+            try:
+                return self.filesystem.open_input_stream(path)
+            except OSError:
+                if attempt == 3:
+                    raise
+
     def committed_keys(self) -> set[str]:
-        """Keys of all committed records (reads only the ``key`` column)."""
-        return set(self.parquet_dataset().to_table(columns=["key"])["key"].to_pylist())
+        """Keys of all committed records (reads only the ``key`` column).
+
+        These are the keys of the Parquet parts; ``verify`` checks that their shards agree.
+        """
+        return set(self.read_records(columns=["key"])["key"].to_pylist())
+
+    def read_records(self, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
+        """Committed records as one table; a damaged part is named in the error, with the remedy."""
+        return self._read(self.parquet_dataset(filter), columns, filter)
+
+    def record_batches(self, columns: list[str], filter: ds.Expression | None = None,
+                       batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """Committed records in bounded batches (with ``key``), for passes over more image bytes than fit in
+        memory; a damaged part is named in the error."""
+        dataset = self.parquet_dataset(filter)
+        scanner = dataset.scanner(columns=list(dict.fromkeys([*columns, "key"])), filter=filter,
+                                  batch_size=batch_size)
+        try:
+            yield from scanner.to_batches()
+        except (pa.ArrowException, OSError) as error:
+            raise self.damaged(self._damaged_file(dataset, error), error) from None
+
+    def damaged(self, path: str, error: Exception) -> DamagedStoreError:
+        detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+        return DamagedStoreError(
+            f"The store at {self.root!r} has a damaged file, {path} ({type(error).__name__}: {detail}). "
+            f"Run `vit-atlas status store.root={self.root} verify=true repair=true`: it checks every part "
+            "against its shard, rebuilds damaged shards from their parts and moves unreadable parts to "
+            "quarantine/, so the next sweep recomputes their units."
+        )
+
+    def _read_fragment(self, fragment, columns: list[str], expression: ds.Expression | None) -> pa.Table:
+        try:
+            return fragment.to_table(columns=columns, filter=expression)
+        except (pa.ArrowException, OSError) as error:
+            raise self.damaged(fragment.path, error) from None
 
     def failed_keys(self) -> set[str]:
         """Keys that have a recorded failure and no committed record."""
-        failed = self._dataset(self.paths.failures, FAILURE_SCHEMA).to_table(columns=["key"])["key"]
+        failed = self._read(self._dataset(self.paths.failures, FAILURE_SCHEMA), ["key"])["key"]
         return set(failed.to_pylist()) - self.committed_keys()
 
     def status(self) -> pa.Table:
         """Per (model, layer): distinct keys planned, done and failed-not-done."""
         group = ["model", "layer"]
-        planned = self._dataset(self.paths.plan, UNIT_SCHEMA).to_table(columns=group + ["key"])
-        done = self.parquet_dataset().to_table(columns=group + ["key"])
-        failed = self._dataset(self.paths.failures, FAILURE_SCHEMA).to_table(columns=group + ["key"])
+        planned = self._read(self._dataset(self.paths.plan, UNIT_SCHEMA), group + ["key"])
+        done = self.read_records(columns=group + ["key"])
+        failed = self._read(self._dataset(self.paths.failures, FAILURE_SCHEMA), group + ["key"])
         failed = failed.filter(pc.invert(pc.is_in(failed["key"], value_set=done["key"].combine_chunks())))
         counts = None
         for name, table in (("planned", planned), ("done", done), ("failed", failed)):
@@ -220,6 +353,34 @@ class Store:
         columns = {name: counts[name] for name in group}
         columns.update({name: pc.fill_null(counts[name], 0) for name in ("planned", "done", "failed")})
         return pa.table(columns).sort_by([("model", "ascending"), ("layer", "ascending")])
+
+    # ------------------------------------------------------- part tables, artifacts
+
+    def table(self, spec: TableSpec) -> PartTable:
+        """A named part table of this store (its schema from pipeline.store.schemas)."""
+        return PartTable(self, spec)
+
+    def verify(self) -> "VerifyReport":
+        """Every part against its shard, record by record (pipeline.store.verify)."""
+        from pipeline.store.verify import verify
+
+        return verify(self)
+
+    def repair(self, report: "VerifyReport") -> list[str]:
+        """Rebuild damaged shards from their parts; quarantine unreadable parts (pipeline.store.verify)."""
+        from pipeline.store.verify import repair
+
+        return repair(self, report)
+
+    def lease(self, name: str = "records") -> Lease:
+        """The store's lease for one writing job (``with store.lease(): ...``); see pipeline.store.lease."""
+        return Lease(self, name)
+
+    def write_artifact(self, name: str, data: bytes) -> str:
+        """Publish a job's report or plot at ``<root>/<name>`` (complete or not at all); returns where."""
+        path = f"{self.paths.root}/{name}"
+        self._publish(path, lambda out: out.write(data))
+        return self._uri_prefix + path
 
     # ---------------------------------------------------------------- writing
 
@@ -232,7 +393,7 @@ class Store:
         if self.filesystem.get_file_info(path).type == pafs.FileType.File:
             return
         # Two processes writing the same plan write identical bytes, so the race is harmless.
-        self._publish(path, lambda f: pq.write_table(units, f))
+        self._publish(path, lambda f: self._write_parquet(units, f))
 
     def writer(self, commit_every: int = 64, commit_seconds: float = 300.0,
                recover_after_s: float = DEFAULT_RECOVER_AFTER_S) -> "StoreWriter":
@@ -243,7 +404,7 @@ class Store:
         ``recover_after_s``.
         """
         self.check_writable()
-        self._recover(recover_after_s)
+        self.recover(recover_after_s)
         return StoreWriter(self, commit_every, commit_seconds)
 
     # -------------------------------------------------------------- internals
@@ -251,9 +412,35 @@ class Store:
     def _dataset(self, path: str, schema: pa.Schema, partitioning=None) -> ds.Dataset:
         # A fresh store has no directories yet; reading must not create them.
         if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-            return ds.dataset([], schema=schema, format="parquet", filesystem=self.filesystem)
-        return ds.dataset(path, schema=schema, format="parquet", partitioning=partitioning,
+            return ds.dataset([], schema=schema, format=self._parquet_format, filesystem=self.filesystem)
+        return ds.dataset(path, schema=schema, format=self._parquet_format, partitioning=partitioning,
                           filesystem=self.filesystem)
+
+    def _read(self, dataset: ds.Dataset, columns: list[str] | None,
+              filter: ds.Expression | None = None) -> pa.Table:
+        """``dataset.to_table``, naming the damaged file when a part cannot be read."""
+        try:
+            return dataset.to_table(columns=columns, filter=filter)
+        except (pa.ArrowException, OSError) as error:
+            raise self.damaged(self._damaged_file(dataset, error), error) from None
+
+    def _damaged_file(self, dataset: ds.Dataset, error: Exception) -> str:
+        named = next((path for path in dataset.files if path in str(error)), None)
+        if named is not None:
+            return named
+        # pyarrow did not say which file: find it part by part
+        return next((path for path in dataset.files if not self._readable(path, dataset.schema)), "(unknown file)")
+
+    def _readable(self, path: str, schema: pa.Schema) -> bool:
+        try:
+            ds.dataset([path], schema=schema, format=self._parquet_format, filesystem=self.filesystem).to_table()
+            return True
+        except (pa.ArrowException, OSError):
+            return False
+
+    def _write_parquet(self, table: pa.Table, out) -> None:
+        # Page checksums let readers (and verify) tell a flipped bit from data.
+        pq.write_table(table, out, write_page_checksum=True)
 
     def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
@@ -267,8 +454,19 @@ class Store:
         """(staged, final) paths of a commit's WebDataset shard."""
         return (f"{self.paths.webdataset}/.shard-{cid}.tar.staged", f"{self.paths.webdataset}/shard-{cid}.tar")
 
+    def recover(self, older_than_s: float = DEFAULT_RECOVER_AFTER_S) -> None:
+        """Finish interrupted commits: roll committed parts' staged shards forward; delete abandoned
+        uncommitted leftovers older than ``older_than_s``. Safe beside a live writer, and idempotent.
+
+        Every command runs this when it opens a store. Where the store cannot be written (a
+        read-only copy), readers still read: they open a committed shard under either name.
+        """
+        try:
+            self._recover(older_than_s)
+        except PermissionError as error:
+            log.warning("Could not finish interrupted commits in %s (%s); reading it as it is.", self.root, error)
+
     def _recover(self, older_than_s: float) -> None:
-        """Roll committed parts' staged shards forward; delete abandoned uncommitted leftovers."""
         cutoff_ns = time.time_ns() - int(older_than_s * 1e9)
         committed = self._part_commit_ids()  # listed before the shards: see the warning below
         shards = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
@@ -319,6 +517,15 @@ class Store:
             if not self._is_file(final):
                 raise
 
+    def _move(self, source: str, target: str) -> None:
+        if self._local:
+            os.makedirs(posixpath.dirname(target), exist_ok=True)
+            os.replace(source, target)
+        else:
+            self.filesystem.create_dir(posixpath.dirname(target), recursive=True)
+            self.filesystem.copy_file(source, target)
+            self.filesystem.delete_file(source)
+
     def _is_file(self, path: str) -> bool:
         return self.filesystem.get_file_info(path).type == pafs.FileType.File
 
@@ -340,21 +547,26 @@ class Store:
             with self.filesystem.open_output_stream(path) as out:
                 out.write(buffer.getbuffer())
             return
-        # A failure leaves the hidden temporary behind on purpose: recovery owns cleanup.
         temp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-        if self._local:
-            os.makedirs(parent, exist_ok=True)
-            with open(temp, "wb") as out:
-                write(out)
-                out.flush()
-                os.fsync(out.fileno())  # the rename must not outlive the data on power loss
-            os.replace(temp, path)
-            _fsync_dir(parent)
-        else:
-            self.filesystem.create_dir(parent, recursive=True)
-            with self.filesystem.open_output_stream(temp) as out:
-                write(out)
-            self.filesystem.move(temp, path)
+        try:
+            if self._local:
+                os.makedirs(parent, exist_ok=True)
+                with open(temp, "wb") as out:
+                    write(out)
+                    out.flush()
+                    os.fsync(out.fileno())  # the rename must not outlive the data on power loss
+                os.replace(temp, path)
+                _fsync_dir(parent)
+            else:
+                self.filesystem.create_dir(parent, recursive=True)
+                with self.filesystem.open_output_stream(temp) as out:
+                    write(out)
+                self.filesystem.move(temp, path)
+        except Exception:
+            # A full disk fails every retry: each must take its own temporary with it, not leave
+            # it for a recovery ten minutes later. A kill (or Ctrl-C) may leave one: recovery's.
+            self._delete_if_present(temp)
+            raise
 
 
 def _fsync_dir(path: str) -> None:
@@ -454,7 +666,7 @@ class StoreWriter:
             if self._failures:
                 table = pa.Table.from_pylist(self._failures, schema=FAILURE_SCHEMA)
                 path = f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet"
-                self.store._publish(path, lambda f: pq.write_table(table, f))
+                self.store._publish(path, lambda f: self.store._write_parquet(table, f))
                 self._failures = []
             self._oldest = None
 
@@ -475,15 +687,10 @@ class StoreWriter:
         paths = self.store.paths
         staged, final = self.store._shard_locations(cid)
 
-        def write_shard(out) -> None:
-            with webdataset.TarWriter(out, encoder=False) as tar:
-                for item in items:
-                    tar.write(item.sample)
-
         table = pa.concat_tables(item.row for item in items)
-        self.store._publish(staged, write_shard)
+        self.store._publish(staged, lambda out: write_shard(out, [item.sample for item in items]))
         self.store._publish(f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet",
-                            lambda f: pq.write_table(table, f))
+                            lambda f: self.store._write_parquet(table, f))
         return staged, final
 
 
@@ -499,14 +706,27 @@ def _validate(record: dict) -> tuple[pa.Table, dict]:
     if missing or extra or nulls:
         raise ValueError(f"record {record.get('key')!r}: missing {sorted(missing)}, unknown {sorted(extra)}, "
                          f"null {nulls}")
-    if "." in record["key"]:
-        raise ValueError(f"record key {record['key']!r} contains a dot; WebDataset splits keys at dots")
+    if not isinstance(record["key"], str) or not KEY_PATTERN.fullmatch(record["key"]):
+        raise ValueError(f"record key {record['key']!r} is not a key of pipeline.store.schemas.unit_key "
+                         f"({KEY_PATTERN.pattern}); keys become file names and HTML attributes, and WebDataset "
+                         "splits them at dots")
     if not isinstance(record["timestamp"], dt.datetime) or record["timestamp"].tzinfo is None:
         raise ValueError(f"record {record['key']!r}: timestamp must be a timezone-aware datetime")
     row = pa.Table.from_pylist([record], schema=RECORD_SCHEMA)
-    fields = row.to_pylist()[0]
-    png = fields.pop("png")
-    fields["timestamp"] = fields["timestamp"].isoformat()
-    sample = {"__key__": fields["key"], "png": png, "json": json.dumps(fields).encode()}
-    return row, sample
+    return row, sample_of(row.to_pylist()[0])
 
+
+def _check_no_link_loop(path: str, root: str) -> None:
+    """A symbolic link loop on the way to the root would pass every other check, then fail mid-run."""
+    probe = path
+    while probe and probe != os.path.dirname(probe):
+        if os.path.islink(probe):
+            try:
+                os.stat(probe)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise StoreError(
+                        f"The store root {root!r} cannot be used: {probe!r} is a symbolic link that points back "
+                        "to itself (a link loop). Remove or fix the link, or choose another store root."
+                    ) from None
+        probe = os.path.dirname(probe)

@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 from PIL import Image
 
 from pipeline import cli
 from pipeline.errors import PipelineError
+from pipeline.store.schemas import EXAMPLES
 from pipeline.views.readers import METADATA_COLUMNS, AtlasStore, open_store
 
 # Part of the manifest: a site written by other page templates is rebuilt whole.
@@ -50,11 +50,6 @@ THUMB_SIZE = 96
 EXAMPLE_SIZE = 128
 USAGE = "usage: python -m pipeline.atlas store.root=DIR out=SITE_DIR"
 
-EXAMPLE_COLUMNS = {
-    "key": pa.string(), "rank": pa.int64(), "image_id": pa.string(), "activation": pa.float64(),
-    "thumbnail": pa.binary(), "activation_map": pa.list_(pa.float64()), "grid_rows": pa.int64(),
-    "grid_cols": pa.int64(),
-}
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _ASSETS = Path(__file__).with_name("atlas_assets")
 
@@ -134,31 +129,15 @@ def _write_manifest(path: Path, pages: dict[str, str]) -> None:
 
 
 class _Examples:
-    """The optional table of dataset examples at <store>/examples/: top natural images per key."""
+    """The store's optional table of dataset examples: top natural images per key."""
 
     def __init__(self, dataset: ds.Dataset | None):
         self.dataset = dataset
 
     @classmethod
     def open(cls, atlas: AtlasStore) -> "_Examples":
-        store = atlas.store
-        path = f"{store.paths.root}/examples"
-        if store.filesystem.get_file_info(path).type != pafs.FileType.Directory:
-            return cls(None)
-        dataset = ds.dataset(path, format="parquet", filesystem=store.filesystem)
-        if not dataset.files:  # the examples job made the directory but has committed no part yet
-            return cls(None)
-        schema = dataset.schema
-        wrong = [name for name, kind in EXAMPLE_COLUMNS.items()
-                 if name not in schema.names or not _compatible(schema.field(name).type, kind)]
-        if wrong:
-            found = ", ".join(f"{f.name}: {f.type}" for f in schema) or "no columns"
-            raise PipelineError(
-                f"The dataset examples at {path} lack or mistype the column(s) {', '.join(wrong)} (found: {found}). "
-                "The atlas reads key string, rank int, image_id string, activation float, thumbnail binary PNG, "
-                "activation_map list<float>, grid_rows int and grid_cols int; fix the table or move it away."
-            )
-        return cls(dataset)
+        table = atlas.store.table(EXAMPLES)
+        return cls(table.dataset() if table.done() else None)
 
     def fingerprints(self) -> dict[str, str]:
         """Per key, a digest of its examples (without image bytes): a change rewrites the key's page."""
@@ -174,23 +153,11 @@ class _Examples:
         if self.dataset is None or not keys:
             return {}
         table = self.dataset.to_table(filter=ds.field("key").isin(pa.array(keys, type=pa.string())),
-                                      columns=list(EXAMPLE_COLUMNS))
+                                      columns=EXAMPLES.schema.names)
         found: dict[str, list[dict]] = defaultdict(list)
         for row in table.to_pylist():
             found[row["key"]].append(row)
         return {key: sorted(rows, key=lambda r: r["rank"]) for key, rows in found.items()}
-
-
-def _compatible(actual: pa.DataType, wanted: pa.DataType) -> bool:
-    if pa.types.is_integer(wanted):
-        return pa.types.is_integer(actual)
-    if pa.types.is_floating(wanted):
-        return pa.types.is_floating(actual)
-    if pa.types.is_list(wanted):
-        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and pa.types.is_floating(actual.value_type)
-    if pa.types.is_binary(wanted):
-        return pa.types.is_binary(actual) or pa.types.is_large_binary(actual)
-    return pa.types.is_string(actual) or pa.types.is_large_string(actual)
 
 
 def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:

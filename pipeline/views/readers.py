@@ -12,25 +12,25 @@ Every reader takes the same filters: ``model``, ``family``, ``layer``, ``feature
 Image bytes are the bulk of a store, so tables leave the ``png`` column out
 unless ``with_images=True``, and the WebDataset reader opens only the shards
 that hold a matching record (a shard belongs to one commit of one model).
-Every Parquet part read is first checked for this code's SCHEMA_ID, so a store
-written by an incompatible version fails with a clear message, not a type error.
+Every Parquet part read is first checked by the store for a schema id this code
+reads, so a store written by an incompatible version fails with a clear message.
 """
 
 from __future__ import annotations
 
 import json
-import posixpath
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.fs as pafs
 import webdataset
 from webdataset import tariterators
 
 from pipeline.errors import PipelineError
-from pipeline.store.schemas import RECORD_SCHEMA, SCHEMA_ID
+from pipeline.store.schemas import RECORD_SCHEMA
+from pipeline.store.errors import DamagedStoreError
 from pipeline.store.store import Store
 
 FILTERS = ("model", "family", "layer", "feature", "config_hash", "target", "weights")
@@ -40,26 +40,9 @@ METADATA_COLUMNS = [name for name in RECORD_SCHEMA.names if name != IMAGE_COLUMN
 FilterValue = Any  # one value, or an iterable of values (strings for names, ints for layer/feature)
 
 
-class UnknownSchemaError(PipelineError):
-    """A Parquet part was written with a record schema this code does not understand."""
-
-
 def open_store(root_or_uri: str) -> "AtlasStore":
     """Open an existing store for reading; a clear error if there is none at that location."""
-    store = Store(root_or_uri)
-    try:
-        found = store.filesystem.get_file_info(store.paths.parquet).type == pafs.FileType.Directory
-    except OSError as err:
-        raise PipelineError(
-            f"The store at {root_or_uri!r} cannot be read ({err}). Check the location and this machine's "
-            "credentials for it."
-        ) from err
-    if not found:
-        raise PipelineError(
-            f"No store at {root_or_uri!r}: it has no parquet/ directory of committed records. Point store.root "
-            "at the directory a sweep wrote (the sweep's store.root), or run a sweep there first."
-        )
-    return AtlasStore(store)
+    return AtlasStore(Store.existing(root_or_uri))
 
 
 def filter_expression(**filters: FilterValue) -> ds.Expression | None:
@@ -92,7 +75,6 @@ class AtlasStore:
 
     def __init__(self, store: Store):
         self.store = store
-        self._checked_parts: set[str] = set()
 
     @property
     def root(self) -> str:
@@ -108,10 +90,9 @@ class AtlasStore:
         expression = filter_expression(**filters)
         if columns is None:
             columns = RECORD_SCHEMA.names if with_images else METADATA_COLUMNS
-        dataset = self._checked_dataset(expression)
-        table = dataset.to_table(columns=columns, filter=expression)
+        table = _first_per_key(self.store.read_records(list(dict.fromkeys([*columns, "key"])), expression))
         order = [(name, "ascending") for name in ("model", "layer", "feature", "key") if name in columns]
-        return table.sort_by(order) if order else table
+        return (table.sort_by(order) if order else table).select(columns)
 
     def frame(self, *, with_images: bool = False, columns: list[str] | None = None, **filters: FilterValue):
         """Matching records as a pandas DataFrame (``png`` as bytes only if ``with_images``)."""
@@ -120,11 +101,7 @@ class AtlasStore:
     def batches(self, columns: list[str], batch_size: int = 256, **filters: FilterValue) -> Iterator[pa.RecordBatch]:
         """Matching records in bounded batches, for passes over more image bytes than fit in memory."""
         expression = filter_expression(**filters)
-        scanner = self._checked_dataset(expression).scanner(columns=columns, filter=expression,
-                                                            batch_size=batch_size)
-        for batch in scanner.to_batches():
-            if batch.num_rows:
-                yield batch
+        yield from _once_per_key(self.store.record_batches(columns, expression, batch_size), columns)
 
     def keyed_batches(self, keys: Iterable[str], columns: list[str], batch_size: int = 256,
                       **filters: FilterValue) -> Iterator[pa.RecordBatch]:
@@ -137,13 +114,9 @@ class AtlasStore:
             return
         pruning = filter_expression(**filters)
         expression = ds.field("key").isin(key_set)
-        dataset = self._checked_dataset(pruning)
         if pruning is not None:
             expression = expression & pruning
-        scanner = dataset.scanner(columns=columns, filter=expression, batch_size=batch_size)
-        for batch in scanner.to_batches():
-            if batch.num_rows:
-                yield batch
+        yield from _once_per_key(self.store.record_batches(columns, expression, batch_size), columns)
 
     def torch_samples(self, **filters: FilterValue) -> webdataset.DataPipeline:
         """A PyTorch IterableDataset over the WebDataset shards of matching records.
@@ -154,26 +127,28 @@ class AtlasStore:
         Batch with ``collate_fn=collate_samples``: metadata holds nulls and
         variable-length traces, which torch's default collate rejects.
         """
-        shards, keys = self._matching_shards(filter_expression(**filters))
-        # Shards are opened through the store's pyarrow filesystem, so object-store roots work too.
-        filesystem = self.store.filesystem
+        wanted = self.store.shards_with(filter_expression(**filters))
+        store = self.store
 
         def shard_sources():  # SimpleShardList would reject an empty list; no match is a valid result
-            return iter([dict(url=final, staged=staged) for final, staged in shards])
+            return iter([dict(url=commit) for commit in sorted(wanted)])
 
         def open_shards(sources):
             for source in sources:
-                # Final name, else staged (not moved into place yet), else final again
-                # (moved between the first two tries); the last try's error is the real one.
-                attempts = (source["url"], source["staged"], source["url"])
-                for attempt, path in enumerate(attempts, 1):
-                    try:
-                        stream = filesystem.open_input_stream(path)
-                        break
-                    except OSError:
-                        if attempt == len(attempts):
-                            raise
-                yield dict(source, stream=stream)
+                yield dict(source, stream=store.open_shard(source["url"]))
+
+        def complete(samples):
+            """Each shard's wanted records, and an error naming those it lacks: a damaged tar header
+            ends Python's tar reading early without an error, which would drop records silently."""
+            commit, seen = None, set()
+            for raw in samples:
+                if raw["__url__"] != commit:
+                    _check_read(store, commit, wanted, seen)
+                    commit, seen = raw["__url__"], set()
+                if raw["__key__"] in wanted[commit] and raw["__key__"] not in seen:
+                    seen.add(raw["__key__"])
+                    yield raw
+            _check_read(store, commit, wanted, seen)
 
         def to_sample(raw: dict) -> dict:
             return {"key": raw["__key__"], "image": raw["png"], "metadata": json.loads(raw["json"])}
@@ -185,7 +160,7 @@ class AtlasStore:
             open_shards,
             tariterators.tar_file_expander,
             tariterators.group_by_keys,
-            webdataset.select(lambda raw: raw["__key__"] in keys),
+            complete,
             webdataset.decode("torchrgb", only=["png"]),
             webdataset.map(to_sample),
         )
@@ -206,52 +181,40 @@ class AtlasStore:
         return datasets.Dataset(datasets.table.InMemoryTable(table.cast(features.arrow_schema)),
                                 info=datasets.DatasetInfo(features=features))
 
-    # -------------------------------------------------------------- internals
 
-    def _checked_dataset(self, expression: ds.Expression | None) -> ds.Dataset:
-        """The dataset, after checking the schema id of every part the expression can touch."""
-        dataset = self.dataset()
-        fragments = list(dataset.get_fragments(filter=expression)) if expression is not None else list(
-            dataset.get_fragments())
-        for fragment in fragments:
-            if fragment.path in self._checked_parts:
-                continue
-            metadata = fragment.physical_schema.metadata or {}
-            found = metadata.get(b"schema_id", b"").decode() or "none"
-            if found != SCHEMA_ID:
-                raise UnknownSchemaError(
-                    f"The Parquet part {fragment.path} was written with record schema {found!r}, but this "
-                    f"version of vit-atlas reads {SCHEMA_ID!r}. Read the store with the vit-atlas version "
-                    "that wrote it, or rewrite the part with this version; parts from other tools do not "
-                    "belong under the store's parquet/ directory."
-                )
-            self._checked_parts.add(fragment.path)
-        return dataset
+def _first_per_key(table: pa.Table) -> pa.Table:
+    """One row per key. Keys are committed once, but a store two drivers wrote at once (before
+    stores had leases) can hold a key twice; readers show it once, the first part's."""
+    if pc.count_distinct(table["key"]).as_py() == table.num_rows:
+        return table
+    rows = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
+    first = rows.group_by("key", use_threads=False).aggregate([("__row", "min")])["__row_min"]
+    return table.take(pc.take(first, pc.sort_indices(first)))
 
-    def _matching_shards(self, expression: ds.Expression | None) -> tuple[list[tuple[str, ...]], set[str]]:
-        """Per part with matching records, where its shard may be (a part and its shard share a
-        commit id), and the matching keys."""
-        dataset = self._checked_dataset(expression)
-        present = {info.path for info in self.store.filesystem.get_file_info(
-            pafs.FileSelector(self.store.paths.webdataset, allow_not_found=True))}
-        shards, keys = [], set()
-        for fragment in dataset.get_fragments(filter=expression):
-            matched = fragment.to_table(columns=["key"], filter=expression)["key"].to_pylist()
-            if not matched:
-                continue
-            commit_id = posixpath.basename(fragment.path)[len("part-"):-len(".parquet")]
-            staged, final = self.store._shard_locations(commit_id)
-            # A committed part's shard is complete under either name: staged until
-            # the writer (or the next writer, after a crash) moves it into place.
-            if final not in present and staged not in present:
-                raise PipelineError(
-                    f"The store at {self.root!r} has the Parquet part {fragment.path} but no WebDataset shard "
-                    f"for it ({posixpath.basename(final)}). Read this store through table()/frame(), or restore "
-                    "the webdataset/ directory from the same copy as parquet/."
-                )
-            shards.append((final, staged))
-            keys.update(matched)
-        return sorted(shards), keys
+
+def _once_per_key(batches: Iterator[pa.RecordBatch], columns: list[str]) -> Iterator[pa.RecordBatch]:
+    seen: set[str] = set()
+    for batch in batches:
+        keys = batch.column("key").to_pylist()
+        fresh = [i for i, key in enumerate(keys) if key not in seen]
+        seen.update(keys)
+        if len(fresh) < len(keys):
+            batch = batch.take(pa.array(fresh, pa.int64()))
+        if batch.num_rows:
+            yield batch.select(columns)
+
+
+def _check_read(store: Store, commit: str | None, wanted: dict[str, set[str]], seen: set[str]) -> None:
+    if commit is None:
+        return
+    missing = sorted(wanted[commit] - seen)
+    if missing:
+        raise DamagedStoreError(
+            f"The WebDataset shard of commit {commit} in {store.root!r} lacks {len(missing)} of the "
+            f"{len(wanted[commit])} records its Parquet part holds (first: {missing[0]}). Run `vit-atlas status "
+            f"store.root={store.root} verify=true repair=true`: it rebuilds the shard from its part."
+        )
+
 
 def collate_samples(samples: list[dict]) -> dict:
     """Batch torch_samples(): images stacked into one tensor, keys and metadata kept as lists."""

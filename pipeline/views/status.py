@@ -1,18 +1,14 @@
-"""``python -m pipeline.status store.root=DIR``: planned / done / failed per model and layer, from the store alone.
+"""Status of a store: planned / done / failed per model and layer, from the store alone; and its verification.
 
 The store keeps every plan it was given (ROOT/plan/), its records and its
 failures, so this needs no config, no Ray and no model: it works on a store
-that a cluster job is still writing.
+that a cluster job is still writing. "done" counts the keys of the Parquet
+parts; ``verify`` reads every part and shard and compares them.
 """
 
 from __future__ import annotations
 
-import sys
-
-from pipeline.errors import EXIT_BAD_INPUT, reporting_errors
 from pipeline.store.store import Store
-
-USAGE = "usage: python -m pipeline.status store.root=DIR"
 
 
 def render(store: Store) -> str:
@@ -28,3 +24,18 @@ def render(store: Store) -> str:
         totals = [t + row[c] for t, c in zip(totals, ("planned", "done", "failed"))]
     lines.append(f"{'total':<{width}}  {'':>5}  {totals[0]:>8}  {totals[1]:>8}  {totals[2]:>6}")
     return "\n".join(lines)
+
+
+def verification(store: Store, repair: bool) -> tuple[str, bool]:
+    """The verify report (and what repair did); True when the store is (now) sound."""
+    report = store.verify()
+    lines = [report.render()]
+    if report.ok:
+        return lines[0], True
+    if not repair:
+        lines.append(f"run `vit-atlas status store.root={store.root} verify=true repair=true` to repair it.")
+        return "\n".join(lines), False
+    lines += [f"  {line}" for line in store.repair(report)]
+    after = store.verify()
+    lines.append(f"after repair: {after.render()}")
+    return "\n".join(lines), after.ok

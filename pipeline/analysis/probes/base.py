@@ -15,18 +15,7 @@ import torch
 from torch import nn
 
 from pipeline.analysis import images as images_lib
-
-RESULT_SCHEMA = pa.schema([
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("weights", pa.string(), nullable=False),
-    pa.field("condition", pa.string(), nullable=False),
-    pa.field("param", pa.float64()),  # the swept value: block l, patch index, cut-off radius, layer
-    pa.field("feature", pa.int32(), nullable=False),  # -1 where the measurement is not per feature
-    pa.field("metric", pa.string(), nullable=False),
-    pa.field("total", pa.float64(), nullable=False),
-    pa.field("count", pa.int64(), nullable=False),
-])
-
+from pipeline.store.schemas import PROBE_RESULT_SCHEMA
 
 @dataclass(frozen=True)
 class Condition:
@@ -54,7 +43,7 @@ class Tally:
     def table(self, model: str, weights: str) -> pa.Table:
         rows = [{"model": model, "weights": weights, "condition": c, "param": p, "feature": f, "metric": m,
                  "total": t, "count": n} for (c, p, f, m), (t, n) in self.sums.items()]
-        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+        return pa.Table.from_pylist(rows, schema=PROBE_RESULT_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -101,8 +90,8 @@ class Probe(ABC):
         """A Markdown table of the aggregated results (one row per model)."""
 
     @abstractmethod
-    def plot(self, results: pa.Table, path: str) -> None:
-        """Write a PNG figure of the aggregated results to ``path``."""
+    def plot(self, results: pa.Table) -> bytes:
+        """A PNG figure of the aggregated results."""
 
 
 def aggregate(results: pa.Table) -> list[dict]:

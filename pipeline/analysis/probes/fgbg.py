@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.analysis import images as images_lib
 from pipeline.analysis.probes import classifier
 from pipeline.analysis.probes.base import Batch, Condition, Probe, Tally, aggregate, topk_hits
-from pipeline.analysis.probes.plots import figure, save
+from pipeline.analysis.probes.plots import figure, png
 
 CONDITIONS = ("full", "foreground", "background")
 
@@ -58,7 +58,7 @@ class ForegroundBackgroundProbe(Probe):
             lines.append(f"| {model} [{weights}] | {v['images']} | {' | '.join(cells)} | {' | '.join(share)} |")
         return "\n".join(lines)
 
-    def plot(self, results: pa.Table, path: str) -> None:
+    def plot(self, results: pa.Table) -> bytes:
         values = _values(results)
         fig, axis = figure(1)
         names = [f"{m}" for m, _ in sorted(values)]
@@ -69,7 +69,7 @@ class ForegroundBackgroundProbe(Probe):
         axis.set_xticks([i + width for i in range(len(names))], names, rotation=30, ha="right", fontsize=8)
         axis.set(ylabel="top-5 (%)", title="object only vs background only")
         axis.legend()
-        save(fig, path)
+        return png(fig)
 
 
 def _values(results: pa.Table) -> dict[tuple[str, str], dict]:

@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.analysis.probes import classifier
 from pipeline.analysis.probes.base import Batch, Condition, Probe, Tally, aggregate, topk_hits
-from pipeline.analysis.probes.plots import figure, save
+from pipeline.analysis.probes.plots import figure, png
 
 KINDS = ("lowpass", "highpass")
 FILTERS = ("ideal", "gaussian")
@@ -81,7 +81,7 @@ class FrequencyProbe(Probe):
                 lines.append(f"| {model} [{weights}] | {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def plot(self, results: pa.Table, path: str) -> None:
+    def plot(self, results: pa.Table) -> bytes:
         rows = [r for r in aggregate(results) if r["metric"] == "top1" and r["condition"] != "full"]
         fig, axes = figure(2)
         for axis, kind in zip(axes, KINDS):
@@ -93,4 +93,4 @@ class FrequencyProbe(Probe):
                         axis.plot(*zip(*points), style, label=f"{model} {shape}")
             axis.set(xlabel="cut-off radius (cycles per image)", ylabel="top-1 (%)", title=kind, xscale="log")
             axis.legend(fontsize=7)
-        save(fig, path)
+        return png(fig)

@@ -1,8 +1,8 @@
-"""Matplotlib without a display: figures written as PNG files beside the probe's results."""
+"""Matplotlib without a display: a probe's figure rendered to PNG bytes, which the store publishes."""
 
 from __future__ import annotations
 
-import os
+import io
 
 
 def figure(panels: int):
@@ -15,10 +15,11 @@ def figure(panels: int):
     return fig, list(axes[0]) if panels > 1 else axes[0][0]
 
 
-def save(fig, path: str) -> None:
+def png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    return buffer.getvalue()

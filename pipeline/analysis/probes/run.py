@@ -15,15 +15,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 
 from pipeline.analysis import images as images_lib
 from pipeline.config import ProbesConfig
+from pipeline.models import weights as weights_lib
 from pipeline.errors import PipelineError
-from pipeline.store.parts import PartTable
 from pipeline.analysis.probes import PROBES, classifier
-from pipeline.analysis.probes.base import RESULT_SCHEMA
 from pipeline.analysis.probes.worker import ProbeTask, ProbeWorker
+from pipeline.store.schemas import probe_results
 from pipeline.store.store import Store
 
 EXIT_FAILURES = 1
@@ -62,31 +61,38 @@ def _check(cfg: ProbesConfig, image_set: images_lib.ImageSet) -> None:
 def run_probes(cfg: ProbesConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
+    store.recover()
     image_set = images_lib.open_images(cfg.images.path, cfg.images.boxes, cfg.images.limit)
     _check(cfg, image_set)
     tasks = plan_tasks(cfg, image_set)
-    parts = PartTable(store, f"probes/{cfg.probe.name}", RESULT_SCHEMA)
+    if cfg.probe.weights == "pretrained":  # in the driver, before any worker starts
+        for model in cfg.probe.models:
+            weights_lib.ensure_pretrained(str(model))
+    with store.lease(f"probes/{cfg.probe.name}"):
+        return _run_probe(store, tasks, image_set, cfg)
+
+
+def _run_probe(store: Store, tasks: list[ProbeTask], image_set: images_lib.ImageSet, cfg: ProbesConfig) -> int:
+    parts = store.table(probe_results(cfg.probe.name))
     done = parts.done()
     todo = [task for task in tasks if task.part_id not in done]
     print(f"probe {cfg.probe.name}: {len(cfg.probe.models)} model(s) x {len(image_set)} images = {len(tasks)} units, "
           f"{len(tasks) - len(todo)} done, {len(todo)} to run", flush=True)
 
-    from pipeline.execution.analysis_runner import run_units
+    from pipeline.execution.scheduler import run_part_tasks
 
-    summary = run_units(ProbeWorker, todo, cfg.cluster, cfg.device, cfg.progress,
-                        lambda task, table: parts.write(task.part_id, table))
+    summary = run_part_tasks(ProbeWorker, todo, parts, cfg.cluster, cfg.device, cfg.progress)
     results = parts.read({task.part_id for task in tasks})
     probe = PROBES[cfg.probe.name]
     report = probe.report(results)
-    where = f"{parts.path}"
     complete = len(parts.done() & {task.part_id for task in tasks}) == len(tasks)
+    written = [f"{parts.location}/part-*.parquet"]
     if results.num_rows:
-        with open(os.path.join(where, "report.md"), "w") as handle:
-            handle.write(report + "\n")
-        probe.plot(results, os.path.join(where, f"{cfg.probe.name}.png"))
+        written.append(store.write_artifact(f"{parts.spec.name}/report.md", (report + "\n").encode()))
+        written.append(store.write_artifact(f"{parts.spec.name}/{cfg.probe.name}.png", probe.plot(results)))
     print(report)
     print(f"{'complete' if complete else 'PARTIAL (re-run to finish)'}: {summary.done} units run, "
-          f"{summary.failed} failed\nresults: {where}/part-*.parquet, report.md, {cfg.probe.name}.png", flush=True)
-    for failure in summary.failures[:10]:
-        print(f"  failed {failure}")
+          f"{summary.failed} failed\nresults: {', '.join(written)}", flush=True)
+    for part_id, reason in summary.failures[:10]:
+        print(f"  failed {part_id}: {reason}")
     return EXIT_FAILURES if summary.failed else 0

@@ -21,7 +21,7 @@ from pipeline.engine.activations import ActivationReader
 from pipeline.errors import PipelineError
 from pipeline.execution.plan import select
 from pipeline.analysis.probes.base import Batch, Condition, Probe, Tally, aggregate
-from pipeline.analysis.probes.plots import figure, save
+from pipeline.analysis.probes.plots import figure, png
 
 # A map with less positive mass than this (summed over patches) is silent, not concentrated:
 # rounding alone leaves GELU outputs around 1e-7 on inputs that are zero in exact arithmetic.
@@ -80,7 +80,7 @@ class SpatialProbe(Probe):
                          f"{v['entropy']:.3f} |")
         return "\n".join(lines)
 
-    def plot(self, results: pa.Table, path: str) -> None:
+    def plot(self, results: pa.Table) -> bytes:
         layers = _per_layer(results)
         fig, (share, entropy) = figure(2)
         for model, weights in sorted({(m, w) for m, w, _ in layers}):
@@ -93,7 +93,7 @@ class SpatialProbe(Probe):
         entropy.set(xlabel="layer", ylabel="entropy / log(patches)", title="spread of activation maps")
         share.legend(fontsize=7)
         entropy.legend(fontsize=7)
-        save(fig, path)
+        return png(fig)
 
 
 def _per_layer(results: pa.Table) -> dict[tuple[str, str, int], dict[str, float]]:

@@ -11,7 +11,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.analysis.probes import classifier
 from pipeline.analysis.probes.base import Batch, Condition, Probe, Tally, aggregate, topk_hits
-from pipeline.analysis.probes.plots import figure, save
+from pipeline.analysis.probes.plots import figure, png
 
 
 class TokensProbe(Probe):
@@ -70,7 +70,7 @@ class TokensProbe(Probe):
                                  f"{100 * values[label, 'top5']:.2f} |")
         return "\n".join(lines)
 
-    def plot(self, results: pa.Table, path: str) -> None:
+    def plot(self, results: pa.Table) -> bytes:
         rows = [r for r in aggregate(results) if r["metric"] == "top1"]
         fig, (sweep, bars) = figure(2)
         for model, weights in sorted({(r["model"], r["weights"]) for r in rows}):
@@ -84,7 +84,7 @@ class TokensProbe(Probe):
         sweep.set(xlabel="block l", ylabel="top-1 (%)", title="CLS isolated / patches dropped up to block l")
         sweep.legend(fontsize=7)
         bars.set(xlabel="top-1 (%)", title="token fed to the head")
-        save(fig, path)
+        return png(fig)
 
 
 def _patch_count(model: str) -> int:

@@ -25,6 +25,10 @@ class ProbeTask:
     images: images_lib.ImageSet  # this task's slice
     batch_size: int
 
+    @property
+    def name(self) -> str:
+        return f"unit {self.part_id}"
+
 
 class ProbeWorker(ModelWorker):
     def _model(self, task: ProbeTask) -> nn.Module:

@@ -1,0 +1,166 @@
+"""Check a store's files against each other, and repair what can be repaired.
+
+The records live twice: in a Parquet part (every column, the image included) and in
+the WebDataset shard of the same commit (the image and the other columns as JSON).
+So every shard can be checked against its part, record by record, and a damaged
+shard can be rebuilt from its part without recomputing anything. A part that cannot
+be read (truncated, a flipped bit caught by its page checksums) loses its records:
+repair moves it, and its shard, to ``quarantine/`` under the store root, so the
+units are no longer done and the next sweep recomputes them.
+
+A flipped bit in a tar header is the case this exists for: Python's tarfile stops
+at the bad header without an error, so a shard can silently hold fewer records
+than its part; only the comparison finds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import tarfile
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
+from pipeline.store.shards import sample_of, write_shard
+
+if TYPE_CHECKING:
+    from pipeline.store.store import Store
+
+REBUILD, QUARANTINE = "rebuild the shard from its part", "move to quarantine/: its units are recomputed"
+
+
+@dataclass(frozen=True)
+class Finding:
+    path: str
+    problem: str
+    repair: str  # REBUILD or QUARANTINE
+    commit_id: str | None = None
+
+
+@dataclass
+class VerifyReport:
+    parts: int = 0
+    shards: int = 0
+    records: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def render(self) -> str:
+        lines = [f"verified {self.parts} parts, {self.shards} shards, {self.records} records: "
+                 + ("no damage found" if self.ok else f"{len(self.findings)} damaged file(s)")]
+        lines += [f"  {f.path}: {f.problem} -> repair would {f.repair}" for f in self.findings]
+        return "\n".join(lines)
+
+
+def verify(store: "Store") -> VerifyReport:
+    """Read every part in full (checksums verified) and every shard, and compare them record by record."""
+    report = VerifyReport()
+    for info in store._list(store.paths.parquet, recursive=True):
+        commit_id = _between(info.base_name, "part-", ".parquet")
+        if commit_id is None:
+            continue
+        report.parts += 1
+        try:
+            part = _read_part(store, info.path, RECORD_SCHEMA)
+        except (pa.ArrowException, OSError) as error:
+            report.findings.append(Finding(info.path, f"unreadable part ({_first_line(error)})", QUARANTINE,
+                                           commit_id))
+            continue
+        report.records += part.num_rows
+        report.shards += 1
+        problem = _compare_shard(store, commit_id, part)
+        if problem:
+            report.findings.append(Finding(store._shard_locations(commit_id)[1], problem, REBUILD, commit_id))
+    for directory, schema in ((store.paths.failures, FAILURE_SCHEMA), (store.paths.plan, UNIT_SCHEMA)):
+        for info in store._list(directory, recursive=False):
+            if info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
+                try:
+                    _read_part(store, info.path, schema)
+                except (pa.ArrowException, OSError) as error:
+                    report.findings.append(Finding(info.path, f"unreadable ({_first_line(error)})", QUARANTINE))
+    return report
+
+
+def repair(store: "Store", report: VerifyReport) -> list[str]:
+    """Apply each finding's repair; returns one line per file repaired."""
+    done = []
+    for finding in report.findings:
+        if finding.repair == REBUILD:
+            part = next(info.path for info in store._list(store.paths.parquet, recursive=True)
+                        if info.base_name == f"part-{finding.commit_id}.parquet")
+            _rebuild_shard(store, finding.commit_id, _read_part(store, part, RECORD_SCHEMA))
+            done.append(f"rebuilt {finding.path} from {part}")
+        else:
+            moved = [finding.path]
+            if finding.commit_id is not None:
+                staged, final = store._shard_locations(finding.commit_id)
+                moved += [path for path in (final, staged) if store._is_file(path)]
+            for path in moved:
+                target = f"{store.paths.root}/quarantine/{posixpath.relpath(path, store.paths.root)}"
+                store._move(path, target)
+                done.append(f"moved {path} to {target}")
+    return done
+
+
+def _read_part(store: "Store", path: str, schema: pa.Schema) -> pa.Table:
+    return ds.dataset([path], schema=schema, format=store._parquet_format, filesystem=store.filesystem).to_table()
+
+
+def _compare_shard(store: "Store", commit_id: str, part: pa.Table) -> str | None:
+    """What is wrong with a committed part's shard, or None when it holds exactly the part's records."""
+    try:
+        with store.open_shard(commit_id) as stream:
+            members = _tar_members(stream)
+    except FileNotFoundError:
+        return "missing shard"
+    except (tarfile.TarError, OSError) as error:
+        return f"unreadable shard ({_first_line(error)})"
+    expected = {row["key"]: row["png"] for row in part.select(["key", "png"]).to_pylist()}
+    missing = sorted(set(expected) - {key for key, ext in members if ext == "png"})
+    if missing:
+        return f"{len(missing)} of {len(expected)} records missing (first: {missing[0]})"
+    extra = sorted({key for key, _ in members} - set(expected))
+    if extra:
+        return f"{len(extra)} records the part does not hold (first: {extra[0]})"
+    for key, png in expected.items():
+        if hashlib.sha256(members[(key, "png")]).digest() != hashlib.sha256(png).digest():
+            return f"the image of {key} differs from the part's"
+        try:
+            if json.loads(members.get((key, "json"), b"{}")).get("key") != key:
+                return f"the metadata of {key} is missing or names another key"
+        except ValueError:
+            return f"the metadata of {key} is not JSON"
+    return None
+
+
+def _tar_members(stream) -> dict[tuple[str, str], bytes]:
+    """(key, extension) -> bytes of every member, read in one pass."""
+    members = {}
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                key, _, ext = member.name.partition(".")
+                members[(key, ext)] = tar.extractfile(member).read()
+    return members
+
+
+def _rebuild_shard(store: "Store", commit_id: str, part: pa.Table) -> None:
+    samples = [sample_of(row) for row in part.to_pylist()]
+    store._publish(store._shard_locations(commit_id)[1], lambda out: write_shard(out, samples))
+
+
+def _between(name: str, prefix: str, suffix: str) -> str | None:
+    return name[len(prefix):-len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
