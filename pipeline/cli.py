@@ -23,6 +23,7 @@ import difflib
 import importlib
 import itertools
 import logging
+import os
 import re
 import shlex
 import sys
@@ -75,6 +76,14 @@ class Arguments:
 
 def run(command: Command, argv: Sequence[str] | None = None) -> int:
     """Run ``command`` on a command line (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        return _run(command, argv)
+    except BrokenPipeError:  # `vit-atlas zoo | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(command: Command, argv: Sequence[str] | None) -> int:
     configure_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
