@@ -157,7 +157,7 @@ def test_filesystem_endpoint_comes_from_the_environment(s3):
 def test_a_commit_that_fails_midway_publishes_no_part(s3, monkeypatch):
     store = Store(s3.uri("partial"))
 
-    def write_half_then_fail(table, out):
+    def write_half_then_fail(table, out, **options):  # the store passes write_page_checksum=True
         out.write(b"PAR1 and then the disk was full")
         raise OSError("simulated failure while writing a Parquet part")
 
