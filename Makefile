@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 run: setup
-	$(PY) -m pipeline.sweep experiment=demo $(ARGS)
+	$(VENV)/bin/vit-atlas sweep experiment=demo $(ARGS)
 
 test: setup browser s3-server shellcheck
 	$(PY) -m pytest -m "not slow" $(ARGS)

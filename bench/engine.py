@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
-    config = OptimConfig(steps=args.steps, copies=args.copies, precision=args.precision)
+    config = OptimConfig.paper(steps=args.steps, copies=args.copies, precision=args.precision)
     objective = parse_objective("mean")
     peak = peak_flops(device, args.precision, args.peak_tflops)
     print(f"# engine benchmark, {dt.date.today().isoformat()}, {device_description(device)}, torch {torch.__version__}")

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         row_acts = []
         seconds = 0.0
         for budget in budgets:
-            config = OptimConfig(steps=budget, copies=args.copies, precision=args.precision, param=name, lr=lr)
+            config = OptimConfig.paper(steps=budget, copies=args.copies, precision=args.precision, param=name, lr=lr)
             synchronize(device)
             start = time.perf_counter()
             out = visualizer.run(args.layer, "mlp", objective, features, seeds, config)

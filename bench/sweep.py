@@ -21,25 +21,21 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pipeline  # noqa: E402,F401  (torchvision shim before timm)
 import ray  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-from pipeline import config
+from pipeline import cli  # noqa: E402
 from pipeline.execution import scheduler  # noqa: E402
 from pipeline.execution.plan import build_plan  # noqa: E402
 from pipeline.execution.progress import Progress  # noqa: E402
 from pipeline.store.store import Store  # noqa: E402
 
-CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-
 
 def measure(workers: int, args: argparse.Namespace) -> dict[str, float]:
     root = tempfile.mkdtemp(prefix=f"bench-sweep-{workers}w-")
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="sweep", overrides=[
-            f"sweep.models=[{args.model}]", f"sweep.layers=[{args.layer}]", f"sweep.features=first:{args.units}",
-            "sweep.chunk_size=1", f"optim.steps={args.steps}", f"cluster.workers={workers}",
-            "cluster.cpus_per_worker=1", "cluster.gpus_per_worker=0", f"store.root={root}",
-            "progress.bar=false", "store.commit_every=8"])
+    cfg = cli.load("sweep",
+                   f"sweep.models=[{args.model}]", f"sweep.layers=[{args.layer}]", f"sweep.features=first:{args.units}",
+                   "sweep.chunk_size=1", f"optim.steps={args.steps}", f"cluster.workers={workers}",
+                   "cluster.cpus_per_worker=1", "cluster.gpus_per_worker=0", f"store.root={root}",
+                   "progress.bar=false", "store.commit_every=8")
     plan = build_plan(cfg)
     store = Store(root)
     started = time.perf_counter()
@@ -58,7 +54,6 @@ def main() -> None:
     parser.add_argument("--units", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
-    config.register()
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     results = [measure(1, args), measure(2, args)]
     print(f"sweep benchmark: {args.model} layer {args.layer}, {args.units} units x {args.steps} steps, "

@@ -1,16 +1,17 @@
-"""``python -m pipeline.atlas store.root=DIR out=SITE_DIR``: write (or bring up to date) a store's atlas site."""
+"""``vit-atlas atlas store.root=DIR out=SITE_DIR`` (``python -m pipeline.atlas``): write (or bring up to date)
+a store's atlas site."""
 
 from __future__ import annotations
 
 import sys
 
 from pipeline import cli
-from pipeline.views.atlas import USAGE, _count, build_site
 
 
-def main(argv: list[str]) -> None:
-    settings = cli.parse_key_values(argv, USAGE, required=("store.root", "out"), optional={})
-    report = build_site(settings["store.root"], settings["out"])
+def _run(cfg) -> None:
+    from pipeline.views.atlas import _count, build_site
+
+    report = build_site(cfg.store.root, cfg.out)
     broken = len(report.unreadable)
     unreadable = (f"; {_count(broken, 'image')} unreadable, shown as {'a placeholder' if broken == 1 else 'placeholders'}"
                   " (see the warnings)")
@@ -19,5 +20,15 @@ def main(argv: list[str]) -> None:
           f"{unreadable if report.unreadable else ''}; open {report.index.resolve().as_uri()}")
 
 
+COMMAND = cli.Command("atlas", _run, examples=(
+    "vit-atlas atlas store.root=outputs/store out=site      # then open site/index.html",
+    "vit-atlas atlas store.root=s3://bucket/atlas out=/srv/atlas",
+))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(COMMAND, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(main())

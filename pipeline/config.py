@@ -1,178 +1,286 @@
-"""The typed schemas behind conf/: Hydra checks every override against them.
+"""The typed schemas behind conf/: the types live here, every value lives in the YAML.
 
 The YAML files under conf/ hold the values (the paper's settings, the cluster
-presets, the experiments); these dataclasses hold the types, so a malformed
-override (``optim.steps=abc``, an unknown key) fails in Hydra before anything runs.
+presets, the experiments, each command's defaults); these dataclasses hold only
+the types (no field has a default), so a malformed override (``optim.steps=abc``,
+an unknown key) fails when the config is composed, before anything runs. The
+commands (pipeline/cli.py) hand the stages instances of these classes
+(``OmegaConf.to_object``), and an instance checks its values when it is made
+(``__post_init__``), so a bad value is one paragraph naming the setting.
+
+conf/ ships inside the package as ``pipeline.conf`` (pipeline/conf is a link to
+the repository's top-level conf/, copied into the wheel), found at run time
+through importlib.resources: :func:`conf_dir`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import dataclasses
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
 
-from hydra.core.config_store import ConfigStore
+from pipeline.engine.optimize import OptimConfig
+from pipeline.errors import PipelineError
+
+
+def conf_dir() -> Path:
+    """The config tree the commands compose from: the ``pipeline.conf`` package's directory."""
+    path = Path(str(importlib.resources.files("pipeline.conf")))
+    if not (path / "sweep.yaml").is_file():
+        raise PipelineError(f"The config directory {path} has no sweep.yaml: the installation of vit-atlas is "
+                            f"incomplete; reinstall it (pip install vit-atlas, or pip install -e . in a checkout).")
+    return path
+
+
+def _auto_or_number(value: Any, name: str, low: float, whole: bool = False, strict: bool = False) -> None:
+    """``value`` is 'auto' or a number >= low (> low when strict); a PipelineError otherwise."""
+    if value == "auto":
+        return
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or (whole and number != int(number)) or (number <= low if strict else number < low):
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        kind = "a whole number" if whole else "a number"
+        raise PipelineError(f"{name}={value!r} is not valid: use auto or {kind} {bound}.")
+
+
+def _at_least(value: float, name: str, low: float, strict: bool = False, meaning: str = "") -> None:
+    if value <= low if strict else value < low:
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise PipelineError(f"{name}={value!r} is not valid: it must be {bound}{meaning}.")
 
 
 @dataclass
 class SweepSection:
-    models: list[str] = field(default_factory=lambda: ["deit_tiny_patch16_224"])
-    layers: Any = "all"  # all | first:N | last:N | A-B | N | [N, ...]
-    features: Any = "first:8"  # the same forms, per layer
-    seeds: list[int] = field(default_factory=lambda: [0])
-    grid: dict[str, Any] = field(default_factory=dict)  # optim.*/target.*/model.* key -> list of values
-    variants: Any = field(default_factory=list)  # list of {key: value} overrides, each a part of the sweep
-    chunk_size: int = 8  # features of one layer optimized together in one batch
+    models: list[str]  # timm names, with or without a pretrained tag
+    layers: Any  # all | first:N | last:N | A-B | N | [N, ...]
+    features: Any  # the same forms, per layer
+    seeds: list[int]
+    grid: dict[str, Any]  # optim.*/target.*/model.* key -> list of values
+    variants: Any  # list of {key: value} overrides, each a part of the sweep
+    chunk_size: int  # features of one layer optimized together in one batch
+
+    def __post_init__(self) -> None:
+        _at_least(self.chunk_size, "sweep.chunk_size", 1)
 
 
 @dataclass
 class ModelSection:
-    weights: str = "random"  # pretrained | random | planted | PATH (file or directory)
-    init_seed: int = 0
-    img_size: Optional[int] = None  # input side in pixels; null: the architecture's native size
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    weights: str  # pretrained | random | planted | PATH (file or directory)
+    init_seed: int
+    img_size: Optional[int]  # input side in pixels; null: the architecture's native size
+    device: str  # auto | cpu | cuda | cuda:N
 
 
 @dataclass
 class TargetSection:
-    kind: str = "mlp"  # mlp | keys | queries | values | attn_out
-    objective: str = "mean"  # mean | position-ROW-COL
-
-
-@dataclass
-class OptimSection:
-    steps: int = 400
-    lr: Any = "auto"  # auto: pixel 1.0 for CLIP, 0.1 otherwise (the paper's); fourier 0.05; maco 1.0
-    beta1: float = 0.5
-    beta2: float = 0.99
-    eps: float = 1e-8
-    tv: float = 1.0
-    tv_scale: float = 0.0005
-    copies: int = 8
-    jitter: int = 32
-    colour_shift: str = "code"
-    noise: str = "code"
-    noise_std: float = 0.5
-    precision: str = "fp32"
-    trace_points: int = 20
-    objective_scale: str = "code"
-    param: str = "pixel"  # pixel | fourier | maco (pipeline/parameterizations.py)
-    fourier_decay: float = 1.0
-    fourier_sd: float = 0.01
-    fourier_decorrelate: bool = True
-    maco_spectrum: str = "powerlaw"  # powerlaw | PATH to a .npy/.safetensors magnitude spectrum
-    maco_alpha: float = 1.0
+    kind: str  # mlp | keys | queries | values | attn_out
+    objective: str  # mean | position-ROW-COL
 
 
 @dataclass
 class StoreSection:
-    root: str = "outputs/store"
-    commit_every: int = 64
-    commit_seconds: float = 120.0
+    root: str  # a local path or s3://... / gs://...
+    commit_every: int  # records per commit
+    commit_seconds: float  # or sooner, once the oldest buffered record waited this long
+
+    def __post_init__(self) -> None:
+        _at_least(self.commit_every, "store.commit_every", 1, meaning=" (records per commit)")
+        _at_least(self.commit_seconds, "store.commit_seconds", 0, strict=True,
+                  meaning=" (seconds a record may wait for its commit)")
 
 
 @dataclass
 class ClusterSection:
-    kind: str = "local"  # local: start a Ray sized to this machine | ray: join RAY_ADDRESS / address
-    address: Optional[str] = None
-    workers: Any = "auto"  # auto: as many as the resources allow
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: Any = "auto"  # auto: 1 where Ray sees GPUs, else 0; 0.25 packs four workers on a GPU
-    gpu_wait_s: float = 300.0  # how long GPUs asked for but absent are waited for (an autoscaler), then stop
-    max_in_flight: Any = "auto"  # chunks submitted but not finished; auto: 2 per worker
-    max_failures: int = 100
-    model_cache: int = 2  # models a worker keeps loaded
+    kind: str  # local: start a Ray sized to this machine | ray: join RAY_ADDRESS / address
+    address: Optional[str]
+    workers: Union[int, str]  # auto: as many as the resources allow
+    cpus_per_worker: float
+    gpus_per_worker: Union[float, int, str]  # auto: 1 where Ray sees GPUs, else 0; 0.25 packs four on a GPU
+    gpu_wait_s: float  # how long GPUs asked for but absent are waited for (an autoscaler), then stop
+    max_in_flight: Union[int, str]  # chunks submitted but not finished; auto: 2 per worker
+    max_failures: int  # stop once more than this many units failed (0: at the first); never negative
+    model_cache: int  # models a worker keeps loaded
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("local", "ray"):
+            raise PipelineError(f"cluster.kind={self.kind!r} is not one of local, ray (or choose cluster=local, "
+                                f"cluster=ray).")
+        _auto_or_number(self.workers, "cluster.workers", 1, whole=True)
+        _at_least(self.cpus_per_worker, "cluster.cpus_per_worker", 0, strict=True,
+                  meaning=" (CPUs Ray reserves per worker, e.g. 1 or 0.5)")
+        _auto_or_number(self.gpus_per_worker, "cluster.gpus_per_worker", 0)
+        _at_least(self.gpu_wait_s, "cluster.gpu_wait_s", 0, meaning=" (seconds)")
+        _auto_or_number(self.max_in_flight, "cluster.max_in_flight", 1, whole=True)
+        _at_least(self.max_failures, "cluster.max_failures", 0,
+                  meaning=": the run stops once more than that many units failed, 0 at the first failure; "
+                          "for no limit give a number larger than the sweep")
+        _at_least(self.model_cache, "cluster.model_cache", 1)
 
 
 @dataclass
 class ProgressSection:
-    log_every_s: float = 30.0
-    bar: bool = True
+    log_every_s: float  # seconds between progress lines in the log
+    bar: bool  # a live bar on the terminal
+
+    def __post_init__(self) -> None:
+        _at_least(self.log_every_s, "progress.log_every_s", 0, strict=True)
 
 
 @dataclass
 class SweepConfig:
-    sweep: SweepSection = field(default_factory=SweepSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    target: TargetSection = field(default_factory=TargetSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    store: StoreSection = field(default_factory=StoreSection)
-    cluster: ClusterSection = field(default_factory=ClusterSection)
-    progress: ProgressSection = field(default_factory=ProgressSection)
+    sweep: SweepSection
+    model: ModelSection
+    target: TargetSection
+    optim: OptimConfig  # the engine's own settings class; lr may say auto (resolved per family by the plan)
+    store: StoreSection
+    cluster: ClusterSection
+    progress: ProgressSection
 
 
 @dataclass
 class StoreRoot:
-    root: str = "outputs/store"
+    root: str
+
+
+@dataclass
+class ExampleImages:
+    path: Optional[str]  # ImageFolder root, a WebDataset .tar, a directory of tars or a tar pattern
+    limit: Optional[int]  # keep this many images, evenly spaced over the set
 
 
 @dataclass
 class ImagesSection:
-    path: Optional[str] = None  # ImageFolder root, a WebDataset .tar, a directory of tars or a tar pattern
-    boxes: Optional[str] = None  # ImageNet XML directory or image_id,xmin,ymin,xmax,ymax[,label] CSV
-    limit: Optional[int] = None  # keep this many images, evenly spaced over the set
+    path: Optional[str]  # ImageFolder root, a WebDataset .tar, a directory of tars or a tar pattern
+    boxes: Optional[str]  # ImageNet XML directory or image_id,xmin,ymin,xmax,ymax[,label] CSV
+    limit: Optional[int]  # keep this many images, evenly spaced over the set
 
 
 @dataclass
 class ExamplesConfig:
-    store: StoreRoot = field(default_factory=StoreRoot)
-    images: Optional[str] = None  # ImageFolder root, WebDataset .tar, directory of tars or tar pattern
-    limit: Optional[int] = None
-    k: int = 9
-    slice_size: int = 512  # images per unit of work
-    batch_size: int = 32
-    thumbnail: int = 64  # thumbnail side in pixels
-    weights: Optional[str] = None  # a checkpoint path for visualizations made from a file that has moved
-    device: str = "auto"
-    cluster: ClusterSection = field(default_factory=ClusterSection)
-    progress: ProgressSection = field(default_factory=ProgressSection)
+    store: StoreRoot
+    images: ExampleImages
+    k: int
+    slice_size: int  # images per unit of work
+    batch_size: int
+    thumbnail: int  # thumbnail side in pixels
+    weights: Optional[str]  # a checkpoint path for visualizations made from a file that has moved
+    device: str
+    cluster: ClusterSection
+    progress: ProgressSection
 
 
 @dataclass
 class TokensParams:
-    isolate: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 5, 6, 9, 10, 11, 12])
-    drop: list[int] = field(default_factory=list)  # drop patch tokens after block l
-    pooling: list[str] = field(default_factory=lambda: ["mean", "max"])
-    tokens: list[Any] = field(default_factory=lambda: ["random"])  # patch index or "random"
+    isolate: list[int]
+    drop: list[int]  # drop patch tokens after block l
+    pooling: list[str]
+    tokens: list[Any]  # patch index or "random"
 
 
 @dataclass
 class FrequencyParams:
-    kinds: list[str] = field(default_factory=lambda: ["lowpass", "highpass"])
-    filters: list[str] = field(default_factory=lambda: ["ideal", "gaussian"])
-    radii: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0, 32.0, 64.0, 112.0])
+    kinds: list[str]
+    filters: list[str]
+    radii: list[float]
 
 
 @dataclass
 class SpatialParams:
-    layers: Any = "all"
-    features: Any = "all"
+    layers: Any
+    features: Any
 
 
 @dataclass
 class ProbeSection:
-    name: str = "tokens"  # tokens | fgbg | frequency | spatial
-    models: list[str] = field(default_factory=lambda: ["deit_tiny_patch16_224"])
-    weights: str = "pretrained"  # pretrained | random | PATH (file, or directory with <model>.<ext>)
-    init_seed: int = 0
-    tokens: TokensParams = field(default_factory=TokensParams)
-    frequency: FrequencyParams = field(default_factory=FrequencyParams)
-    spatial: SpatialParams = field(default_factory=SpatialParams)
+    name: str  # tokens | fgbg | frequency | spatial
+    models: list[str]
+    weights: str  # pretrained | random | PATH (file, or directory with <model>.<ext>)
+    init_seed: int
+    tokens: TokensParams
+    frequency: FrequencyParams
+    spatial: SpatialParams
 
 
 @dataclass
 class ProbesConfig:
-    probe: ProbeSection = field(default_factory=ProbeSection)
-    images: ImagesSection = field(default_factory=ImagesSection)
-    store: StoreRoot = field(default_factory=StoreRoot)
-    slice_size: int = 500
-    batch_size: int = 32
-    device: str = "auto"
-    cluster: ClusterSection = field(default_factory=ClusterSection)
-    progress: ProgressSection = field(default_factory=ProgressSection)
+    probe: ProbeSection
+    images: ImagesSection
+    store: StoreRoot
+    slice_size: int
+    batch_size: int
+    device: str
+    cluster: ClusterSection
+    progress: ProgressSection
+
+
+@dataclass
+class StatusConfig:
+    store: StoreRoot
+    verify: bool  # also read every record and check its checksums
+    repair: bool  # with verify: repair what the check found
+
+
+@dataclass
+class AtlasConfig:
+    store: StoreRoot
+    out: str  # the site directory
+
+
+@dataclass
+class FiguresConfig:
+    store: StoreRoot
+    out: str  # the figures directory
+    models: list[str]  # empty: every model in the store
+    target: str
+
+
+@dataclass
+class ZooModel:
+    img_size: Optional[int]  # describe the layout at this input size (where zoo.describe supports it)
+
+
+@dataclass
+class ZooConfig:
+    describe: list[str]  # models to describe; empty: list the supported models by family
+    model: ZooModel
+
+
+# The schema of each command's primary config (conf/<name>.yaml lists `<name>_schema` first).
+SCHEMAS: dict[str, type] = {
+    "sweep": SweepConfig,
+    "examples": ExamplesConfig,
+    "probes": ProbesConfig,
+    "status": StatusConfig,
+    "atlas": AtlasConfig,
+    "figures": FiguresConfig,
+    "zoo": ZooConfig,
+}
 
 
 def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
     store = ConfigStore.instance()
-    store.store(name="sweep_schema", node=SweepConfig)
-    store.store(name="examples_schema", node=ExamplesConfig)
-    store.store(name="probes_schema", node=ProbesConfig)
+    for name, schema in SCHEMAS.items():
+        store.store(name=f"{name}_schema", node=schema_node(schema))
+
+
+def schema_node(schema: type):
+    """``schema`` as an OmegaConf node with every section present (typed, values missing).
+
+    Sections without a default would be missing (``???``) nodes, and OmegaConf 2.3 fails an
+    assertion when a merge fills in a missing section that has a Union field (``optim.lr``);
+    materializing each section up front avoids that.
+    """
+    import typing
+
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(schema)
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[field.name]):
+            node[field.name] = schema_node(hints[field.name])
+    return node

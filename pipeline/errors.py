@@ -20,10 +20,3 @@ def reporting_errors(work: Callable[[], int | None]) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-
-def exit_on_failure(work: Callable[[], int | None]) -> None:
-    """A Hydra task's body: exit with the failure's status, and return on success, since exiting
-    on success would end a Hydra multirun after its first job."""
-    code = reporting_errors(work)
-    if code:
-        sys.exit(code)

@@ -1,19 +1,29 @@
-"""``python -m pipeline.figures store.root=DIR out=DIR``: paper-style figures from a store, as PNG and PDF."""
+"""``vit-atlas figures store.root=DIR out=DIR [models=[a,b]] [target=mlp]`` (``python -m pipeline.figures``):
+paper-style figures from a store, as PNG and PDF."""
 
 from __future__ import annotations
 
 import sys
 
 from pipeline import cli
-from pipeline.views.figures import USAGE, write_figures
 
 
-def main(argv: list[str]) -> None:
-    settings = cli.parse_key_values(argv, USAGE, required=("store.root", "out"), optional={"model": "", "target": "mlp"})
-    models = [name for name in settings["model"].split(",") if name] or None
-    written = write_figures(settings["store.root"], settings["out"], models, settings["target"])
-    print(f"figures: wrote {len(written)} files ({len(written) // 2} figures, PNG and PDF) to {settings['out']}")
+def _run(cfg) -> None:
+    from pipeline.views.figures import write_figures
+
+    written = write_figures(cfg.store.root, cfg.out, list(cfg.models) or None, cfg.target)
+    print(f"figures: wrote {len(written)} files ({len(written) // 2} figures, PNG and PDF) to {cfg.out}")
+
+
+COMMAND = cli.Command("figures", _run, examples=(
+    "vit-atlas figures store.root=outputs/store out=figures",
+    "vit-atlas figures store.root=outputs/store out=figures models=[deit_tiny_patch16_224,vit_base_patch32_384]",
+))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(COMMAND, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(main())

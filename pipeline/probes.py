@@ -1,25 +1,35 @@
-"""``python -m pipeline.probes``: plan a probe over models and images, run it on Ray, report and plot.
+"""``vit-atlas probes`` (``python -m pipeline.probes``): plan a probe over models and images, run it on Ray,
+report and plot.
 
-    python -m pipeline.probes experiment=probe_tokens images.path=/data/imagenet/val
-    python -m pipeline.probes experiment=probe_fgbg images.path=/data/imagenet/train images.boxes=/data/boxes
+    vit-atlas probes experiment=probe_tokens images.path=/data/imagenet/val
+    vit-atlas probes experiment=probe_fgbg images.path=/data/imagenet/train images.boxes=/data/boxes
 """
 
 from __future__ import annotations
 
-import hydra
-from omegaconf import DictConfig
+import sys
 
-from pipeline import config
-from pipeline.analysis.probes.run import run_probes
-from pipeline.errors import exit_on_failure
-
-config.register()
+from pipeline import cli
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="probes")
-def main(cfg: DictConfig) -> None:
-    exit_on_failure(lambda: run_probes(cfg))
+def _run(cfg) -> int:
+    from pipeline.analysis.probes.run import run_probes
+
+    return run_probes(cfg)
+
+
+COMMAND = cli.Command("probes", _run, examples=(
+    "vit-atlas probes experiment=probe_tokens images.path=/data/imagenet/val",
+    "vit-atlas probes experiment=probe_fgbg images.path=/data/imagenet/train "
+    "images.boxes=/data/imagenet/bboxes/train",
+    "vit-atlas probes probe.name=frequency probe.models=[deit_tiny_patch16_224] probe.weights=random "
+    "images.path=/data/small images.limit=500",
+))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(COMMAND, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

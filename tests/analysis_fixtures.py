@@ -11,18 +11,12 @@ from PIL import Image
 
 from pipeline.store.schemas import unit_key
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 def compose(config_name: str, *overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The typed config (pipeline.config) the command would hand over, from override strings."""
+    from pipeline import cli
 
-    from pipeline import config
-
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+    return cli.load(config_name, *overrides)
 
 
 def save_image(path: Path, array: np.ndarray) -> None:

@@ -1,33 +1,28 @@
-"""Shared test fixtures: isolated directories, a Hydra config composer, one Ray per session."""
+"""Shared test fixtures: isolated directories, the sweep's config composer, one Ray per session."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
+# Subprocesses (`python -m pipeline.sweep ...` from a temporary directory) import this checkout's
+# pipeline, not whichever checkout is installed in editable mode.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([_REPO, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 import pipeline  # noqa: E402,F401  (installs the torchvision shim before timm is imported)
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture
 def compose():
-    """Compose the sweep config as the CLI would, from override strings."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from pipeline import config
-
-    config.register()
+    """The typed sweep config (pipeline.config.SweepConfig) the command would hand over, from override strings."""
+    from pipeline import cli
 
     def _compose(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return hydra_compose(config_name="sweep", overrides=list(overrides))
+        return cli.load("sweep", *overrides)
 
     return _compose
 

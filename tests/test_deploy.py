@@ -30,8 +30,8 @@ SWEEP = ["python", "-m", "pipeline.sweep"]
 
 
 def sweep_overrides(argv: list[str]) -> list[str]:
-    """The Hydra overrides of a `python -m pipeline.sweep ...` command line (hydra.* excluded)."""
-    return [arg for arg in argv[argv.index("pipeline.sweep") + 1:] if not arg.startswith("hydra.")]
+    """The overrides of a `python -m pipeline.sweep ...` command line (a hydra.* one is an error there too)."""
+    return argv[argv.index("pipeline.sweep") + 1:]
 
 
 # ----------------------------------------------------------------------------- docker

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -29,7 +31,7 @@ FAMILY_MODELS = [
 ]
 
 # Plain ascent (no augmentation, no TV): the un-augmented objective must rise on any weights.
-RISING = OptimConfig(steps=10, copies=1, tv=0.0, jitter=0, colour_shift="none", noise="none", lr=0.02)
+RISING = OptimConfig.paper(steps=10, copies=1, tv=0.0, jitter=0, colour_shift="none", noise="none", lr=0.02)
 
 
 def visualizer(model: str) -> Visualizer:
@@ -94,7 +96,7 @@ def test_keys_queries_values_and_attention_output_are_slices_of_the_attention():
 
 def test_results_are_deterministic_for_a_seed_and_independent_of_batch_neighbours():
     viz = visualizer("deit_tiny_patch16_224")
-    config = OptimConfig(steps=6, copies=2)
+    config = OptimConfig.paper(steps=6, copies=2)
     objective = parse_objective("mean")
     first = viz.run(1, "mlp", objective, [5, 6], [seed_for(5, 0), seed_for(6, 0)], config)
     again = viz.run(1, "mlp", objective, [5, 6], [seed_for(5, 0), seed_for(6, 0)], config)
@@ -107,7 +109,7 @@ def test_results_are_deterministic_for_a_seed_and_independent_of_batch_neighbour
 
 def test_single_patch_objective_concentrates_the_image_change_around_that_patch():
     viz = visualizer("deit_tiny_patch16_224")
-    config = OptimConfig(steps=15, copies=2, tv=0.0, jitter=0, noise="none", colour_shift="none", lr=0.05)
+    config = OptimConfig.paper(steps=15, copies=2, tv=0.0, jitter=0, noise="none", colour_shift="none", lr=0.05)
     out = viz.run(0, "mlp", PatchPosition(2, 11), [7], [seed_for(7, 0)], config)
     start = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(seed_for(7, 0)))
     change = (out.images[0] - start).abs().mean(0)  # (224, 224)
@@ -134,15 +136,23 @@ def test_unknown_and_unsupported_models_get_suggestions():
         zoo.family_of("deit_tiny_patch16_224.nonexistent_tag")
 
 
+def test_suggestions_rank_the_names_that_start_with_what_was_typed_first():
+    with pytest.raises(PipelineError, match=r"Did you mean: swin_tiny_patch4_window7_224, "):
+        zoo.family_of("swin_tiny")
+    with pytest.raises(PipelineError, match=r"Did you mean: deit_tiny_patch16_224, deit_tiny_distilled_patch16_224, "):
+        zoo.family_of("deit_tiny")
+    assert zoo.suggestions("vit_b", ["vit_base_patch16_224", "deit_base", "vit_b"])[:2] == ["vit_b", "vit_base_patch16_224"]
+
+
 def test_zoo_cli_lists_families_and_describes_models(capsys):
-    assert zoo_command.main(["list"]) == 0
+    assert zoo_command.main([]) == 0
     listing = capsys.readouterr().out
     for family in ("deit", "coat", "convit", "pit", "swin", "twins", "vit", "clip"):
         assert f"\n{family} (" in "\n" + listing
-    assert zoo_command.main(["describe", "pit_ti_distilled_224"]) == 0
+    assert zoo_command.main(["describe=[pit_ti_distilled_224]"]) == 0
     description = capsys.readouterr().out
     assert "27x27" in description and "7x7" in description and "transformers.2.blocks.3.mlp.act" in description
-    assert zoo_command.main(["describe", "nonexistent_model"]) == 2
+    assert zoo_command.main(["describe=[nonexistent_model]"]) == 2
 
 
 def stripe_orientation(image: torch.Tensor) -> float:
@@ -169,12 +179,12 @@ def test_the_default_loss_is_the_released_codes_and_paper_text_keeps_the_texts(c
     generator = torch.Generator().manual_seed(0)
     copies = torch.rand(1, 8, 3, 32, 32, generator=generator)  # one feature's 8 augmented copies
     feats = torch.randn(8, generator=generator)  # the released code's all_feats[:8, f]
-    default = optim_config(dict(compose().optim), "deit")
+    default = optim_config(dataclasses.asdict(compose().optim), "deit")
     assert default.objective_scale == "code"
     # loss/image_net.py, ViTEnsFeatHook: -all_feats[:8, f].diag().mean(), plus the TV term
     released = -feats.diag().mean() + default.tv_weight * total_variation(copies)[0]
     torch.testing.assert_close(losses(feats[None], copies, default)[0], released)
-    text = optim_config(dict(compose("optim=paper_text").optim), "deit")
+    text = optim_config(dataclasses.asdict(compose("optim=paper_text").optim), "deit")
     assert text.objective_scale == "paper" and replace(text, objective_scale="code", colour_shift="code",
                                                        noise="code") == default
     torch.testing.assert_close(losses(feats[None], copies, text)[0],
@@ -189,7 +199,7 @@ def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus(objec
     viz = Visualizer("deit_tiny_patch16_224", choice, CPU)
     units = planted.planted_units("deit_tiny_patch16_224")
     features = [u.feature for u in units]
-    config = OptimConfig(steps=40, copies=2, objective_scale=objective_scale)  # the paper's augmentations, shortened
+    config = OptimConfig.paper(steps=40, copies=2, objective_scale=objective_scale)  # the paper's augmentations, shortened
     out = viz.run(planted.PLANTED_LAYER, "mlp", parse_objective("mean"), features,
                   [seed_for(f, 0) for f in features], config)
     for unit, image in zip(units, out.images):

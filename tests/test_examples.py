@@ -44,7 +44,7 @@ def _store_with_visualizations(root) -> tuple[Store, dict[int, str]]:
 
 def test_planted_features_rank_their_colour_first_and_rerun_skips(tmp_path, image_folder, ray_local, capsys):
     store, keys = _store_with_visualizations(tmp_path / "store")
-    cfg = compose("examples", f"store.root={store.root}", f"images={image_folder}", "k=3", "slice_size=3",
+    cfg = compose("examples", f"store.root={store.root}", f"images.path={image_folder}", "k=3", "slice_size=3",
                   "batch_size=4", "cluster.workers=2", "progress.bar=false")
     assert run_examples(cfg) == 0
 
@@ -74,7 +74,7 @@ def test_planted_features_rank_their_colour_first_and_rerun_skips(tmp_path, imag
 
 def test_bad_images_path_is_reported_before_any_work(tmp_path):
     store, _ = _store_with_visualizations(tmp_path / "store")
-    cfg = compose("examples", f"store.root={store.root}", f"images={tmp_path / 'missing'}")
+    cfg = compose("examples", f"store.root={store.root}", f"images.path={tmp_path / 'missing'}")
     with pytest.raises(PipelineError, match="ImageFolder"):
         run_examples(cfg)
     assert not (tmp_path / "store" / "examples").exists()

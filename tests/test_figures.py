@@ -6,7 +6,6 @@ import logging
 
 import pytest
 
-from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.figures import main
 from pipeline.views.figures import RANDOM_CAPTION, contact_sheet_figure, progression_figure, write_figures
@@ -83,10 +82,10 @@ def test_contact_sheet_shows_every_feature_of_a_layer(synthetic_store_root):
 
 
 def test_cli_writes_png_and_pdf_per_figure(synthetic_store_root, tmp_path, capsys):
-    def figures(*args):  # in-process: `python -m pipeline.figures` is cli.run(main) with sys.argv
-        return cli.run(main, list(args)), capsys.readouterr()
+    def figures(*args):  # in-process: `python -m pipeline.figures` is main() with sys.argv
+        return main(list(args)), capsys.readouterr()
 
-    status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", f"model={CLIP}")
+    status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", f"models=[{CLIP}]")
     assert status == 0, output.err
     assert output.out.startswith("figures: wrote 6 files (3 figures, PNG and PDF)")
     stems = {path.stem for path in tmp_path.iterdir()}
@@ -95,7 +94,7 @@ def test_cli_writes_png_and_pdf_per_figure(synthetic_store_root, tmp_path, capsy
         assert (tmp_path / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
         assert (tmp_path / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
 
-    status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", "model=resnet50")
+    status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", "models=[resnet50]")
     assert status == 2 and "no records of target 'mlp' for models resnet50" in output.err
     status, output = figures(f"store.root={synthetic_store_root}", "colour=red")
     assert status == 2 and output.err.startswith("error: Unknown setting 'colour'") and output.err.count("\n") == 1

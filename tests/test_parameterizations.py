@@ -24,7 +24,7 @@ from test_engine import angle_gap, stripe_orientation
 CPU = torch.device("cpu")
 PARAMS = tuple(parameterizations.PARAMETERIZATIONS)
 SMALL = (32, 32)
-TOY = OptimConfig(steps=6, copies=2, jitter=4)
+TOY = OptimConfig.paper(steps=6, copies=2, jitter=4)
 
 
 def toy_score(features: list[int]):
@@ -91,7 +91,7 @@ def test_pixel_is_bit_identical_to_the_optimizer_before_parameterizations(config
 
 def test_pixel_is_bit_identical_on_a_real_model(planted_viz):
     features = [0, 7]
-    config = OptimConfig(steps=3, copies=2)
+    config = OptimConfig.paper(steps=3, copies=2)
     score = planted_viz.score(1, "mlp", parse_objective("mean"), features)
     seeds = [seed_for(f, 0) for f in features]
     images, activations, _ = visualize_before_parameterizations(score, seeds, planted_viz.image_size, config)
@@ -122,7 +122,7 @@ def test_images_are_in_range_deterministic_and_independent_of_batch_neighbours(p
 
 @pytest.mark.parametrize("param", PARAMS)
 def test_parameters_stay_fp32_and_images_are_differentiable(param):
-    config = OptimConfig(param=param)
+    config = OptimConfig.paper(param=param)
     parameterization = parameterizations.create(config)
     generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
     params = parameterization.init(generators, SMALL, CPU)
@@ -197,9 +197,9 @@ def test_fourier_follows_lucids_definition():
 
 def test_unknown_parameterizations_fail_clearly():
     with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
-        parameterizations.create(OptimConfig(param="wavelet"))
+        parameterizations.create(OptimConfig.paper(param="wavelet"))
     with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
-        visualize(toy_score([0]), [0], SMALL, OptimConfig(param="wavelet", steps=1))
+        visualize(toy_score([0]), [0], SMALL, OptimConfig.paper(param="wavelet", steps=1))
     with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
         optim_config({"param": "wavelet", "lr": "auto"}, "deit")
     with pytest.raises(PipelineError, match="optim.param='wavelet' is not one of pixel, fourier, maco"):
@@ -213,19 +213,17 @@ def test_unknown_parameterizations_fail_clearly():
 
 
 def test_auto_lr_is_the_papers_for_pixels_and_the_published_one_otherwise(compose):
-    from omegaconf import OmegaConf
-
     expected = {("pixel", "deit"): 0.1, ("pixel", "clip"): 1.0, ("fourier", "deit"): 0.05,
                 ("fourier", "clip"): 0.05, ("maco", "deit"): 1.0, ("maco", "clip"): 1.0}
     for (param, family), lr in expected.items():
         cfg = compose(f"optim.param={param}")
-        config = optim_config(OmegaConf.to_container(cfg.optim, resolve=True), family)
+        config = optim_config(dataclasses.asdict(cfg.optim), family)
         assert (config.param, config.lr) == (param, lr)
     cfg = compose("optim.param=fourier", "optim.fourier_decorrelate=false", "optim.fourier_decay=1.5")
-    config = optim_config(OmegaConf.to_container(cfg.optim, resolve=True), "deit")
+    config = optim_config(dataclasses.asdict(cfg.optim), "deit")
     assert config.fourier_decorrelate is False and config.fourier_decay == 1.5
-    defaults = optim_config(OmegaConf.to_container(compose().optim, resolve=True), "deit")
-    assert defaults == OptimConfig()  # conf/optim/paper.yaml and OptimConfig agree on every default
+    defaults = optim_config(dataclasses.asdict(compose().optim), "deit")
+    assert defaults == OptimConfig.paper()  # conf/optim/paper.yaml and OptimConfig agree on every default
 
 
 # --- MACO spectra from images ---------------------------------------------------------------
@@ -249,9 +247,9 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     spectrum_id = capsys.readouterr().out.strip()
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert spectrum_id == f"sha256-{digest}"
-    assert parameterizations.spectrum_id(OptimConfig(param="maco", maco_spectrum=str(out))) == spectrum_id
-    assert parameterizations.spectrum_id(OptimConfig(param="maco")) == "powerlaw-1.0"
-    assert parameterizations.spectrum_id(OptimConfig(param="maco", maco_alpha=1.5)) == "powerlaw-1.5"
+    assert parameterizations.spectrum_id(OptimConfig.paper(param="maco", maco_spectrum=str(out))) == spectrum_id
+    assert parameterizations.spectrum_id(OptimConfig.paper(param="maco")) == "powerlaw-1.0"
+    assert parameterizations.spectrum_id(OptimConfig.paper(param="maco", maco_alpha=1.5)) == "powerlaw-1.5"
 
     before = out.read_bytes()
     with pytest.raises(PipelineError, match="exists"):
@@ -291,9 +289,9 @@ def test_spectrum_errors_say_what_to_do(tmp_path):
 # 0 and 90 degrees can pass by accident.
 UNITS = ("red", "blue", "grating 45°", "grating 135°")
 RECOVERY = {
-    "pixel": OptimConfig(steps=40, copies=2),  # the paper's lr 0.1, as tests/test_engine.py
-    "fourier": OptimConfig(steps=60, copies=2, param="fourier", lr=0.5),  # Lucid's 0.05 is for ~500 steps
-    "maco": OptimConfig(steps=40, copies=2, param="maco", lr=1.0),  # horama's lr; no lr or length helps (below)
+    "pixel": OptimConfig.paper(steps=40, copies=2),  # the paper's lr 0.1, as tests/test_engine.py
+    "fourier": OptimConfig.paper(steps=60, copies=2, param="fourier", lr=0.5),  # Lucid's 0.05 is for ~500 steps
+    "maco": OptimConfig.paper(steps=40, copies=2, param="maco", lr=1.0),  # horama's lr; no lr or length helps (below)
 }
 # What a parameterization cannot recover at this cost, and why. These run and must fail
 # (xfail strict): a pass would mean the explanation is wrong.
@@ -352,7 +350,7 @@ def test_planted_units_are_recovered(recovered, param, label):
 
 @pytest.mark.parametrize("param", PARAMS)
 def test_every_parameterization_runs_on_other_targets_objectives_and_bf16(planted_viz, param):
-    config = OptimConfig(steps=2, copies=2, param=param, precision="bf16",
+    config = OptimConfig.paper(steps=2, copies=2, param=param, precision="bf16",
                          lr=parameterizations.auto_lr(param, "deit"))
     for target, objective in (("values", "position-3-4"), ("attn_out", "mean")):
         out = planted_viz.run(1, target, parse_objective(objective), [5, 40], [seed_for(5, 0), seed_for(40, 0)],

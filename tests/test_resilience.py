@@ -83,23 +83,20 @@ NODE_LOSS = textwrap.dedent("""
     import os, sys, threading, time
     import pipeline, ray
     from ray.cluster_utils import Cluster
-    from hydra import compose, initialize_config_dir
-    from pipeline import config
+    from pipeline import cli
     from pipeline.execution.driver import run_sweep
     from pipeline.store.store import Store
 
-    root, conf = sys.argv[1], sys.argv[2]
+    root = sys.argv[1]
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     doomed = cluster.add_node(num_cpus=1)
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
-    config.register()
-    with initialize_config_dir(config_dir=conf, version_base=None):
-        cfg = compose(config_name="sweep", overrides=[
-            "cluster=ray", f"cluster.address={cluster.address}", "cluster.workers=2", "cluster.gpus_per_worker=0",
-            "sweep.layers=[0]", "sweep.features=first:10", "sweep.chunk_size=1", "optim.steps=40",
-            "optim.copies=1", "store.commit_every=1", "progress.bar=false", f"store.root={root}"])
+    cfg = cli.load("sweep",
+        "cluster=ray", f"cluster.address={cluster.address}", "cluster.workers=2", "cluster.gpus_per_worker=0",
+        "sweep.layers=[0]", "sweep.features=first:10", "sweep.chunk_size=1", "optim.steps=40",
+        "optim.copies=1", "store.commit_every=1", "progress.bar=false", f"store.root={root}")
 
     # Ray's Cluster adds nodes only from the main thread, so the sweep runs beside it.
     result = {}
@@ -121,7 +118,7 @@ def test_losing_a_node_mid_sweep_still_ends_with_exactly_the_planned_keys(compos
     root = tmp_path / "store"
     planned = build_plan(compose("sweep.layers=[0]", "sweep.features=first:10", "optim.steps=40",
                                  "optim.copies=1")).keys()
-    result = subprocess.run([sys.executable, "-c", NODE_LOSS, str(root), str(REPO / "conf")], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-c", NODE_LOSS, str(root)], cwd=tmp_path,
                             env=ENV, capture_output=True, text=True, timeout=400, start_new_session=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "node removed" in result.stdout

@@ -157,7 +157,7 @@ def test_filesystem_endpoint_comes_from_the_environment(s3):
 def test_a_commit_that_fails_midway_publishes_no_part(s3, monkeypatch):
     store = Store(s3.uri("partial"))
 
-    def write_half_then_fail(table, out):
+    def write_half_then_fail(table, out, **options):  # the store passes write_page_checksum=True
         out.write(b"PAR1 and then the disk was full")
         raise OSError("simulated failure while writing a Parquet part")
 
@@ -202,7 +202,7 @@ def test_sweep_killed_after_its_first_commit_resumes_to_exactly_the_plan(s3, com
     planned = sorted(build_plan(cfg).keys())
     store = Store(root)
 
-    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides, f"hydra.run.dir={tmp_path}"],
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -259,7 +259,7 @@ def test_examples_into_s3_killed_midway_resume_to_exactly_their_keys(s3, ray_loc
     images = tmp_path / "images"
     for i in range(12):  # one image per unit of work: many units, so the kill lands midway
         save_image(images / "a" / f"img{i:02d}.png", np.full((64, 64, 3), i / 12))
-    overrides = [f"store.root={root}", f"images={images}", "k=2", "slice_size=1", "cluster.workers=1",
+    overrides = [f"store.root={root}", f"images.path={images}", "k=2", "slice_size=1", "cluster.workers=1",
                  "progress.bar=false"]
     final, slices = example_tables(store)
     before = _kill_after_first_part([sys.executable, "-m", "pipeline.examples", *overrides], slices, tmp_path)

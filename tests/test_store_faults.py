@@ -180,7 +180,6 @@ def test_a_flipped_bit_in_a_tar_header_is_found_named_and_repaired(tmp_path, cap
 
 def test_a_truncated_part_is_named_by_every_command_and_repair_quarantines_it(tmp_path, capsys):
     from pipeline import atlas as atlas_command
-    from pipeline import cli
     from pipeline import status
 
     keys = write_records(tmp_path, 3)
@@ -193,7 +192,7 @@ def test_a_truncated_part_is_named_by_every_command_and_repair_quarantines_it(tm
     assert err.startswith("error: ") and part in err and "repair=true" in err and err.count("\n") == 1
     with pytest.raises(DamagedStoreError, match="damaged file"):
         open_store(str(tmp_path)).table()
-    assert cli.run(atlas_command.main, [f"store.root={tmp_path}", f"out={tmp_path / 'site'}"]) == 2
+    assert atlas_command.main([f"store.root={tmp_path}", f"out={tmp_path / 'site'}"]) == 2
     assert part in capsys.readouterr().err
 
     assert status.main([f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0

@@ -215,7 +215,9 @@ def test_cli_bad_input_exits_2_with_one_paragraph_and_writes_nothing(tmp_path):
     assert result.returncode == 2 and "store" in result.stderr.lower()
     malformed = run_cli("optim.steps=abc", f"store.root={root}", cwd=tmp_path)
     assert malformed.returncode != 0 and "optim.steps" in malformed.stderr
+    assert malformed.returncode == 2 and malformed.stderr.startswith("error: ") and malformed.stderr.count("\n") == 1
     assert not root.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written for any of them
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
@@ -235,6 +237,8 @@ def test_hydra_multirun_runs_one_sweep_per_value_into_the_same_store(tmp_path):
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("plan: 2 planned / 0 already done / 2 to do") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # no outputs/, multirun/ or .hydra/
+    assert "[pipeline.progress][INFO] - progress 2/2" in result.stdout  # logging goes to the console
     tvs = [json.loads(c)["optim"]["tv"] for c in Store(str(root)).parquet_dataset().to_table(columns=["config"])
            .column("config").to_pylist()]
     assert sorted(tvs) == [0.1, 0.1, 1.0, 1.0]

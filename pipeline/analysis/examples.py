@@ -1,9 +1,9 @@
 """Dataset examples: the dataset images that most excite each visualized feature.
 
-    python -m pipeline.examples store.root=DIR images=PATH [k=9] [limit=N] [cluster=ray]
+    vit-atlas examples store.root=DIR images.path=PATH [k=9] [images.limit=N] [cluster=ray]
 
 For every MLP feature visualized in the store with the ``mean`` objective, the
-top-k images of ``images`` by that feature's patch-mean activation, with the
+top-k images of ``images.path`` by that feature's patch-mean activation, with the
 activation map over the patch grid and a thumbnail, land in
 ``ROOT/examples/part-*.parquet`` under the visualization's key (schemas.EXAMPLES),
 for the atlas to show beside the visualization.
@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from omegaconf import DictConfig
-
 from pipeline.analysis import images as images_lib
+from pipeline.config import ExamplesConfig
 from pipeline.models import weights as weights_lib
 from pipeline.errors import PipelineError
 from pipeline.analysis.example_worker import ExampleTask, ExampleWorker
@@ -58,7 +57,7 @@ def example_tables(store: Store) -> tuple[PartTable, PartTable]:
     return store.table(EXAMPLES), store.table(EXAMPLE_SLICES)
 
 
-def plan_batches(store: Store, done_keys: set[str], image_set: images_lib.ImageSet, cfg: DictConfig) -> list[Batch]:
+def plan_batches(store: Store, done_keys: set[str], image_set: images_lib.ImageSet, cfg: ExamplesConfig) -> list[Batch]:
     """Batches for the store's mean-objective MLP visualizations that have no examples yet."""
     table = store.read_records(
         columns=["key", "model", "weights", "layer", "feature", "config", "image_size"],
@@ -98,23 +97,23 @@ def merge(batch: Batch, partial: pa.Table, k: int) -> pa.Table:
     return pa.Table.from_pylist(out, schema=EXAMPLES.schema)
 
 
-def _check(cfg: DictConfig) -> None:
+def _check(cfg: ExamplesConfig) -> None:
     for name, low in (("k", 1), ("slice_size", 1), ("batch_size", 1), ("thumbnail", 8)):
-        if cfg[name] < low:
-            raise PipelineError(f"{name}={cfg[name]} is too small: it must be at least {low}.")
+        if getattr(cfg, name) < low:
+            raise PipelineError(f"{name}={getattr(cfg, name)} is too small: it must be at least {low}.")
 
 
-def run_examples(cfg: DictConfig) -> int:
+def run_examples(cfg: ExamplesConfig) -> int:
     _check(cfg)
     store = Store(cfg.store.root)
     store.check_writable()
     store.recover()
-    image_set = images_lib.open_images(cfg.images, limit=cfg.limit)
+    image_set = images_lib.open_images(cfg.images.path, limit=cfg.images.limit)
     with store.lease("examples"):  # merging deletes slices: two jobs at once would lose each other's
         return _run_examples(store, image_set, cfg)
 
 
-def _run_examples(store: Store, image_set: images_lib.ImageSet, cfg: DictConfig) -> int:
+def _run_examples(store: Store, image_set: images_lib.ImageSet, cfg: ExamplesConfig) -> int:
     final, partial = example_tables(store)
     done_keys = set(final.read()["key"].to_pylist())
     # A job killed between writing a model's merged part and deleting its slices left them behind.

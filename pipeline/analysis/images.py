@@ -148,7 +148,7 @@ def open_images(path: str, boxes: str | None = None, limit: int | None = None) -
     run still covers every class of a class-sorted layout.
     """
     if not path:
-        raise PipelineError("No images given: set images=PATH to an ImageFolder directory or WebDataset tars.")
+        raise PipelineError("No images given: set images.path=PATH to an ImageFolder directory or WebDataset tars.")
     refs = _webdataset_refs(path) if _is_webdataset(path) else _folder_refs(path)
     if limit is not None:
         if limit < 1:
@@ -169,7 +169,7 @@ def _folder_refs(path: str) -> list[ImageRef]:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise PipelineError(
-            f"Images path '{path}' is not a directory, a .tar file or a tar pattern. Point images= at an "
+            f"Images path '{path}' is not a directory, a .tar file or a tar pattern. Point images.path= at an "
             f"ImageFolder root (one sub-folder per class) or at WebDataset tars."
         )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))

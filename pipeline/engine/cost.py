@@ -33,7 +33,7 @@ def measured_flops_per_second(device: str) -> float:
     layer, features, copies, steps = 3, [0, 1], 8, 2
     visualizer = Visualizer(CALIBRATION_MODEL, weights.resolve(CALIBRATION_MODEL, "random"), torch.device(device))
     score = visualizer.score(layer, "mlp", parse_objective("mean"), features)
-    config = OptimConfig(steps=steps, copies=copies)
+    config = OptimConfig.paper(steps=steps, copies=copies)
     visualize(score, [0, 1], visualizer.image_size, config, visualizer.device)  # warm-up: allocations, kernels
     started = time.perf_counter()
     visualize(score, [0, 1], visualizer.image_size, config, visualizer.device)

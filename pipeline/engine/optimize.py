@@ -20,9 +20,11 @@ the augmentation ensemble and TV act on the images they produce.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 
@@ -33,34 +35,54 @@ SEED_STRIDE = 1_000_003  # seed 0 reproduces the released code's "seed = feature
 Score = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass
 class OptimConfig:
-    """Every knob of the method; defaults are the released code's settings."""
+    """Every knob of the method; the values live in conf/optim/paper.yaml (the released code's
+    settings): :meth:`paper` reads them. This class is also the type of a sweep's ``optim``
+    section, where ``lr`` may say ``auto`` (:meth:`for_family` resolves it)."""
 
-    steps: int = 400
-    lr: float = 0.1  # the paper: 0.1 for ViT-family models, 1.0 for CLIP (the sweep's `auto` picks)
-    beta1: float = 0.5
-    beta2: float = 0.99
-    eps: float = 1e-8
-    tv: float = 1.0  # the paper's v; lambda = tv_scale * tv
-    tv_scale: float = 0.0005
-    copies: int = 8  # the augmentation ensemble
-    jitter: int = 32  # max circular shift in pixels, each direction
-    colour_shift: str = "code"  # code: (x - mu) / sigma | paper: sigma * x + mu | none
-    noise: str = "code"  # code: per-channel offset, std annealed to 0 | paper: per-pixel N(0, 1) | none
-    noise_std: float = 0.5
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
-    trace_points: int = 20  # how many times the objective is sampled during the run
+    steps: int
+    lr: Union[float, int, str]  # a number; `auto`: pixel 1.0 for CLIP, 0.1 otherwise (the paper's); else published
+    beta1: float
+    beta2: float
+    eps: float
+    tv: float  # the paper's v; lambda = tv_scale * tv
+    tv_scale: float
+    copies: int  # the augmentation ensemble
+    jitter: int  # max circular shift in pixels, each direction
+    colour_shift: str  # code: (x - mu) / sigma | paper: sigma * x + mu | none
+    noise: str  # code: per-channel offset, std annealed to 0 | paper: per-pixel N(0, 1) | none
+    noise_std: float
+    precision: str  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
+    trace_points: int  # how many times the objective is sampled during the run
     # code: the released code's -feats[:8, f].diag().mean(), the copies' mean divided by their number, which
     # made TV weigh 8x its stated lambda in the paper's figures | paper: the text's mean over copies
-    objective_scale: str = "code"
-    # The image parameterization (pipeline/parameterizations.py): pixel (the paper's) | fourier | maco.
-    param: str = "pixel"
-    fourier_decay: float = 1.0  # Lucid fft_image(decay_power=1): coefficients scaled by 1/f**decay
-    fourier_sd: float = 0.01  # Lucid fft_image(sd=0.01): init std of the Fourier coefficients
-    fourier_decorrelate: bool = True  # Lucid param.image(decorrelate=True): colour via the SVD-sqrt matrix
-    maco_spectrum: str = "powerlaw"  # powerlaw | PATH (.npy/.safetensors); horama downloads an ImageNet one
-    maco_alpha: float = 1.0  # powerlaw magnitude 1/f**alpha: natural images' ~1/f amplitude (Field 1987)
+    objective_scale: str
+    # The image parameterization (pipeline/engine/parameterizations.py): pixel (the paper's) | fourier | maco.
+    param: str
+    fourier_decay: float  # Lucid fft_image(decay_power=1): coefficients scaled by 1/f**decay
+    fourier_sd: float  # Lucid fft_image(sd=0.01): init std of the Fourier coefficients
+    fourier_decorrelate: bool  # Lucid param.image(decorrelate=True): colour via the SVD-sqrt matrix
+    maco_spectrum: str  # powerlaw | PATH (.npy/.safetensors); horama downloads an ImageNet one
+    maco_alpha: float  # powerlaw magnitude 1/f**alpha: natural images' ~1/f amplitude (Field 1987)
+
+    @classmethod
+    def paper(cls, family: str | None = None, **changes: Any) -> "OptimConfig":
+        """The paper's settings (conf/optim/paper.yaml) with ``changes``, lr resolved for ``family``."""
+        from omegaconf import OmegaConf
+
+        from pipeline.config import conf_dir
+
+        values = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.load(conf_dir() / "optim" / "paper.yaml"),
+                                 changes)
+        return OmegaConf.to_object(values).for_family(family)
+
+    def for_family(self, family: str | None) -> "OptimConfig":
+        """This config with ``lr: auto`` replaced: the paper's rate for the model family (pixels), or the
+        parameterization's published one."""
+        if self.lr != "auto":
+            return self
+        return dataclasses.replace(self, lr=parameterizations.auto_lr(self.param, family))
 
     @property
     def tv_weight(self) -> float:

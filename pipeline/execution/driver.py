@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from omegaconf import DictConfig
-
+from pipeline.config import SweepConfig
 from pipeline.engine import cost
 from pipeline.models import weights
 from pipeline.execution.plan import Plan, build_plan
@@ -72,16 +71,18 @@ def _print_results(store: Store, keys: list[str]) -> None:
 
 
 def _print_where(store: Store) -> None:
+    from pipeline.cli import shell_command  # commands that work as printed, in a new shell
+
     root = store.root
     print(f"store: {root}\n"
           f"  parquet:    pyarrow.dataset.dataset('{root}/parquet', format='parquet', partitioning='hive')\n"
           f"  webdataset: webdataset.WebDataset(sorted(glob.glob('{root}/webdataset/*.tar')))\n"
-          f"  status:     python -m pipeline.status store.root={root}\n"
-          f"  atlas:      python -m pipeline.atlas store.root={root} out=site  (then open site/index.html)\n"
-          f"  figures:    python -m pipeline.figures store.root={root} out=figures", flush=True)
+          f"  status:     {shell_command('status', f'store.root={root}')}\n"
+          f"  atlas:      {shell_command('atlas', f'store.root={root}', 'out=site')}  (then open site/index.html)\n"
+          f"  figures:    {shell_command('figures', f'store.root={root}', 'out=figures')}", flush=True)
 
 
-def run_sweep(cfg: DictConfig) -> int:
+def run_sweep(cfg: SweepConfig) -> int:
     """Plan, then run what the store lacks; the exit status says how it ended.
 
     - 0: every planned unit is in the store (done now or before);

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.config import SweepConfig
 from pipeline.engine import parameterizations
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
@@ -114,7 +116,10 @@ class Plan:
 
 
 def select(spec: Any, count: int, what: str, where: str) -> list[int]:
-    """``all`` | ``first:N`` | ``last:N`` | ``A-B`` (inclusive) | N | [N, ...] -> indices, range-checked."""
+    """``all`` | ``first:N`` | ``last:N`` | ``A-B`` (inclusive) | N | [N, ...] -> indices, range-checked.
+
+    A range is checked before it is expanded, so ``0-999999999`` costs nothing to refuse.
+    """
     if isinstance(spec, str):
         spec = spec.strip()
         if spec == "all":
@@ -123,8 +128,15 @@ def select(spec: Any, count: int, what: str, where: str) -> list[int]:
             n = min(int(match[2]), count)
             return list(range(n)) if match[1] == "first" else list(range(count - n, count))
         if match := _RANGE.fullmatch(spec):
-            indices = list(range(int(match[1]), int(match[2]) + 1))
-        elif spec.isdigit():
+            start, end = int(match[1]), int(match[2])
+            if start > end:
+                raise PipelineError(
+                    f"Cannot read {what} selection '{spec}': a range A-B runs upwards and includes both ends, "
+                    f"so write it as {end}-{start}."
+                )
+            _check_range([start, end] if end >= count else [], count, what, where, f"{start}-{end}")
+            return list(range(start, end + 1))
+        if spec.isdigit():
             indices = [int(spec)]
         else:
             raise PipelineError(
@@ -138,13 +150,16 @@ def select(spec: Any, count: int, what: str, where: str) -> list[int]:
             indices = [int(i) for i in spec]
         except (TypeError, ValueError):
             raise PipelineError(f"Cannot read {what} selection {spec!r}: expected a list of integers.") from None
-    bad = [i for i in indices if not 0 <= i < count]
+    _check_range([i for i in indices if not 0 <= i < count], count, what, where)
+    return list(dict.fromkeys(indices))
+
+
+def _check_range(bad: list[int], count: int, what: str, where: str, shown: str = "") -> None:
     if bad:
         raise PipelineError(
-            f"{what.capitalize()} {bad[:5]} out of range for {where}, which has {count} {what}s: "
+            f"{what.capitalize()} {shown or bad[:5]} out of range for {where}, which has {count} {what}s: "
             f"valid {what}s are 0..{count - 1}."
         )
-    return list(dict.fromkeys(indices))
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -180,20 +195,25 @@ def _apply(settings: dict[str, dict[str, Any]], key: str, value: Any, where: str
 
 
 def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
-    values = dict(section)
-    if values.get("lr") == "auto":  # the paper's 0.1 (1.0 for CLIP) for pixels; the published lr otherwise
-        values["lr"] = parameterizations.auto_lr(str(values.get("param", OptimConfig.param)), family)
+    """The optimizer settings of one group: typed like the command line's, ``lr: auto`` resolved for the family
+    (the paper's 0.1, 1.0 for CLIP, for pixels; the published lr of another parameterization)."""
     known = {f.name for f in dataclasses.fields(OptimConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(section) - known)
     if unknown:
         raise PipelineError(f"Unknown optimizer setting(s) {unknown}; known: {sorted(known)}.")
-    not_bool = [k for k, v in values.items() if type(getattr(OptimConfig, k)) is bool and not isinstance(v, bool)]
-    if not_bool:  # bool("false") is True: refuse instead of guessing
-        raise PipelineError(f"optim.{not_bool[0]}={values[not_bool[0]]!r} is not a boolean: use true or false.")
     try:
-        config = OptimConfig(**{k: type(getattr(OptimConfig, k))(v) for k, v in values.items()})
-    except (TypeError, ValueError) as error:
-        raise PipelineError(f"Bad optimizer setting: {error}.") from None
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), section))
+    except OmegaConfBaseException as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        key = f"optim.{error.full_key}" if getattr(error, "full_key", None) else "optim"
+        raise PipelineError(f"Bad optimizer setting {key}: {problem}.") from None
+    if isinstance(config.lr, str) and config.lr != "auto":
+        try:
+            config.lr = float(config.lr)
+        except ValueError:
+            raise PipelineError(f"optim.lr={config.lr!r} is neither auto nor a number.") from None
+    config = config.for_family(family)
+    config.lr = float(config.lr)
     choices = {"colour_shift": ("code", "paper", "none"), "noise": ("code", "paper", "none"),
                "objective_scale": ("code", "paper"),
                "precision": ("fp32", "bf16", "fp16"), "param": tuple(parameterizations.PARAMETERIZATIONS)}
@@ -209,7 +229,7 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     return config
 
 
-def build_plan(cfg: DictConfig) -> Plan:
+def build_plan(cfg: SweepConfig) -> Plan:
     """Expand and validate the sweep; raises PipelineError on any bad input, before any compute.
 
     The sweep is (each of ``sweep.variants``, default one empty variant) x (each
@@ -219,9 +239,7 @@ def build_plan(cfg: DictConfig) -> Plan:
     random and planted weights look at different layers). A unit planned twice
     is kept once.
     """
-    if cfg.sweep.chunk_size < 1:
-        raise PipelineError("sweep.chunk_size must be >= 1.")
-    base = OmegaConf.to_container(cfg, resolve=True)
+    base = dataclasses.asdict(cfg)
     variants = base["sweep"].get("variants") or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise PipelineError("sweep.variants must be a list of mappings, e.g. [{model.weights: planted, "

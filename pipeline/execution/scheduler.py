@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 import ray
-from omegaconf import DictConfig
 
+from pipeline.config import ClusterSection, ProgressSection
 from pipeline.errors import PipelineError
 from pipeline.execution.plan import Chunk, Plan
 from pipeline.execution.progress import Progress
@@ -60,7 +60,7 @@ class RunSummary:
     aborted: bool = False
 
 
-def start_ray(cluster: DictConfig) -> None:
+def start_ray(cluster: ClusterSection) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -82,7 +82,7 @@ def start_ray(cluster: DictConfig) -> None:
         raise PipelineError(f"cluster.kind='{cluster.kind}' is not one of local, ray.")
 
 
-def gpus_per_worker(cluster: DictConfig) -> float:
+def gpus_per_worker(cluster: ClusterSection) -> float:
     """The GPUs each worker asks for.
 
     ``auto`` is 1 where the cluster has GPUs, else 0. A number of GPUs where there are none:
@@ -128,7 +128,7 @@ def _request_resources(bundles: list[dict[str, float]]) -> None:
         log.debug("could not request resources from the autoscaler: %s", error)
 
 
-def worker_count(cluster: DictConfig, gpus: float) -> int:
+def worker_count(cluster: ClusterSection, gpus: float) -> int:
     if cluster.workers != "auto":
         return max(1, int(cluster.workers))
     resources = ray.cluster_resources()
@@ -137,14 +137,14 @@ def worker_count(cluster: DictConfig, gpus: float) -> int:
     return max(1, int(resources.get("CPU", 1) / max(cluster.cpus_per_worker, 1e-3)))
 
 
-def actor_class(worker_class: type, cluster: DictConfig, gpus: float):
+def actor_class(worker_class: type, cluster: ClusterSection, gpus: float):
     """``worker_class`` as a Ray actor that Ray restarts when it dies; retrying its calls is the driver's job."""
     return ray.remote(worker_class).options(
         num_cpus=cluster.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=0,
     )
 
 
-def in_flight_limit(cluster: DictConfig, actors: int) -> int:
+def in_flight_limit(cluster: ClusterSection, actors: int) -> int:
     return 2 * actors if cluster.max_in_flight == "auto" else max(1, int(cluster.max_in_flight))
 
 
@@ -339,7 +339,7 @@ def _requeue(pool: Pool, queue: deque, in_flight: dict, ref: ray.ObjectRef, task
             queue.appendleft((again, losses))
 
 
-def run_tasks(worker_class: type, tasks: list[T], cluster: DictConfig, device: str, progress: Progress,
+def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, device: str, progress: Progress,
               commit: Callable[[T, Any, RunSummary], None], fail: Callable[[T, str, int, RunSummary], None],
               tick: Callable[[], None] = lambda: None) -> RunSummary:
     """Run ``tasks`` on actors of ``worker_class`` (``run(task) -> result``): the one task pool.
@@ -378,7 +378,7 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: DictConfig, device: s
     return summary
 
 
-def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, writer, progress: Progress,
+def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSection, writer, progress: Progress,
              device: str) -> RunSummary:
     """Run the plan's missing units on Ray actors, stream results into ``writer``.
 
@@ -412,8 +412,8 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: DictConfig, w
     return run_tasks(VisualizationWorker, chunks, cluster, device, progress, commit, fail, writer.maybe_commit)
 
 
-def run_part_tasks(worker_class: type, tasks: list, parts, cluster: DictConfig, device: str,
-                   progress: DictConfig) -> RunSummary:
+def run_part_tasks(worker_class: type, tasks: list, parts, cluster: ClusterSection, device: str,
+                   progress: ProgressSection) -> RunSummary:
     """Analysis jobs: each task's result is one part of a part table, committed as it arrives, so an
     interruption loses at most the tasks in flight and a re-run skips the parts present."""
 

@@ -9,8 +9,8 @@ those calls give the layers (blocks in forward order, flattened across stages),
 features per layer and the token layout. Shared modules (CoaT's parallel blocks
 run one MLP at three scales) give one layer per call.
 
-    python -m pipeline.zoo list
-    python -m pipeline.zoo describe deit_tiny_patch16_224
+    vit-atlas zoo
+    vit-atlas zoo describe=[deit_tiny_patch16_224]
 """
 
 from __future__ import annotations
@@ -85,18 +85,25 @@ def family_of(model_name: str) -> str:
                     f"architecture name for its default weights."
                 )
             return name
-    known = [m for members in family_models().values() for m in members]
-    near = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+    near = suggestions(arch, [m for members in family_models().values() for m in members])
     hint = f" Did you mean: {', '.join(near)}?" if near else ""
     if arch in timm.list_models():
         raise PipelineError(
             f"Model '{model_name}' is a timm model, but not of a supported ViT family "
-            f"({', '.join(FAMILIES)}); `python -m pipeline.zoo list` shows what is supported.{hint}"
+            f"({', '.join(FAMILIES)}); `vit-atlas zoo` lists what is supported.{hint}"
         )
     raise PipelineError(
         f"Unknown model '{model_name}': it is not a timm architecture.{hint} "
-        f"`python -m pipeline.zoo list` shows the supported models by family."
+        f"`vit-atlas zoo` lists the supported models by family."
     )
+
+
+def suggestions(typed: str, known: list[str], n: int = 5) -> list[str]:
+    """Names for a mistyped one: those that start with what was typed first (shortest first, so
+    ``swin_tiny`` gives swin_tiny_patch4_window7_224), then the closest by similarity."""
+    starting = sorted((name for name in known if name.startswith(typed)), key=lambda name: (len(name), name))
+    similar = difflib.get_close_matches(typed, known, n=n + len(starting), cutoff=0.6)
+    return list(dict.fromkeys([*starting, *similar]))[:n]
 
 
 @dataclass(frozen=True)
@@ -210,7 +217,7 @@ def layout(model_name: str, img_size: int | None = None) -> ModelLayout:
     if not mlps:
         raise PipelineError(
             f"Model '{model_name}' has no MLP with fc1 -> act (a gated or otherwise unsupported MLP), so it "
-            f"has no feature to visualize. Supported architectures: see `python -m pipeline.zoo list`."
+            f"has no feature to visualize. Supported architectures: see `vit-atlas zoo`."
         )
     calls: list[tuple[str, tuple[int, ...]]] = []
     handles = []

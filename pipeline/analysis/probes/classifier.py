@@ -49,7 +49,7 @@ def resolve(model: str, weights: str, init_seed: int = 0) -> ClassifierChoice:
         choice = weights_lib.resolve(model, weights, init_seed)
         return ClassifierChoice(model, choice.weights_id, choice)
     if not timm.is_model(model.split(".")[0]):
-        raise PipelineError(f"Unknown model '{model}': it is neither a supported ViT (`python -m pipeline.zoo list`) "
+        raise PipelineError(f"Unknown model '{model}': it is neither a supported ViT (`vit-atlas zoo`) "
                             f"nor a timm architecture (e.g. resnet50, mobilenetv2_100, densenet121).")
     if weights == "random":
         return ClassifierChoice(model, f"random-{init_seed}", None, "random", init_seed=init_seed)

@@ -11,13 +11,13 @@ runs the units without a part, then re-aggregates.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 
-from omegaconf import DictConfig, OmegaConf
-
 from pipeline.analysis import images as images_lib
+from pipeline.config import ProbesConfig
 from pipeline.models import weights as weights_lib
 from pipeline.errors import PipelineError
 from pipeline.analysis.probes import PROBES, classifier
@@ -28,10 +28,11 @@ from pipeline.store.store import Store
 EXIT_FAILURES = 1
 
 
-def plan_tasks(cfg: DictConfig, image_set: images_lib.ImageSet) -> list[ProbeTask]:
+def plan_tasks(cfg: ProbesConfig, image_set: images_lib.ImageSet) -> list[ProbeTask]:
     name = cfg.probe.name
     probe = PROBES[name]
-    params = OmegaConf.to_container(cfg.probe[name], resolve=True) if name in cfg.probe else {}
+    section = getattr(cfg.probe, name, None)  # the probe's parameters, where it has any
+    params = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
     slices = math.ceil(len(image_set) / cfg.slice_size)
     tasks = []
     for model in cfg.probe.models:
@@ -45,7 +46,7 @@ def plan_tasks(cfg: DictConfig, image_set: images_lib.ImageSet) -> list[ProbeTas
     return tasks
 
 
-def _check(cfg: DictConfig, image_set: images_lib.ImageSet) -> None:
+def _check(cfg: ProbesConfig, image_set: images_lib.ImageSet) -> None:
     if cfg.probe.name not in PROBES:
         raise PipelineError(f"probe.name='{cfg.probe.name}' is not a probe; probes are {', '.join(PROBES)}.")
     if not cfg.probe.models:
@@ -57,7 +58,7 @@ def _check(cfg: DictConfig, image_set: images_lib.ImageSet) -> None:
                             f"directory of ImageNet XML annotations or a CSV image_id,xmin,ymin,xmax,ymax[,label].")
 
 
-def run_probes(cfg: DictConfig) -> int:
+def run_probes(cfg: ProbesConfig) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
     store.recover()
@@ -71,7 +72,7 @@ def run_probes(cfg: DictConfig) -> int:
         return _run_probe(store, tasks, image_set, cfg)
 
 
-def _run_probe(store: Store, tasks: list[ProbeTask], image_set: images_lib.ImageSet, cfg: DictConfig) -> int:
+def _run_probe(store: Store, tasks: list[ProbeTask], image_set: images_lib.ImageSet, cfg: ProbesConfig) -> int:
     parts = store.table(probe_results(cfg.probe.name))
     done = parts.done()
     todo = [task for task in tasks if task.part_id not in done]
