@@ -25,8 +25,7 @@ CLUSTER = textwrap.dedent("""
     import logging, sys, threading, time
     import pipeline, ray
     from ray.cluster_utils import Cluster
-    from hydra import compose, initialize_config_dir
-    from pipeline import config
+    from pipeline import cli
     from pipeline.execution.driver import run_sweep
     from pipeline.store.store import Store
 
@@ -39,11 +38,9 @@ CLUSTER = textwrap.dedent("""
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
-    config.register()
-    with initialize_config_dir(config_dir=conf, version_base=None):
-        cfg = compose(config_name="sweep", overrides=[
-            "cluster=ray", f"cluster.address={cluster.address}", "cluster.gpus_per_worker=0", "sweep.chunk_size=1",
-            "store.commit_every=1", "progress.bar=false", "progress.log_every_s=1", f"store.root={root}", *overrides])
+    cfg = cli.load("sweep",
+        "cluster=ray", f"cluster.address={cluster.address}", "cluster.gpus_per_worker=0", "sweep.chunk_size=1",
+        "store.commit_every=1", "progress.bar=false", "progress.log_every_s=1", f"store.root={root}", *overrides)
 
     result = {}
     sweeping = threading.Thread(target=lambda: result.setdefault("code", run_sweep(cfg)))

@@ -25,6 +25,10 @@ CPU = torch.device("cpu")
 PARAMS = tuple(parameterizations.PARAMETERIZATIONS)
 SMALL = (32, 32)
 TOY = OptimConfig.paper(steps=6, copies=2, jitter=4)
+# A sweep's whole optim section (conf/optim/paper.yaml), for optim_config with one value changed.
+SECTION = {**dataclasses.asdict(OptimConfig.paper()), "lr": "auto"}
+# The optimizer before parameterizations used the text's loss balance (the copies' plain mean).
+BEFORE = dataclasses.replace(TOY, objective_scale="paper")
 
 
 def toy_score(features: list[int]):
@@ -77,7 +81,7 @@ def planted_viz() -> Visualizer:
 
 # --- the optimizer's contract -------------------------------------------------------------
 
-@pytest.mark.parametrize("config", [TOY, dataclasses.replace(TOY, colour_shift="paper", noise="paper", tv=0.0)],
+@pytest.mark.parametrize("config", [BEFORE, dataclasses.replace(BEFORE, colour_shift="paper", noise="paper", tv=0.0)],
                          ids=["code", "paper-text"])
 def test_pixel_is_bit_identical_to_the_optimizer_before_parameterizations(config):
     features = [0, 5]
@@ -91,7 +95,7 @@ def test_pixel_is_bit_identical_to_the_optimizer_before_parameterizations(config
 
 def test_pixel_is_bit_identical_on_a_real_model(planted_viz):
     features = [0, 7]
-    config = OptimConfig.paper(steps=3, copies=2)
+    config = OptimConfig.paper(steps=3, copies=2, objective_scale="paper")
     score = planted_viz.score(1, "mlp", parse_objective("mean"), features)
     seeds = [seed_for(f, 0) for f in features]
     images, activations, _ = visualize_before_parameterizations(score, seeds, planted_viz.image_size, config)
@@ -201,15 +205,15 @@ def test_unknown_parameterizations_fail_clearly():
     with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
         visualize(toy_score([0]), [0], SMALL, OptimConfig.paper(param="wavelet", steps=1))
     with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
-        optim_config({"param": "wavelet", "lr": "auto"}, "deit")
+        optim_config({**SECTION, "param": "wavelet"}, "deit")
     with pytest.raises(PipelineError, match="optim.param='wavelet' is not one of pixel, fourier, maco"):
-        optim_config({"param": "wavelet", "lr": 0.1}, "deit")
+        optim_config({**SECTION, "param": "wavelet", "lr": 0.1}, "deit")
     with pytest.raises(PipelineError, match="does not exist"):
-        optim_config({"param": "maco", "maco_spectrum": "/nonexistent/spectrum.npy"}, "deit")
+        optim_config({**SECTION, "param": "maco", "maco_spectrum": "/nonexistent/spectrum.npy"}, "deit")
     with pytest.raises(PipelineError, match="not a .npy or .safetensors file"):
-        optim_config({"param": "maco", "maco_spectrum": "imagenet"}, "deit")
-    with pytest.raises(PipelineError, match="not a boolean"):
-        optim_config({"fourier_decorrelate": "false"}, "deit")
+        optim_config({**SECTION, "param": "maco", "maco_spectrum": "imagenet"}, "deit")
+    with pytest.raises(PipelineError, match="optim.fourier_decorrelate: Value 'maybe' is not a valid bool"):
+        optim_config({**SECTION, "fourier_decorrelate": "maybe"}, "deit")
 
 
 def test_auto_lr_is_the_papers_for_pixels_and_the_published_one_otherwise(compose):
@@ -265,7 +269,7 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     assert resized.shape == (3, 48, 21)
     assert resized[:, 0, 0] == pytest.approx(magnitude[:, 0, 0], rel=1e-5)  # the mean stays the mean
     torch.testing.assert_close(resized[:, 1:, 0], resized[:, 1:, 0].flip(1))  # mirror-symmetric, as real spectra
-    config = optim_config({"param": "maco", "maco_spectrum": str(out), "steps": 2, "copies": 1, "lr": "auto"}, "deit")
+    config = optim_config({**SECTION, "param": "maco", "maco_spectrum": str(out), "steps": 2, "copies": 1}, "deit")
     result = visualize(toy_score([0]), [0], (32, 32), config)
     assert bool(result.finite.all()) and 0 <= result.images.min() and result.images.max() <= 1
 
