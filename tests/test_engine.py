@@ -191,15 +191,17 @@ def test_the_default_loss_is_the_released_codes_and_paper_text_keeps_the_texts(c
                                -feats.mean() + text.tv_weight * total_variation(copies)[0])
 
 
-@pytest.mark.parametrize("objective_scale", ["code", "paper"])
-def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus(objective_scale):
+# bf16 is the demo's precision (conf/experiment/demo.yaml): the planted units must survive it.
+@pytest.mark.parametrize("objective_scale,precision", [("code", "fp32"), ("paper", "fp32"), ("code", "bf16")])
+def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus(objective_scale, precision):
     from pipeline.models import planted
 
     choice = weights.resolve("deit_tiny_patch16_224", "planted")
     viz = Visualizer("deit_tiny_patch16_224", choice, CPU)
     units = planted.planted_units("deit_tiny_patch16_224")
     features = [u.feature for u in units]
-    config = OptimConfig.paper(steps=40, copies=2, objective_scale=objective_scale)  # the paper's augmentations, shortened
+    # the paper's augmentations, shortened
+    config = OptimConfig.paper(steps=40, copies=2, objective_scale=objective_scale, precision=precision)
     out = viz.run(planted.PLANTED_LAYER, "mlp", parse_objective("mean"), features,
                   [seed_for(f, 0) for f in features], config)
     for unit, image in zip(units, out.images):
