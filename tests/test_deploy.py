@@ -25,7 +25,7 @@ import yaml
 from pipeline.models import zoo
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = [REPO / "jobs" / "submit.sh", REPO / "jobs" / "slurm-sweep.sbatch"]
+SCRIPTS = [REPO / "jobs" / "submit.sh", REPO / "jobs" / "slurm-sweep.sbatch", REPO / "jobs" / "fetch-demo-weights.sh"]
 SWEEP = ["python", "-m", "pipeline.sweep"]
 
 

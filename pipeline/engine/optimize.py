@@ -13,7 +13,7 @@ noise -> jitter (circular shift) -> score; loss = -mean score over copies
 (divided by the number of copies, as the released code's ``diag().mean()`` does,
 unless ``objective_scale`` is ``paper``) + lambda * TV(augmented copies); Adam(betas 0.5, 0.99), cosine-annealed lr; clamp
 to [0, 1] after every step. The image comes from ``config.param``'s parameterization
-(pipeline/parameterizations.py): the paper's raw pixels by default, or Lucid's
+(pipeline/engine/parameterizations.py): the paper's raw pixels by default, or Lucid's
 Fourier basis or MACO's phase, whose tensors Adam optimizes instead of the pixels;
 the augmentation ensemble and TV act on the images they produce.
 """

@@ -4,7 +4,7 @@
 - ``pretrained``: timm's default (or the name's ``.tag``) weights from the Hugging Face hub,
   honouring an existing cache and HF_HUB_OFFLINE;
 - ``random``: timm's own init under ``torch.manual_seed(model.init_seed)``;
-- ``planted``: seeded random weights with units wired to prefer known stimuli (pipeline.planted);
+- ``planted``: seeded random weights with units wired to prefer known stimuli (pipeline.models.planted);
 - a path: a ``.safetensors`` file, a torch state-dict file (loaded with weights_only=True),
   an original Google ViT ``.npz`` (through timm's own loader), an ONNX export of a transformers
   ViT/DeiT/DINOv2 (``.onnx``, pipeline.models.onnx_import; verified against onnxruntime before

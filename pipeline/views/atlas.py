@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 SITE_VERSION = 2
 THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so browsers do not average either)
 EXAMPLE_SIZE = 128
-USAGE = "usage: python -m pipeline.atlas store.root=DIR out=SITE_DIR"
 # What to do about a record whose image does not decode ({root}: the store root).
 REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true repair=true"
 REPAIR_HINT = (f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to "

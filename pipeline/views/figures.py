@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 MAX_CONTACT_FEATURES = 64
 PANEL_INCHES = 1.3
 RANDOM_CAPTION = "random weights: expected noise"
-USAGE = "usage: python -m pipeline.figures store.root=DIR out=DIR [model=NAME[,NAME...]] [target=mlp]"
 _SELECT_COLUMNS = ["key", "model", "weights", "layer", "feature", "activation"]
 
 
@@ -48,7 +47,7 @@ def _best_per_feature(atlas: AtlasStore, models: list[str] | None, target: str) 
         scope = f"models {', '.join(models)}" if models else "any model"
         raise PipelineError(
             f"The store at {atlas.root!r} has no records of target {target!r} for {scope}. Check the model "
-            "names and target against the store (`pipeline.readers.open_store(root).frame()` lists them)."
+            "names and target against the store (`pipeline.views.readers.open_store(root).frame()` lists them)."
         )
     best: dict[tuple, dict] = {}
     for row in sorted(table.to_pylist(), key=lambda r: (-r["activation"], r["key"])):
