@@ -84,6 +84,11 @@ class AtlasStore:
         """The hive-partitioned Parquet records as a pyarrow dataset (RECORD_SCHEMA)."""
         return self.store.parquet_dataset()
 
+    def versions(self) -> dict[str, str]:
+        """The record schema id each committed part was written with, by path. A ``vit-atlas/record/v1``
+        part has no measured columns (descriptors, baselines, embedding): they read as null."""
+        return self.store.versions()
+
     def table(self, *, with_images: bool = False, columns: list[str] | None = None,
               **filters: FilterValue) -> pa.Table:
         """Matching records, sorted by model, layer, feature and key; ``png`` only if asked for."""
