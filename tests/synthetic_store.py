@@ -48,7 +48,7 @@ def grating_png(layer: int, feature: int, size: int = IMAGE_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-def records(models=MODELS, config_hash: str = "cfg0", seeds=(0,)) -> list[dict]:
+def records(models=MODELS, config_hash: str = "cfg0", seeds=(0,), size: int = IMAGE_SIZE) -> list[dict]:
     made = []
     for model, family, weights, layers, features, labels in models:
         for layer in layers:
@@ -56,14 +56,14 @@ def records(models=MODELS, config_hash: str = "cfg0", seeds=(0,)) -> list[dict]:
                 for seed in seeds:
                     unit = dict(model=model, weights=weights, target="mlp", objective="mean", layer=layer,
                                 feature=feature, seed=seed, config_hash=config_hash)
-                    png = grating_png(layer, feature)
+                    png = grating_png(layer, feature, size)
                     activation = float(layer + feature / 10)
                     made.append(dict(
                         unit, key=unit_key(**unit), family=family,
                         config=json.dumps({"optim": {"lr": 0.1, "steps": 3}, "objective": "mean"}),
                         label=labels.get(feature), png=png,
                         activation=activation, activation_trace=[0.0, 0.5, float(layer)],
-                        steps=3, image_size=IMAGE_SIZE, device="cpu", precision="fp32", duration_s=0.01,
+                        steps=3, image_size=size, device="cpu", precision="fp32", duration_s=0.01,
                         code_version="test", timestamp=dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc),
                         **measured(png, activation, feature, seed),
                     ))
@@ -106,10 +106,11 @@ def v1_schema() -> pa.Schema:
     return pa.schema(fields, metadata={"schema_id": RECORD_SCHEMA_V1})
 
 
-def write_v1_store(root, models=MODELS, seeds=(0,)) -> list[dict]:
-    """A store as vit-atlas wrote it with record schema v1; returns its records (without measured columns)."""
+def write_v1_store(root, models=MODELS, seeds=(0,), size: int = IMAGE_SIZE) -> list[dict]:
+    """A store as vit-atlas wrote it with record schema v1; returns its records (without measured columns).
+    ``size=224``: images at the native size of the models, which can then measure them."""
     written = [{k: v for k, v in record.items() if k not in MEASURED_COLUMNS}
-               for record in records(models, seeds=seeds)]
+               for record in records(models, seeds=seeds, size=size)]
     write_raw_store(root, written, v1_schema())
     return written
 
