@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -83,3 +85,16 @@ def test_reliability_is_high_for_identical_seeds_images_and_lower_for_unrelated_
     assert np.mean([rows[f]["reliability"] for f in range(2, 8)]) < 0.9
     only = open_store(str(tmp_path)).reliability(feature=1).to_pylist()  # filters pick units, not the centre
     assert [row["reliability"] for row in only] == [rows[1]["reliability"]]
+
+
+def test_the_store_doc_holds_the_current_descriptor_table_and_every_record_column():
+    from pathlib import Path
+
+    from pipeline.engine.descriptors import descriptor_table
+    from pipeline.store.schemas import RECORD_SCHEMA
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "store.md").read_text()
+    assert descriptor_table() in doc
+    assert SCHEMA_ID in doc and RECORD_SCHEMA_V1 in doc
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", doc, re.M))
+    assert set(RECORD_SCHEMA.names) <= documented
