@@ -223,6 +223,14 @@ class StatusConfig:
 
 
 @dataclass
+class DescribeConfig:
+    store: StoreRoot
+    weights: Optional[str]  # a checkpoint path for records made from a file that has moved
+    device: str
+    batch_size: int  # records measured in one forward pass
+
+
+@dataclass
 class AtlasConfig:
     store: StoreRoot
     out: str  # the site directory
@@ -253,6 +261,7 @@ SCHEMAS: dict[str, type] = {
     "examples": ExamplesConfig,
     "probes": ProbesConfig,
     "status": StatusConfig,
+    "describe": DescribeConfig,
     "atlas": AtlasConfig,
     "figures": FiguresConfig,
     "zoo": ZooConfig,

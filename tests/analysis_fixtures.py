@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.store.schemas import unit_key
+from synthetic_store import measured
 
 
 def compose(config_name: str, *overrides: str):
@@ -37,4 +38,5 @@ def visualization_record(model: str, weights_id: str, weights: str, layer: int, 
     return dict(fields, key=unit_key(**fields), family="deit",
                 config=json.dumps({"weights": weights, "weights_id": weights_id}), label=None, png=buffer.getvalue(),
                 activation=1.0, activation_trace=[1.0], steps=1, image_size=224, device="cpu", precision="fp32",
-                duration_s=0.0, code_version="test", timestamp=dt.datetime.now(dt.timezone.utc))
+                duration_s=0.0, code_version="test", timestamp=dt.datetime.now(dt.timezone.utc),
+                **measured(buffer.getvalue(), 1.0, feature))

@@ -3,7 +3,10 @@
 Images are gratings whose frequency grows with the layer and whose colour
 follows the feature, so a grid of them shows a visible early -> late progression.
 ``write_raw_store`` writes records the store's writer would refuse (crafted keys,
-undecodable images) straight as a Parquet part and a tar shard.
+undecodable images) straight as a Parquet part and a tar shard; ``write_v1_store``
+writes records as a store of record schema v1 holds them (no measured columns).
+Baselines and embeddings are made up (no model): noise below grey below the image,
+and an embedding that follows the feature, so seeds of one feature agree.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.store.schemas import EXAMPLES, RECORD_SCHEMA, unit_key
+from pipeline.engine.descriptors import describe_png
+from pipeline.store.schemas import EXAMPLES, MEASURED_COLUMNS, RECORD_SCHEMA, RECORD_SCHEMA_V1, unit_key
 from pipeline.store.store import Store, _model_dir
 
 DEIT = "deit_tiny_patch16_224"
@@ -44,22 +48,32 @@ def grating_png(layer: int, feature: int, size: int = IMAGE_SIZE) -> bytes:
     return buffer.getvalue()
 
 
-def records(models=MODELS, config_hash: str = "cfg0") -> list[dict]:
+def records(models=MODELS, config_hash: str = "cfg0", seeds=(0,), size: int = IMAGE_SIZE) -> list[dict]:
     made = []
     for model, family, weights, layers, features, labels in models:
         for layer in layers:
             for feature in features:
-                unit = dict(model=model, weights=weights, target="mlp", objective="mean", layer=layer,
-                            feature=feature, seed=0, config_hash=config_hash)
-                made.append(dict(
-                    unit, key=unit_key(**unit), family=family,
-                    config=json.dumps({"optim": {"lr": 0.1, "steps": 3}, "objective": "mean"}),
-                    label=labels.get(feature), png=grating_png(layer, feature),
-                    activation=float(layer + feature / 10), activation_trace=[0.0, 0.5, float(layer)],
-                    steps=3, image_size=IMAGE_SIZE, device="cpu", precision="fp32", duration_s=0.01,
-                    code_version="test", timestamp=dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc),
-                ))
+                for seed in seeds:
+                    unit = dict(model=model, weights=weights, target="mlp", objective="mean", layer=layer,
+                                feature=feature, seed=seed, config_hash=config_hash)
+                    png = grating_png(layer, feature, size)
+                    activation = float(layer + feature / 10)
+                    made.append(dict(
+                        unit, key=unit_key(**unit), family=family,
+                        config=json.dumps({"optim": {"lr": 0.1, "steps": 3}, "objective": "mean"}),
+                        label=labels.get(feature), png=png,
+                        activation=activation, activation_trace=[0.0, 0.5, float(layer)],
+                        steps=3, image_size=size, device="cpu", precision="fp32", duration_s=0.01,
+                        code_version="test", timestamp=dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc),
+                        **measured(png, activation, feature, seed),
+                    ))
     return made
+
+
+def measured(png: bytes, activation: float, feature: int = 0, seed: int = 0) -> dict:
+    """A record's measured columns: its image's descriptors, and made-up baselines and embedding."""
+    return dict(describe_png(png), activation_noise=activation / 4 - 0.5, activation_grey=activation / 2,
+                embedding=[float(feature == i) + 0.1 * seed for i in range(8)])
 
 
 def write_store(root, models=MODELS, config_hash: str = "cfg0") -> list[dict]:
@@ -86,7 +100,22 @@ def write_examples(root, keys: list[str], per_key: int = 3, grid: tuple[int, int
     return table
 
 
-def write_raw_store(root, records: list[dict]) -> None:
+def v1_schema() -> pa.Schema:
+    """RECORD_SCHEMA as record schema v1 had it: without the measured columns."""
+    fields = [field for field in RECORD_SCHEMA if field.name not in MEASURED_COLUMNS]
+    return pa.schema(fields, metadata={"schema_id": RECORD_SCHEMA_V1})
+
+
+def write_v1_store(root, models=MODELS, seeds=(0,), size: int = IMAGE_SIZE) -> list[dict]:
+    """A store as vit-atlas wrote it with record schema v1; returns its records (without measured columns).
+    ``size=224``: images at the native size of the models, which can then measure them."""
+    written = [{k: v for k, v in record.items() if k not in MEASURED_COLUMNS}
+               for record in records(models, seeds=seeds, size=size)]
+    write_raw_store(root, written, v1_schema())
+    return written
+
+
+def write_raw_store(root, records: list[dict], schema: pa.Schema = RECORD_SCHEMA) -> None:
     """Commit ``records`` as the store would lay them out, without its validation: one Parquet part and
     one WebDataset shard per model (tar members named ``<key>.png`` / ``<key>.json``, whatever the key)."""
     by_model: dict[str, list[dict]] = {}
@@ -106,4 +135,4 @@ def write_raw_store(root, records: list[dict]) -> None:
                     tar.addfile(info, io.BytesIO(data))
         part = root / "parquet" / _model_dir(model) / f"part-{commit}.parquet"
         part.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=RECORD_SCHEMA), part)
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), part)

@@ -472,3 +472,39 @@ def test_refresh_docs_screenshot(browser, tmp_path):
     check_page(browser, "the model page")
     screenshot = Image.open(io.BytesIO(browser.get_screenshot_as_png())).convert("RGB")
     screenshot.quantize(colors=128).save(REPO / "docs" / "atlas.png", optimize=True)  # palette PNG: small in git
+
+
+def test_the_model_page_sorts_and_filters_each_layers_features_by_any_descriptor(site):
+    from pipeline.views.atlas import SORTABLE
+
+    page = (site["out"] / "models" / f"{model_slug(DEIT)}.html").read_text()
+    options = re.findall(r'<option value="([a-z_]+)">', page[page.index('id="sort-by"'):page.index("</select>",
+                                                                                                page.index('id="sort-by"'))])
+    assert options == list(SORTABLE) and "spectral_centroid" in options and "superstimulus_ratio" in options
+    assert 'id="sort-order"' in page and 'id="filter-min"' in page
+    record = next(r for r in site["records"] if r["weights"] == "random-0" and (r["layer"], r["feature"]) == (2, 1))
+    cell = re.search(rf'<tr data-layer="2">.*?(<td data-feature="1"[^>]*>)', page[page.index("random-0"):], re.S)[1]
+    assert f'data-m-edge_density="{record["edge_density"]:.6g}"' in cell
+    assert f'data-m-activation_noise="{record["activation_noise"]:.6g}"' in cell
+    script = (site["out"] / "atlas.js").read_text()
+    assert "function sortGrid()" in script and 'getElementById("sort-by")' in script
+
+
+def test_the_feature_page_shows_measurements_with_baselines_ratio_and_reliability(site):
+    planted = next(r for r in site["records"] if r["key"] == site["planted"][0])
+    page = (site["out"] / "features" / f"{planted['key']}.html").read_text()
+    block = page[page.index('<section class="measurements">'):]
+    block = block[:block.index("</section>")]
+    assert f"{planted['activation_noise']:.4g}" in block and f"{planted['activation_grey']:.4g}" in block
+    assert f"{planted['activation'] / 3.0:.3g}" in block  # write_examples: the top natural activation is 3.0
+    assert "spectral_centroid" in block and "cycles/pixel" in block and "reliability across seeds" in block
+    assert "<th>embedding</th>" not in page  # the vector is the readers' business, not the page's
+
+
+def test_a_v1_record_page_says_how_to_measure_it(tmp_path):
+    from synthetic_store import write_v1_store
+
+    write_v1_store(tmp_path / "store", [m for m in MODELS if m[0] == DEIT][:1])
+    build_site(str(tmp_path / "store"), tmp_path / "site")
+    page = next((tmp_path / "site" / "features").iterdir()).read_text()
+    assert "Not measured" in page and "vit-atlas describe" in page

@@ -8,9 +8,10 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.figures import main
-from pipeline.views.figures import RANDOM_CAPTION, contact_sheet_figure, progression_figure, write_figures
+from pipeline.views.figures import (RANDOM_CAPTION, contact_sheet_figure, descriptor_depth_figure, progression_figure,
+                                    write_figures)
 from pipeline.views.readers import open_store
-from synthetic_store import CLIP, DEIT, records, write_raw_store
+from synthetic_store import CLIP, DEIT, records, write_raw_store, write_v1_store
 
 
 def test_progression_has_one_row_per_model_and_weights_and_a_panel_per_layer(synthetic_store_root):
@@ -69,7 +70,7 @@ def test_figures_draw_a_placeholder_for_an_image_that_does_not_decode(tmp_path, 
     assert "re-run the sweep" in message
 
     written = write_figures(str(tmp_path / "store"), tmp_path / "figures")
-    assert len(written) == 2 * 5 and all(path.stat().st_size > 0 for path in written)
+    assert len(written) == 2 * 6 and all(path.stat().st_size > 0 for path in written)  # strip, 4 sheets, depth
 
 
 def test_contact_sheet_shows_every_feature_of_a_layer(synthetic_store_root):
@@ -87,9 +88,9 @@ def test_cli_writes_png_and_pdf_per_figure(synthetic_store_root, tmp_path, capsy
 
     status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", f"models=[{CLIP}]")
     assert status == 0, output.err
-    assert output.out.startswith("figures: wrote 6 files (3 figures, PNG and PDF)")
+    assert output.out.startswith("figures: wrote 8 files (4 figures, PNG and PDF)")
     stems = {path.stem for path in tmp_path.iterdir()}
-    assert len(stems) == 3 and "progression" in stems  # the strip and CLIP's two layers
+    assert len(stems) == 4 and {"progression", "descriptors-depth"} <= stems  # and CLIP's two layers' sheets
     for stem in stems:
         assert (tmp_path / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
         assert (tmp_path / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
@@ -98,3 +99,31 @@ def test_cli_writes_png_and_pdf_per_figure(synthetic_store_root, tmp_path, capsy
     assert status == 2 and "no records of target 'mlp' for models resnet50" in output.err
     status, output = figures(f"store.root={synthetic_store_root}", "colour=red")
     assert status == 2 and output.err.startswith("error: Unknown setting 'colour'") and output.err.count("\n") == 1
+
+
+def test_descriptor_depth_overlays_each_models_median_and_spread_at_relative_depth(synthetic_store_root):
+    import numpy as np
+
+    from pipeline.engine.descriptors import DESCRIPTORS
+
+    atlas = open_store(str(synthetic_store_root))
+    figure = descriptor_depth_figure(atlas)
+    assert [axes.get_title() for axes in figure.axes] == list(DESCRIPTORS)
+    panel = figure.axes[list(DESCRIPTORS).index("png_bytes")]
+    lines = {line.get_label(): line for line in panel.get_lines()}
+    assert sorted(lines) == [f"{DEIT} · planted-v1-0", f"{DEIT} · random-0", f"{CLIP} · pretrained-openai"]
+    random = lines[f"{DEIT} · random-0"]
+    assert list(random.get_xdata()) == pytest.approx([0, 1 / 11, 2 / 11, 3 / 11])  # layers 0-3 of 12
+    assert list(lines[f"{CLIP} · pretrained-openai"].get_xdata()) == pytest.approx([0, 1 / 11])
+    frame = atlas.frame(columns=["weights", "layer", "png_bytes"], model=DEIT)
+    medians = frame[frame.weights == "random-0"].groupby("layer").png_bytes.median().to_numpy()
+    assert np.allclose(random.get_ydata(), medians)
+    assert len(panel.collections) == 3  # an interquartile band per line
+
+
+def test_no_descriptor_depth_figure_for_a_store_without_measurements(tmp_path, caplog):
+    write_v1_store(tmp_path / "store")
+    assert descriptor_depth_figure(open_store(str(tmp_path / "store"))) is None
+    with caplog.at_level(logging.WARNING):
+        written = write_figures(str(tmp_path / "store"), tmp_path / "out", [CLIP])
+    assert "descriptors-depth" not in {path.stem for path in written} and "vit-atlas describe" in caplog.text

@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.store.schemas import RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, unit_key
 import pipeline.store.store as store_module
 from pipeline.store.store import Store, StoreError
+from synthetic_store import measured
 
 DOTTED = "vit_base_patch32_clip_224.openai"
 OTHER = "hf-hub:timm/vit_tiny_patch16_224.augreg_in21k"  # '/' and ':' must survive the partition directory
@@ -35,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _png(i: int) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (2, 2), (i % 256, 0, 0)).save(buffer, format="PNG")
+    image = Image.new("RGB", (4, 4), (i % 256, 0, 0))
+    image.putpixel((0, 0), (255, 255, 255))  # not flat: its spectral descriptors are numbers, not NaN
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -49,8 +52,8 @@ def make_record(i: int, model: str = DOTTED, layer: int = 0) -> dict:
     return dict(
         make_unit(i, model, layer),
         config='{"steps": 2}', label=None, png=_png(i), activation=float(i), activation_trace=[0.5, float(i)],
-        steps=2, image_size=2, device="cpu", precision="fp32", duration_s=0.1, code_version="test",
-        timestamp=dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc),
+        steps=2, image_size=4, device="cpu", precision="fp32", duration_s=0.1, code_version="test",
+        timestamp=dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), **measured(_png(i), float(i), i),
     )
 
 

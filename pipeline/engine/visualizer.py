@@ -65,6 +65,13 @@ class Visualizer:
 
         return score
 
+    @torch.no_grad()
+    def pooled_features(self, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """images (N, 3, H, W) in [0, 1] -> (N, C) float32 on the CPU: the patch-mean MLP activations at
+        ``layer``, every channel, in fp32 (a description of the image by the model, not an objective)."""
+        normalized = (images.to(self.device) - self._mean) / self._std
+        return self.reader(normalized, layer, "mlp").float().mean(dim=1).cpu()
+
     def run(self, layer: int, target: str, objective: Objective, features: list[int], seeds: list[int],
             config: OptimConfig) -> Visualization:
         score = self.score(layer, target, objective, features, config.precision)

@@ -4,6 +4,10 @@ The scheduler wraps :class:`VisualizationWorker` in a Ray actor, so the models
 it loads stay loaded across chunks. A worker never writes the store: it returns
 complete records and failures, and the driver commits them exactly once.
 
+Each record also carries what pipeline.engine.measures measures on its stored
+image (descriptors, the noise and grey baselines, an early-layer embedding),
+computed once per chunk: a forward pass or two, cheap next to the optimization.
+
 Failure handling that belongs to one chunk lives here: a feature whose image or
 activation is not finite is retried once on another random stream, then
 reported as failed with the reason; a GPU out-of-memory error halves the chunk
@@ -23,8 +27,9 @@ from typing import Any, Callable, Hashable, TypeVar
 import torch
 
 import pipeline
+from pipeline.engine.measures import measure
 from pipeline.engine.visualizer import Visualizer, pick_device
-from pipeline.engine.objectives import parse_objective
+from pipeline.engine.objectives import Objective, parse_objective
 from pipeline.engine.optimize import seed_for
 from pipeline.execution.plan import Chunk
 from pipeline.models import weights
@@ -112,13 +117,14 @@ class VisualizationWorker(ModelWorker):
             out = visualizer.run(group.layer, group.target, objective, pending, seeds, group.optim)
             per_image = (time.perf_counter() - started) / len(pending)
             retry = []
+            records = []
             for i, feature in enumerate(pending):
                 if not bool(out.finite[i]):
                     retry.append(feature)
                     continue
-                result.records.append(self._record(chunk, feature, out.images[i], float(out.activations[i]),
-                                                   out.traces[i].tolist(), labels.get(feature), per_image,
-                                                   visualizer))
+                records.append(self._record(chunk, feature, out.images[i], float(out.activations[i]),
+                                            out.traces[i].tolist(), labels.get(feature), per_image, visualizer))
+            result.records.extend(_measured(visualizer, chunk, objective, records))
             pending = retry
             if not pending:
                 return
@@ -144,6 +150,16 @@ class VisualizationWorker(ModelWorker):
             "code_version": pipeline.__version__,
             "timestamp": datetime.now(timezone.utc),
         }
+
+
+def _measured(visualizer: Visualizer, chunk: Chunk, objective: Objective, records: list[dict]) -> list[dict]:
+    """The records with their measured columns, all of one attempt measured in one batch."""
+    if not records:
+        return records
+    group = chunk.group
+    measured = measure(visualizer, group.layer, group.target, objective, [r["feature"] for r in records],
+                       [r["png"] for r in records], group.optim.precision)
+    return [{**record, **values} for record, values in zip(records, measured)]
 
 
 def _planted_labels(group) -> dict[int, str]:

@@ -3,7 +3,9 @@
 A *unit* is one planned visualization: (model, weights, target, layer, feature,
 seed, config). Its ``key`` is derived from those fields alone, so the same sweep
 always plans the same keys and a re-run can subtract what the store holds.
-A *record* is a finished unit: the unit's fields plus the image and provenance.
+A *record* is a finished unit: the unit's fields plus the image and provenance,
+and (since record schema v2) what was measured on its final image: descriptors,
+baseline activations and a pooled-feature embedding (docs/store.md defines them).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_ID = "vit-atlas/record/v1"
+SCHEMA_ID = "vit-atlas/record/v2"  # what this version writes
+RECORD_SCHEMA_V1 = "vit-atlas/record/v1"  # before the measured columns; its parts read with them null
+# Record schema ids this version reads, oldest first; a part with any other id is refused.
+READABLE_SCHEMA_IDS = (RECORD_SCHEMA_V1, SCHEMA_ID)
 
 UNIT_FIELDS = [
     pa.field("key", pa.string(), nullable=False),
@@ -31,6 +36,22 @@ UNIT_FIELDS = [
 
 UNIT_SCHEMA = pa.schema(UNIT_FIELDS)
 
+# The image's descriptors, in pipeline.engine.descriptors.DESCRIPTORS order (a test keeps the two equal;
+# the store does not import the engine, which needs torch).
+DESCRIPTOR_COLUMNS = ("spectral_centroid", "high_frequency_share", "edge_density", "rms_contrast",
+                      "colourfulness", "png_bytes")
+BASELINE_COLUMNS = ("activation_noise", "activation_grey")
+EMBEDDING_COLUMN = "embedding"
+# Added by v2 and nullable for that reason alone: a v1 part reads them as null, but every v2 record has them.
+MEASURED_FIELDS = (
+    [pa.field(name, pa.float64()) for name in DESCRIPTOR_COLUMNS]
+    + [
+        pa.field("activation_noise", pa.float64()),  # the objective on the unit's uniform noise image
+        pa.field("activation_grey", pa.float64()),  # the objective on a flat 0.5 grey image
+        pa.field(EMBEDDING_COLUMN, pa.list_(pa.float32())),  # patch-mean early-layer features of the image
+    ]
+)
+
 RECORD_SCHEMA = pa.schema(
     UNIT_FIELDS
     + [
@@ -46,9 +67,11 @@ RECORD_SCHEMA = pa.schema(
         pa.field("duration_s", pa.float64(), nullable=False),
         pa.field("code_version", pa.string(), nullable=False),
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
-    ],
+    ]
+    + MEASURED_FIELDS,
     metadata={"schema_id": SCHEMA_ID},
 )
+MEASURED_COLUMNS = tuple(field.name for field in MEASURED_FIELDS)
 
 FAILURE_SCHEMA = pa.schema(
     UNIT_FIELDS
@@ -57,7 +80,7 @@ FAILURE_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32(), nullable=False),
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
-    metadata={"schema_id": SCHEMA_ID + "/failure"},
+    metadata={"schema_id": "vit-atlas/record/v1/failure"},  # unchanged by record v2
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")

@@ -40,6 +40,15 @@ are written under a hidden name ('.'-prefixed), fsynced and renamed; object
 stores publish an object only when its upload completes, so there they are
 written in place; a write that fails removes its own temporary at once.
 
+A part written by an older record schema (v1) is brought to this version by a
+*rewrite* (``vit-atlas describe``), the same three steps under the commit id
+``<old id>-v2``: stage its shard, publish its part (the commit point: the old
+part is superseded from then on), then roll forward: move the shard into place
+and delete the old part and its shard. A rewrite holds exactly the old part's
+keys, so a key is committed once before and once after; a process killed after
+the commit point leaves both parts, and ``recover`` deletes the superseded one
+(readers meanwhile show each key once).
+
 Every command that opens a store (a sweep, also one with nothing to do, status,
 the readers, the atlas) first finishes interrupted commits (``recover``), so a
 kill between steps 2 and 3 of the last commit never leaves a permanent gap in the
@@ -58,6 +67,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import threading
 import time
 import urllib.parse
@@ -73,7 +83,8 @@ import pyarrow.parquet as pq
 
 from pipeline.store.errors import DamagedStoreError, StoreError, UnknownSchemaError
 from pipeline.store.lease import Lease
-from pipeline.store.schemas import FAILURE_SCHEMA, KEY_PATTERN, RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, TableSpec
+from pipeline.store.schemas import (FAILURE_SCHEMA, KEY_PATTERN, MEASURED_COLUMNS, READABLE_SCHEMA_IDS, RECORD_SCHEMA,
+                                    SCHEMA_ID, UNIT_SCHEMA, TableSpec)
 from pipeline.store.shards import sample_of, write_shard
 from pipeline.store.tables import PartTable
 
@@ -90,7 +101,8 @@ _SINGLE_OBJECT_WRITES = {"s3", "gcs", "abfs"}
 # needs no grace period.
 DEFAULT_RECOVER_AFTER_S = 600.0
 
-_REQUIRED = {f.name for f in RECORD_SCHEMA if not f.nullable}
+# What a record must not leave null when written: the measured columns are nullable only so that v1 parts read.
+_REQUIRED = {f.name for f in RECORD_SCHEMA if not f.nullable} | set(MEASURED_COLUMNS)
 _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
 
 
@@ -116,6 +128,16 @@ def _model_dir(model: str) -> str:
     if encoded[:1] in (".", "_"):
         encoded = f"%{ord(encoded[0]):02X}{encoded[1:]}"
     return f"model={encoded}"
+
+
+# The commit id of a part rewritten in this record schema: its old id plus the version ("-v2").
+_REWRITE_SUFFIX = "-" + SCHEMA_ID.rpartition("/")[2]
+_REWRITTEN = re.compile(r"(.+)-v\d+")
+
+
+def _superseded(committed: set[str]) -> set[str]:
+    """Commit ids whose part a committed rewrite (``<id>-vN``) replaces."""
+    return {match[1] for cid in committed if (match := _REWRITTEN.fullmatch(cid)) and match[1] in committed}
 
 
 def _commit_id(name: str, prefix: str, suffix: str) -> str | None:
@@ -146,7 +168,8 @@ class Store:
             self._uri_prefix = ""
         self._local = self.filesystem.type_name == "local"
         self.paths = StorePaths.under(path.rstrip("/") or "/")
-        self._checked_parts: set[str] = set()
+        self._checked_parts: set[str] = set()  # part tables' parts whose columns were checked
+        self._part_versions: dict[str, str] = {}  # record parts checked, and the schema id each was written with
         self._parquet_format = ds.ParquetFileFormat(
             default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 
@@ -218,28 +241,71 @@ class Store:
         """All committed records, RECORD_SCHEMA, filterable on ``model``.
 
         Every part the ``touching`` filter can reach (all parts when None) is first checked
-        for a schema id this code reads, so a store written by an incompatible version fails
-        with a clear message, not a type error.
+        for a schema id this code reads (READABLE_SCHEMA_IDS), so a store written by an
+        incompatible version fails with a clear message, not a type error. Columns a part's
+        version lacks (v1's measured columns) read as null.
         """
         dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
         fragments = dataset.get_fragments(filter=touching) if touching is not None else dataset.get_fragments()
         for fragment in fragments:
-            if fragment.path in self._checked_parts:
-                continue
-            try:
-                metadata = fragment.physical_schema.metadata or {}
-            except (pa.ArrowException, OSError) as error:
-                raise self.damaged(fragment.path, error) from None
-            found = metadata.get(b"schema_id", b"").decode() or "none"
-            if found != SCHEMA_ID:
-                raise UnknownSchemaError(
-                    f"The Parquet part {fragment.path} was written with record schema {found!r}, but this "
-                    f"version of vit-atlas reads {SCHEMA_ID!r}. Read the store with the vit-atlas version "
-                    "that wrote it, or rewrite the part with this version; parts from other tools do not "
-                    "belong under the store's parquet/ directory."
-                )
-            self._checked_parts.add(fragment.path)
+            if fragment.path not in self._part_versions:
+                self._part_versions[fragment.path] = self._schema_id(fragment)
         return dataset
+
+    def versions(self) -> dict[str, str]:
+        """The record schema id of every committed part, by path (also checks each is readable)."""
+        dataset = self.parquet_dataset()
+        return {path: self._part_versions[path] for path in sorted(dataset.files)}
+
+    def read_part(self, path: str) -> pa.Table:
+        """One committed part in full (every RECORD_SCHEMA column, nulls where its version lacks one)."""
+        dataset = ds.dataset([path], schema=RECORD_SCHEMA, format=self._parquet_format, filesystem=self.filesystem)
+        return self._read(dataset, None)
+
+    def rewrite_part(self, path: str, records: list[dict]) -> str:
+        """Replace the committed part at ``path`` by ``records`` (the same keys, this version's schema);
+        returns the new part's path. Stage, commit, roll forward (see the module's docstring); hold the
+        store's lease, as writers do."""
+        cid = _commit_id(posixpath.basename(path), "part-", ".parquet")
+        if cid is None or _REWRITTEN.fullmatch(cid):
+            raise ValueError(f"{path} is not a part of this store that a rewrite can replace")
+        validated = [_validate(record) for record in records]
+        keys = {record["key"] for record in records}
+        old_keys = set(self._read(ds.dataset([path], schema=RECORD_SCHEMA, format=self._parquet_format,
+                                             filesystem=self.filesystem), ["key"])["key"].to_pylist())
+        if keys != old_keys or len(keys) != len(records):
+            raise ValueError(f"a rewrite of {path} must hold exactly its {len(old_keys)} keys, once each")
+        new = f"{cid}{_REWRITE_SUFFIX}"
+        staged, final = self._shard_locations(new)
+        table = pa.concat_tables(row for row, _ in validated)
+        self._publish(staged, lambda out: write_shard(out, [sample for _, sample in validated]))
+        new_path = f"{posixpath.dirname(path)}/part-{new}.parquet"
+        self._publish(new_path, lambda out: self._write_parquet(table, out))
+        self._promote(staged, final)
+        self._retire(cid, path)
+        return new_path
+
+    def _retire(self, cid: str, path: str) -> None:
+        """The last step of a rewrite: the superseded part goes first (its keys are committed in the new one),
+        then its shard, so no final shard is ever left without a part by this step."""
+        self._delete_if_present(path)
+        for shard in self._shard_locations(cid):
+            self._delete_if_present(shard)
+
+    def _schema_id(self, fragment) -> str:
+        try:
+            metadata = fragment.physical_schema.metadata or {}
+        except (pa.ArrowException, OSError) as error:
+            raise self.damaged(fragment.path, error) from None
+        found = metadata.get(b"schema_id", b"").decode() or "none"
+        if found not in READABLE_SCHEMA_IDS:
+            raise UnknownSchemaError(
+                f"The Parquet part {fragment.path} was written with record schema {found!r}, but this "
+                f"version of vit-atlas reads {' and '.join(map(repr, READABLE_SCHEMA_IDS))}. Read the store "
+                "with the vit-atlas version that wrote it, or rewrite the part with this version; parts from "
+                "other tools do not belong under the store's parquet/ directory."
+            )
+        return found
 
     def shard_paths(self) -> list[str]:
         """Sorted committed shard locations, for ``webdataset.WebDataset(urls)``.
@@ -447,8 +513,16 @@ class Store:
         return [info for info in self.filesystem.get_file_info(selector) if info.type == pafs.FileType.File]
 
     def _part_commit_ids(self) -> set[str]:
-        ids = (_commit_id(i.base_name, "part-", ".parquet") for i in self._list(self.paths.parquet, True))
-        return {cid for cid in ids if cid}
+        return set(self._committed_parts())
+
+    def _committed_parts(self) -> dict[str, str]:
+        """Commit id -> path of every published Parquet part."""
+        parts = {}
+        for info in self._list(self.paths.parquet, True):
+            cid = _commit_id(info.base_name, "part-", ".parquet")
+            if cid:
+                parts[cid] = info.path
+        return parts
 
     def _shard_locations(self, cid: str) -> tuple[str, str]:
         """(staged, final) paths of a commit's WebDataset shard."""
@@ -468,7 +542,10 @@ class Store:
 
     def _recover(self, older_than_s: float) -> None:
         cutoff_ns = time.time_ns() - int(older_than_s * 1e9)
-        committed = self._part_commit_ids()  # listed before the shards: see the warning below
+        parts = self._committed_parts()  # listed before the shards: see the warning below
+        for cid in sorted(_superseded(set(parts))):  # a rewrite killed after its commit point
+            self._retire(cid, parts.pop(cid))
+        committed = set(parts)
         shards = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
         for cid in sorted(committed):
             staged, final = self._shard_locations(cid)

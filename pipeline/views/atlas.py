@@ -5,8 +5,10 @@
 Layout of the site::
 
     index.html              models by family; per weights a strip of each layer's strongest feature; search
-    models/<model>.html      per model (and weights/target/objective/config): layers x features, early -> late
-    features/<key>.html      one visualization: image, activation, label, provenance, dataset examples
+    models/<model>.html      per model (and weights/target/objective/config): layers x features, early -> late;
+                             each layer's features sortable and filterable by any measurement (atlas.js)
+    features/<key>.html      one visualization: image, activation, label, measurements (descriptors,
+                             baselines, superstimulus ratio, reliability), provenance, dataset examples
     images/<key>.png         the record's image as stored
     thumbs/<key>.png         thumbnails the grids and search show (lazy-loaded), subsampled, never averaged
     examples/<key>-r<rank>.jpg   dataset examples with their activation map overlaid, if the store has them
@@ -51,13 +53,13 @@ from PIL import Image, ImageDraw
 
 from pipeline.errors import PipelineError
 from pipeline.store.png import PngDecodeError, decode_png, encode_png
-from pipeline.store.schemas import EXAMPLES
+from pipeline.store.schemas import BASELINE_COLUMNS, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN, EXAMPLES
 from pipeline.views.readers import METADATA_COLUMNS, AtlasStore, open_store
 
 log = logging.getLogger(__name__)
 
 # Part of the manifest: a site written by other page templates is rebuilt whole.
-SITE_VERSION = 2
+SITE_VERSION = 3
 THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so browsers do not average either)
 EXAMPLE_SIZE = 128
 # What to do about a record whose image does not decode ({root}: the store root).
@@ -71,6 +73,11 @@ _MAX_NAME = 100
 _SAFE_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{_MAX_NAME}}}")
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _ASSETS = Path(__file__).with_name("atlas_assets")
+# The atlas leaves the embedding to the readers (reliability): hundreds of floats per record, nothing to show.
+_PAGE_COLUMNS = [name for name in METADATA_COLUMNS if name != EMBEDDING_COLUMN]
+# What a layer's features can be sorted and filtered by on the model page, and what the feature page shows.
+SORTABLE = ("activation", "superstimulus_ratio", "reliability", *DESCRIPTOR_COLUMNS, *BASELINE_COLUMNS)
+_JOINED = ("top_natural", "superstimulus_ratio", "reliability")  # per record, from AtlasStore.measurements()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +95,15 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
     atlas = open_store(store_root)
     out = Path(out)
     _check_out(out)
-    records = atlas.table(columns=METADATA_COLUMNS)
+    records = atlas.table(columns=_PAGE_COLUMNS)
     examples = _Examples.open(atlas)
 
     manifest_path = out / "manifest.json"
     manifest = _read_manifest(manifest_path)
-    fingerprints = examples.fingerprints()
     rows = {row["key"]: row for row in records.to_pylist()}
+    for joined in atlas.measurements().select(["key", *_JOINED]).to_pylist():
+        rows[joined["key"]].update(joined)
+    fingerprints = _fingerprints(rows, examples.fingerprints())
     _check_names(rows)
     pending = [key for key in rows if manifest.get(key) != fingerprints.get(key, "")
                or not (out / "features" / f"{key_slug(key)}.html").exists()]
@@ -175,6 +184,14 @@ class _Examples:
         for row in table.to_pylist():
             found[row["key"]].append(row)
         return {key: sorted(rows, key=lambda r: r["rank"]) for key, rows in found.items()}
+
+
+def _fingerprints(rows: dict[str, dict], examples: dict[str, str]) -> dict[str, str]:
+    """Per key, a digest of what its page shows that can change (its examples, its measurements): a change
+    rewrites the page. Measurements change when ``vit-atlas describe`` measures an old record, when
+    examples arrive (the superstimulus ratio) or another seed of the unit does (its reliability)."""
+    return {key: hashlib.sha256(repr((examples.get(key, ""), [row.get(name) for name in _MEASURED_SHOWN]))
+                                .encode()).hexdigest()[:16] for key, row in rows.items()}
 
 
 def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
@@ -324,6 +341,9 @@ def _safe_name(text: str) -> str:
     return f"{slug}-{digest}" if slug else f"x-{digest}"
 
 
+_MEASURED_SHOWN = (*DESCRIPTOR_COLUMNS, *BASELINE_COLUMNS, *_JOINED)
+
+
 # Fields the pages group, sort, link or format by: a record without one cannot be placed.
 _NEEDED = ("model", "family", "weights", "target", "objective", "config_hash", "layer", "feature", "seed",
            "activation", "activation_trace", "steps", "image_size")
@@ -444,17 +464,31 @@ def _model_page(model: str, variants: dict[tuple, list[dict]], unreadable: froze
         layers = sorted({row["layer"] for row in rows})
         features = sorted({row["feature"] for row in rows})
         cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
+        measured: dict[tuple[int, int], list[dict]] = defaultdict(list)
         for row in sorted(rows, key=lambda r: (r["seed"], r["key"])):
             cells[(row["layer"], row["feature"])].append(_thumb(row, unreadable))
+            measured[(row["layer"], row["feature"])].append(row)
         sections.append({
             "title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
             "layers": layers, "features": features,
-            "rows": [{"layer": layer, "cells": [{"feature": f, "thumbs": cells.get((layer, f), [])} for f in features]}
+            "rows": [{"layer": layer, "cells": [{"feature": f, "thumbs": cells.get((layer, f), []),
+                                                 "values": _cell_values(measured.get((layer, f), []))}
+                                                for f in features]}
                      for layer in layers],
         })
     total = sum(len(rows) for rows in variants.values())
     return _render("model.html", title=f"{model} · vit-atlas", up="../", scripts=("atlas.js",), model=model,
-                   family=family, total=total, variants=sections, thumb_size=THUMB_SIZE)
+                   family=family, total=total, variants=sections, thumb_size=THUMB_SIZE, sortable=SORTABLE)
+
+
+def _cell_values(rows: list[dict]) -> dict[str, str]:
+    """A grid cell's sort keys: per measurement, the mean over the cell's records (its seeds) where measured."""
+    values = {}
+    for name in SORTABLE:
+        found = [row.get(name) for row in rows if row.get(name) is not None and np.isfinite(row.get(name))]
+        if found:
+            values[name] = format(float(np.mean(found)), ".6g")
+    return values
 
 
 def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None) -> str:
@@ -469,8 +503,27 @@ def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None
         unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"),
         trace=_sparkline(row["activation_trace"]), config=config,
         examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],
-        provenance=[(name, _format_value(name, row[name])) for name in METADATA_COLUMNS if name != "config"],
+        provenance=[(name, _format_value(name, row[name])) for name in _PAGE_COLUMNS
+                    if name != "config" and name not in _MEASURED_SHOWN],
+        measurements=_measurements(row),
     )
+
+
+def _measurements(row: dict) -> dict | None:
+    """The feature page's measurements block: None for a record not measured yet (a v1 part)."""
+    from pipeline.engine.descriptors import DESCRIPTORS, baseline_gap
+
+    if row.get(DESCRIPTOR_COLUMNS[0]) is None and row.get("activation_noise") is None:
+        return None
+    noise, grey = row.get("activation_noise"), row.get("activation_grey")
+    return {
+        "descriptors": [{"name": name, "value": row.get(name), "unit": DESCRIPTORS[name].unit,
+                         "definition": DESCRIPTORS[name].definition} for name in DESCRIPTOR_COLUMNS],
+        "noise": noise, "grey": grey,
+        "gap": None if noise is None or grey is None else baseline_gap(row["activation"], noise, grey),
+        "top_natural": row.get("top_natural"), "ratio": row.get("superstimulus_ratio"),
+        "reliability": row.get("reliability"),
+    }
 
 
 def _format_value(name: str, value) -> str:

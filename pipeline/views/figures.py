@@ -10,6 +10,11 @@
   Rows of random weights say that they are a baseline expected to look like noise.
 - ``contact-<model>-<weights>-l<layer>.{png,pdf}``: a contact sheet per layer, every
   visualized feature of that layer in feature order (the first MAX_CONTACT_FEATURES).
+- ``descriptors-depth.{png,pdf}``: each image descriptor (docs/store.md) against depth, one
+  panel per descriptor: per (model, weights) the median over the layer's records (every
+  feature, seed and config) with the interquartile range shaded, at relative depth
+  layer / (L - 1) so that models of different depths overlay. Drawn when the store holds
+  measured records (v2; ``vit-atlas describe`` measures older ones) of >= 2 layers.
 
 Where several records share (model, weights, layer, feature) (seeds, configs),
 the one with the highest activation is shown. A record whose PNG does not decode
@@ -29,6 +34,7 @@ from matplotlib.figure import Figure
 
 from pipeline.errors import PipelineError
 from pipeline.store.png import PngDecodeError, decode_png
+from pipeline.store.schemas import DESCRIPTOR_COLUMNS
 from pipeline.views.atlas import REPAIR_HINT, model_slug, weights_kind, weights_order
 from pipeline.views.readers import AtlasStore, open_store
 
@@ -160,6 +166,48 @@ def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int
     return figure
 
 
+def descriptor_depth_figure(atlas: AtlasStore, models: list[str] | None = None, target: str = "mlp") -> Figure | None:
+    """Each descriptor against relative depth, a line per (model, weights): median and interquartile range over
+    each layer's measured records. None when fewer than 2 layers of the selection have measured records."""
+    from pipeline.engine.descriptors import DESCRIPTORS
+    from pipeline.models import zoo
+
+    table = atlas.table(columns=["model", "weights", "layer", *DESCRIPTOR_COLUMNS], model=models, target=target)
+    by_line: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for row in table.to_pylist():
+        if row[DESCRIPTOR_COLUMNS[-1]] is not None:  # a record of a v1 part has no descriptors
+            by_line.setdefault((row["model"], row["weights"]), {}).setdefault(row["layer"], []).append(row)
+    if len({(line, layer) for line, layers in by_line.items() for layer in layers}) < 2:
+        return None
+    columns = 3
+    lines = math.ceil(len(DESCRIPTOR_COLUMNS) / columns)
+    figure = Figure(figsize=(3.4 * columns, 2.6 * lines + 0.6), layout="constrained")
+    panels = figure.subplots(lines, columns, squeeze=False).flat
+    for axes, name in zip(panels, DESCRIPTOR_COLUMNS):
+        for (model, weights), layers in sorted(by_line.items(), key=lambda item: (item[0][0], weights_order(item[0][1]))):
+            last = max(1, len(zoo.layout(model).layers) - 1)
+            depths = sorted(layers)
+            values = [np.array([row[name] for row in layers[layer]], dtype=np.float64) for layer in depths]
+            # nan-aware: a flat image's spectral descriptors are NaN (undefined), not a number to average in
+            low, median, high = (np.array([np.nanpercentile(v, q) if np.isfinite(v).any() else np.nan
+                                           for v in values]) for q in (25, 50, 75))
+            x = np.array(depths) / last
+            (line,) = axes.plot(x, median, marker="o", markersize=3, label=f"{model} · {weights}")
+            axes.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        unit = DESCRIPTORS[name].unit
+        axes.set_title(name, fontsize=8)
+        axes.set_ylabel(unit, fontsize=7)
+        axes.set_xlabel("relative depth, layer / (L - 1)", fontsize=7)
+        axes.set_xlim(-0.03, 1.03)
+        axes.tick_params(labelsize=6)
+    for axes in list(panels):
+        figure.delaxes(axes)
+    figure.axes[0].legend(fontsize=6, loc="best")
+    figure.suptitle(f"Image descriptors against depth ({target}): median and interquartile range over features",
+                    fontsize=9)
+    return figure
+
+
 def write_figures(store_root: str, out: str | Path, models: list[str] | None = None,
                   target: str = "mlp") -> list[Path]:
     """Render the progression strip and every layer's contact sheet; returns the files written."""
@@ -173,6 +221,13 @@ def write_figures(store_root: str, out: str | Path, models: list[str] | None = N
     for model, weights, layer in sheets:
         name = f"contact-{model_slug(model)}-{model_slug(weights)}-l{layer:03d}"
         written += _save(contact_sheet_figure(atlas, model, weights, layer, target), out / name)
+    depth = descriptor_depth_figure(atlas, models, target)
+    if depth is None:
+        log.warning("No descriptor-vs-depth figure: the records of %s measured (record schema v2) span fewer than "
+                    "2 layers. `vit-atlas describe store.root=%s` measures the records of older stores.",
+                    ", ".join(models) if models else "the store", atlas.root)
+    else:
+        written += _save(depth, out / "descriptors-depth")
     return written
 
 

@@ -14,6 +14,14 @@ unless ``with_images=True``, and the WebDataset reader opens only the shards
 that hold a matching record (a shard belongs to one commit of one model).
 Every Parquet part read is first checked by the store for a schema id this code
 reads, so a store written by an incompatible version fails with a clear message.
+
+What records measure on their images (docs/store.md) comes with two readers that
+join across records: ``measurements()`` (descriptors, baselines, the top natural
+activation from the examples table and the superstimulus ratio, reliability) and
+``reliability()`` (the agreement of a unit's seeds, from their stored embeddings)::
+
+    atlas.reliability(model="deit_tiny_patch16_224")      # one row per unit visualized with >= 2 seeds
+    atlas.measurements(layer=3).to_pandas().sort_values("superstimulus_ratio")
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -29,7 +38,7 @@ import webdataset
 from webdataset import tariterators
 
 from pipeline.errors import PipelineError
-from pipeline.store.schemas import RECORD_SCHEMA
+from pipeline.store.schemas import BASELINE_COLUMNS, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN, EXAMPLES, RECORD_SCHEMA
 from pipeline.store.errors import DamagedStoreError
 from pipeline.store.store import Store
 
@@ -38,6 +47,14 @@ IMAGE_COLUMN = "png"
 METADATA_COLUMNS = [name for name in RECORD_SCHEMA.names if name != IMAGE_COLUMN]
 
 FilterValue = Any  # one value, or an iterable of values (strings for names, ints for layer/feature)
+
+# A unit but for its seed: the records whose images reliability compares.
+SEED_GROUP = ("model", "weights", "target", "objective", "layer", "feature", "config_hash")
+RELIABILITY_SCHEMA = pa.schema([*(RECORD_SCHEMA.field(name) for name in SEED_GROUP),
+                                pa.field("seeds", pa.int32(), nullable=False),
+                                pa.field("reliability", pa.float64())])
+_MEASUREMENT_COLUMNS = ["key", "family", *SEED_GROUP, "seed", "label", "activation", *DESCRIPTOR_COLUMNS,
+                        *BASELINE_COLUMNS]
 
 
 def open_store(root_or_uri: str) -> "AtlasStore":
@@ -83,6 +100,74 @@ class AtlasStore:
     def dataset(self) -> ds.Dataset:
         """The hive-partitioned Parquet records as a pyarrow dataset (RECORD_SCHEMA)."""
         return self.store.parquet_dataset()
+
+    def versions(self) -> dict[str, str]:
+        """The record schema id each committed part was written with, by path. A ``vit-atlas/record/v1``
+        part has no measured columns (descriptors, baselines, embedding): they read as null."""
+        return self.store.versions()
+
+    def reliability(self, **filters: FilterValue) -> pa.Table:
+        """Per unit but its seed (SEED_GROUP) with >= 2 seeds' embeddings: how many, and their reliability.
+
+        Reliability is the mean cosine similarity over all pairs of the seeds' embeddings
+        (``descriptors.reliability``), each first centred on the mean embedding of the *other* units of
+        the same model and weights in the store: pooled ViT features share a large common component, so
+        uncentred any two images look alike (cosine near 1). 1: every seed's image differs from the
+        model's other visualizations in the same way; near 0 or below: the seeds found unrelated images.
+        Null where the store has no other unit of that model and weights to centre on. Records without
+        an embedding (v1 parts) are left out. Filters choose the units reported, not the centre.
+        """
+        from pipeline.engine.descriptors import reliability
+
+        wanted = self.table(columns=list(SEED_GROUP), **filters)
+        units = {tuple(row[name] for name in SEED_GROUP) for row in wanted.to_pylist()}
+        models = sorted({unit[:2] for unit in units})  # (model, weights)
+        table = self.table(columns=[*SEED_GROUP, "seed", EMBEDDING_COLUMN], model=sorted({m for m, _ in models}))
+        by_unit: dict[tuple, list] = {}
+        for row in table.filter(pc.is_valid(table[EMBEDDING_COLUMN])).to_pylist():
+            by_unit.setdefault(tuple(row[name] for name in SEED_GROUP), []).append(row[EMBEDDING_COLUMN])
+        totals: dict[tuple, tuple[np.ndarray, int]] = {}
+        for unit, vectors in by_unit.items():
+            total, count = totals.get(unit[:2], (0.0, 0))
+            totals[unit[:2]] = (total + np.asarray(vectors, np.float64).sum(axis=0), count + len(vectors))
+        rows = []
+        for unit, vectors in sorted(by_unit.items()):
+            if unit not in units or len(vectors) < 2:
+                continue
+            total, count = totals[unit[:2]]
+            others = count - len(vectors)
+            centre = (total - np.asarray(vectors, np.float64).sum(axis=0)) / others if others else None
+            rows.append({**dict(zip(SEED_GROUP, unit)), "seeds": len(vectors),
+                         "reliability": None if centre is None else reliability(vectors, center=centre)})
+        return pa.Table.from_pylist(rows, schema=RELIABILITY_SCHEMA)
+
+    def measurements(self, **filters: FilterValue) -> pa.Table:
+        """One row per record: its unit, activation, descriptors and baselines (null for v1 parts), with
+        ``top_natural`` (the rank-0 activation of the examples table, null without one),
+        ``superstimulus_ratio`` (activation / top_natural, ``descriptors.superstimulus_ratio``: > 1 drives
+        the unit beyond every natural image tried) and its unit's ``reliability`` (null under 2 seeds)."""
+        from pipeline.engine.descriptors import superstimulus_ratio
+
+        table = self.table(columns=_MEASUREMENT_COLUMNS, **filters)
+        top = self.top_natural(table["key"].to_pylist())
+        reliable = {tuple(row[name] for name in SEED_GROUP): row["reliability"]
+                    for row in self.reliability(**filters).to_pylist()}
+        rows = table.to_pylist()
+        tops = [top.get(row["key"]) for row in rows]
+        ratios = [None if t is None else superstimulus_ratio(row["activation"], t) for row, t in zip(rows, tops)]
+        return (table.append_column("top_natural", pa.array(tops, pa.float64()))
+                .append_column("superstimulus_ratio", pa.array(ratios, pa.float64()))
+                .append_column("reliability", pa.array(
+                    [reliable.get(tuple(row[name] for name in SEED_GROUP)) for row in rows], pa.float64())))
+
+    def top_natural(self, keys: list[str]) -> dict[str, float]:
+        """Per key with dataset examples (``vit-atlas examples``), its most activating natural image's activation."""
+        examples = self.store.table(EXAMPLES)
+        if not examples.done() or not keys:
+            return {}
+        found = examples.read(columns=["key", "activation"], filter=(ds.field("rank") == 0)
+                              & ds.field("key").isin(pa.array(sorted(set(keys)), pa.string())))
+        return dict(zip(found["key"].to_pylist(), found["activation"].to_pylist()))
 
     def table(self, *, with_images: bool = False, columns: list[str] | None = None,
               **filters: FilterValue) -> pa.Table:

@@ -8,6 +8,9 @@ parts; ``verify`` reads every part and shard and compares them.
 
 from __future__ import annotations
 
+from collections import Counter
+
+from pipeline.store.schemas import SCHEMA_ID
 from pipeline.store.store import Store
 
 
@@ -23,7 +26,20 @@ def render(store: Store) -> str:
                      f"{row['failed']:>6}")
         totals = [t + row[c] for t, c in zip(totals, ("planned", "done", "failed"))]
     lines.append(f"{'total':<{width}}  {'':>5}  {totals[0]:>8}  {totals[1]:>8}  {totals[2]:>6}")
+    lines.append(versions_line(store))
     return "\n".join(lines)
+
+
+def versions_line(store: Store) -> str:
+    """Which record schema the store's parts were written with, and how to bring older ones up to date."""
+    counts = Counter(store.versions().values())
+    if not counts:
+        return "record schema: no parts yet"
+    listed = ", ".join(f"{count} part{'' if count == 1 else 's'} {schema}" for schema, count in sorted(counts.items()))
+    older = sum(count for schema, count in counts.items() if schema != SCHEMA_ID)
+    hint = (f"; `vit-atlas describe store.root={store.root}` rewrites the older ones as {SCHEMA_ID}, with their "
+            "descriptors" if older else "")
+    return f"record schema: {listed}{hint}"
 
 
 def verification(store: Store, repair: bool) -> tuple[str, bool]:

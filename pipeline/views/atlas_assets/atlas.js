@@ -26,13 +26,49 @@ function specOf(id) {
   return spec || null;
 }
 
+// The measurement the model page sorts and filters by ("" = feature order), as a data-m-* attribute name.
+function measurementOf(cell, name) {
+  const text = cell.getAttribute(`data-m-${name}`);
+  return text === null ? null : Number(text);
+}
+
+// Each layer's features in the order asked for: a row's cells are reordered in place, unmeasured ones last.
+// Sorted, a column no longer holds one feature, so the feature header row is hidden and each thumbnail's
+// title names its feature.
+function sortGrid() {
+  const name = document.getElementById("sort-by").value;
+  const descending = document.getElementById("sort-order").value === "descending";
+  for (const table of document.querySelectorAll("table.grid")) {
+    table.tHead.hidden = name !== "";
+    for (const row of table.tBodies[0].rows) {
+      const cells = Array.from(row.querySelectorAll("td[data-feature]"));
+      cells.sort((a, b) => {
+        if (name === "") return Number(a.dataset.feature) - Number(b.dataset.feature);
+        const x = measurementOf(a, name), y = measurementOf(b, name);
+        if (x === null || y === null) return (x === null) - (y === null);
+        return descending ? y - x : x - y;
+      });
+      row.append(...cells);
+    }
+  }
+  filterGrid();
+}
+
 function filterGrid() {
   const layer = specOf("filter-layer");
   const feature = specOf("filter-feature");
+  const name = document.getElementById("sort-by").value || "activation";
+  const minimumInput = document.getElementById("filter-min");
+  const minimumText = minimumInput.value.trim();
+  const minimum = minimumText === "" ? null : Number(minimumText);
+  minimumInput.setAttribute("aria-invalid", Number.isNaN(minimum) ? "true" : "false");
   let shown = 0;
   for (const table of document.querySelectorAll("table.grid")) {
     for (const cell of table.querySelectorAll("[data-feature]")) {
-      cell.hidden = feature !== null && !feature(Number(cell.dataset.feature));
+      const value = cell.tagName === "TD" ? measurementOf(cell, name) : null;
+      const belowMinimum = minimum !== null && !Number.isNaN(minimum) && cell.tagName === "TD"
+        && (value === null || value < minimum);
+      cell.hidden = (feature !== null && !feature(Number(cell.dataset.feature))) || belowMinimum;
     }
     for (const row of table.tBodies[0].rows) {
       row.hidden = layer !== null && !layer(Number(row.dataset.layer));
@@ -100,8 +136,11 @@ document.addEventListener("DOMContentLoaded", () => {
     form.addEventListener("submit", (event) => event.preventDefault());
   }
   if (document.getElementById("grid-filter")) {
-    for (const id of ["filter-layer", "filter-feature"]) {
+    for (const id of ["filter-layer", "filter-feature", "filter-min"]) {
       document.getElementById(id).addEventListener("input", filterGrid);
+    }
+    for (const id of ["sort-by", "sort-order"]) {
+      document.getElementById(id).addEventListener("change", sortGrid);
     }
   }
   if (document.getElementById("search")) {
