@@ -44,10 +44,14 @@ def _print_cost(plan: Plan, done: set[str], cfg) -> None:
 
     image_steps, flops = plan.cost(done)
     device = pick_device(cfg.model.device)
-    rate = cost.measured_flops_per_second(str(device))
+    group = plan.costliest_group(done)
+    threads = max(1, int(cfg.cluster.cpus_per_worker))
+    rate = cost.measured_flops_per_second(str(device), group.model, group.weights.img_size, group.layer,
+                                          group.optim.precision, group.optim.copies, threads)
     one = flops / rate
     line = (f"cost: {image_steps:,} image-steps ({flops / 1e12:,.1f} TFLOP, forward and backward); one worker "
-            f"here reaches {rate / 1e9:,.0f} GFLOP/s on {device.type}: about {cost.duration(one)} of worker time")
+            f"here reaches {rate / 1e9:,.0f} GFLOP/s on {device.type} ({group.model}, layer {group.layer}, "
+            f"{group.optim.precision}): about {cost.duration(one)} of worker time")
     if cfg.cluster.kind == "local" and str(cfg.cluster.workers) == "auto" and device.type == "cpu":
         workers = max(1, int((os.cpu_count() or 1) // max(float(cfg.cluster.cpus_per_worker), 1e-3)))
         line += f", about {cost.duration(one / workers)} with this machine's {workers} workers"

@@ -104,6 +104,13 @@ class Plan:
             flops += todo * cost.unit_flops(forward, group.optim.steps, group.optim.copies)
         return image_steps, flops
 
+    def costliest_group(self, done: set[str]) -> "Group":
+        """The group whose remaining units cost the most FLOPs: what a cost estimate should time."""
+        def remaining(group: Group) -> float:
+            todo = sum(group.key(f) not in done for f in group.features)
+            return todo * zoo.target_flops(group.model, group.weights.img_size)[group.layer]
+        return max(self.groups, key=remaining)
+
     def units_table(self) -> pa.Table:
         return pa.Table.from_pylist([g.unit(f) for g in self.groups for f in g.features], schema=UNIT_SCHEMA)
 
