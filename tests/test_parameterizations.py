@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -387,3 +389,34 @@ def test_a_sweep_grid_over_parameterizations_plans_one_config_each_with_its_own_
     groups = build_plan(cfg).groups
     assert [(g.optim.param, g.optim.lr) for g in groups] == [("pixel", 0.1), ("fourier", 0.05), ("maco", 1.0)]
     assert len({g.config_hash for g in groups}) == 3 and all(g.features == (0, 6) for g in groups)
+
+
+def test_a_maco_spectrum_is_cited_by_its_sha256_in_the_record_config_and_the_config_hash(compose, tmp_path,
+                                                                                       monkeypatch):
+    from pipeline.execution.plan import build_plan
+
+    monkeypatch.chdir(tmp_path)
+    selection = ("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[1]", "sweep.features=[0]")
+
+    def group(*overrides):
+        return build_plan(compose(*selection, *overrides)).groups[0]
+
+    def with_spectrum(path: str, magnitude: np.ndarray):
+        np.save(path, magnitude.astype(np.float32), allow_pickle=False)
+        return group("optim.param=maco", f"optim.maco_spectrum={path}")
+
+    flat = with_spectrum("spectrum.npy", np.ones((32, 17)))
+    steep = with_spectrum("spectrum.npy", 1 / (1 + np.arange(32 * 17).reshape(32, 17)))  # same name, other bytes
+    assert flat.config_hash != steep.config_hash and flat.key(0) != steep.key(0)
+    config = json.loads(steep.config_json)
+    digest = hashlib.sha256((tmp_path / "spectrum.npy").read_bytes()).hexdigest()
+    assert config["maco_spectrum_id"] == f"sha256-{digest}"
+    # A relative path is resolved where the sweep is planned: workers started elsewhere find the file.
+    assert config["optim"]["maco_spectrum"] == str(Path.cwd() / "spectrum.npy") == steep.optim.maco_spectrum
+    (tmp_path / "elsewhere").mkdir()
+    copied = with_spectrum("elsewhere/copy.npy", 1 / (1 + np.arange(32 * 17).reshape(32, 17)))
+    assert copied.config_hash == steep.config_hash  # the same bytes make the same images, wherever they lie
+
+    powerlaw = json.loads(group("optim.param=maco").config_json)
+    assert powerlaw["maco_spectrum_id"] == "powerlaw-1.0" and powerlaw["optim"]["maco_spectrum"] == "powerlaw"
+    assert "maco_spectrum_id" not in json.loads(group("optim.param=pixel").config_json)
