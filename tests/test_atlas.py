@@ -63,18 +63,21 @@ def test_site_has_a_page_image_and_thumbnail_per_key_and_an_embedded_index(site)
 
 def test_rerun_writes_only_new_keys_and_rewrites_the_index(site, tmp_path):
     root, out = tmp_path / "store", tmp_path / "site"
-    write_store(root)
+    written = write_store(root)
     (root / "examples").mkdir()  # an examples job that has committed nothing yet: no examples, no error
     first = build_site(str(root), out)
     assert (first.pages_written, first.pages_kept) == (RECORD_COUNT, 0)
-    old_page = next((out / "features").iterdir())
-    stamp = old_page.stat().st_mtime_ns
+    deit_page = out / "features" / f"{next(r['key'] for r in written if r['model'] == DEIT)}.html"
+    clip_page = out / "features" / f"{next(r['key'] for r in written if r['model'] == CLIP)}.html"
+    stamp = deit_page.stat().st_mtime_ns
 
     assert build_site(str(root), out).pages_written == 0
     write_store(root, MODELS[2:], config_hash="cfg1")  # a second config of the CLIP model: 6 new keys
     again = build_site(str(root), out)
-    assert (again.records, again.pages_written, again.pages_kept) == (RECORD_COUNT + 6, 6, RECORD_COUNT)
-    assert old_page.stat().st_mtime_ns == stamp
+    # The 6 new pages, and the 6 CLIP pages of cfg0, which now show their unit under cfg1 beside them.
+    assert (again.records, again.pages_written, again.pages_kept) == (RECORD_COUNT + 6, 12, RECORD_COUNT - 6)
+    assert deit_page.stat().st_mtime_ns == stamp
+    assert 'class="configs"' in clip_page.read_text() and 'class="configs"' not in deit_page.read_text()
     assert (out / "models" / f"{model_slug(CLIP)}.html").read_text().count("config cfg1") == 1
 
 
@@ -84,11 +87,11 @@ def test_an_interrupted_first_build_is_completed_by_the_next(tmp_path, monkeypat
     write_store(tmp_path / "store")
     written = []
 
-    def write_three_then_die(out, row, png, examples):
+    def write_three_then_die(out, row, *files):
         if len(written) == 3:
             raise KeyboardInterrupt
         written.append(row["key"])
-        real_write_key(out, row, png, examples)
+        real_write_key(out, row, *files)
 
     real_write_key = atlas._write_key
     monkeypatch.setattr(atlas, "_write_key", write_three_then_die)
@@ -98,6 +101,45 @@ def test_an_interrupted_first_build_is_completed_by_the_next(tmp_path, monkeypat
     resumed = build_site(str(tmp_path / "store"), tmp_path / "site")
     assert (resumed.pages_written, resumed.pages_kept) == (RECORD_COUNT, 0)
     assert len(list((tmp_path / "site" / "features").glob("*.html"))) == RECORD_COUNT
+
+
+def configs_block(page: str) -> str:
+    blocks = re.findall(r'<section class="configs">.*?</section>', page, re.S)
+    assert len(blocks) <= 1
+    return blocks[0] if blocks else ""
+
+
+def test_a_feature_page_shows_its_unit_under_the_stores_other_configs_captioned_with_what_differs(tmp_path):
+    from pipeline.store.schemas import unit_key
+    from pipeline.store.store import Store
+
+    root, out = tmp_path / "store", tmp_path / "site"
+    written = []
+    for param, lr in (("pixel", 0.1), ("fourier", 0.05), ("maco", 1.0)):  # optim.lr=auto's per param
+        for row in records(MODELS[:1], config_hash=f"cfg-{param}"):
+            row["config"] = json.dumps({"optim": {"param": param, "lr": lr, "steps": 3}, "target": "mlp"})
+            written.append(row)
+    unit = {name: written[5][name] for name in ("model", "weights", "target", "objective", "layer", "feature",
+                                                 "config_hash")}
+    other_seed = dict(written[5], seed=1, key=unit_key(**unit, seed=1))  # another unit: never beside seed 0
+    with Store(str(root)).writer(commit_every=100) as writer:
+        for row in [*written, other_seed]:
+            writer.add(row)
+    build_site(str(root), out)
+
+    same = [r for r in written if (r["layer"], r["feature"]) == (written[5]["layer"], written[5]["feature"])]
+    assert [json.loads(r["config"])["optim"]["param"] for r in same] == ["pixel", "fourier", "maco"]
+    for row in same:
+        block = configs_block((out / "features" / f"{row['key']}.html").read_text())
+        assert block.count("<img ") == 3 and "this page" in block
+        others = [r for r in same if r is not row]
+        assert sorted(re.findall(r'<a href="([^"]+)\.html">', block)) == sorted(r["key"] for r in others)
+        assert other_seed["key"] not in block and f"thumbs/{row['key']}.png" in block
+    block = configs_block((out / "features" / f"{same[0]['key']}.html").read_text())
+    for caption in ("param=pixel", "param=fourier", "param=maco", "lr=0.05", "lr=1.0"):
+        assert f"<code>{caption}</code>" in block
+    assert "steps=" not in block and "target=" not in block  # what all three share is not a difference
+    assert configs_block((out / "features" / f"{other_seed['key']}.html").read_text()) == ""
 
 
 def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):

@@ -92,6 +92,31 @@ def test_a_hyper_parameter_grid_gives_one_record_per_config(ray_local, compose, 
     assert sorted(json.loads(r["config"])["optim"]["tv"] for r in table) == [0.1, 1.0]
 
 
+def test_a_three_way_parameterization_grid_over_two_layers_is_one_command_into_one_store(ray_local, tmp_path):
+    from pipeline.sweep import main
+    from pipeline.views.atlas import build_site
+
+    # The command as written, with 2 steps of 1 copy instead of 10 steps of 8.
+    assert main(["sweep.models=[deit_tiny_patch16_224]", "model.weights=planted", "sweep.layers=[1,2]",
+                 "sweep.features=first:2", "sweep.grid={optim.param:[pixel,fourier,maco]}", "optim.steps=2",
+                 "optim.copies=1", "progress.bar=false", f"store.root={tmp_path / 'store'}"]) == 0
+    rows = Store(str(tmp_path / "store")).parquet_dataset().to_table(
+        columns=["key", "layer", "feature", "config_hash", "config"]).to_pylist()
+    units: dict[tuple, list[dict]] = {}
+    for row in rows:
+        units.setdefault((row["layer"], row["feature"]), []).append(row)
+    assert sorted(units) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for same in units.values():
+        assert sorted(json.loads(r["config"])["optim"]["param"] for r in same) == ["fourier", "maco", "pixel"]
+        assert len({r["config_hash"] for r in same}) == 3
+    assert len({r["config_hash"] for r in rows}) == 3  # one config per param, shared by both layers
+
+    build_site(str(tmp_path / "store"), tmp_path / "site")
+    page = (tmp_path / "site" / "features" / f"{rows[0]['key']}.html").read_text()
+    block = page[page.index('<section class="configs">'):]
+    assert block[:block.index("</section>")].count("<img ") == 3
+
+
 @pytest.mark.parametrize("override,message", [
     ("sweep.models=[deit_tiny_patch16_22]", "Did you mean: deit_tiny_patch16_224"),
     ("sweep.layers=[12]", r"valid layers are 0\.\.11"),

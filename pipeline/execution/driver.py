@@ -8,6 +8,7 @@ only the missing work.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -65,13 +66,16 @@ def _print_results(store: Store, keys: list[str]) -> None:
     if len(keys) > 40:
         return
     table = store.parquet_dataset().to_table(
-        columns=["model", "weights", "layer", "feature", "activation", "label"],
+        columns=["model", "weights", "layer", "feature", "config_hash", "config", "activation", "label"],
         filter=ds.field("key").isin(keys)).sort_by([("weights", "ascending"), ("layer", "ascending"),
-                                                    ("feature", "ascending")])
-    print(f"  {'model':<24} {'weights':<16} {'layer':>5} {'feature':>7} {'activation':>10}  label")
+                                                    ("feature", "ascending"), ("config_hash", "ascending")])
+    # The config hash and parameterization tell apart the rows of a grid, which share everything else.
+    print(f"  {'model':<24} {'weights':<16} {'layer':>5} {'feature':>7} {'config':<12} {'param':<7} "
+          f"{'activation':>10}  label")
     for row in table.to_pylist():
+        param = json.loads(row["config"])["optim"]["param"]
         print(f"  {row['model']:<24} {row['weights']:<16} {row['layer']:>5} {row['feature']:>7} "
-              f"{row['activation']:>10.4f}  {row['label'] or ''}")
+              f"{row['config_hash']:<12} {param:<7} {row['activation']:>10.4f}  {row['label'] or ''}")
 
 
 def _print_where(store: Store) -> None:

@@ -15,6 +15,7 @@ import itertools
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -233,6 +234,9 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
         raise PipelineError("optim.fourier_sd must be > 0.")
     if config.param == "maco":
         parameterizations.check_spectrum(config.maco_spectrum)
+        if config.maco_spectrum != parameterizations.POWERLAW:
+            # Workers may start in another directory (a Ray cluster's), so they get the file as found here.
+            config.maco_spectrum = str(Path(config.maco_spectrum).expanduser().absolute())
     return config
 
 
@@ -283,13 +287,18 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[G
                                  settings["model"].get("img_size"))
     info = zoo.layout(model, choice.img_size)
     optim = optim_config(settings["optim"], family)
+    # MACO's magnitude spectrum is named by its bytes (or the power law's alpha), not by where it lies: a
+    # file rewritten in place makes other images under the same path, a copy elsewhere the same images.
+    spectrum = {"maco_spectrum_id": parameterizations.spectrum_id(optim)} if optim.param == "maco" else {}
     # The hash names everything besides the unit's own fields that changes its image: the optimizer's
-    # settings and, when it is not the model's native one, the input size.
+    # settings (MACO's spectrum by its id) and, when it is not the model's native one, the input size.
     identity = {**dataclasses.asdict(optim), **({"image_size": choice.img_size} if choice.img_size else {})}
+    if spectrum:
+        identity["maco_spectrum"] = spectrum["maco_spectrum_id"]
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    config_json = json.dumps({"optim": dataclasses.asdict(optim), "target": target, "objective": objective.name,
-                              "weights": str(settings["model"]["weights"]), "weights_id": choice.weights_id,
-                              "image_size": info.input_size[-1]}, sort_keys=True)
+    config_json = json.dumps({"optim": dataclasses.asdict(optim), **spectrum, "target": target,
+                              "objective": objective.name, "weights": str(settings["model"]["weights"]),
+                              "weights_id": choice.weights_id, "image_size": info.input_size[-1]}, sort_keys=True)
     groups = []
     for layer in select(sweep["layers"], len(info.layers), "layer", f"'{model}'"):
         where = f"layer {layer} of '{model}'"

@@ -8,7 +8,8 @@ Layout of the site::
     models/<model>.html      per model (and weights/target/objective/config): layers x features, early -> late;
                              each layer's features sortable and filterable by any measurement (atlas.js)
     features/<key>.html      one visualization: image, activation, label, measurements (descriptors,
-                             baselines, superstimulus ratio, reliability), provenance, dataset examples
+                             baselines, superstimulus ratio, reliability), the same unit under the store's
+                             other configs side by side, provenance, dataset examples
     images/<key>.png         the record's image as stored
     thumbs/<key>.png         thumbnails the grids and search show (lazy-loaded), subsampled, never averaged
     examples/<key>-r<rank>.jpg   dataset examples with their activation map overlaid, if the store has them
@@ -23,7 +24,7 @@ name a file outside the site or break out of an attribute. Pages are Jinja2 temp
 escaped where it lands.
 
 Pages, images and thumbnails of a key are written once; a re-run writes those
-of new keys (and of keys whose dataset examples changed), then rewrites the
+of new keys (and of keys whose dataset examples or other configs changed), then rewrites the
 index, model pages and search index, which summarise every key. The manifest is
 written last, so an interrupted run is completed by the next. A record whose PNG
 does not decode gets a placeholder and a warning, is counted in the build report,
@@ -60,6 +61,8 @@ log = logging.getLogger(__name__)
 
 # Part of the manifest: a site written by other page templates is rebuilt whole.
 SITE_VERSION = 3
+# What makes two records the same unit under different configs (config_hash aside): a feature page shows them together.
+UNIT_FIELDS = ("model", "weights", "target", "objective", "layer", "feature", "seed")
 THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so browsers do not average either)
 EXAMPLE_SIZE = 128
 # What to do about a record whose image does not decode ({root}: the store root).
@@ -103,8 +106,9 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
     rows = {row["key"]: row for row in records.to_pylist()}
     for joined in atlas.measurements().select(["key", *_JOINED]).to_pylist():
         rows[joined["key"]].update(joined)
-    fingerprints = _fingerprints(rows, examples.fingerprints())
     _check_names(rows)
+    configs = _unit_configs(rows.values())
+    fingerprints = _fingerprints(rows, examples.fingerprints(), configs)
     pending = [key for key in rows if manifest.get(key) != fingerprints.get(key, "")
                or not (out / "features" / f"{key_slug(key)}.html").exists()]
 
@@ -112,7 +116,7 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
         (out / folder).mkdir(parents=True, exist_ok=True)
     if not manifest_path.exists():  # marks the directory as an atlas, so an interrupted first run can resume
         _write_manifest(manifest_path, {})
-    unreadable = _write_pages(atlas, out, rows, pending, examples, workers or min(4, os.cpu_count() or 1))
+    unreadable = _write_pages(atlas, out, rows, pending, examples, configs, workers or min(4, os.cpu_count() or 1))
     broken = frozenset(unreadable)
 
     models = _group_models(rows.values())
@@ -186,12 +190,63 @@ class _Examples:
         return {key: sorted(rows, key=lambda r: r["rank"]) for key, rows in found.items()}
 
 
-def _fingerprints(rows: dict[str, dict], examples: dict[str, str]) -> dict[str, str]:
-    """Per key, a digest of what its page shows that can change (its examples, its measurements): a change
-    rewrites the page. Measurements change when ``vit-atlas describe`` measures an old record, when
-    examples arrive (the superstimulus ratio) or another seed of the unit does (its reliability)."""
-    return {key: hashlib.sha256(repr((examples.get(key, ""), [row.get(name) for name in _MEASURED_SHOWN]))
-                                .encode()).hexdigest()[:16] for key, row in rows.items()}
+def _unit_configs(rows) -> dict[str, list[dict]]:
+    """key -> the same unit under each config of the store, itself included, captioned with what differs;
+    only for units the store holds under more than one config."""
+    units: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        units[tuple(row[name] for name in UNIT_FIELDS)].append(row)
+    configs = {}
+    for same in units.values():
+        if len(same) < 2:
+            continue
+        captions = _config_differences([row["config"] for row in same])
+        shown = sorted(({"key": row["key"], "slug": key_slug(row["key"]), "config_hash": row["config_hash"],
+                         "activation": row["activation"], "differs": caption}
+                        for row, caption in zip(same, captions)), key=lambda c: (c["differs"], c["config_hash"]))
+        configs.update((row["key"], shown) for row in same)
+    return configs
+
+
+def _config_differences(texts: list[str]) -> list[list[str]]:
+    """Per config JSON, the ``name=value`` settings in which it differs from the others (optim's without the
+    ``optim.`` prefix, the parameterization first); empty where the JSON does not tell them apart."""
+    flat = [_flat_config(text) for text in texts]
+    names = sorted({name for config in flat for name in config},
+                   key=lambda name: (name != "optim.param", name))
+    missing = object()
+    differing = [name for name in names if len({config.get(name, missing) for config in flat}) > 1]
+    return [[f"{name.removeprefix('optim.')}={config[name]}" for name in differing if name in config]
+            for config in flat]
+
+
+def _flat_config(text: str) -> dict[str, str]:
+    """A record's config JSON as {"optim.lr": "0.05", ...}, values as JSON text; {} if it is not a JSON object."""
+    try:
+        config = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return {}
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for name, value in node.items():
+                walk(value, f"{prefix}.{name}" if prefix else str(name))
+        else:
+            flat[prefix] = node if isinstance(node, str) else json.dumps(node)
+
+    walk(config, "")
+    return flat if isinstance(config, dict) else {}
+
+
+def _fingerprints(rows: dict[str, dict], examples: dict[str, str], configs: dict[str, list[dict]]) -> dict[str, str]:
+    """Per key, a digest of what its page shows that can change: its examples, its measurements, and which
+    configs stand beside it. A change rewrites the page. Measurements change when ``vit-atlas describe``
+    measures an old record, when examples arrive (the superstimulus ratio) or another seed of the unit does
+    (its reliability); siblings change when the store gains the unit under another config."""
+    return {key: hashlib.sha256(repr((examples.get(key, ""), [row.get(name) for name in _MEASURED_SHOWN],
+                                      [c["key"] for c in configs.get(key, [])])).encode()).hexdigest()[:16]
+            for key, row in rows.items()}
 
 
 def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
@@ -213,7 +268,7 @@ def _variant_order(variant: tuple) -> tuple:
 
 
 def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: list[str], examples: _Examples,
-                 workers: int) -> list[str]:
+                 configs: dict[str, list[dict]], workers: int) -> list[str]:
     """Images, thumbnails, example overlays and the feature page of each pending key, in bounded batches.
 
     Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
@@ -223,7 +278,8 @@ def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: l
         for batch in atlas.keyed_batches(pending, columns=["key", "png"], batch_size=128):
             keys = batch.column("key").to_pylist()
             batch_examples = examples.for_keys(keys)
-            jobs = [(key, pool.submit(_write_key, out, rows[key], png, batch_examples.get(key, [])))
+            jobs = [(key, pool.submit(_write_key, out, rows[key], png, batch_examples.get(key, []),
+                                      configs.get(key, [])))
                     for key, png in zip(keys, batch.column("png").to_pylist())]
             for key, job in jobs:
                 problem = job.result()
@@ -233,7 +289,7 @@ def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: l
     return unreadable
 
 
-def _write_key(out: Path, row: dict, png: bytes, examples: list[dict]) -> str | None:
+def _write_key(out: Path, row: dict, png: bytes, examples: list[dict], configs: list[dict]) -> str | None:
     """Write one key's files; returns why its image does not decode (then a placeholder stands in), else None."""
     slug = key_slug(row["key"])
     try:
@@ -257,7 +313,7 @@ def _write_key(out: Path, row: dict, png: bytes, examples: list[dict]) -> str | 
             continue
         overlay.save(_site_file(out, "examples", f"{slug}-r{int(example['rank'])}.jpg"), format="JPEG", quality=85)
         shown.append(example)
-    _write_text(_site_file(out, "features", f"{slug}.html"), _feature_page(row, shown, problem))
+    _write_text(_site_file(out, "features", f"{slug}.html"), _feature_page(row, shown, problem, configs))
     return problem
 
 
@@ -491,7 +547,8 @@ def _cell_values(rows: list[dict]) -> dict[str, str]:
     return values
 
 
-def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None) -> str:
+def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None,
+                  configs: list[dict] = ()) -> str:
     title = f"{row['model']} · layer {row['layer']} · feature {row['feature']}"
     try:
         config = json.dumps(json.loads(row["config"]), indent=2, sort_keys=True)
@@ -502,6 +559,7 @@ def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None
         slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
         unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"),
         trace=_sparkline(row["activation_trace"]), config=config,
+        configs=[{**c, "current": c["key"] == row["key"]} for c in configs], thumb_size=THUMB_SIZE,
         examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],
         provenance=[(name, _format_value(name, row[name])) for name in _PAGE_COLUMNS
                     if name != "config" and name not in _MEASURED_SHOWN],
