@@ -525,7 +525,7 @@ def test_the_model_page_sorts_and_filters_each_layers_features_by_any_descriptor
     assert options == list(SORTABLE) and "spectral_centroid" in options and "superstimulus_ratio" in options
     assert 'id="sort-order"' in page and 'id="filter-min"' in page
     record = next(r for r in site["records"] if r["weights"] == "random-0" and (r["layer"], r["feature"]) == (2, 1))
-    cell = re.search(rf'<tr data-layer="2">.*?(<td data-feature="1"[^>]*>)', page[page.index("random-0"):], re.S)[1]
+    cell = re.search(r'<tr data-layer="2">.*?(<td data-feature="1"[^>]*>)', page[page.index("random-0"):], re.S)[1]
     assert f'data-m-edge_density="{record["edge_density"]:.6g}"' in cell
     assert f'data-m-activation_noise="{record["activation_noise"]:.6g}"' in cell
     script = (site["out"] / "atlas.js").read_text()
