@@ -1,6 +1,6 @@
 """One command line for every command: Hydra's config composition over conf/, Hydra's override grammar.
 
-Each command (``vit-atlas sweep|status|describe|atlas|figures|examples|probes|zoo``, or
+Each command (``vit-atlas sweep|status|describe|spectrum|atlas|figures|examples|probes|zoo``, or
 ``python -m pipeline.<command>``) is a :class:`Command`: a config name (conf/<name>.yaml,
 typed by ``pipeline.config.SCHEMAS[name]``) and a function of the typed config.
 :func:`run` parses the command line once, the same way for all of them:
@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "synthesize the images that maximally activate ViT features (Ghiasi et al. 2022) into a store, on Ray",
     "status": "planned / done / failed per model and layer, from the store alone",
     "describe": "measure an existing store's records (descriptors, baselines, embedding) without re-optimizing",
+    "spectrum": "a MACO magnitude spectrum (optim.maco_spectrum) averaged from a folder of images",
     "atlas": "write (or bring up to date) a store's static web atlas",
     "figures": "paper-style figures from a store, as PNG and PDF",
     "examples": "the dataset images that most excite each visualized feature, into the store",

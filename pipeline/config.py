@@ -231,6 +231,14 @@ class DescribeConfig:
 
 
 @dataclass
+class SpectrumConfig:
+    folder: str  # the images to average
+    out: str  # OUT.npy or OUT.safetensors, written once
+    size: int  # the square image side the spectrum is for (the sweep's input size)
+    force: bool  # replace an existing OUT (records cite a spectrum by its sha256)
+
+
+@dataclass
 class AtlasConfig:
     store: StoreRoot
     out: str  # the site directory
@@ -262,6 +270,7 @@ SCHEMAS: dict[str, type] = {
     "probes": ProbesConfig,
     "status": StatusConfig,
     "describe": DescribeConfig,
+    "spectrum": SpectrumConfig,
     "atlas": AtlasConfig,
     "figures": FiguresConfig,
     "zoo": ZooConfig,

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline import spectrum
 from pipeline.engine import parameterizations
 from pipeline.engine.visualizer import Visualizer
 from pipeline.models import planted
@@ -249,7 +250,8 @@ def write_images(folder) -> None:
 def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path, suffix, capsys):
     write_images(tmp_path / "images")
     out = tmp_path / f"spectrum{suffix}"
-    assert parameterizations.main(["spectrum", str(tmp_path / "images"), str(out), "--size", "32"]) == 0
+    command = [f"folder={tmp_path / 'images'}", f"out={out}", "size=32"]
+    assert spectrum.main(command) == 0
     spectrum_id = capsys.readouterr().out.strip()
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert spectrum_id == f"sha256-{digest}"
@@ -260,7 +262,8 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     before = out.read_bytes()
     with pytest.raises(PipelineError, match="exists"):
         parameterizations.spectrum_from_folder(tmp_path / "images", out, (32, 32))
-    assert parameterizations.main(["spectrum", str(tmp_path / "images"), str(out), "--size", "32"]) == 2
+    assert spectrum.main(command) == 2
+    assert "force=true" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert parameterizations.spectrum_from_folder(tmp_path / "images", out, (32, 32), overwrite=True) == spectrum_id
 

@@ -41,8 +41,8 @@ project downloads nothing. The default is a power law, magnitude 1 / max(f, 1/ma
 36(17), measured power-spectrum exponents near 2, i.e. amplitude exponents near 1).
 The same magnitude is used for the three decorrelated colour channels, which the
 colour matrix has whitened. :func:`spectrum_from_folder` computes an average spectrum
-from any folder of images instead (``python -m pipeline.engine.parameterizations spectrum
-FOLDER OUT.npy``); ``optim.maco_spectrum=OUT.npy`` then uses it, and
+from any folder of images instead (``vit-atlas spectrum
+folder=DIR out=OUT.npy``); ``optim.maco_spectrum=OUT.npy`` then uses it, and
 :func:`spectrum_id` names it by the file's sha256 for the records.
 
 Real images have real Fourier coefficients at up to four self-conjugate frequencies
@@ -57,12 +57,10 @@ spectrum (f_x = 0 and, for even widths, Nyquist) the phases of k and -k are tied
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +69,7 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError, reporting_errors
+from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.engine.optimize import OptimConfig
@@ -304,7 +302,7 @@ def _read_spectrum_file(path: str | os.PathLike) -> tuple[np.ndarray, int | None
     """(C, h, w // 2 + 1) float array and the source width, if the file records it."""
     path = Path(path)
     usage = (f"optim.maco_spectrum is '{POWERLAW}' or a {' / '.join(SPECTRUM_SUFFIXES)} file written by "
-             f"`python -m pipeline.engine.parameterizations spectrum FOLDER OUT.npy`")
+             f"`vit-atlas spectrum folder=DIR out=OUT.npy`")
     if path.suffix not in SPECTRUM_SUFFIXES:
         raise PipelineError(f"MACO spectrum {str(path)!r} is not a {' or '.join(SPECTRUM_SUFFIXES)} file: {usage}.")
     if not path.is_file():
@@ -407,7 +405,7 @@ def spectrum_from_folder(folder: str | os.PathLike, out: str | os.PathLike, imag
         raise PipelineError(f"Spectrum output {str(out)!r} must end in {' or '.join(SPECTRUM_SUFFIXES)}.")
     if out.exists() and not overwrite:
         raise PipelineError(f"Spectrum file {str(out)!r} exists; records may cite it by its sha256. "
-                            f"Write to a new path, or pass --force to replace it.")
+                            f"Write to a new path, or set force=true to replace it.")
     if not folder.is_dir():
         raise PipelineError(f"Image folder {str(folder)!r} is not a directory.")
     inverse = torch.linalg.inv(colour_matrix().double())
@@ -440,35 +438,3 @@ def spectrum_from_folder(folder: str | os.PathLike, out: str | os.PathLike, imag
         progress(f"{count} images ({skipped} unreadable files skipped) -> {out}")
     return f"sha256-{file_sha256(out)}"
 
-
-def _parse_size(text: str) -> tuple[int, int]:
-    height, _, width = text.lower().partition("x")
-    try:
-        size = (int(height), int(width or height))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not N or HxW") from None
-    if min(size) < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
-    return size
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.engine.parameterizations",
-                                     description="MACO magnitude spectra for optim.maco_spectrum.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    spectrum = commands.add_parser("spectrum", help="average magnitude spectrum of a folder of images")
-    spectrum.add_argument("folder")
-    spectrum.add_argument("out", help="OUT.npy or OUT.safetensors")
-    spectrum.add_argument("--size", type=_parse_size, default=(224, 224), help="N or HxW (default 224)")
-    spectrum.add_argument("--force", action="store_true", help="replace an existing OUT")
-    args = parser.parse_args(argv)
-
-    def work() -> None:
-        print(spectrum_from_folder(args.folder, args.out, args.size, args.force,
-                                   progress=lambda line: print(line, file=sys.stderr)))
-
-    return reporting_errors(work)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
