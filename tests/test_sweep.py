@@ -247,6 +247,9 @@ def test_cli_bad_input_exits_2_with_one_paragraph_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # nothing written for any of them
 
 
+DEMO_WEIGHTS_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"  # jobs/fetch-demo-weights.sh
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
                                               if not p.stem.startswith("probe_")))
 def test_every_sweep_experiment_plans_without_touching_weights(compose, experiment):
@@ -256,6 +259,11 @@ def test_every_sweep_experiment_plans_without_touching_weights(compose, experime
         assert {g.optim.tv for g in plan.groups} == {0.1, 1.0}
         assert all(g.weights.weights_id.startswith("pretrained-") for g in plan.groups)
         assert all(g.optim.lr == (1.0 if g.family == "clip" else 0.1) for g in plan.groups)
+    if experiment == "demo":  # the trained DINOv2 at 224 px (`make demo-weights`) beside the planted units
+        dinov2 = [g for g in plan.groups if g.model == "vit_small_patch14_dinov2"]
+        assert {g.weights.weights_id for g in dinov2} == {f"sha256-{DEMO_WEIGHTS_SHA256}"}
+        assert {g.weights.img_size for g in dinov2} == {224} and {g.layer for g in dinov2} == {1, 4, 7, 10}
+        assert {g.weights.kind for g in plan.groups} == {"file", "planted"}
 
 
 def test_hydra_multirun_runs_one_sweep_per_value_into_the_same_store(tmp_path):
