@@ -250,6 +250,7 @@ class FiguresConfig:
     out: str  # the figures directory
     models: list[str]  # empty: every model in the store
     target: str
+    per_layer: int  # progression rows per (model, weights): each layer's most activated features
 
 
 @dataclass

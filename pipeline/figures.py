@@ -11,13 +11,14 @@ from pipeline import cli
 def _run(cfg) -> None:
     from pipeline.views.figures import write_figures
 
-    written = write_figures(cfg.store.root, cfg.out, list(cfg.models) or None, cfg.target)
+    written = write_figures(cfg.store.root, cfg.out, list(cfg.models) or None, cfg.target, cfg.per_layer)
     print(f"figures: wrote {len(written)} files ({len(written) // 2} figures, PNG and PDF) to {cfg.out}")
 
 
 COMMAND = cli.Command("figures", _run, examples=(
     "vit-atlas figures store.root=outputs/store out=figures",
     "vit-atlas figures store.root=outputs/store out=figures models=[deit_tiny_patch16_224,vit_base_patch32_384]",
+    "vit-atlas figures store.root=outputs/store out=figures models=[vit_small_patch14_dinov2] per_layer=3",
 ))
 
 

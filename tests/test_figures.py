@@ -27,6 +27,27 @@ def test_progression_has_one_row_per_model_and_weights_and_a_panel_per_layer(syn
         "layer 0 · f2", "layer 1 · f2"]
 
 
+def test_progression_per_layer_stacks_each_layers_strongest_features_in_rank_order(synthetic_store_root):
+    atlas = open_store(str(synthetic_store_root))
+    figure = progression_figure(atlas, models=[DEIT], per_layer=2)
+    frame = atlas.frame(model=DEIT)
+    expected = {}
+    for (weights, layer), group in frame.groupby(["weights", "layer"]):
+        ranked = group.sort_values(["activation", "key"], ascending=[False, True])["feature"].tolist()
+        expected.update({(weights, rank, layer): feature for rank, feature in enumerate(ranked[:2])})
+    rows = [(w, rank) for w in ("planted-v1-0", "random-0") for rank in range(2)
+            if any((w, rank, layer) in expected for layer in range(4))]
+    shown = {}
+    for axes in figure.axes:
+        spec = axes.get_subplotspec()
+        layer, feature = (int(part.split()[-1].lstrip("f")) for part in axes.get_title().split(" · "))
+        assert spec.colspan.start == layer
+        shown[(*rows[spec.rowspan.start], layer)] = feature
+    assert shown == expected and len(rows) == 4  # planted: 2 features of layer 1; random: 2 of each layer
+    assert [axes.get_ylabel() for axes in figure.axes if axes.get_ylabel()] == [f"{DEIT}\nplanted-v1-0",
+                                                                                f"{DEIT}\nrandom-0"]
+
+
 def test_progression_columns_are_layers_with_headers_and_empty_cells_where_a_row_has_none(synthetic_store_root):
     figure = progression_figure(open_store(str(synthetic_store_root)))
     cells = {}

@@ -4,6 +4,7 @@
 
 - ``progression.{png,pdf}``: the layer-progression strip of the paper's Figure 1:
   one row per (model, weights) (per model: real weights, then planted, then random),
+  ``per_layer`` rows of them for the most activated features, strongest first,
   one column per layer visualized anywhere in the figure, early to late, headed by
   the layer; each panel is that layer's most strongly activated visualized feature,
   and a row without the layer leaves its cell empty, so a column is one depth.
@@ -93,21 +94,26 @@ def _panel(axes, image: np.ndarray | None, title: str) -> None:
         spine.set_visible(image is None)
 
 
-def progression_figure(atlas: AtlasStore, models: list[str] | None = None, target: str = "mlp") -> Figure:
-    """One row per (model, weights), one column per layer (early, left, to late), empty where a row lacks it."""
+def progression_figure(atlas: AtlasStore, models: list[str] | None = None, target: str = "mlp",
+                       per_layer: int = 1) -> Figure:
+    """One row per (model, weights) and rank, one column per layer (early, left, to late), empty where a row
+    lacks it: row r of a (model, weights) shows each layer's r-th most activated feature, r < ``per_layer``."""
+    if per_layer < 1:
+        raise PipelineError(f"per_layer={per_layer} must be at least 1: the features shown per layer and row.")
     rows = _best_per_feature(atlas, models, target)
-    strongest: dict[tuple, dict] = {}
+    ranked: dict[tuple, list[dict]] = {}
     for row in sorted(rows, key=lambda r: (-r["activation"], r["key"])):
-        strongest.setdefault((row["model"], row["weights"], row["layer"]), row)
+        ranked.setdefault((row["model"], row["weights"], row["layer"]), []).append(row)
     strips: dict[tuple, dict[int, dict]] = {}
-    for (model, weights, layer), row in strongest.items():
-        strips.setdefault((model, weights), {})[layer] = row
-    order = sorted(strips, key=lambda item: (item[0], weights_order(item[1])))
+    for (model, weights, layer), best in ranked.items():
+        for rank, row in enumerate(best[:per_layer]):
+            strips.setdefault((model, weights, rank), {})[layer] = row
+    order = sorted(strips, key=lambda item: (item[0], weights_order(item[1]), item[2]))
     layers = sorted({layer for strip in strips.values() for layer in strip})
-    images = _images(atlas, list(strongest.values()))
+    images = _images(atlas, [row for strip in strips.values() for row in strip.values()])
 
     # A fixed layout (inches), so the column headers and row captions can be placed before drawing.
-    labels = [f"{model}\n{weights}" for model, weights in order]
+    labels = [f"{model}\n{weights}" if rank == 0 else "" for model, weights, rank in order]
     left = max(1.2, 0.065 * max(len(line) for label in labels for line in label.split("\n")) + 0.3)
     right, top, bottom, wspace, hspace = 0.15, 0.75, 0.15, 0.08, 0.3
     columns, lines = len(layers), len(order)
@@ -116,8 +122,8 @@ def progression_figure(atlas: AtlasStore, models: list[str] | None = None, targe
     figure = Figure(figsize=(width, height))
     grid = figure.add_gridspec(lines, columns, left=left / width, right=1 - right / width, top=1 - top / height,
                                bottom=bottom / height, wspace=wspace, hspace=hspace)
-    for number, ((model, weights), label) in enumerate(zip(order, labels)):
-        strip = strips[(model, weights)]
+    for number, ((model, weights, rank), label) in enumerate(zip(order, labels)):
+        strip = strips[(model, weights, rank)]
         first = None
         for column, layer in enumerate(layers):
             if layer not in strip:
@@ -131,7 +137,7 @@ def progression_figure(atlas: AtlasStore, models: list[str] | None = None, targe
         axes.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
         # The row's label sits left of column 0 even when its first panel is further right.
         axes.yaxis.set_label_coords(-column * (1 + wspace) - 0.06, 0.5)
-        if weights_kind(weights) == "random":
+        if weights_kind(weights) == "random" and rank == 0:
             cell = grid[number, 0].get_position(figure)
             figure.text(cell.x0 - 0.06 * cell.width, cell.y0 + 0.2 * cell.height, RANDOM_CAPTION, fontsize=6,
                         style="italic", color="#a04040", ha="right", va="center")
@@ -209,14 +215,14 @@ def descriptor_depth_figure(atlas: AtlasStore, models: list[str] | None = None, 
 
 
 def write_figures(store_root: str, out: str | Path, models: list[str] | None = None,
-                  target: str = "mlp") -> list[Path]:
+                  target: str = "mlp", per_layer: int = 1) -> list[Path]:
     """Render the progression strip and every layer's contact sheet; returns the files written."""
     atlas = open_store(store_root)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PipelineError(f"The figures output {str(out)!r} is a file, not a directory. Choose a directory for out=.")
     out.mkdir(parents=True, exist_ok=True)
-    written = _save(progression_figure(atlas, models, target), out / "progression")
+    written = _save(progression_figure(atlas, models, target, per_layer), out / "progression")
     sheets = sorted({(r["model"], r["weights"], r["layer"]) for r in _best_per_feature(atlas, models, target)})
     for model, weights, layer in sheets:
         name = f"contact-{model_slug(model)}-{model_slug(weights)}-l{layer:03d}"
