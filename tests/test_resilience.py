@@ -114,6 +114,9 @@ NODE_LOSS = textwrap.dedent("""
 """)
 
 
+# `make test-all` only: tests/test_cluster.py runs the harder cases in `make test` (a node lost for good, a node
+# that joins mid-sweep), and make test has to stay within CI's 15 minutes.
+@pytest.mark.slow
 def test_losing_a_node_mid_sweep_still_ends_with_exactly_the_planned_keys(compose, tmp_path):
     root = tmp_path / "store"
     planned = build_plan(compose("sweep.layers=[0]", "sweep.features=first:10", "optim.steps=40",

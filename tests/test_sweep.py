@@ -72,7 +72,9 @@ def test_a_completed_plan_starts_no_workers_and_a_partial_one_does_only_the_rest
     larger = compose("sweep.layers=[0]", "sweep.features=[1,2,3]", f"store.root={tmp_path}", *FAST)
     capsys.readouterr()
     assert run_sweep(larger) == 0
-    assert "plan: 3 planned / 2 already done / 1 to do" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "plan: 3 planned / 2 already done / 1 to do" in out
+    assert f"not re-read: `vit-atlas status store.root={tmp_path} verify=true`" in out  # says it did not verify
     rows = Store(str(tmp_path)).parquet_dataset().to_table(columns=["key", "timestamp"]).to_pylist()
     assert len(rows) == 3 and all(first[r["key"]] == r["timestamp"] for r in rows if r["key"] in first)
 

@@ -25,10 +25,13 @@ EXIT_FAILURES = 1
 EXIT_INTERRUPTED = 130
 
 
-def _print_plan(plan: Plan, done: set[str], failed: set[str]) -> None:
+def _print_plan(plan: Plan, done: set[str], failed: set[str], root: str) -> None:
     planned = len(plan)
     print(f"plan: {planned} planned / {len(done)} already done / {planned - len(done)} to do"
           + (f" ({len(failed)} failed before, retried now)" if failed else ""), flush=True)
+    if done:  # reading every image back would cost as much as a read of the whole store
+        print(f"  done is what the committed Parquet parts list, not re-read: `vit-atlas status store.root={root} "
+              "verify=true` checks every record", flush=True)
     per_model: dict[str, list[int]] = {}
     for group in plan.groups:
         size = f" at {group.weights.img_size} px" if group.weights.img_size else ""
@@ -114,7 +117,7 @@ def run_sweep(cfg: SweepConfig) -> int:
     planned = set(keys)
     done = store.committed_keys() & planned
     failed = store.failed_keys() & planned
-    _print_plan(plan, done, failed)
+    _print_plan(plan, done, failed, store.root)
     if planned - done:
         _print_cost(plan, done, cfg)
     if not planned - done:
