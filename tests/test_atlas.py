@@ -506,9 +506,9 @@ def test_crafted_keys_run_no_script_in_a_browser(browser, crafted_site):
 
 @pytest.mark.skipif(not os.environ.get("ATLAS_SCREENSHOT"), reason="set ATLAS_SCREENSHOT=store-root to refresh docs")
 def test_refresh_docs_screenshot(browser, tmp_path):
-    """Rebuild docs/atlas.png: a model page of the store at $ATLAS_SCREENSHOT."""
+    """Rebuild docs/atlas.png: a model page of the store at $ATLAS_SCREENSHOT ($ATLAS_SCREENSHOT_MODEL's, if set)."""
     build_site(os.environ["ATLAS_SCREENSHOT"], tmp_path)
-    page = next((tmp_path / "models").glob("*.html"))
+    page = next((tmp_path / "models").glob(f"{os.environ.get('ATLAS_SCREENSHOT_MODEL', '*')}.html"))
     browser.set_window_size(1100, 760)
     browser.get(page.as_uri())
     check_page(browser, "the model page")

@@ -73,11 +73,11 @@ def _print_results(store: Store, keys: list[str]) -> None:
         filter=ds.field("key").isin(keys)).sort_by([("weights", "ascending"), ("layer", "ascending"),
                                                     ("feature", "ascending"), ("config_hash", "ascending")])
     # The config hash and parameterization tell apart the rows of a grid, which share everything else.
-    print(f"  {'model':<24} {'weights':<16} {'layer':>5} {'feature':>7} {'config':<12} {'param':<7} "
+    print(f"  {'model':<24} {'weights':<19} {'layer':>5} {'feature':>7} {'config':<12} {'param':<7} "
           f"{'activation':>10}  label")
     for row in table.to_pylist():
         param = json.loads(row["config"])["optim"]["param"]
-        print(f"  {row['model']:<24} {row['weights']:<16} {row['layer']:>5} {row['feature']:>7} "
+        print(f"  {row['model']:<24} {weights.short_id(row['weights']):<19} {row['layer']:>5} {row['feature']:>7} "
               f"{row['config_hash']:<12} {param:<7} {row['activation']:>10.4f}  {row['label'] or ''}")
 
 

@@ -82,6 +82,12 @@ def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | N
                          img_size=img_size)
 
 
+def short_id(weights_id: str) -> str:
+    """A weights id short enough for a table row or a caption: a file's sha256 cut to 12 hex digits."""
+    kind, _, digest = weights_id.partition("-")
+    return f"sha256-{digest[:12]}" if kind == "sha256" and len(digest) > 12 else weights_id
+
+
 def choice_of_record(model_name: str, weights_id: str, recorded: str, image_size: int,
                      override: str | None = None) -> WeightsChoice:
     """The weights a record was made with, from its ``weights`` id, the ``model.weights`` its config

@@ -34,6 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.errors import PipelineError
+from pipeline.models.weights import short_id
 from pipeline.store.png import PngDecodeError, decode_png
 from pipeline.store.schemas import DESCRIPTOR_COLUMNS
 from pipeline.views.atlas import REPAIR_HINT, model_slug, weights_kind, weights_order
@@ -113,7 +114,7 @@ def progression_figure(atlas: AtlasStore, models: list[str] | None = None, targe
     images = _images(atlas, [row for strip in strips.values() for row in strip.values()])
 
     # A fixed layout (inches), so the column headers and row captions can be placed before drawing.
-    labels = [f"{model}\n{weights}" if rank == 0 else "" for model, weights, rank in order]
+    labels = [f"{model}\n{short_id(weights)}" if rank == 0 else "" for model, weights, rank in order]
     left = max(1.2, 0.065 * max(len(line) for label in labels for line in label.split("\n")) + 0.3)
     right, top, bottom, wspace, hspace = 0.15, 0.75, 0.15, 0.08, 0.3
     columns, lines = len(layers), len(order)
@@ -198,7 +199,7 @@ def descriptor_depth_figure(atlas: AtlasStore, models: list[str] | None = None, 
             low, median, high = (np.array([np.nanpercentile(v, q) if np.isfinite(v).any() else np.nan
                                            for v in values]) for q in (25, 50, 75))
             x = np.array(depths) / last
-            (line,) = axes.plot(x, median, marker="o", markersize=3, label=f"{model} · {weights}")
+            (line,) = axes.plot(x, median, marker="o", markersize=3, label=f"{model} · {short_id(weights)}")
             axes.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         unit = DESCRIPTORS[name].unit
         axes.set_title(name, fontsize=8)
