@@ -2,7 +2,7 @@
 # Submit a sweep to an existing Ray cluster as a Ray job.
 #
 #   jobs/submit.sh [options] [--] [HYDRA_OVERRIDE ...]
-#   jobs/submit.sh --address http://head:8265 experiment=demo store.root=s3://bucket/atlas
+#   jobs/submit.sh --address http://head:8265 experiment=smoke store.root=s3://bucket/atlas
 #   jobs/submit.sh --dry-run sweep.models=[deit_tiny_patch16_224] 'sweep.layers=[0,5]'
 #
 # The job runs `python -m pipeline.sweep cluster=ray OVERRIDES...` on the head node, with
