@@ -445,3 +445,27 @@ def test_a_maco_spectrum_is_cited_by_its_sha256_in_the_record_config_and_the_con
     powerlaw = json.loads(group("optim.param=maco").config_json)
     assert powerlaw["maco_spectrum_id"] == "powerlaw-1.0" and powerlaw["optim"]["maco_spectrum"] == "powerlaw"
     assert "maco_spectrum_id" not in json.loads(group("optim.param=pixel").config_json)
+
+
+def test_a_maco_spectrum_replaced_after_planning_fails_its_units_and_records_nothing(compose, tmp_path):
+    from pipeline.execution import worker
+    from pipeline.execution.plan import build_plan
+
+    path = tmp_path / "spectrum.npy"
+    np.save(path, np.ones((32, 17), dtype=np.float32), allow_pickle=False)
+    plan = build_plan(compose("sweep.models=[deit_tiny_patch16_224]", "model.weights=planted", "sweep.layers=[1]",
+                              "sweep.features=[0,1]", "optim.param=maco", f"optim.maco_spectrum={path}",
+                              "optim.steps=1", "optim.copies=1"))
+    planned = json.loads(plan.groups[0].config_json)["maco_spectrum_id"]
+    np.save(path, np.full((32, 17), 2.0, dtype=np.float32), allow_pickle=False)  # other bytes, same name
+    found = f"sha256-{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    result = worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0])
+    assert not result.records and [u["feature"] for u, _, _ in result.failures] == [0, 1]
+    assert {reason for _, reason, _ in result.failures} == {
+        f"the MACO spectrum at {path} changed since the sweep was planned: planned {planned}, found {found}; "
+        "re-run to plan with the new file"}
+    path.unlink()
+    gone = worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0])
+    assert not gone.records and all("found unreadable (FileNotFoundError)" in r for _, r, _ in gone.failures)
+    np.save(path, np.ones((32, 17), dtype=np.float32), allow_pickle=False)  # the planned bytes again: it runs
+    assert len(worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0]).records) == 2

@@ -8,6 +8,9 @@ Each record also carries what pipeline.engine.measures measures on its stored
 image (descriptors, the noise and grey baselines, an early-layer embedding),
 computed once per chunk: a forward pass or two, cheap next to the optimization.
 
+A chunk whose checkpoint or MACO spectrum file is no longer the planned one (by
+sha256) fails whole, with that reason: its images would not be what the records cite.
+
 Failure handling that belongs to one chunk lives here: a feature whose image or
 activation is not finite is retried once on another random stream, then
 reported as failed with the reason; a GPU out-of-memory error halves the chunk
@@ -17,6 +20,7 @@ sha256 differs) fails the chunk's units with that reason.
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections import OrderedDict
@@ -27,6 +31,7 @@ from typing import Any, Callable, Hashable, TypeVar
 import torch
 
 import pipeline
+from pipeline.engine import parameterizations
 from pipeline.engine.measures import measure
 from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.engine.objectives import Objective, parse_objective
@@ -84,6 +89,11 @@ class VisualizationWorker(ModelWorker):
     def run(self, chunk: Chunk) -> ChunkResult:
         started = time.perf_counter()
         result = ChunkResult()
+        changed = _spectrum_changed(chunk.group)
+        if changed:  # every image would be made with a magnitude its records do not cite
+            result.failures = [(unit, changed, 1) for unit in chunk.units()]
+            result.busy_s = time.perf_counter() - started
+            return result
         try:
             self._run(chunk, result)
         except weights.CheckpointChanged as error:  # the file is not the planned one: no unit of it may be recorded
@@ -160,6 +170,22 @@ def _measured(visualizer: Visualizer, chunk: Chunk, objective: Objective, record
     measured = measure(visualizer, group.layer, group.target, objective, [r["feature"] for r in records],
                        [r["png"] for r in records], group.optim.precision)
     return [{**record, **values} for record, values in zip(records, measured)]
+
+
+def _spectrum_changed(group) -> str | None:
+    """Why a chunk's MACO spectrum file is not the planned one, or None (it is, or none is used)."""
+    optim = group.optim
+    if optim.param != "maco" or optim.maco_spectrum == parameterizations.POWERLAW:
+        return None
+    planned = json.loads(group.config_json)["maco_spectrum_id"]
+    try:
+        found = parameterizations.spectrum_id(optim)
+    except OSError as error:
+        found = f"unreadable ({type(error).__name__})"
+    if found == planned:
+        return None
+    return (f"the MACO spectrum at {optim.maco_spectrum} changed since the sweep was planned: planned {planned}, "
+            f"found {found}; re-run to plan with the new file")
 
 
 def _planted_labels(group) -> dict[int, str]:
