@@ -90,8 +90,11 @@ def _print_where(store: Store) -> None:
           f"  figures:    {shell_command('figures', f'store.root={root}', 'out=figures')}", flush=True)
 
 
-def run_sweep(cfg: SweepConfig) -> int:
+def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     """Plan, then run what the store lacks; the exit status says how it ended.
+
+    ``worker_class``: what turns chunks into records (scheduler.run_plan; the visualization worker
+    unless given).
 
     - 0: every planned unit is in the store (done now or before);
     - 1 (``EXIT_FAILURES``): some units failed (their reasons are printed and recorded
@@ -134,7 +137,7 @@ def run_sweep(cfg: SweepConfig) -> int:
         try:
             with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
                 summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
-                                             cfg.model.device)
+                                             cfg.model.device, worker_class)
         except KeyboardInterrupt:
             interrupted = True
         finally:
