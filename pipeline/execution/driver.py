@@ -30,11 +30,11 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str]) -> None:
     print(f"plan: {planned} planned / {len(done)} already done / {planned - len(done)} to do"
           + (f" ({len(failed)} failed before, retried now)" if failed else ""), flush=True)
     per_model: dict[str, list[int]] = {}
-    for group in plan.groups:
+    for group, keys in plan.keyed_groups():
         size = f" at {group.weights.img_size} px" if group.weights.img_size else ""
         counts = per_model.setdefault(f"{group.model}{size} [{group.weights.weights_id}]", [0, 0])
         counts[0] += len(group.features)
-        counts[1] += sum(group.key(f) in done for f in group.features)
+        counts[1] += sum(key in done for key in keys)
     for name, (total, finished) in per_model.items():
         print(f"  {name}: {total} planned, {finished} done", flush=True)
 
