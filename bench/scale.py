@@ -163,34 +163,23 @@ def rss_kib(field: str = "VmRSS") -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-class Sampler(threading.Thread):
-    """While the driver runs: when ``committed()`` first turned positive (polled every ``every_s``) and the
-    most bytes Ray's object store held (polled once a second)."""
+class FirstCommit(threading.Thread):
+    """When ``committed()`` first turned positive, polled every ``every_s`` while the driver runs."""
 
-    def __init__(self, committed, every_s: float = 0.1):
+    def __init__(self, committed, every_s: float = 0.05):
         super().__init__(daemon=True)
         self.committed, self.every_s = committed, every_s
         self.started = time.perf_counter()
-        self.first_commit_s: float | None = None
-        self.peak_object_store = 0
-        self._stop = threading.Event()
+        self.after_s: float | None = None
+        self._finished = threading.Event()
 
     def run(self) -> None:
-        from ray._private import internal_api  # no public call reports plasma bytes in use
-
-        state = internal_api.get_state_from_address(None)
-        next_store_poll = 0.0
-        while not self._stop.wait(self.every_s):
-            now = time.perf_counter()
-            if self.first_commit_s is None and self.committed() > 0:
-                self.first_commit_s = now - self.started
-            if now >= next_store_poll:  # a gRPC call to the raylet: once a second is enough
-                next_store_poll = now + 1.0
-                used = internal_api.get_memory_info_reply(state).store_stats.object_store_bytes_used
-                self.peak_object_store = max(self.peak_object_store, used)
+        while self.after_s is None and not self._finished.wait(self.every_s):
+            if self.committed() > 0:
+                self.after_s = time.perf_counter() - self.started
 
     def stop(self) -> None:
-        self._stop.set()
+        self._finished.set()
         self.join()
 
 
@@ -217,19 +206,19 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
         store.write_plan(plan.units_table())
         cpu = time.process_time()
         with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
-            sampler = Sampler(lambda: writer.committed)
-            sampler.start()
+            first_commit = FirstCommit(lambda: writer.committed)
+            first_commit.start()
             summary = scheduler.run_plan(plan, set(), chunk_size, cfg.cluster, writer,
                                          Progress(len(plan), bar=False), "cpu", SimulatedWorker)
-        wall = time.perf_counter() - sampler.started
-        sampler.stop()
+        wall = time.perf_counter() - first_commit.started
+        first_commit.stop()
         assert summary.done == len(planned) and not summary.failed, summary
-        first = sampler.first_commit_s
+        first = first_commit.after_s
         return {"units": len(planned), "plan_s": plan_s, "plan_bytes_per_unit": 1024 * plan_kib / len(planned),
                 "wall_s": wall, "records_per_s": summary.done / wall,
                 "steady_records_per_s": summary.done / (wall - first) if first and wall > first else float("nan"),
                 "first_commit_s": first, "driver_cpu_share": (time.process_time() - cpu) / wall,
-                "driver_peak_mib": rss_kib("VmHWM") / 1024, "object_store_peak_mib": sampler.peak_object_store / 2**20}
+                "driver_peak_mib": rss_kib("VmHWM") / 1024}
     finally:
         ray.shutdown()
 
@@ -368,8 +357,7 @@ def main() -> None:
                   f"({write['plan_bytes_per_unit']:.0f} B/unit), {write['records_per_s']:.0f} records/s overall, "
                   f"{write['steady_records_per_s']:.0f} records/s after the first commit "
                   f"({write['first_commit_s']:.1f} s), driver CPU {100 * write['driver_cpu_share']:.0f}% of a core, "
-                  f"driver peak {write['driver_peak_mib']:.0f} MiB, object store peak "
-                  f"{write['object_store_peak_mib']:.0f} MiB, store {_du(root) / 2**30:.2f} GiB", flush=True)
+                  f"driver peak {write['driver_peak_mib']:.0f} MiB, store {_du(root) / 2**30:.2f} GiB", flush=True)
             steps = ["status", "committed_keys", "frame", "layer_images", "verify"]
             if write["units"] <= args.atlas_max:
                 steps.append("atlas")
