@@ -332,3 +332,22 @@ def test_the_cost_counts_what_is_left_with_the_flop_counter(compose):
     assert image_steps == 4 * 10 * 4 and flops == pytest.approx(2 * 10 * 4 * 3 * (forward[0] + forward[11]))
     half = {plan.groups[0].key(1), plan.groups[0].key(2)}
     assert plan.cost(done=half) == (2 * 10 * 4, pytest.approx(2 * 10 * 4 * 3 * forward[11]))
+
+
+def test_a_plan_hashes_each_key_once_however_often_the_driver_asks(compose, monkeypatch):
+    """A resumed driver reads the keys to do, their cost, the costliest group and the chunks: at a
+    million units each pass over freshly hashed keys cost seconds."""
+    from pipeline.execution import plan as plan_module
+
+    calls = []
+    real_unit_key = plan_module.unit_key
+    monkeypatch.setattr(plan_module, "unit_key", lambda *fields: calls.append(fields) or real_unit_key(*fields))
+    plan = build_plan(compose("sweep.layers=[0,1,2]", "sweep.features=first:5", "sweep.seeds=[0,1]"))
+    keys = plan.keys()
+    done = set(keys[:7])
+    chunks = plan.chunks(done, 4)
+    plan.cost(done)
+    plan.costliest_group(done)
+    assert plan.keys() == keys and len(set(keys)) == len(plan) == 30
+    assert sum(len(chunk.features) for chunk in chunks) == 23
+    assert len(calls) == len(plan)

@@ -33,11 +33,11 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str], root: str) -> None
         print(f"  done is what the committed Parquet parts list, not re-read: `vit-atlas status store.root={root} "
               "verify=true` checks every record", flush=True)
     per_model: dict[str, list[int]] = {}
-    for group in plan.groups:
+    for group, keys in plan.keyed_groups():
         size = f" at {group.weights.img_size} px" if group.weights.img_size else ""
         counts = per_model.setdefault(f"{group.model}{size} [{group.weights.weights_id}]", [0, 0])
         counts[0] += len(group.features)
-        counts[1] += sum(group.key(f) in done for f in group.features)
+        counts[1] += sum(key in done for key in keys)
     for name, (total, finished) in per_model.items():
         print(f"  {name}: {total} planned, {finished} done", flush=True)
 
@@ -93,8 +93,11 @@ def _print_where(store: Store) -> None:
           f"  figures:    {shell_command('figures', f'store.root={root}', 'out=figures')}", flush=True)
 
 
-def run_sweep(cfg: SweepConfig) -> int:
+def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     """Plan, then run what the store lacks; the exit status says how it ended.
+
+    ``worker_class``: what turns chunks into records (scheduler.run_plan; the visualization worker
+    unless given).
 
     - 0: every planned unit is in the store (done now or before);
     - 1 (``EXIT_FAILURES``): some units failed (their reasons are printed and recorded
@@ -137,7 +140,7 @@ def run_sweep(cfg: SweepConfig) -> int:
         try:
             with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
                 summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
-                                             cfg.model.device)
+                                             cfg.model.device, worker_class)
         except KeyboardInterrupt:
             interrupted = True
         finally:

@@ -14,7 +14,7 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +84,21 @@ class Chunk:
 @dataclass
 class Plan:
     groups: list[Group]
+    # Per group, its units' keys in feature order, computed once: a key is a hash, and a driver
+    # resuming a million-unit sweep passes over every key several times (to do, cost, chunks).
+    _keys: list[tuple[str, ...]] = field(default_factory=list, repr=False, compare=False)
 
     def __len__(self) -> int:
         return sum(len(g.features) for g in self.groups)
 
+    def keyed_groups(self) -> list[tuple[Group, tuple[str, ...]]]:
+        """Each group with the keys of its features, in order."""
+        if len(self._keys) != len(self.groups):
+            self._keys = [tuple(g.key(f) for f in g.features) for g in self.groups]
+        return list(zip(self.groups, self._keys))
+
     def keys(self) -> list[str]:
-        return [g.key(f) for g in self.groups for f in g.features]
+        return [key for _, keys in self.keyed_groups() for key in keys]
 
     def weights(self) -> list[tuple[str, weights_lib.WeightsChoice]]:
         """Each distinct (model, weights choice) of the plan."""
@@ -98,8 +107,8 @@ class Plan:
     def cost(self, done: set[str]) -> tuple[int, float]:
         """(image-steps, FLOPs) of the units not yet done: steps x copies truncated forward and backward passes."""
         image_steps, flops = 0, 0.0
-        for group in self.groups:
-            todo = sum(group.key(f) not in done for f in group.features)
+        for group, keys in self.keyed_groups():
+            todo = sum(key not in done for key in keys)
             forward = zoo.target_flops(group.model, group.weights.img_size)[group.layer]
             image_steps += todo * group.optim.steps * group.optim.copies
             flops += todo * cost.unit_flops(forward, group.optim.steps, group.optim.copies)
@@ -107,18 +116,19 @@ class Plan:
 
     def costliest_group(self, done: set[str]) -> "Group":
         """The group whose remaining units cost the most FLOPs: what a cost estimate should time."""
-        def remaining(group: Group) -> float:
-            todo = sum(group.key(f) not in done for f in group.features)
+        def remaining(keyed: tuple[Group, tuple[str, ...]]) -> float:
+            group, keys = keyed
+            todo = sum(key not in done for key in keys)
             return todo * zoo.target_flops(group.model, group.weights.img_size)[group.layer]
-        return max(self.groups, key=remaining)
+        return max(self.keyed_groups(), key=remaining)[0]
 
     def units_table(self) -> pa.Table:
         return pa.Table.from_pylist([g.unit(f) for g in self.groups for f in g.features], schema=UNIT_SCHEMA)
 
     def chunks(self, done: set[str], chunk_size: int) -> list[Chunk]:
         chunks = []
-        for group in self.groups:
-            todo = [f for f in group.features if group.key(f) not in done]
+        for group, keys in self.keyed_groups():
+            todo = [f for f, key in zip(group.features, keys) if key not in done]
             chunks.extend(Chunk(group, tuple(todo[i:i + chunk_size])) for i in range(0, len(todo), chunk_size))
         return chunks
 
@@ -256,6 +266,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
         raise PipelineError("sweep.variants must be a list of mappings, e.g. [{model.weights: planted, "
                             "sweep.layers: [1]}].")
     groups: list[Group] = []
+    keys: list[tuple[str, ...]] = []
     seen: set[str] = set()
     for variant in variants:
         for point in _grid_points(base["sweep"].get("grid") or {}):
@@ -269,11 +280,12 @@ def build_plan(cfg: SweepConfig) -> Plan:
                                     "sweep.models=[deit_tiny_patch16_224].")
             for model in settings["sweep"]["models"]:
                 for group in _groups_for_model(str(model), settings):
-                    features = tuple(f for f in group.features if group.key(f) not in seen)
-                    seen.update(group.key(f) for f in features)
-                    if features:
-                        groups.append(dataclasses.replace(group, features=features))
-    return Plan(groups)
+                    new = [(f, key) for f in group.features if (key := group.key(f)) not in seen]
+                    seen.update(key for _, key in new)
+                    if new:
+                        groups.append(dataclasses.replace(group, features=tuple(f for f, _ in new)))
+                        keys.append(tuple(key for _, key in new))
+    return Plan(groups, keys)
 
 
 def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[Group]:

@@ -379,11 +379,14 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
 
 
 def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSection, writer, progress: Progress,
-             device: str) -> RunSummary:
+             device: str, worker_class: type | None = None) -> RunSummary:
     """Run the plan's missing units on Ray actors, stream results into ``writer``.
 
     Chunks are at most ``chunk_size`` features, and smaller when that keeps every
-    worker busy (a small sweep on many workers).
+    worker busy (a small sweep on many workers). ``worker_class`` (default
+    :class:`~pipeline.execution.worker.VisualizationWorker`) turns a chunk into a
+    :class:`~pipeline.execution.worker.ChunkResult`; ``bench/scale.py`` passes one that
+    makes records without a model, to load the driver and the store at zoo scale.
     """
     start_ray(cluster)
     workers = worker_count(cluster, gpus_per_worker(cluster))
@@ -409,7 +412,8 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
         for unit in chunk.units():
             _fail_unit(unit, reason, attempts, summary)
 
-    return run_tasks(VisualizationWorker, chunks, cluster, device, progress, commit, fail, writer.maybe_commit)
+    return run_tasks(worker_class or VisualizationWorker, chunks, cluster, device, progress, commit, fail,
+                     writer.maybe_commit)
 
 
 def run_part_tasks(worker_class: type, tasks: list, parts, cluster: ClusterSection, device: str,

@@ -123,22 +123,32 @@ class AtlasStore:
         units = {tuple(row[name] for name in SEED_GROUP) for row in wanted.to_pylist()}
         models = sorted({unit[:2] for unit in units})  # (model, weights)
         table = self.table(columns=[*SEED_GROUP, "seed", EMBEDDING_COLUMN], model=sorted({m for m, _ in models}))
-        by_unit: dict[tuple, list] = {}
-        for row in table.filter(pc.is_valid(table[EMBEDDING_COLUMN])).to_pylist():
-            by_unit.setdefault(tuple(row[name] for name in SEED_GROUP), []).append(row[EMBEDDING_COLUMN])
-        totals: dict[tuple, tuple[np.ndarray, int]] = {}
-        for unit, vectors in by_unit.items():
-            total, count = totals.get(unit[:2], (0.0, 0))
-            totals[unit[:2]] = (total + np.asarray(vectors, np.float64).sum(axis=0), count + len(vectors))
+        table = table.filter(pc.is_valid(table[EMBEDDING_COLUMN]))
+        # Embeddings stay in Arrow and numpy (one float32 matrix per model and weights): as Python lists
+        # they cost about 25 KB per record (hundreds of floats each), which an atlas of 100,000 records
+        # would hold at once.
+        row_units = list(zip(*(table[name].to_pylist() for name in SEED_GROUP)))
+        members: dict[tuple, list[int]] = {}  # (model, weights) -> its rows of the table
+        for row, unit in enumerate(row_units):
+            members.setdefault(unit[:2], []).append(row)
+        embeddings = table[EMBEDDING_COLUMN].combine_chunks()
+        matrices = {group: _embedding_matrix(embeddings.take(pa.array(rows, pa.int64())), group)
+                    for group, rows in members.items()}
+        by_unit: dict[tuple, list[int]] = {}  # unit -> its rows of its group's matrix
+        for group, rows in members.items():
+            for position, row in enumerate(rows):
+                by_unit.setdefault(row_units[row], []).append(position)
+        totals = {group: matrix.sum(axis=0, dtype=np.float64) for group, matrix in matrices.items()}
         rows = []
-        for unit, vectors in sorted(by_unit.items()):
-            if unit not in units or len(vectors) < 2:
+        for unit, positions in sorted(by_unit.items()):
+            if unit not in units or len(positions) < 2:
                 continue
-            total, count = totals[unit[:2]]
-            others = count - len(vectors)
-            centre = (total - np.asarray(vectors, np.float64).sum(axis=0)) / others if others else None
-            rows.append({**dict(zip(SEED_GROUP, unit)), "seeds": len(vectors),
-                         "reliability": None if centre is None else reliability(vectors, center=centre)})
+            matrix = matrices[unit[:2]]
+            vectors = matrix[positions]
+            others = len(matrix) - len(positions)
+            centre = (totals[unit[:2]] - vectors.sum(axis=0, dtype=np.float64)) / others if others else None
+            rows.append({**dict(zip(SEED_GROUP, unit)), "seeds": len(positions),
+                         "reliability": None if centre is None else reliability(list(vectors), center=centre)})
         return pa.Table.from_pylist(rows, schema=RELIABILITY_SCHEMA)
 
     def measurements(self, **filters: FilterValue) -> pa.Table:
@@ -265,6 +275,15 @@ class AtlasStore:
         features["image"] = datasets.Image()
         return datasets.Dataset(datasets.table.InMemoryTable(table.cast(features.arrow_schema)),
                                 info=datasets.DatasetInfo(features=features))
+
+
+def _embedding_matrix(embeddings: pa.ListArray, group: tuple) -> np.ndarray:
+    """(records, width) float32 of one model's embeddings, which all have its width."""
+    widths = set(pc.list_value_length(embeddings).to_pylist())
+    if len(widths) != 1:
+        raise ValueError(f"The embeddings of {group[0]} (weights {group[1]}) differ in length: {sorted(widths)}.")
+    values = pc.list_flatten(embeddings).to_numpy(zero_copy_only=False)
+    return values.astype(np.float32, copy=False).reshape(len(embeddings), widths.pop())
 
 
 def _first_per_key(table: pa.Table) -> pa.Table:

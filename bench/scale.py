@@ -1,0 +1,403 @@
+"""Zoo scale, by simulation: the driver, the store, status and the atlas at many units, without a model.
+
+    make bench-scale                                  # defaults: 10,000 units, 32 simulated workers
+    make bench-scale ARGS="--units 10000 100000"      # a row per plan size
+    make bench-scale ARGS="--units 10000 --plan-only 1000000 --status-records 1000000"
+
+The real planner, scheduler, actors and store run with :class:`SimulatedWorker` in place of the
+visualization worker: it returns at once the records a chunk would give, every column of the record
+schema filled (the v2 measured columns included), with PNGs of realistic size and entropy for the
+model's image size (about 120 KB at 224 px: smooth gratings under pixel noise, a few encoded once per
+actor and reused). So what is timed is everything but the optimization: dispatch, result transfer,
+validation, commits to Parquet and WebDataset.
+
+Each measurement runs in a fresh process, so its peak memory (VmHWM) is its own: the write side (the
+driver: plan, run, commits), then on the store it made: ``status``, ``Store.committed_keys`` (what a
+resumed sweep reads), the readers (a filtered frame without images, one layer's images), ``verify``,
+and the atlas (a first build, then a re-run after 1% new records; only for stores of at most
+``--atlas-max`` records, as an atlas build writes files per record). ``--plan-only`` sizes time the
+driver's planning alone (plan, key set, chunks, plan table) and its memory per planned unit.
+``--status-records`` sizes write a store of that many planned units, all but 0.1% of them done, with
+small (32 px) images, straight through the store's writer (no Ray: disk and time would not allow 224 px
+images there), and time ``status``, ``committed_keys`` and a resumed sweep (the real driver, simulated
+workers) on it. Stores and sites go under a temporary directory that is deleted at the end (``--keep`` keeps it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import io  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import pipeline  # noqa: E402  (torchvision shim before timm)
+from pipeline import cli  # noqa: E402
+from pipeline.engine.descriptors import describe_png  # noqa: E402
+from pipeline.engine.measures import EMBEDDING_LAYER  # noqa: E402
+from pipeline.execution.plan import Chunk, build_plan  # noqa: E402
+from pipeline.execution.worker import ChunkResult  # noqa: E402
+from pipeline.models import zoo  # noqa: E402
+
+MODEL = "deit_tiny_patch16_224"
+DISTINCT_IMAGES = 8  # PNGs each simulated worker encodes once and reuses
+PIXEL_NOISE = 16.0  # standard deviation, in 8-bit levels: about 120 KB per PNG at 224 px
+
+
+def simulated_png(side: int, seed: int) -> bytes:
+    """A smooth image (a few random gratings) under Gaussian pixel noise: the size and entropy of a
+    feature visualization's PNG, which is mostly high-frequency texture."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    base = np.zeros((side, side, 3))
+    for _ in range(6):
+        fx, fy = rng.uniform(0.5, 6, 2)
+        base += rng.uniform(0.2, 1, 3) * np.sin(2 * np.pi * (fx * x + fy * y) + rng.uniform(0, 2 * np.pi))[..., None]
+    pixels = np.clip(128 + 40 * base / 3 + rng.normal(0, PIXEL_NOISE, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def trace_length(steps: int, trace_points: int) -> int:
+    """How many points pipeline.engine.optimize samples the objective at over a run."""
+    every = max(1, math.ceil(steps / max(1, trace_points)))
+    return sum(step % every == 0 or step == steps - 1 for step in range(steps))
+
+
+class SimulatedWorker:
+    """A stand-in for pipeline.execution.worker.VisualizationWorker: a chunk's records at once, no model.
+
+    Built the way the scheduler builds workers, ``(device, model_cache, threads)``; the arguments
+    mean nothing here.
+    """
+
+    def __init__(self, device: str = "cpu", model_cache: int = 2, threads: int | None = None,
+                 image_side: int | None = None):
+        self.device = f"{device} ({socket.gethostname()}, simulated)"
+        self.image_side = image_side  # None: the model's image size, as the config says
+        self._images: dict[int, list[tuple[bytes, dict]]] = {}  # side -> (png, its descriptors)
+
+    def images(self, side: int) -> list[tuple[bytes, dict]]:
+        if side not in self._images:
+            pngs = [simulated_png(side, seed) for seed in range(DISTINCT_IMAGES)]
+            self._images[side] = [(png, describe_png(png)) for png in pngs]
+        return self._images[side]
+
+    def run(self, chunk: Chunk) -> ChunkResult:
+        started = time.perf_counter()
+        group = chunk.group
+        layout = zoo.layout(group.model, group.weights.img_size)
+        side = self.image_side or json.loads(group.config_json)["image_size"]
+        embedding_width = layout.site(min(EMBEDDING_LAYER, len(layout.layers) - 1), "mlp").features
+        trace = trace_length(group.optim.steps, group.optim.trace_points)
+        images = self.images(side)
+        records = []
+        for feature in chunk.features:
+            png, descriptors = images[feature % len(images)]
+            activation = 1.0 + feature / 1000
+            records.append({
+                **group.unit(feature),
+                "config": group.config_json,
+                "label": None,
+                "png": png,
+                "activation": activation,
+                "activation_trace": [activation * (i + 1) / trace for i in range(trace)],
+                "steps": group.optim.steps,
+                "image_size": side,
+                "device": self.device,
+                "precision": group.optim.precision,
+                "duration_s": 0.0,
+                "code_version": pipeline.__version__,
+                "timestamp": datetime.now(timezone.utc),
+                **descriptors,
+                "activation_noise": activation / 4,
+                "activation_grey": activation / 2,
+                # the feature's direction, and the seed's own part: seeds of a unit agree, not exactly
+                "embedding": [((feature + i) % 17) / 17 + ((group.seed + i) % 7) / 28 for i in range(embedding_width)],
+            })
+        return ChunkResult(records=records, busy_s=time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------ plans
+
+
+def sweep_config(units: int, root: str, workers: int, first_seed: int = 0, *overrides: str):
+    """A sweep of about ``units`` units of MODEL: every layer, the first F features, S seeds (S planes
+    of layers x features, as few as reach the count)."""
+    layout = zoo.layout(MODEL)
+    width = layout.site(0, "mlp").features
+    per_seed = len(layout.layers) * width
+    seeds = math.ceil(units / per_seed)
+    features = math.ceil(units / (len(layout.layers) * seeds))
+    return cli.load("sweep", f"sweep.models=[{MODEL}]", "sweep.layers=all", f"sweep.features=first:{features}",
+                    f"sweep.seeds=[{','.join(str(first_seed + s) for s in range(seeds))}]",
+                    f"cluster.workers={workers}", f"cluster.cpus_per_worker={2 / workers}",
+                    "cluster.gpus_per_worker=0", "progress.bar=false", f"store.root={root}", *overrides)
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    """This process's resident memory (VmRSS) or its peak so far (VmHWM), KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+class FirstCommit(threading.Thread):
+    """When ``committed()`` first turned positive, polled every ``every_s`` while the driver runs."""
+
+    def __init__(self, committed, every_s: float = 0.05):
+        super().__init__(daemon=True)
+        self.committed, self.every_s = committed, every_s
+        self.started = time.perf_counter()
+        self.after_s: float | None = None
+        self._finished = threading.Event()
+
+    def run(self) -> None:
+        while self.after_s is None and not self._finished.wait(self.every_s):
+            if self.committed() > 0:
+                self.after_s = time.perf_counter() - self.started
+
+    def stop(self) -> None:
+        self._finished.set()
+        self.join()
+
+
+def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_every: int) -> dict:
+    """The driver's side of a sweep of ``units`` simulated units into a new store at ``root``."""
+    import ray
+
+    from pipeline.execution import scheduler
+    from pipeline.execution.progress import Progress
+    from pipeline.store.store import Store
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # Ray's workers cannot import this script (run as __main__, or __mp_main__ here): ship its code.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        cfg = sweep_config(units, root, workers, 0, f"store.commit_every={commit_every}")  # imports Hydra, timm
+        before = rss_kib()
+        started = time.perf_counter()
+        plan = build_plan(cfg)
+        planned = set(plan.keys())
+        plan_s = time.perf_counter() - started
+        plan_kib = rss_kib() - before
+        store = Store(root)
+        store.write_plan(plan.units_table())
+        cpu = time.process_time()
+        with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
+            first_commit = FirstCommit(lambda: writer.committed)
+            first_commit.start()
+            summary = scheduler.run_plan(plan, set(), chunk_size, cfg.cluster, writer,
+                                         Progress(len(plan), bar=False), "cpu", SimulatedWorker)
+        wall = time.perf_counter() - first_commit.started
+        first_commit.stop()
+        assert summary.done == len(planned) and not summary.failed, summary
+        first = first_commit.after_s
+        return {"units": len(planned), "plan_s": plan_s, "plan_bytes_per_unit": 1024 * plan_kib / len(planned),
+                "wall_s": wall, "records_per_s": summary.done / wall,
+                "steady_records_per_s": summary.done / (wall - first) if first and wall > first else float("nan"),
+                "first_commit_s": first, "driver_cpu_share": (time.process_time() - cpu) / wall,
+                "driver_peak_mib": rss_kib("VmHWM") / 1024}
+    finally:
+        ray.shutdown()
+
+
+def add_records(root: str, units: int, first_seed: int, image_side: int | None = None, leave_out: int = 0) -> int:
+    """Plan ``units`` more simulated units (seeds from ``first_seed`` on) and write their records straight
+    through the store's writer, no Ray: a store's growth between two atlas builds, or a large store for
+    status and resume. With ``leave_out`` N, every N-th chunk of 64 is planned but not written."""
+    from pipeline.store.store import Store
+
+    cfg = sweep_config(units, root, 1, first_seed)
+    plan = build_plan(cfg)
+    worker = SimulatedWorker(image_side=image_side)
+    store = Store(root)
+    store.write_plan(plan.units_table())
+    with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
+        for number, chunk in enumerate(plan.chunks(set(), 64)):
+            if leave_out and number % leave_out == 0:
+                continue
+            for record in worker.run(chunk).records:
+                writer.add(record)
+    return len(plan)
+
+
+def read_step(name: str, root: str, site: str) -> dict:
+    """One read-side command on the store at ``root``: seconds, and what it found."""
+    from pipeline.store.store import Store
+    from pipeline.views import status
+    from pipeline.views.atlas import build_site
+    from pipeline.views.readers import open_store
+
+    started = time.perf_counter()
+    if name == "status":  # what `vit-atlas status` prints
+        found = len(status.render(Store.existing(root)).splitlines())
+    elif name == "committed_keys":  # what a resumed sweep subtracts from its plan
+        found = len(Store(root).committed_keys())
+    elif name == "frame":  # two layers' metadata
+        found = len(open_store(root).frame(layer=[0, 11]))
+    elif name == "layer_images":  # one layer's records with their PNGs, as one table
+        found = open_store(root).table(with_images=True, layer=5).num_rows
+    elif name == "verify":
+        report = Store(root).verify()
+        assert report.ok, report.render()
+        found = report.records
+    elif name == "atlas":
+        found = build_site(root, site).pages_written
+    else:
+        raise ValueError(name)
+    return {"step": name, "s": time.perf_counter() - started, "found": found}
+
+
+def measure_plan(units: int) -> dict:
+    """The driver's planning alone: build_plan, the planned key set, the chunks and the plan table."""
+    times = {}
+    cfg = sweep_config(units, "unused", 32)  # imports Hydra and timm
+    before = rss_kib()
+    started = time.perf_counter()
+    plan = build_plan(cfg)
+    times["build_plan_s"] = time.perf_counter() - started
+    planned = set(plan.keys())
+    times["keys_s"] = time.perf_counter() - started - times["build_plan_s"]
+    state_kib = rss_kib() - before
+    mark = time.perf_counter()
+    plan.chunks(set(), 8)
+    times["chunks_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    plan.units_table()
+    times["units_table_s"] = time.perf_counter() - mark
+    return {"units": len(planned), "bytes_per_unit": 1024 * state_kib / len(planned), **times}
+
+
+def measure_resume(units: int, root: str, workers: int) -> dict:
+    """A resumed sweep, the real driver (pipeline.execution.driver.run_sweep) with simulated workers, on a
+    store that holds most of its plan: seconds to the first new record (its timestamp) and to the end."""
+    import contextlib
+
+    import pyarrow.dataset as ds
+    import ray
+
+    from pipeline.execution import driver
+    from pipeline.store.store import Store
+
+    cfg = sweep_config(units, root, workers)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        since = datetime.now(timezone.utc)
+        started = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            exit_status = driver.run_sweep(cfg, SimulatedWorker)
+        wall = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    assert exit_status == 0, printed.getvalue()
+    new = Store(root).read_records(columns=["timestamp"], filter=ds.field("timestamp") >= since)
+    first = (min(new["timestamp"].to_pylist()) - since).total_seconds()
+    return {"units": units, "new": new.num_rows, "first_record_s": first, "wall_s": wall}
+
+
+def in_fresh_process(function, *args) -> dict:
+    """``function(*args)`` in a new interpreter, with that process's peak resident memory added."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(_with_peak, function, *args).result()
+
+
+def _with_peak(function, *args) -> dict:
+    result = function(*args)
+    return {**result, "peak_mib": rss_kib("VmHWM") / 1024} if isinstance(result, dict) else result
+
+
+# ------------------------------------------------------------------ the benchmark
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--units", type=int, nargs="*", default=[10_000], help="plan sizes run end to end")
+    parser.add_argument("--workers", type=int, default=32, help="simulated workers (actors; 2 CPUs shared)")
+    parser.add_argument("--chunk-size", type=int, default=8, help="features per chunk (sweep.chunk_size)")
+    parser.add_argument("--commit-every", type=int, default=64, help="records per commit (store.commit_every)")
+    parser.add_argument("--atlas-max", type=int, default=10_000, help="build the atlas of stores up to this size")
+    parser.add_argument("--plan-only", type=int, nargs="*", default=[], help="plan sizes timed without running")
+    parser.add_argument("--status-records", type=int, nargs="*", default=[],
+                        help="stores of this many 32 px records for status and resume")
+    parser.add_argument("--dir", default=None, help="where stores go (default: a new temporary directory)")
+    parser.add_argument("--keep", action="store_true", help="keep the stores and sites")
+    args = parser.parse_args()
+    base = tempfile.mkdtemp(prefix="bench-scale-", dir=args.dir)
+    print(f"scale benchmark: {MODEL}, {args.workers} simulated workers, chunks of {args.chunk_size}, "
+          f"commits of {args.commit_every}, {os.cpu_count()} cores; stores under {base}", flush=True)
+    try:
+        for units in args.units:
+            root = f"{base}/store-{units}"
+            write = in_fresh_process(measure_write, units, root, args.workers, args.chunk_size, args.commit_every)
+            print(f"\nwrite {write['units']:,} units: plan {write['plan_s']:.1f} s "
+                  f"({write['plan_bytes_per_unit']:.0f} B/unit), {write['records_per_s']:.0f} records/s overall, "
+                  f"{write['steady_records_per_s']:.0f} records/s after the first commit "
+                  f"({write['first_commit_s']:.1f} s), driver CPU {100 * write['driver_cpu_share']:.0f}% of a core, "
+                  f"driver peak {write['driver_peak_mib']:.0f} MiB, store {_du(root) / 2**30:.2f} GiB", flush=True)
+            steps = ["status", "committed_keys", "frame", "layer_images", "verify"]
+            if units <= args.atlas_max:  # as asked for: a plan rounds up to whole layers
+                steps.append("atlas")
+            for step in steps:
+                result = in_fresh_process(read_step, step, root, f"{base}/site-{units}")
+                print(f"  {step:<15} {result['s']:>7.2f} s  peak {result['peak_mib']:>6.0f} MiB  "
+                      f"({result['found']:,})", flush=True)
+            if "atlas" in steps:
+                extra = max(1, write["units"] // 100)
+                in_fresh_process(add_records, root, extra, 10_000)
+                result = in_fresh_process(read_step, "atlas", root, f"{base}/site-{units}")
+                print(f"  {'atlas +1%':<15} {result['s']:>7.2f} s  peak {result['peak_mib']:>6.0f} MiB  "
+                      f"({result['found']:,} feature pages written)", flush=True)
+        for units in args.plan_only:
+            plan = in_fresh_process(measure_plan, units)
+            print(f"\nplan {plan['units']:,} units: build_plan {plan['build_plan_s']:.1f} s, "
+                  f"keys {plan['keys_s']:.1f} s, chunks {plan['chunks_s']:.1f} s, "
+                  f"plan table {plan['units_table_s']:.1f} s; {plan['bytes_per_unit']:.0f} B/unit, "
+                  f"peak {plan['peak_mib']:.0f} MiB", flush=True)
+        for records in args.status_records:
+            root = f"{base}/small-{records}"
+            started = time.perf_counter()
+            planned = in_fresh_process(add_records, root, records, 0, 32, 1000)
+            print(f"\nwrote a store of {planned:,} planned units, every 1,000th chunk of 64 left to do, 32 px, "
+                  f"without Ray, in {time.perf_counter() - started:.0f} s ({_du(root) / 2**30:.2f} GiB)", flush=True)
+            for step in ("status", "committed_keys"):
+                result = in_fresh_process(read_step, step, root, "")
+                print(f"  {step:<15} {result['s']:>7.2f} s  peak {result['peak_mib']:>6.0f} MiB", flush=True)
+            resume = in_fresh_process(measure_resume, records, root, 4)
+            print(f"  resume          first new record after {resume['first_record_s']:.1f} s, "
+                  f"{resume['new']:,} records in {resume['wall_s']:.1f} s, driver peak {resume['peak_mib']:.0f} MiB",
+                  flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
