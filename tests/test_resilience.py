@@ -53,7 +53,7 @@ def test_an_interrupted_driver_then_the_same_command_gives_exactly_the_planned_k
                                                                                      signal_number, exit_code):
     root = tmp_path / "store"
     args = ["sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0]", "sweep.features=first:12",
-            "sweep.chunk_size=1", "optim.steps=40", "optim.copies=1", "store.commit_every=1",
+            "sweep.chunk_size=1", "optim.steps=80", "optim.copies=1", "store.commit_every=1",
             "progress.bar=false", f"store.root={root}"]
     planned = build_plan(compose(*args)).keys()
     command = [sys.executable, "-m", "pipeline.sweep", *args]
@@ -61,7 +61,9 @@ def test_an_interrupted_driver_then_the_same_command_gives_exactly_the_planned_k
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while committed(root) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        # Interrupted at its first commit: on a quiet machine the last units of 12 take only seconds, and
+        # a signal reaches Python only between Ray calls, so a later interrupt could find the sweep done.
+        while committed(root) < 1 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert driver.poll() is None, "the sweep finished before it could be killed; give it more work"
         os.kill(driver.pid, signal_number)
