@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,19 +37,7 @@ from pipeline.models import weights
 from pipeline.models import zoo  # noqa: E402
 from pipeline.engine.objectives import parse_objective  # noqa: E402
 from pipeline.engine.optimize import OptimConfig, seed_for  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"load average at start {load} on {os.cpu_count()} cores")
+from engine import device_description, synchronize  # noqa: E402  (bench/engine.py, this script's neighbour)
 
 
 def parse_lrs(items: list[str]) -> dict[str, float]:
