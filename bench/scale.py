@@ -8,8 +8,10 @@ The real planner, scheduler, actors and store run with :class:`SimulatedWorker` 
 visualization worker: it returns at once the records a chunk would give, every column of the record
 schema filled (the v2 measured columns included), with PNGs of realistic size and entropy for the
 model's image size (about 120 KB at 224 px: smooth gratings under pixel noise, a few encoded once per
-actor and reused). So what is timed is everything but the optimization: dispatch, result transfer,
-validation, commits to Parquet and WebDataset.
+actor, each record's made distinct by a text chunk naming its key, so that no store layer can share
+bytes between records). It encodes them for the store as a real worker does (pipeline.store.records).
+So what is timed is everything but the optimization: dispatch, result transfer, validation, commits
+to Parquet and WebDataset.
 
 Each measurement runs in a fresh process, so its peak memory (VmHWM) is its own: the write side (the
 driver: plan, run, commits), then on the store it made: ``status``, ``Store.committed_keys`` (what a
@@ -42,6 +44,7 @@ from datetime import datetime, timezone
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import io  # noqa: E402
+import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -53,6 +56,7 @@ from pipeline.engine.measures import EMBEDDING_LAYER  # noqa: E402
 from pipeline.execution.plan import Chunk, build_plan  # noqa: E402
 from pipeline.execution.worker import ChunkResult  # noqa: E402
 from pipeline.models import zoo  # noqa: E402
+from pipeline.store.records import encode_records  # noqa: E402
 
 MODEL = "deit_tiny_patch16_224"
 DISTINCT_IMAGES = 8  # PNGs each simulated worker encodes once and reuses
@@ -74,24 +78,38 @@ def simulated_png(side: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def with_text(png: bytes, text: str) -> bytes:
+    """``png`` with a tEXt chunk (``key``: ``text``) before its IEND chunk (the last 12 bytes): the same
+    image, distinct bytes."""
+    data = b"key\0" + text.encode()
+    chunk = len(data).to_bytes(4, "big") + b"tEXt" + data + zlib.crc32(b"tEXt" + data).to_bytes(4, "big")
+    image = memoryview(png)
+    return b"".join((image[:-12], chunk, image[-12:]))
+
+
 def trace_length(steps: int, trace_points: int) -> int:
-    """How many points pipeline.engine.optimize samples the objective at over a run."""
+    """How many points pipeline.engine.optimize samples the objective at over a run: every ``every``-th
+    step, and the last."""
     every = max(1, math.ceil(steps / max(1, trace_points)))
-    return sum(step % every == 0 or step == steps - 1 for step in range(steps))
+    return math.ceil(steps / every) + ((steps - 1) % every != 0)
 
 
 class SimulatedWorker:
     """A stand-in for pipeline.execution.worker.VisualizationWorker: a chunk's records at once, no model.
 
     Built the way the scheduler builds workers, ``(device, model_cache, threads)``; the arguments
-    mean nothing here.
+    mean nothing here. Its images have the model's size, or IMAGE_SIDE px in a subclass made by
+    :func:`simulated_worker`, which may also set START_GATE: a file whose appearance ``run`` waits
+    for, so that a measurement can start once every worker is up.
     """
 
-    def __init__(self, device: str = "cpu", model_cache: int = 2, threads: int | None = None,
-                 image_side: int | None = None):
+    IMAGE_SIDE: int | None = None
+    START_GATE: str | None = None
+
+    def __init__(self, device: str = "cpu", model_cache: int = 2, threads: int | None = None):
         self.device = f"{device} ({socket.gethostname()}, simulated)"
-        self.image_side = image_side  # None: the model's image size, as the config says
         self._images: dict[int, list[tuple[bytes, dict]]] = {}  # side -> (png, its descriptors)
+        self.images(self.IMAGE_SIDE or zoo.layout(MODEL).input_size[-1])  # made before the worker counts as up
 
     def images(self, side: int) -> list[tuple[bytes, dict]]:
         if side not in self._images:
@@ -100,24 +118,30 @@ class SimulatedWorker:
         return self._images[side]
 
     def run(self, chunk: Chunk) -> ChunkResult:
+        while self.START_GATE and not os.path.exists(self.START_GATE):
+            time.sleep(0.01)
         started = time.perf_counter()
         group = chunk.group
         layout = zoo.layout(group.model, group.weights.img_size)
-        side = self.image_side or json.loads(group.config_json)["image_size"]
+        side = self.IMAGE_SIDE or json.loads(group.config_json)["image_size"]
         embedding_width = layout.site(min(EMBEDDING_LAYER, len(layout.layers) - 1), "mlp").features
         trace = trace_length(group.optim.steps, group.optim.trace_points)
         images = self.images(side)
         records = []
+        ramp = np.arange(1, trace + 1, dtype=np.float32) / trace
+        width = np.arange(embedding_width)
         for feature in chunk.features:
+            unit = group.unit(feature)
             png, descriptors = images[feature % len(images)]
+            png = with_text(png, unit["key"])
             activation = 1.0 + feature / 1000
             records.append({
-                **group.unit(feature),
+                **unit,
                 "config": group.config_json,
                 "label": None,
                 "png": png,
                 "activation": activation,
-                "activation_trace": [activation * (i + 1) / trace for i in range(trace)],
+                "activation_trace": activation * ramp,
                 "steps": group.optim.steps,
                 "image_size": side,
                 "device": self.device,
@@ -126,12 +150,21 @@ class SimulatedWorker:
                 "code_version": pipeline.__version__,
                 "timestamp": datetime.now(timezone.utc),
                 **descriptors,
+                "png_bytes": float(len(png)),
                 "activation_noise": activation / 4,
                 "activation_grey": activation / 2,
                 # the feature's direction, and the seed's own part: seeds of a unit agree, not exactly
-                "embedding": [((feature + i) % 17) / 17 + ((group.seed + i) % 7) / 28 for i in range(embedding_width)],
+                "embedding": (((feature + width) % 17) / 17 + ((group.seed + width) % 7) / 28).astype(np.float32),
             })
-        return ChunkResult(records=records, busy_s=time.perf_counter() - started)
+        return ChunkResult(encode_records(records), busy_s=time.perf_counter() - started)
+
+
+def simulated_worker(image_side: int | None = None, start_gate: str | None = None) -> type:
+    """The worker class for the scheduler: SimulatedWorker, with images of ``image_side`` px if given and
+    waiting for the file ``start_gate`` if given."""
+    if image_side is None and start_gate is None:
+        return SimulatedWorker
+    return type("SimulatedWorkerVariant", (SimulatedWorker,), {"IMAGE_SIDE": image_side, "START_GATE": start_gate})
 
 
 # ------------------------------------------------------------------ plans
@@ -163,33 +196,84 @@ def rss_kib(field: str = "VmRSS") -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds used so far by this process and its descendants (a local Ray's processes), by role:
+    the driver (this process), the actors, raylet and GCS, and Ray's other helpers."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parents, used, names = {}, {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                name, _, rest = stat.read().rpartition(")")
+        except OSError:  # ended meanwhile
+            continue
+        fields = rest.split()
+        pid = int(entry)
+        parents[pid], names[pid] = int(fields[1]), name.partition("(")[2]
+        used[pid] = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    roles: dict[str, float] = {}
+    for pid in used:
+        ancestor = pid
+        while ancestor not in (os.getpid(), 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor != os.getpid():
+            continue
+        name = names[pid]
+        role = ("driver" if pid == os.getpid() else "workers" if name.startswith("ray::")
+                else "raylet and GCS" if name in ("raylet", "gcs_server") else "other Ray processes")
+        roles[role] = roles.get(role, 0.0) + used[pid]
+    return roles
+
+
 class FirstCommit(threading.Thread):
-    """When ``committed()`` first turned positive, polled every ``every_s`` while the driver runs."""
+    """When ``committed()`` first turned positive, polled every ``every_s`` from ``start()`` on."""
 
     def __init__(self, committed, every_s: float = 0.05):
         super().__init__(daemon=True)
         self.committed, self.every_s = committed, every_s
-        self.started = time.perf_counter()
         self.after_s: float | None = None
         self._finished = threading.Event()
 
     def run(self) -> None:
+        started = time.perf_counter()
         while self.after_s is None and not self._finished.wait(self.every_s):
             if self.committed() > 0:
-                self.after_s = time.perf_counter() - self.started
+                self.after_s = time.perf_counter() - started
 
     def stop(self) -> None:
         self._finished.set()
         self.join()
 
 
-def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_every: int) -> dict:
-    """The driver's side of a sweep of ``units`` simulated units into a new store at ``root``."""
+def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_every: int,
+                  image_side: int | None = None) -> dict:
+    """The driver's side of a sweep of ``units`` simulated units into a new store at ``root``, with images
+    of the model's size or ``image_side`` px.
+
+    Actors start a few at a time (each imports torch and timm), so the workers hold their first tasks
+    until all of them are up (SimulatedWorker.START_GATE): what follows is the driver's steady state.
+    """
     import ray
 
     from pipeline.execution import scheduler
     from pipeline.execution.progress import Progress
     from pipeline.store.store import Store
+
+    gate = f"{root}.all-workers-up"  # beside the store, not in it
+
+    class OpenGateWhenAllUp(Progress):
+        up_after_s: float | None = None
+        cpu_when_up: dict[str, float] = {}
+
+        def update(self, done: int, failed: int, workers: tuple[int, int] | None = None) -> None:
+            super().update(done, failed, workers)
+            if self.up_after_s is None and workers and workers[0] == workers[1]:
+                self.up_after_s = time.perf_counter() - started
+                self.cpu_when_up = cpu_by_role()
+                open(gate, "w").close()
+                first_commit.start()
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     # Ray's workers cannot import this script (run as __main__, or __mp_main__ here): ship its code.
@@ -204,23 +288,28 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
         plan_kib = rss_kib() - before
         store = Store(root)
         store.write_plan(plan.units_table())
-        cpu = time.process_time()
         with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
             first_commit = FirstCommit(lambda: writer.committed)
-            first_commit.start()
-            summary = scheduler.run_plan(plan, set(), chunk_size, cfg.cluster, writer,
-                                         Progress(len(plan), bar=False), "cpu", SimulatedWorker)
-        wall = time.perf_counter() - first_commit.started
+            progress = OpenGateWhenAllUp(len(plan), bar=False)
+            started = time.perf_counter()
+            summary = scheduler.run_plan(plan, set(), chunk_size, cfg.cluster, writer, progress, "cpu",
+                                         simulated_worker(image_side, gate))
+            cpu_at_end = cpu_by_role()
+        wall = time.perf_counter() - started
         first_commit.stop()
         assert summary.done == len(planned) and not summary.failed, summary
-        first = first_commit.after_s
+        steady = wall - progress.up_after_s
         return {"units": len(planned), "plan_s": plan_s, "plan_bytes_per_unit": 1024 * plan_kib / len(planned),
-                "wall_s": wall, "records_per_s": summary.done / wall,
-                "steady_records_per_s": summary.done / (wall - first) if first and wall > first else float("nan"),
-                "first_commit_s": first, "driver_cpu_share": (time.process_time() - cpu) / wall,
+                "workers_up_s": progress.up_after_s, "first_commit_s": first_commit.after_s, "steady_s": steady,
+                "records_per_s": summary.done / steady,
+                # CPU milliseconds per committed record, by process role, while all workers were up
+                "cpu_ms_per_record": {role: 1000 * (used - progress.cpu_when_up.get(role, 0.0)) / summary.done
+                                      for role, used in cpu_at_end.items()},
                 "driver_peak_mib": rss_kib("VmHWM") / 1024}
     finally:
         ray.shutdown()
+        if os.path.exists(gate):
+            os.remove(gate)
 
 
 def add_records(root: str, units: int, first_seed: int, image_side: int | None = None, leave_out: int = 0) -> int:
@@ -231,15 +320,14 @@ def add_records(root: str, units: int, first_seed: int, image_side: int | None =
 
     cfg = sweep_config(units, root, 1, first_seed)
     plan = build_plan(cfg)
-    worker = SimulatedWorker(image_side=image_side)
+    worker = simulated_worker(image_side)()
     store = Store(root)
     store.write_plan(plan.units_table())
     with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
         for number, chunk in enumerate(plan.chunks(set(), 64)):
             if leave_out and number % leave_out == 0:
                 continue
-            for record in worker.run(chunk).records:
-                writer.add(record)
+            writer.add_encoded(worker.run(chunk).records)
     return len(plan)
 
 
@@ -354,10 +442,12 @@ def main() -> None:
             root = f"{base}/store-{units}"
             write = in_fresh_process(measure_write, units, root, args.workers, args.chunk_size, args.commit_every)
             print(f"\nwrite {write['units']:,} units: plan {write['plan_s']:.1f} s "
-                  f"({write['plan_bytes_per_unit']:.0f} B/unit), {write['records_per_s']:.0f} records/s overall, "
-                  f"{write['steady_records_per_s']:.0f} records/s after the first commit "
-                  f"({write['first_commit_s']:.1f} s), driver CPU {100 * write['driver_cpu_share']:.0f}% of a core, "
-                  f"driver peak {write['driver_peak_mib']:.0f} MiB, store {_du(root) / 2**30:.2f} GiB", flush=True)
+                  f"({write['plan_bytes_per_unit']:.0f} B/unit); {args.workers} workers up after "
+                  f"{write['workers_up_s']:.1f} s, first commit {write['first_commit_s']:.2f} s later; then "
+                  f"{write['records_per_s']:.0f} records/s committed ({write['steady_s']:.1f} s); driver peak "
+                  f"{write['driver_peak_mib']:.0f} MiB, store {_du(root) / 2**30:.2f} GiB", flush=True)
+            print("  CPU per record: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in
+                                                  sorted(write["cpu_ms_per_record"].items())), flush=True)
             steps = ["status", "committed_keys", "frame", "layer_images", "verify"]
             if units <= args.atlas_max:  # as asked for: a plan rounds up to whole layers
                 steps.append("atlas")

@@ -23,6 +23,7 @@ from pipeline.engine.optimize import Visualization
 from pipeline.execution.plan import build_plan
 from pipeline.execution.progress import Progress
 from pipeline.store.store import Store
+from synthetic_store import measured
 
 REPO = Path(__file__).resolve().parents[1]
 # PYTHONPATH: subprocesses run from tmp_path import this checkout, not whichever one the venv was installed from.
@@ -164,7 +165,8 @@ def chunk_of(compose, features: str):
 @pytest.fixture
 def no_measures(monkeypatch):
     """The fake model has no layers to measure the records with; these tests are about the optimization."""
-    monkeypatch.setattr(worker, "measure", lambda _viz, _layer, _target, _objective, features, *_: [{}] * len(features))
+    monkeypatch.setattr(worker, "measure", lambda _viz, _layer, _target, _objective, features, pngs, _precision:
+                        [measured(png, 0.0, feature) for feature, png in zip(features, pngs)])
 
 
 def test_nan_is_retried_once_on_another_stream_then_recorded_as_failed(compose, no_measures):
@@ -173,7 +175,7 @@ def test_nan_is_retried_once_on_another_stream_then_recorded_as_failed(compose, 
     runner = worker.VisualizationWorker("cpu")
     runner._visualizer = lambda _chunk: fake
     result = runner.run(chunk)
-    assert sorted(r["feature"] for r in result.records) == [1, 2]
+    assert sorted(result.records.table["feature"].to_pylist()) == [1, 2]
     assert [(u["feature"], attempts) for u, _, attempts in result.failures] == [(3, 2)]
     assert "not finite" in result.failures[0][1]
     assert fake.calls == [[1, 2, 3], [2, 3]]
@@ -185,7 +187,7 @@ def test_out_of_memory_halves_the_chunk_until_it_fits(compose, no_measures):
     runner = worker.VisualizationWorker("cpu")
     runner._visualizer = lambda _chunk: fake
     result = runner.run(chunk)
-    assert sorted(r["feature"] for r in result.records) == list(range(8)) and not result.failures
+    assert sorted(result.records.table["feature"].to_pylist()) == list(range(8)) and not result.failures
     assert fake.calls == [list(range(8)), [0, 1, 2, 3], [0, 1], [2, 3], [4, 5, 6, 7], [4, 5], [6, 7]]
 
 

@@ -163,8 +163,9 @@ def test_a_commit_that_fails_midway_publishes_no_part(s3, monkeypatch):
 
     monkeypatch.setattr(store_module.pq, "write_table", write_half_then_fail)
     writer = store.writer(commit_every=1)
+    writer.add(make_record(0))  # starts the commit on the writer's thread
     with pytest.raises(OSError, match="simulated failure"):
-        writer.add(make_record(0))
+        writer.commit()  # which reports the commit's failure
     listed = store.filesystem.get_file_info(pafs.FileSelector(store.paths.root, recursive=True))
     assert [info.path for info in listed if info.type == pafs.FileType.File and "/parquet/" in info.path] == []
     assert store.shard_paths() == []

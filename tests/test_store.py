@@ -153,6 +153,41 @@ def test_round_trip_through_hive_parquet_and_webdataset(tmp_path):
         assert fields["model"] == record["model"]
 
 
+def test_worker_encoded_batches_commit_the_same_values_to_both_stores(tmp_path):
+    """What workers send (pipeline.store.records): float32 arrays, a member name past tar's 100 characters,
+    a key twice in one batch; both stores then hold the same values, and a rebuilt shard the same bytes."""
+    import numpy as np
+
+    from pipeline.store.records import encode_records
+    from pipeline.store.verify import _rebuild_shard
+
+    long_model = "hf-hub:timm/" + "x" * 80  # its members' names need a pax header
+    records = [make_record(i, long_model if i == 2 else DOTTED) for i in range(3)]
+    for i, record in enumerate(records):
+        record["embedding"] = np.linspace(0, 1 / 3, 5, dtype=np.float32) + i
+        record["activation_trace"] = np.array([0.1, i / 3], dtype=np.float32)
+    encoded = encode_records(records + [records[0]])
+    store = Store(str(tmp_path))
+    with store.writer(commit_every=10) as writer:
+        assert writer.add_encoded(encoded) == 3  # the repeated key counts once
+    rows = {row["key"]: row for row in store.read_records().to_pylist()}
+    samples = webdataset_samples(store)
+    assert len(samples) == 3 and len(max(rows, key=len)) + len(".json") > 100
+    for sample in samples:
+        row, fields = rows[sample["__key__"]], json.loads(sample["json"])
+        assert sample["png"] == row["png"]
+        lists = ("embedding", "activation_trace")  # float32 in the JSON too: exact once read as float32
+        assert {name: np.float32(fields.pop(name)).tolist() for name in lists} == {name: row[name] for name in lists}
+        assert fields == {name: value.isoformat() if name == "timestamp" else value
+                          for name, value in row.items() if name not in ("png", *lists)}
+    for shard in raw_shards(tmp_path):
+        before = Path(shard).read_bytes()
+        cid = Path(shard).name[len("shard-"):-len(".tar")]
+        part = next(p for p in store.versions() if p.endswith(f"part-{cid}.parquet"))
+        _rebuild_shard(store, cid, store.read_part(part))
+        assert Path(shard).read_bytes() == before
+
+
 def test_object_store_uri_round_trip():
     # mock:// is pyarrow's in-memory filesystem: the non-local code path, end to end.
     store = Store("mock:///atlas")
@@ -387,19 +422,55 @@ def test_exception_inside_with_still_commits_buffered_records(tmp_path):
     assert store.committed_keys() == {make_record(0)["key"]}
 
 
+def committed_soon(store: Store, count: int, within_s: float = 10.0) -> set[str]:
+    """The committed keys once ``count`` are in: a commit that add() or maybe_commit() starts runs on the
+    writer's thread."""
+    deadline = time.monotonic() + within_s
+    while len(keys := store.committed_keys()) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return keys
+
+
 def test_commit_seconds_commits_before_commit_every(tmp_path):
     store = Store(str(tmp_path))
     writer = store.writer(commit_every=100, commit_seconds=0.2)
     writer.add(make_record(0))
     writer.maybe_commit()
+    time.sleep(0.1)
     assert store.committed_keys() == set()  # too young
-    time.sleep(0.25)
+    time.sleep(0.15)
     writer.maybe_commit()
-    assert store.committed_keys() == {make_record(0)["key"]}
+    assert committed_soon(store, 1) == {make_record(0)["key"]}
     writer.add(make_record(1))
     time.sleep(0.25)
     writer.add(make_record(2))  # add() checks the age too
-    assert len(store.committed_keys()) == 3 and writer.committed == 3
+    assert len(committed_soon(store, 3)) == 3
+    writer.close()
+    assert writer.committed == 3
+
+
+def test_a_failed_background_commit_raises_at_the_next_call_and_is_retried(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    writer = store.writer(commit_every=2)
+    publish = Store._publish
+    broken = {"once": True}
+
+    def full_disk_once(self, path, write):
+        if broken.pop("once", False):
+            raise OSError(28, "No space left on device")
+        publish(self, path, write)
+
+    monkeypatch.setattr(Store, "_publish", full_disk_once)
+    writer.add(make_record(0))
+    writer.add(make_record(1))  # starts a commit, which fails on the committer thread
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(500):  # the next call raises it, once the commit has ended
+            writer.maybe_commit()
+            time.sleep(0.01)
+    assert store.committed_keys() == set() and writer.committed == 0
+    writer.close()  # the records that failed are buffered again and committed now, once
+    assert sorted(parquet_keys(tmp_path)) == sorted(make_record(i)["key"] for i in range(2))
+    assert writer.committed == 2
 
 
 def test_failures_and_status_come_from_the_store_alone(tmp_path):

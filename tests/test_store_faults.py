@@ -236,9 +236,10 @@ def test_a_full_disk_leaves_no_temporaries_behind(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(store_module.pq, "write_table", disk_full)
-    for _ in range(3):  # every retry fails alike
+    writer.add(make_record(0))  # starts a commit on the writer's thread
+    for _ in range(3):  # every retry fails alike; the first reports the commit add() started
         with pytest.raises(OSError, match="No space left"):
-            writer.add(make_record(0)) if not writer._records else writer.commit()
+            writer.commit()
     assert [p for p in tmp_path.rglob(".*") if p.name.endswith(".tmp")] == []
 
 

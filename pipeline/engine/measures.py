@@ -57,7 +57,7 @@ def measure(visualizer: Visualizer, layer: int, target: str, objective: Objectiv
     images = torch.stack([torch.from_numpy(np.array(decode_png(png))).permute(2, 0, 1) for png in pngs])
     embeddings = visualizer.pooled_features(images.float() / 255, embedding_layer(visualizer))
     return [{**describe_png(png), "activation_noise": float(noise[i]), "activation_grey": float(grey[i]),
-             EMBEDDING_COLUMN: embeddings[i].tolist()} for i, png in enumerate(pngs)]
+             EMBEDDING_COLUMN: embeddings[i].float().cpu().numpy()} for i, png in enumerate(pngs)]
 
 
 @torch.no_grad()

@@ -395,11 +395,9 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
 
     def commit(chunk: Chunk, result, summary: RunSummary) -> None:
         summary.busy_s += result.busy_s
-        for record in result.records:
-            if writer.add(record):
-                summary.done += 1
-            else:
-                summary.duplicates += 1
+        added = writer.add_encoded(result.records)
+        summary.done += added
+        summary.duplicates += len(result.records) - added
         for unit, reason, attempts in result.failures:
             _fail_unit(unit, reason, attempts, summary)
 

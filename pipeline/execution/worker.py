@@ -2,7 +2,8 @@
 
 The scheduler wraps :class:`VisualizationWorker` in a Ray actor, so the models
 it loads stay loaded across chunks. A worker never writes the store: it returns
-complete records and failures, and the driver commits them exactly once.
+complete records, already encoded for the store (pipeline.store.records: validated, a table and
+tar members), and failures; the driver commits them exactly once.
 
 Each record also carries what pipeline.engine.measures measures on its stored
 image (descriptors, the noise and grey baselines, an early-layer embedding),
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Hashable, TypeVar
 
+import numpy as np
 import torch
 
 import pipeline
@@ -39,6 +41,7 @@ from pipeline.engine.optimize import seed_for
 from pipeline.execution.plan import Chunk
 from pipeline.models import weights
 from pipeline.store.png import encode_png
+from pipeline.store.records import EncodedRecords, encode_records
 
 NONFINITE_RETRIES = 1
 T = TypeVar("T")
@@ -46,9 +49,17 @@ T = TypeVar("T")
 
 @dataclass
 class ChunkResult:
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: EncodedRecords  # the finished records, encoded for the store here rather than in the driver
     failures: list[tuple[dict[str, Any], str, int]] = field(default_factory=list)  # (unit, reason, attempts)
     busy_s: float = 0.0  # seconds spent loading and optimizing
+
+
+@dataclass
+class _Outcome:
+    """What a chunk has given so far: records (dicts) and failed units."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[tuple[dict[str, Any], str, int]] = field(default_factory=list)
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -88,21 +99,19 @@ class VisualizationWorker(ModelWorker):
 
     def run(self, chunk: Chunk) -> ChunkResult:
         started = time.perf_counter()
-        result = ChunkResult()
+        result = _Outcome()
         changed = _spectrum_changed(chunk.group)
         if changed:  # every image would be made with a magnitude its records do not cite
             result.failures = [(unit, changed, 1) for unit in chunk.units()]
-            result.busy_s = time.perf_counter() - started
-            return result
-        try:
-            self._run(chunk, result)
-        except weights.CheckpointChanged as error:  # the file is not the planned one: no unit of it may be recorded
-            result.records.clear()
-            result.failures = [(unit, str(error), 1) for unit in chunk.units()]
-        result.busy_s = time.perf_counter() - started
-        return result
+        else:
+            try:
+                self._run(chunk, result)
+            except weights.CheckpointChanged as error:  # not the planned file: no unit of it may be recorded
+                result.records.clear()
+                result.failures = [(unit, str(error), 1) for unit in chunk.units()]
+        return ChunkResult(encode_records(result.records), result.failures, time.perf_counter() - started)
 
-    def _run(self, chunk: Chunk, result: ChunkResult) -> None:
+    def _run(self, chunk: Chunk, result: _Outcome) -> None:
         try:
             self._optimize(chunk, result)
         except torch.OutOfMemoryError:
@@ -115,7 +124,7 @@ class VisualizationWorker(ModelWorker):
             for half in chunk.split():
                 self._run(half, result)
 
-    def _optimize(self, chunk: Chunk, result: ChunkResult) -> None:
+    def _optimize(self, chunk: Chunk, result: _Outcome) -> None:
         group = chunk.group
         visualizer = self._visualizer(chunk)
         objective = parse_objective(group.objective)
@@ -133,7 +142,7 @@ class VisualizationWorker(ModelWorker):
                     retry.append(feature)
                     continue
                 records.append(self._record(chunk, feature, out.images[i], float(out.activations[i]),
-                                            out.traces[i].tolist(), labels.get(feature), per_image, visualizer))
+                                            out.traces[i].float().numpy(), labels.get(feature), per_image, visualizer))
             result.records.extend(_measured(visualizer, chunk, objective, records))
             pending = retry
             if not pending:
@@ -142,7 +151,7 @@ class VisualizationWorker(ModelWorker):
             result.failures.append((group.unit(feature), "objective or image not finite (NaN/inf), also after a "
                                     "retry with another random stream", NONFINITE_RETRIES + 1))
 
-    def _record(self, chunk: Chunk, feature: int, image: torch.Tensor, activation: float, trace: list[float],
+    def _record(self, chunk: Chunk, feature: int, image: torch.Tensor, activation: float, trace: np.ndarray,
                 label: str | None, duration: float, visualizer: Visualizer) -> dict[str, Any]:
         group = chunk.group
         return {

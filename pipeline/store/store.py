@@ -60,6 +60,7 @@ checks every part against its shard.
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import errno
 import hashlib
@@ -83,9 +84,9 @@ import pyarrow.parquet as pq
 
 from pipeline.store.errors import DamagedStoreError, StoreError, UnknownSchemaError
 from pipeline.store.lease import Lease
-from pipeline.store.schemas import (FAILURE_SCHEMA, KEY_PATTERN, MEASURED_COLUMNS, READABLE_SCHEMA_IDS, RECORD_SCHEMA,
-                                    SCHEMA_ID, UNIT_SCHEMA, TableSpec)
-from pipeline.store.shards import sample_of, write_shard
+from pipeline.store.records import EncodedRecords, encode_records
+from pipeline.store.schemas import FAILURE_SCHEMA, READABLE_SCHEMA_IDS, RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, TableSpec
+from pipeline.store.shards import write_shard
 from pipeline.store.tables import PartTable
 
 if TYPE_CHECKING:
@@ -101,8 +102,6 @@ _SINGLE_OBJECT_WRITES = {"s3", "gcs", "abfs"}
 # needs no grace period.
 DEFAULT_RECOVER_AFTER_S = 600.0
 
-# What a record must not leave null when written: the measured columns are nullable only so that v1 parts read.
-_REQUIRED = {f.name for f in RECORD_SCHEMA if not f.nullable} | set(MEASURED_COLUMNS)
 _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
 
 
@@ -269,18 +268,17 @@ class Store:
         cid = _commit_id(posixpath.basename(path), "part-", ".parquet")
         if cid is None or _REWRITTEN.fullmatch(cid):
             raise ValueError(f"{path} is not a part of this store that a rewrite can replace")
-        validated = [_validate(record) for record in records]
-        keys = {record["key"] for record in records}
+        encoded = encode_records(records)
+        keys = set(encoded.keys)
         old_keys = set(self._read(ds.dataset([path], schema=RECORD_SCHEMA, format=self._parquet_format,
                                              filesystem=self.filesystem), ["key"])["key"].to_pylist())
         if keys != old_keys or len(keys) != len(records):
             raise ValueError(f"a rewrite of {path} must hold exactly its {len(old_keys)} keys, once each")
         new = f"{cid}{_REWRITE_SUFFIX}"
         staged, final = self._shard_locations(new)
-        table = pa.concat_tables(row for row, _ in validated)
-        self._publish(staged, lambda out: write_shard(out, [sample for _, sample in validated]))
+        self._publish(staged, lambda out: write_shard(out, [encoded.shard_batch]))
         new_path = f"{posixpath.dirname(path)}/part-{new}.parquet"
-        self._publish(new_path, lambda out: self._write_parquet(table, out))
+        self._publish(new_path, lambda out: self._write_parquet(encoded.table, out))
         self._promote(staged, final)
         self._retire(cid, path)
         return new_path
@@ -655,19 +653,17 @@ def _fsync_dir(path: str) -> None:
         os.close(directory)
 
 
-@dataclass
-class _Buffered:
-    model: str
-    row: pa.Table  # one validated RECORD_SCHEMA row
-    sample: dict  # the WebDataset sample
-
-
 class StoreWriter:
     """Buffers records and commits them to both stores, dropping duplicate keys.
 
     Exactly-once holds per writer: it knows the keys committed when it opened
     plus everything it accepted since. Use it as a context manager; leaving the
     ``with`` commits what is buffered, also on an exception.
+
+    A commit that ``add`` or ``maybe_commit`` starts runs on the writer's own thread, so the caller (the
+    driver, taking results as they come) never waits for the disk or an object store unless the previous
+    commit is still running: at most one commit's records wait beside the buffer. Its error, if it fails,
+    is raised by the next call, and its records that were not committed are buffered again.
     """
 
     def __init__(self, store: Store, commit_every: int, commit_seconds: float):
@@ -678,10 +674,14 @@ class StoreWriter:
         self.commit_seconds = commit_seconds
         self.committed = 0
         self._seen = store.committed_keys()
-        self._records: list[_Buffered] = []
+        self._records: dict[str, list[EncodedRecords]] = {}  # buffered, by model
+        self._buffered = 0  # records in _records
         self._failures: list[dict] = []
         self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
         self._closed = False
+        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-commit")
+        # The commit running on the committer thread, and the records it holds until it is done.
+        self._in_flight: tuple[concurrent.futures.Future, dict[str, list[EncodedRecords]], list[dict]] | None = None
         # The driver may call maybe_commit() from a timer thread while add() runs.
         self._lock = threading.RLock()
 
@@ -694,17 +694,27 @@ class StoreWriter:
 
     def add(self, record: dict) -> bool:
         """Buffer a record; False if its key is already committed or buffered."""
-        row, sample = _validate(record)
+        return self.add_encoded(encode_records([record])) == 1
+
+    def add_encoded(self, records: EncodedRecords) -> int:
+        """Buffer records a worker encoded (pipeline.store.records); returns how many were new, the rest
+        being keys already committed or buffered."""
+        keys, models = records.keys, records.table["model"].to_pylist()
         with self._lock:
             if self._closed:
                 raise RuntimeError("add() on a closed StoreWriter")
-            if record["key"] in self._seen:
-                return False
-            self._seen.add(record["key"])
-            self._records.append(_Buffered(record["model"], row, sample))
-            self._touch()
-            self.maybe_commit()
-            return True
+            fresh: dict[str, list[int]] = {}
+            for row, (key, model) in enumerate(zip(keys, models)):
+                if key not in self._seen:
+                    self._seen.add(key)
+                    fresh.setdefault(model, []).append(row)
+            for model, rows in fresh.items():
+                self._records.setdefault(model, []).append(records.take(rows))
+                self._buffered += len(rows)
+            if fresh:
+                self._touch()
+                self.maybe_commit()
+            return sum(map(len, fresh.values()))
 
     def add_failure(self, unit: dict, reason: str, attempts: int) -> None:
         """Buffer a failed unit (any mapping with the UNIT_SCHEMA fields)."""
@@ -716,81 +726,97 @@ class StoreWriter:
             self.maybe_commit()
 
     def maybe_commit(self) -> None:
-        """Commit if commit_every records are buffered or the oldest has waited commit_seconds."""
+        """Start a commit on the committer thread if commit_every records are buffered or the oldest has
+        waited commit_seconds; raise the error of a commit that failed since the last call."""
         with self._lock:
-            full = len(self._records) >= self.commit_every
+            if self._in_flight is not None and self._in_flight[0].done():
+                self._finish_in_flight()
+            full = self._buffered >= self.commit_every
             stale = self._oldest is not None and time.monotonic() - self._oldest >= self.commit_seconds
             if full or stale:
-                self.commit()
+                self._finish_in_flight()
+                records, failures = self._take()
+                self._in_flight = (self._committer.submit(self._write, records, failures), records, failures)
 
     def commit(self) -> None:
-        """Write everything buffered: per model stage a shard, publish a part, move the shard; then failures."""
+        """Write everything buffered now, in this thread (after the commit in flight, if any)."""
         with self._lock:
-            by_model: dict[str, list[_Buffered]] = {}
-            for item in self._records:
-                by_model.setdefault(item.model, []).append(item)
-            # One commit id per model keeps "part exists" the commit point for
-            # every key in a shard; records leave the buffer once committed, so
-            # a commit that raises midway can simply be retried. A failed move
-            # (step 3) comes after that: the keys stay committed exactly once,
-            # and the next writer opened on the store moves the shard.
-            for model in sorted(by_model):
-                items = by_model[model]
-                staged, final = self._stage_and_commit(model, items)
-                self.committed += len(items)
-                self._records = [item for item in self._records if item.model != model]
-                self.store._promote(staged, final)
-            if self._failures:
-                table = pa.Table.from_pylist(self._failures, schema=FAILURE_SCHEMA)
-                path = f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet"
-                self.store._publish(path, lambda f: self.store._write_parquet(table, f))
-                self._failures = []
-            self._oldest = None
+            self._finish_in_flight()
+            records, failures = self._take()
+            try:
+                self._write(records, failures)
+            except BaseException:
+                self._put_back(records, failures)
+                raise
 
     def close(self) -> None:
         """Commit the remainder; further adds raise."""
         with self._lock:
             if not self._closed:
-                self.commit()
-                self._closed = True
+                try:
+                    self.commit()
+                finally:
+                    self._committer.shutdown()
+                    self._closed = True
+
+    def _take(self) -> tuple[dict[str, list[EncodedRecords]], list[dict]]:
+        """Empty the buffer into a commit."""
+        records, failures = self._records, self._failures
+        self._records, self._failures, self._buffered, self._oldest = {}, [], 0, None
+        return records, failures
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the commit in flight; if it failed, buffer again what it did not commit and raise."""
+        if self._in_flight is None:
+            return
+        (future, records, failures), self._in_flight = self._in_flight, None
+        try:
+            future.result()
+        except BaseException:
+            self._put_back(records, failures)
+            raise
+
+    def _put_back(self, records: dict[str, list[EncodedRecords]], failures: list[dict]) -> None:
+        """Buffer again, first, what a failed commit did not write."""
+        for model, batches in records.items():
+            self._records[model] = batches + self._records.get(model, [])
+            self._buffered += sum(map(len, batches))
+        self._failures[:0] = failures
+        if records or failures:
+            self._oldest = time.monotonic() if self._oldest is None else self._oldest
+
+    def _write(self, records: dict[str, list[EncodedRecords]], failures: list[dict]) -> None:
+        """Per model stage a shard, publish a part, move the shard; then failures. What is committed leaves
+        ``records`` and ``failures``, so what is left after an error is exactly what a retry must write."""
+        # One commit id per model keeps "part exists" the commit point for
+        # every key in a shard. A failed move (step 3) comes after that: the keys
+        # stay committed exactly once, and the next writer opened on the store moves the shard.
+        for model in sorted(records):
+            batches = records[model]
+            staged, final = self._stage_and_commit(model, batches)
+            del records[model]
+            self.committed += sum(map(len, batches))
+            self.store._promote(staged, final)
+        if failures:
+            table = pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA)
+            path = f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet"
+            self.store._publish(path, lambda f: self.store._write_parquet(table, f))
+            failures.clear()
 
     def _touch(self) -> None:
         if self._oldest is None:
             self._oldest = time.monotonic()
 
-    def _stage_and_commit(self, model: str, items: list[_Buffered]) -> tuple[str, str]:
+    def _stage_and_commit(self, model: str, batches: list[EncodedRecords]) -> tuple[str, str]:
         """Steps 1 and 2: stage the shard, publish the part; returns (staged, final) shard paths."""
         cid = uuid.uuid4().hex
         paths = self.store.paths
         staged, final = self.store._shard_locations(cid)
-
-        table = pa.concat_tables(item.row for item in items)
-        self.store._publish(staged, lambda out: write_shard(out, [item.sample for item in items]))
+        table = pa.concat_tables(batch.table for batch in batches)
+        self.store._publish(staged, lambda out: write_shard(out, [batch.shard_batch for batch in batches]))
         self.store._publish(f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet",
                             lambda f: self.store._write_parquet(table, f))
         return staged, final
-
-
-def _validate(record: dict) -> tuple[pa.Table, dict]:
-    """Check a record against RECORD_SCHEMA now, where the caller can see the error.
-
-    Returns the one-row table for Parquet and the WebDataset sample built from
-    it, so both stores hold the same (type-converted) values.
-    """
-    names = set(RECORD_SCHEMA.names)
-    missing, extra = names - set(record), set(record) - names
-    nulls = sorted(name for name in _REQUIRED & set(record) if record[name] is None)
-    if missing or extra or nulls:
-        raise ValueError(f"record {record.get('key')!r}: missing {sorted(missing)}, unknown {sorted(extra)}, "
-                         f"null {nulls}")
-    if not isinstance(record["key"], str) or not KEY_PATTERN.fullmatch(record["key"]):
-        raise ValueError(f"record key {record['key']!r} is not a key of pipeline.store.schemas.unit_key "
-                         f"({KEY_PATTERN.pattern}); keys become file names and HTML attributes, and WebDataset "
-                         "splits them at dots")
-    if not isinstance(record["timestamp"], dt.datetime) or record["timestamp"].tzinfo is None:
-        raise ValueError(f"record {record['key']!r}: timestamp must be a timezone-aware datetime")
-    row = pa.Table.from_pylist([record], schema=RECORD_SCHEMA)
-    return row, sample_of(row.to_pylist()[0])
 
 
 def _check_no_link_loop(path: str, root: str) -> None:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
-from pipeline.store.shards import sample_of, write_shard
+from pipeline.store.shards import sample_layout, write_shard
 
 if TYPE_CHECKING:
     from pipeline.store.store import Store
@@ -153,8 +153,8 @@ def _tar_members(stream) -> dict[tuple[str, str], bytes]:
 
 
 def _rebuild_shard(store: "Store", commit_id: str, part: pa.Table) -> None:
-    samples = [sample_of(row) for row in part.to_pylist()]
-    store._publish(store._shard_locations(commit_id)[1], lambda out: write_shard(out, samples))
+    batch = (part, *sample_layout(part))
+    store._publish(store._shard_locations(commit_id)[1], lambda out: write_shard(out, [batch]))
 
 
 def _between(name: str, prefix: str, suffix: str) -> str | None:
