@@ -73,7 +73,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -100,6 +100,10 @@ _SINGLE_OBJECT_WRITES = {"s3", "gcs", "abfs"}
 # break a concurrent writer's commit in flight. Rolling forward committed parts
 # needs no grace period.
 DEFAULT_RECOVER_AFTER_S = 600.0
+# A commit of 512 records makes parts large enough that a million records are a few thousand files
+# to list and open; the byte bound keeps such a buffer of 224 px images (about 120 KB each) in memory.
+DEFAULT_COMMIT_EVERY = 512
+DEFAULT_COMMIT_BYTES = 64 * 2**20
 
 # What a record must not leave null when written: the measured columns are nullable only so that v1 parts read.
 _REQUIRED = {f.name for f in RECORD_SCHEMA if not f.nullable} | set(MEASURED_COLUMNS)
@@ -399,10 +403,11 @@ class Store:
         except (pa.ArrowException, OSError) as error:
             raise self.damaged(fragment.path, error) from None
 
-    def failed_keys(self) -> set[str]:
-        """Keys that have a recorded failure and no committed record."""
+    def failed_keys(self, committed: set[str] | None = None) -> set[str]:
+        """Keys that have a recorded failure and no committed record; ``committed``: the committed keys,
+        when the caller has just read them (a million take seconds to read again)."""
         failed = self._read(self._dataset(self.paths.failures, FAILURE_SCHEMA), ["key"])["key"]
-        return set(failed.to_pylist()) - self.committed_keys()
+        return set(failed.to_pylist()) - (self.committed_keys() if committed is None else committed)
 
     def status(self) -> pa.Table:
         """Per (model, layer): distinct keys planned, done and failed-not-done."""
@@ -450,20 +455,24 @@ class Store:
 
     # ---------------------------------------------------------------- writing
 
-    def write_plan(self, units: pa.Table) -> None:
-        """Record a planned sweep once; writing the same set of keys again is a no-op."""
-        units = units.select(UNIT_SCHEMA.names).cast(UNIT_SCHEMA)
-        keys = sorted(set(units["key"].to_pylist()))
-        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    def write_plan(self, units: pa.Table | Callable[[], pa.Table], keys: Iterable[str] | None = None) -> None:
+        """Record a planned sweep once, named by a digest of its distinct keys; the same set of keys again
+        is a no-op. Given the plan's ``keys``, ``units`` may be a function that builds the table: a resumed
+        sweep's plan is usually stored already, and a million units take seconds to tabulate."""
+        if keys is None:
+            keys = units["key"].to_pylist()
+        digest = hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:16]
         path = f"{self.paths.plan}/plan-{digest}.parquet"
         if self.filesystem.get_file_info(path).type == pafs.FileType.File:
             return
+        table = (units() if callable(units) else units).select(UNIT_SCHEMA.names).cast(UNIT_SCHEMA)
         # Two processes writing the same plan write identical bytes, so the race is harmless.
-        self._publish(path, lambda f: self._write_parquet(units, f))
+        self._publish(path, lambda f: self._write_parquet(table, f))
 
-    def writer(self, commit_every: int = 64, commit_seconds: float = 300.0,
-               recover_after_s: float = DEFAULT_RECOVER_AFTER_S) -> "StoreWriter":
-        """Check the root, finish interrupted commits, open a writer.
+    def writer(self, commit_every: int = DEFAULT_COMMIT_EVERY, commit_seconds: float = 300.0,
+               recover_after_s: float = DEFAULT_RECOVER_AFTER_S, commit_bytes: int = DEFAULT_COMMIT_BYTES,
+               committed: set[str] | None = None) -> "StoreWriter":
+        """Check the root, finish interrupted commits, open a writer (see StoreWriter for ``committed``).
 
         Committed parts whose shard is still staged get it moved into place now;
         uncommitted staged shards and temporaries are deleted once older than
@@ -471,7 +480,7 @@ class Store:
         """
         self.check_writable()
         self.recover(recover_after_s)
-        return StoreWriter(self, commit_every, commit_seconds)
+        return StoreWriter(self, commit_every, commit_seconds, commit_bytes, committed)
 
     # -------------------------------------------------------------- internals
 
@@ -666,18 +675,24 @@ class StoreWriter:
     """Buffers records and commits them to both stores, dropping duplicate keys.
 
     Exactly-once holds per writer: it knows the keys committed when it opened
-    plus everything it accepted since. Use it as a context manager; leaving the
-    ``with`` commits what is buffered, also on an exception.
+    plus everything it accepted since. ``committed``, when given, is that set as the caller
+    just read it under the store's lease (the writer adds to it); otherwise the writer reads
+    it. Use it as a context manager; leaving the ``with`` commits what is buffered, also on
+    an exception.
     """
 
-    def __init__(self, store: Store, commit_every: int, commit_seconds: float):
-        if commit_every < 1 or commit_seconds <= 0:
-            raise ValueError(f"need commit_every >= 1 and commit_seconds > 0, got {commit_every}, {commit_seconds}")
+    def __init__(self, store: Store, commit_every: int, commit_seconds: float,
+                 commit_bytes: int = DEFAULT_COMMIT_BYTES, committed: set[str] | None = None):
+        if commit_every < 1 or commit_seconds <= 0 or commit_bytes < 1:
+            raise ValueError(f"need commit_every >= 1, commit_seconds > 0 and commit_bytes >= 1, got "
+                             f"{commit_every}, {commit_seconds}, {commit_bytes}")
         self.store = store
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
+        self.commit_bytes = commit_bytes
         self.committed = 0
-        self._seen = store.committed_keys()
+        self._seen = store.committed_keys() if committed is None else committed
+        self._buffered_bytes = 0  # Arrow bytes of the buffered records' rows
         self._records: list[_Buffered] = []
         self._failures: list[dict] = []
         self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
@@ -702,6 +717,7 @@ class StoreWriter:
                 return False
             self._seen.add(record["key"])
             self._records.append(_Buffered(record["model"], row, sample))
+            self._buffered_bytes += row.nbytes
             self._touch()
             self.maybe_commit()
             return True
@@ -716,9 +732,10 @@ class StoreWriter:
             self.maybe_commit()
 
     def maybe_commit(self) -> None:
-        """Commit if commit_every records are buffered or the oldest has waited commit_seconds."""
+        """Commit if commit_every records or commit_bytes bytes are buffered, or the oldest has waited
+        commit_seconds."""
         with self._lock:
-            full = len(self._records) >= self.commit_every
+            full = len(self._records) >= self.commit_every or self._buffered_bytes >= self.commit_bytes
             stale = self._oldest is not None and time.monotonic() - self._oldest >= self.commit_seconds
             if full or stale:
                 self.commit()
@@ -739,6 +756,7 @@ class StoreWriter:
                 staged, final = self._stage_and_commit(model, items)
                 self.committed += len(items)
                 self._records = [item for item in self._records if item.model != model]
+                self._buffered_bytes -= sum(item.row.nbytes for item in items)
                 self.store._promote(staged, final)
             if self._failures:
                 table = pa.Table.from_pylist(self._failures, schema=FAILURE_SCHEMA)
