@@ -250,11 +250,15 @@ class Store:
         version lacks (v1's measured columns) read as null.
         """
         dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        self._check_versions(dataset, touching)
+        return dataset
+
+    def _check_versions(self, dataset: ds.Dataset, touching: ds.Expression | None) -> None:
+        """Record (and check) the schema id of every part of ``dataset`` that ``touching`` can reach."""
         fragments = dataset.get_fragments(filter=touching) if touching is not None else dataset.get_fragments()
         for fragment in fragments:
             if fragment.path not in self._part_versions:
                 self._part_versions[fragment.path] = self._schema_id(fragment)
-        return dataset
 
     def versions(self) -> dict[str, str]:
         """The record schema id of every committed part, by path (also checks each is readable)."""
@@ -373,8 +377,20 @@ class Store:
         return set(self.read_records(columns=["key"])["key"].to_pylist())
 
     def read_records(self, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
-        """Committed records as one table; a damaged part is named in the error, with the remedy."""
-        return self._read(self.parquet_dataset(filter), columns, filter)
+        """Committed records as one table; a damaged part is named in the error, with the remedy.
+
+        Read first and checked after (as parquet_dataset checks): a scan keeps each part's footer, so
+        the check costs no second read of thousands of footers; a part of an unknown schema id that
+        fails the read is named as that, not as damaged.
+        """
+        dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        try:
+            table = dataset.to_table(columns=columns, filter=filter)
+        except (pa.ArrowException, OSError) as error:
+            self._check_versions(dataset, filter)
+            raise self.damaged(self._damaged_file(dataset, error), error) from None
+        self._check_versions(dataset, filter)
+        return table
 
     def record_batches(self, columns: list[str], filter: ds.Expression | None = None,
                        batch_size: int = 256) -> Iterator[pa.RecordBatch]:
