@@ -83,10 +83,13 @@ class TargetSection:
 class StoreSection:
     root: str  # a local path or s3://... / gs://...
     commit_every: int  # records per commit
+    commit_bytes: int  # or sooner, once the buffered records hold this many bytes
     commit_seconds: float  # or sooner, once the oldest buffered record waited this long
 
     def __post_init__(self) -> None:
         _at_least(self.commit_every, "store.commit_every", 1, meaning=" (records per commit)")
+        _at_least(self.commit_bytes, "store.commit_bytes", 1,
+                  meaning=" (bytes of buffered records that start a commit, e.g. 67108864 for 64 MiB)")
         _at_least(self.commit_seconds, "store.commit_seconds", 0, strict=True,
                   meaning=" (seconds a record may wait for its commit)")
 

@@ -197,6 +197,7 @@ def test_a_missing_image_set_names_the_images_path_setting(name, no_compute, cap
 @pytest.mark.parametrize("override,fragments", [
     ("store.commit_every=0", ("store.commit_every=0 is not valid: it must be >= 1",)),
     ("store.commit_seconds=-1", ("store.commit_seconds=-1.0 is not valid: it must be > 0",)),
+    ("store.commit_bytes=0", ("store.commit_bytes=0 is not valid: it must be >= 1", "67108864 for 64 MiB")),
     ("cluster.cpus_per_worker=-1", ("cluster.cpus_per_worker=-1.0 is not valid: it must be > 0",)),
     ("cluster.max_failures=-1", ("cluster.max_failures=-1 is not valid: it must be >= 0", "0 at the first failure")),
     ("cluster.workers=0", ("cluster.workers=0 is not valid: use auto or a whole number >= 1",)),

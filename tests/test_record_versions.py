@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from pipeline import status
 from pipeline.store.errors import UnknownSchemaError
 from pipeline.store.schemas import MEASURED_COLUMNS, RECORD_SCHEMA_V1, SCHEMA_ID
+from pipeline.store.store import Store
 from pipeline.views.readers import open_store
 from synthetic_store import DEIT, MODELS, RECORD_COUNT, records, write_raw_store, write_store, write_v1_store
 
@@ -47,6 +49,13 @@ def test_a_store_of_both_versions_reads_both_and_still_refuses_a_foreign_part(tm
     pq.write_table(foreign, tmp_path / "parquet" / f"model={DEIT}" / "part-foreign.parquet")
     with pytest.raises(UnknownSchemaError, match="'someone/else/v1'"):
         open_store(str(tmp_path)).versions()
+    with pytest.raises(UnknownSchemaError, match="'someone/else/v1'"):  # read first, checked after the scan
+        Store(str(tmp_path)).committed_keys()
+    # A foreign part whose columns do not even read as records: still named for its schema id, not as damaged.
+    pq.write_table(pa.table({"key": [1]}, metadata={"schema_id": "someone/else/v1"}),
+                   tmp_path / "parquet" / f"model={DEIT}" / "part-foreign.parquet")
+    with pytest.raises(UnknownSchemaError, match="'someone/else/v1'"):
+        Store(str(tmp_path)).status()
 
 
 def _embedding(visualizer, image: torch.Tensor) -> list[float]:

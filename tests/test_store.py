@@ -473,6 +473,33 @@ def test_a_failed_background_commit_raises_at_the_next_call_and_is_retried(tmp_p
     assert writer.committed == 2
 
 
+def test_commit_bytes_commits_before_commit_every(tmp_path):
+    store = Store(str(tmp_path))
+    from pipeline.store.records import encode_records
+
+    record_bytes = encode_records([make_record(0)]).nbytes
+    writer = store.writer(commit_every=100, commit_bytes=int(2.5 * record_bytes))
+    writer.add(make_record(0))
+    writer.add(make_record(1))
+    time.sleep(0.1)
+    assert store.committed_keys() == set()  # two records' bytes are under the bound
+    writer.add(make_record(2))
+    assert len(committed_soon(store, 3)) == 3 and len(store.parquet_dataset().files) == 1
+    writer.add(make_record(3))  # the count starts again from the commit
+    assert len(store.committed_keys()) == 3
+    writer.close()
+    assert writer.committed == 4
+
+
+def test_a_stored_plan_is_not_tabulated_again(tmp_path):
+    units = [make_unit(i) for i in range(3)]
+    store = Store(str(tmp_path))
+    store.write_plan(lambda: pa.Table.from_pylist(units, schema=UNIT_SCHEMA), [u["key"] for u in units])
+    store.write_plan(lambda: pytest.fail("a stored plan was built again"), [u["key"] for u in units[::-1]])
+    store.write_plan(pa.Table.from_pylist(units, schema=UNIT_SCHEMA))  # a table names the same plan
+    assert len(list((tmp_path / "plan").glob("plan-*.parquet"))) == 1
+
+
 def test_failures_and_status_come_from_the_store_alone(tmp_path):
     units = [make_unit(i, DOTTED, layer=0) for i in range(3)] + [make_unit(i, OTHER, layer=1) for i in range(2)]
     store = Store(str(tmp_path))

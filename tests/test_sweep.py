@@ -351,3 +351,33 @@ def test_a_plan_hashes_each_key_once_however_often_the_driver_asks(compose, monk
     assert plan.keys() == keys and len(set(keys)) == len(plan) == 30
     assert sum(len(chunk.features) for chunk in chunks) == 23
     assert len(calls) == len(plan)
+
+
+def test_a_resumed_sweep_reads_the_committed_keys_once_under_the_lease(compose, tmp_path, monkeypatch, capsys):
+    from pipeline.engine import cost
+    from pipeline.execution.scheduler import RunSummary
+    from pipeline.store.lease import Lease
+    from synthetic_store import write_store
+
+    written = write_store(tmp_path)
+    cfg = compose("sweep.layers=[0]", "sweep.features=[1,2]", f"store.root={tmp_path}", *FAST)
+    reads, held = [], []
+    read_records = Store.read_records
+    monkeypatch.setattr(Store, "read_records", lambda self, *a, **k: reads.append(held[:]) or read_records(self, *a, **k))
+    acquire, release = Lease.acquire, Lease.release
+    monkeypatch.setattr(Lease, "acquire", lambda self: held.append(self.name) or acquire(self))
+    monkeypatch.setattr(Lease, "release", lambda self: held.remove(self.name) or release(self))
+    monkeypatch.setattr(cost, "measured_flops_per_second", lambda *a: 1e9)
+    monkeypatch.setattr(scheduler, "start_ray", lambda cluster: None)
+    monkeypatch.setattr(scheduler, "gpus_per_worker", lambda cluster: 0)
+    seen = {}
+
+    def run_plan(plan, done, chunk_size, cluster, writer, *rest):
+        seen.update(done=done, writer=set(writer._seen))
+        return RunSummary()
+
+    monkeypatch.setattr(scheduler, "run_plan", run_plan)
+    assert run_sweep(cfg) == 0
+    assert reads == [["records"]]  # once, and under the lease
+    assert seen["done"] == set() and seen["writer"] == {r["key"] for r in written}  # the writer got the set read
+    assert len(list((tmp_path / "plan").glob("plan-*.parquet"))) == 1

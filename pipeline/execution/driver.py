@@ -118,27 +118,29 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
             print(verified, flush=True)
     keys = plan.keys()
     planned = set(keys)
-    done = store.committed_keys() & planned
-    failed = store.failed_keys() & planned
-    _print_plan(plan, done, failed, store.root)
-    if planned - done:
-        _print_cost(plan, done, cfg)
-    if not planned - done:
-        print("nothing to do: every planned unit is already in the store; no workers started.")
-        _print_where(store)
-        return 0
 
     from pipeline.execution import scheduler
 
     with store.lease("records"):
-        done = store.committed_keys() & planned  # what a driver that held the lease before us committed
+        # Read once, under the lease, so that it includes what a driver that held the lease before us
+        # committed; the failed keys and the writer take this set (a million keys take seconds to read).
+        committed = store.committed_keys()
+        done = committed & planned
+        failed = store.failed_keys(committed) & planned
+        _print_plan(plan, done, failed, store.root)
+        if not planned - done:
+            print("nothing to do: every planned unit is already in the store; no workers started.")
+            _print_where(store)
+            return 0
+        _print_cost(plan, done, cfg)
         scheduler.start_ray(cfg.cluster)
         scheduler.gpus_per_worker(cfg.cluster)  # GPUs asked for and absent stop here (after a bounded wait)
-        store.write_plan(plan.units_table())
+        store.write_plan(plan.units_table, keys)  # tabulated only if this plan is new to the store
         progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
         interrupted = False
         try:
-            with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
+            with store.writer(cfg.store.commit_every, cfg.store.commit_seconds, commit_bytes=cfg.store.commit_bytes,
+                              committed=committed) as writer:
                 summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
                                              cfg.model.device, worker_class)
         except KeyboardInterrupt:

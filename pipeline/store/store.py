@@ -74,7 +74,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -101,6 +101,10 @@ _SINGLE_OBJECT_WRITES = {"s3", "gcs", "abfs"}
 # break a concurrent writer's commit in flight. Rolling forward committed parts
 # needs no grace period.
 DEFAULT_RECOVER_AFTER_S = 600.0
+# A commit of 512 records makes parts large enough that a million records are a few thousand files
+# to list and open; the byte bound keeps such a buffer of 224 px images (about 120 KB each) in memory.
+DEFAULT_COMMIT_EVERY = 512
+DEFAULT_COMMIT_BYTES = 64 * 2**20
 
 _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
 
@@ -245,11 +249,15 @@ class Store:
         version lacks (v1's measured columns) read as null.
         """
         dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        self._check_versions(dataset, touching)
+        return dataset
+
+    def _check_versions(self, dataset: ds.Dataset, touching: ds.Expression | None) -> None:
+        """Record (and check) the schema id of every part of ``dataset`` that ``touching`` can reach."""
         fragments = dataset.get_fragments(filter=touching) if touching is not None else dataset.get_fragments()
         for fragment in fragments:
             if fragment.path not in self._part_versions:
                 self._part_versions[fragment.path] = self._schema_id(fragment)
-        return dataset
 
     def versions(self) -> dict[str, str]:
         """The record schema id of every committed part, by path (also checks each is readable)."""
@@ -367,8 +375,20 @@ class Store:
         return set(self.read_records(columns=["key"])["key"].to_pylist())
 
     def read_records(self, columns: list[str] | None = None, filter: ds.Expression | None = None) -> pa.Table:
-        """Committed records as one table; a damaged part is named in the error, with the remedy."""
-        return self._read(self.parquet_dataset(filter), columns, filter)
+        """Committed records as one table; a damaged part is named in the error, with the remedy.
+
+        Read first and checked after (as parquet_dataset checks): a scan keeps each part's footer, so
+        the check costs no second read of thousands of footers; a part of an unknown schema id that
+        fails the read is named as that, not as damaged.
+        """
+        dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        try:
+            table = dataset.to_table(columns=columns, filter=filter)
+        except (pa.ArrowException, OSError) as error:
+            self._check_versions(dataset, filter)
+            raise self.damaged(self._damaged_file(dataset, error), error) from None
+        self._check_versions(dataset, filter)
+        return table
 
     def record_batches(self, columns: list[str], filter: ds.Expression | None = None,
                        batch_size: int = 256) -> Iterator[pa.RecordBatch]:
@@ -397,10 +417,11 @@ class Store:
         except (pa.ArrowException, OSError) as error:
             raise self.damaged(fragment.path, error) from None
 
-    def failed_keys(self) -> set[str]:
-        """Keys that have a recorded failure and no committed record."""
+    def failed_keys(self, committed: set[str] | None = None) -> set[str]:
+        """Keys that have a recorded failure and no committed record; ``committed``: the committed keys,
+        when the caller has just read them (a million take seconds to read again)."""
         failed = self._read(self._dataset(self.paths.failures, FAILURE_SCHEMA), ["key"])["key"]
-        return set(failed.to_pylist()) - self.committed_keys()
+        return set(failed.to_pylist()) - (self.committed_keys() if committed is None else committed)
 
     def status(self) -> pa.Table:
         """Per (model, layer): distinct keys planned, done and failed-not-done."""
@@ -448,20 +469,24 @@ class Store:
 
     # ---------------------------------------------------------------- writing
 
-    def write_plan(self, units: pa.Table) -> None:
-        """Record a planned sweep once; writing the same set of keys again is a no-op."""
-        units = units.select(UNIT_SCHEMA.names).cast(UNIT_SCHEMA)
-        keys = sorted(set(units["key"].to_pylist()))
-        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+    def write_plan(self, units: pa.Table | Callable[[], pa.Table], keys: Iterable[str] | None = None) -> None:
+        """Record a planned sweep once, named by a digest of its distinct keys; the same set of keys again
+        is a no-op. Given the plan's ``keys``, ``units`` may be a function that builds the table: a resumed
+        sweep's plan is usually stored already, and a million units take seconds to tabulate."""
+        if keys is None:
+            keys = units["key"].to_pylist()
+        digest = hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:16]
         path = f"{self.paths.plan}/plan-{digest}.parquet"
         if self.filesystem.get_file_info(path).type == pafs.FileType.File:
             return
+        table = (units() if callable(units) else units).select(UNIT_SCHEMA.names).cast(UNIT_SCHEMA)
         # Two processes writing the same plan write identical bytes, so the race is harmless.
-        self._publish(path, lambda f: self._write_parquet(units, f))
+        self._publish(path, lambda f: self._write_parquet(table, f))
 
-    def writer(self, commit_every: int = 64, commit_seconds: float = 300.0,
-               recover_after_s: float = DEFAULT_RECOVER_AFTER_S) -> "StoreWriter":
-        """Check the root, finish interrupted commits, open a writer.
+    def writer(self, commit_every: int = DEFAULT_COMMIT_EVERY, commit_seconds: float = 300.0,
+               recover_after_s: float = DEFAULT_RECOVER_AFTER_S, commit_bytes: int = DEFAULT_COMMIT_BYTES,
+               committed: set[str] | None = None) -> "StoreWriter":
+        """Check the root, finish interrupted commits, open a writer (see StoreWriter for ``committed``).
 
         Committed parts whose shard is still staged get it moved into place now;
         uncommitted staged shards and temporaries are deleted once older than
@@ -469,7 +494,7 @@ class Store:
         """
         self.check_writable()
         self.recover(recover_after_s)
-        return StoreWriter(self, commit_every, commit_seconds)
+        return StoreWriter(self, commit_every, commit_seconds, commit_bytes, committed)
 
     # -------------------------------------------------------------- internals
 
@@ -657,8 +682,10 @@ class StoreWriter:
     """Buffers records and commits them to both stores, dropping duplicate keys.
 
     Exactly-once holds per writer: it knows the keys committed when it opened
-    plus everything it accepted since. Use it as a context manager; leaving the
-    ``with`` commits what is buffered, also on an exception.
+    plus everything it accepted since. ``committed``, when given, is that set as the caller
+    just read it under the store's lease (the writer adds to it); otherwise the writer reads
+    it. Use it as a context manager; leaving the ``with`` commits what is buffered, also on
+    an exception.
 
     A commit that ``add`` or ``maybe_commit`` starts runs on the writer's own thread, so the caller (the
     driver, taking results as they come) never waits for the disk or an object store unless the previous
@@ -666,16 +693,20 @@ class StoreWriter:
     is raised by the next call, and its records that were not committed are buffered again.
     """
 
-    def __init__(self, store: Store, commit_every: int, commit_seconds: float):
-        if commit_every < 1 or commit_seconds <= 0:
-            raise ValueError(f"need commit_every >= 1 and commit_seconds > 0, got {commit_every}, {commit_seconds}")
+    def __init__(self, store: Store, commit_every: int, commit_seconds: float,
+                 commit_bytes: int = DEFAULT_COMMIT_BYTES, committed: set[str] | None = None):
+        if commit_every < 1 or commit_seconds <= 0 or commit_bytes < 1:
+            raise ValueError(f"need commit_every >= 1, commit_seconds > 0 and commit_bytes >= 1, got "
+                             f"{commit_every}, {commit_seconds}, {commit_bytes}")
         self.store = store
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
+        self.commit_bytes = commit_bytes
         self.committed = 0
-        self._seen = store.committed_keys()
+        self._seen = store.committed_keys() if committed is None else committed
         self._records: dict[str, list[EncodedRecords]] = {}  # buffered, by model
         self._buffered = 0  # records in _records
+        self._buffered_bytes = 0  # what they hold in memory
         self._failures: list[dict] = []
         self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
         self._closed = False
@@ -709,8 +740,10 @@ class StoreWriter:
                     self._seen.add(key)
                     fresh.setdefault(model, []).append(row)
             for model, rows in fresh.items():
-                self._records.setdefault(model, []).append(records.take(rows))
-                self._buffered += len(rows)
+                batch = records.take(rows)
+                self._records.setdefault(model, []).append(batch)
+                self._buffered += len(batch)
+                self._buffered_bytes += batch.nbytes
             if fresh:
                 self._touch()
                 self.maybe_commit()
@@ -726,12 +759,12 @@ class StoreWriter:
             self.maybe_commit()
 
     def maybe_commit(self) -> None:
-        """Start a commit on the committer thread if commit_every records are buffered or the oldest has
-        waited commit_seconds; raise the error of a commit that failed since the last call."""
+        """Start a commit on the committer thread if commit_every records or commit_bytes bytes are buffered,
+        or the oldest has waited commit_seconds; raise the error of a commit that failed since the last call."""
         with self._lock:
             if self._in_flight is not None and self._in_flight[0].done():
                 self._finish_in_flight()
-            full = self._buffered >= self.commit_every
+            full = self._buffered >= self.commit_every or self._buffered_bytes >= self.commit_bytes
             stale = self._oldest is not None and time.monotonic() - self._oldest >= self.commit_seconds
             if full or stale:
                 self._finish_in_flight()
@@ -762,7 +795,7 @@ class StoreWriter:
     def _take(self) -> tuple[dict[str, list[EncodedRecords]], list[dict]]:
         """Empty the buffer into a commit."""
         records, failures = self._records, self._failures
-        self._records, self._failures, self._buffered, self._oldest = {}, [], 0, None
+        self._records, self._failures, self._buffered, self._buffered_bytes, self._oldest = {}, [], 0, 0, None
         return records, failures
 
     def _finish_in_flight(self) -> None:
@@ -781,6 +814,7 @@ class StoreWriter:
         for model, batches in records.items():
             self._records[model] = batches + self._records.get(model, [])
             self._buffered += sum(map(len, batches))
+            self._buffered_bytes += sum(batch.nbytes for batch in batches)
         self._failures[:0] = failures
         if records or failures:
             self._oldest = time.monotonic() if self._oldest is None else self._oldest
