@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import hashlib
 import glob
 import io
 import json
@@ -117,6 +118,17 @@ def open_store(kind: str, tmp_path: Path, monkeypatch) -> Store:
 
 STORE_KINDS = ["local", "mock", "object-store"]
 _PROMOTE = Store._promote  # the move of a staged shard to its final name, for tests that cut it
+
+
+def test_unit_keys_are_the_unit_key_of_each_feature_and_stay_what_they_were():
+    from pipeline.store.schemas import unit_keys
+
+    fields = ("hf-hub:timm/vit_tiny_patch16_224.augreg_in21k", "sha256-ab", "values", "position-1-2", 3)
+    keys = unit_keys(*fields, [0, 17, 123456], -1, "c0ffee")
+    assert keys == [unit_key(*fields, feature, -1, "c0ffee") for feature in (0, 17, 123456)]
+    # Stores hold these keys: a change of the formula would make every resumed sweep start over.
+    assert keys[1] == "hf_hub_timm_vit_tiny_patch16_224_augreg_in21k-values-l003-f00017-s-1-" + hashlib.sha256(
+        "|".join(map(str, (*fields, 17, -1, "c0ffee"))).encode()).hexdigest()[:12]
 
 
 def test_round_trip_through_hive_parquet_and_webdataset(tmp_path):

@@ -340,8 +340,14 @@ def test_a_plan_hashes_each_key_once_however_often_the_driver_asks(compose, monk
     from pipeline.execution import plan as plan_module
 
     calls = []
-    real_unit_key = plan_module.unit_key
-    monkeypatch.setattr(plan_module, "unit_key", lambda *fields: calls.append(fields) or real_unit_key(*fields))
+    real_unit_keys = plan_module.unit_keys
+
+    def counted(*fields):
+        keys = real_unit_keys(*fields)
+        calls.extend(keys)
+        return keys
+
+    monkeypatch.setattr(plan_module, "unit_keys", counted)
     plan = build_plan(compose("sweep.layers=[0,1,2]", "sweep.features=first:5", "sweep.seeds=[0,1]"))
     keys = plan.keys()
     done = set(keys[:7])

@@ -4,7 +4,7 @@ A :class:`Plan` is a list of :class:`Group` s, one per (model, weights, target,
 objective, layer, seed, optimizer config); a group holds the features to
 visualize. Everything a worker needs travels in a :class:`Chunk` (a slice of a
 group's features), and every key is a pure function of the unit's fields
-(pipeline.records.unit_key), so re-planning the same sweep gives the same keys.
+(pipeline.store.schemas.unit_key), so re-planning the same sweep gives the same keys.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError
 from pipeline.engine import cost
 from pipeline.engine.objectives import check_objective, parse_objective
 from pipeline.engine.optimize import OptimConfig
-from pipeline.store.schemas import UNIT_SCHEMA, unit_key
+from pipeline.store.schemas import UNIT_SCHEMA, unit_keys
 
 GRID_SECTIONS = ("optim", "target", "model")
 SELECTION_KEYS = ("models", "layers", "features", "seeds")
@@ -53,8 +53,11 @@ class Group:
     features: tuple[int, ...]
 
     def key(self, feature: int) -> str:
-        return unit_key(self.model, self.weights.weights_id, self.target, self.objective, self.layer, feature,
-                        self.seed, self.config_hash)
+        return self.keys([feature])[0]
+
+    def keys(self, features) -> list[str]:
+        return unit_keys(self.model, self.weights.weights_id, self.target, self.objective, self.layer, features,
+                         self.seed, self.config_hash)
 
     def unit(self, feature: int) -> dict[str, Any]:
         return {"key": self.key(feature), "model": self.model, "family": self.family,
@@ -280,7 +283,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
                                     "sweep.models=[deit_tiny_patch16_224].")
             for model in settings["sweep"]["models"]:
                 for group in _groups_for_model(str(model), settings):
-                    new = [(f, key) for f in group.features if (key := group.key(f)) not in seen]
+                    new = [(f, key) for f, key in zip(group.features, group.keys(group.features)) if key not in seen]
                     seen.update(key for _, key in new)
                     if new:
                         groups.append(dataclasses.replace(group, features=tuple(f for f, _ in new)))

@@ -92,9 +92,18 @@ KEY_PATTERN = re.compile(r"[A-Za-z0-9_]+-[a-z_]+-l\d{3,}-f\d{5,}-s-?\d+-[0-9a-f]
 def unit_key(model: str, weights: str, target: str, objective: str, layer: int, feature: int, seed: int,
              config_hash: str) -> str:
     """A unique, dot-free, human-scannable key (WebDataset splits keys at the first dot)."""
-    identity = "|".join(map(str, (model, weights, target, objective, layer, feature, seed, config_hash)))
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
-    return f"{_UNSAFE.sub('_', model)}-{target}-l{layer:03d}-f{feature:05d}-s{seed}-{digest}"
+    return unit_keys(model, weights, target, objective, layer, [feature], seed, config_hash)[0]
+
+
+def unit_keys(model: str, weights: str, target: str, objective: str, layer: int, features, seed: int,
+              config_hash: str) -> list[str]:
+    """``unit_key`` of each of ``features`` (one group's units): what they share is formatted once, which
+    makes planning a million units several seconds faster."""
+    before, after = f"{model}|{weights}|{target}|{objective}|{layer}|", f"|{seed}|{config_hash}"
+    name = f"{_UNSAFE.sub('_', model)}-{target}-l{layer:03d}-f"
+    sha256 = hashlib.sha256
+    return [f"{name}{feature:05d}-s{seed}-{sha256(f'{before}{feature}{after}'.encode()).hexdigest()[:12]}"
+            for feature in features]
 
 
 @dataclass(frozen=True)
