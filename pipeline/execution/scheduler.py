@@ -289,7 +289,9 @@ def drive(pool: Pool, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectR
             waiting = [*in_flight, *pings]
             ready = []
             if waiting:
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+                ready, rest = ray.wait(waiting, num_returns=1, timeout=1.0)
+                if ready and rest:  # and every other result already in: one pass of this loop for all of them
+                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             else:  # every worker lost, none due for a ping yet
                 time.sleep(0.5)
             for ref in ready:
