@@ -33,16 +33,22 @@ and is tried again by the next run.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import html
+import io
 import json
 import logging
+import multiprocessing
 import os
 import re
+import signal
+import zlib
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jinja2
@@ -94,9 +100,15 @@ class BuildReport:
 
 
 def build_site(store_root: str, out: str | Path, workers: int | None = None) -> BuildReport:
-    """Write (or bring up to date) the atlas site of a store."""
+    """Write (or bring up to date) the atlas site of a store; feature pages, images and thumbnails by
+    ``workers`` processes (default: one per core; 1: in this process)."""
+    workers = workers or os.cpu_count() or 1
+    with _page_writers(workers) as pool:
+        return _build_site(store_root, Path(out), pool, workers)
+
+
+def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | None, workers: int) -> BuildReport:
     atlas = open_store(store_root)
-    out = Path(out)
     _check_out(out)
     records = atlas.table(columns=_PAGE_COLUMNS)
     examples = _Examples.open(atlas)
@@ -116,7 +128,7 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
         (out / folder).mkdir(parents=True, exist_ok=True)
     if not manifest_path.exists():  # marks the directory as an atlas, so an interrupted first run can resume
         _write_manifest(manifest_path, {})
-    unreadable = _write_pages(atlas, out, rows, pending, examples, configs, workers or min(4, os.cpu_count() or 1))
+    unreadable = _write_pages(atlas, out, rows, pending, examples, configs, pool, workers)
     broken = frozenset(unreadable)
 
     models = _group_models(rows.values())
@@ -267,26 +279,76 @@ def _variant_order(variant: tuple) -> tuple:
 # ------------------------------------------------------------------ per-key files
 
 
-def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: list[str], examples: _Examples,
-                 configs: dict[str, list[dict]], workers: int) -> list[str]:
-    """Images, thumbnails, example overlays and the feature page of each pending key, in bounded batches.
+# Records per task of a page-writing process: a part's worth (sweeps commit 64), so a task's image
+# bytes (about 8 MB at 224 px) are few and the processes' share of the work stays even.
+_TASK_RECORDS = 64
 
-    Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
+
+@contextlib.contextmanager
+def _page_writers(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """The processes that write feature pages, images and thumbnails (None: this process does).
+
+    Forked at once, before the build reads the store: a fork copies only the calling thread, so
+    pyarrow's reading threads (and any lock they hold) must not exist yet. Forked, not spawned: a
+    spawned process would import torch with the pipeline package, seconds per process. Leaving the
+    block (an error, Ctrl-C) terminates them.
     """
-    unreadable = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for batch in atlas.keyed_batches(pending, columns=["key", "png"], batch_size=128):
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_leave_interrupts_to_the_parent) as pool:
+        yield pool
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the build, which ends the pool
+
+
+def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: list[str], examples: _Examples,
+                 configs: dict[str, list[dict]], pool: multiprocessing.pool.Pool | None, workers: int) -> list[str]:
+    """Images, thumbnails, example overlays and the feature page of each pending key.
+
+    The store is read here, in bounded batches, and each batch goes to a page-writing process; at most
+    two batches per process are in flight, so memory holds a few batches' image bytes, however large the
+    store. Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
+    """
+    with_examples = set(examples.fingerprints()) if examples.dataset is not None else set()
+
+    def tasks() -> Iterator[tuple[Path, list[tuple]]]:
+        for batch in atlas.keyed_batches(pending, columns=["key", "png"], batch_size=_TASK_RECORDS):
             keys = batch.column("key").to_pylist()
-            batch_examples = examples.for_keys(keys)
-            jobs = [(key, pool.submit(_write_key, out, rows[key], png, batch_examples.get(key, []),
-                                      configs.get(key, [])))
-                    for key, png in zip(keys, batch.column("png").to_pylist())]
-            for key, job in jobs:
-                problem = job.result()
-                if isinstance(problem, str):
-                    unreadable.append(key)
-                    log.warning("%s", _unreadable_warning(rows[key], problem, atlas.root))
+            found = examples.for_keys([key for key in keys if key in with_examples])
+            yield out, [(rows[key], png, found.get(key, []), configs.get(key, []))
+                        for key, png in zip(keys, batch.column("png").to_pylist())]
+
+    unreadable = []
+    for problems in _in_order(pool, _write_keys, tasks(), in_flight=2 * workers):
+        for key, problem in problems:
+            unreadable.append(key)
+            log.warning("%s", _unreadable_warning(rows[key], problem, atlas.root))
     return unreadable
+
+
+def _in_order(pool: multiprocessing.pool.Pool | None, function: Callable, tasks: Iterable[tuple],
+              in_flight: int) -> Iterator:
+    """``function(*task)`` of each task, in order: in the pool, at most ``in_flight`` tasks at a time (a
+    pool's own map would read every task, and so every image, ahead), or here without one."""
+    if pool is None:
+        yield from (function(*task) for task in tasks)
+        return
+    running: collections.deque = collections.deque()
+    for task in tasks:
+        running.append(pool.apply_async(function, task))
+        if len(running) >= in_flight:
+            yield running.popleft().get()
+    while running:
+        yield running.popleft().get()
+
+
+def _write_keys(out: Path, items: list[tuple]) -> list[tuple[str, str]]:
+    """Each (row, png, examples, configs)'s files; (key, why) of those whose image does not decode."""
+    problems = ((row["key"], _write_key(out, row, png, examples, configs)) for row, png, examples, configs in items)
+    return [(key, problem) for key, problem in problems if problem is not None]
 
 
 def _write_key(out: Path, row: dict, png: bytes, examples: list[dict], configs: list[dict]) -> str | None:
@@ -301,7 +363,7 @@ def _write_key(out: Path, row: dict, png: bytes, examples: list[dict], configs: 
     else:
         problem = None
         _site_file(out, "images", f"{slug}.png").write_bytes(png)
-        _site_file(out, "thumbs", f"{slug}.png").write_bytes(encode_png(thumbnail_pixels(pixels)))
+        _site_file(out, "thumbs", f"{slug}.png").write_bytes(_thumbnail_png(thumbnail_pixels(pixels)))
     shown = []
     for example in examples:
         try:
@@ -333,6 +395,15 @@ def thumbnail_pixels(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
     scale = size / max(height, width)
     target = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(pixels).resize(target, Image.Resampling.NEAREST))
+
+
+def _thumbnail_png(pixels: np.ndarray) -> bytes:
+    """Lossless PNG of a thumbnail, Huffman coding only: the texture of a visualization (noise, fine
+    gratings) holds almost no repeats for zlib's string matching to find, so skipping it gives the same
+    bytes as the default in two thirds of the time (the bulk of a build is per-record work)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY)
+    return buffer.getvalue()
 
 
 @functools.cache
