@@ -42,6 +42,7 @@ import html
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -69,6 +70,13 @@ log = logging.getLogger(__name__)
 SITE_VERSION = 3
 # What makes two records the same unit under different configs (config_hash aside): a feature page shows them together.
 UNIT_FIELDS = ("model", "weights", "target", "objective", "layer", "feature", "seed")
+# A variant of a model with more images than this gets its grid on pages of one layer and at most
+# PAGE_FEATURES features each, linked from the model's page: one grid of a wide model (37,000 MLP features
+# of deit_base) is megabytes of HTML, a DOM no browser keeps responsive.
+MODEL_PAGE_IMAGES = 1024
+PAGE_FEATURES = 256
+# Features of a layer per file of the search index (search/), so a search loads only the files that can match.
+SEARCH_PART_FEATURES = 256
 THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so browsers do not average either)
 EXAMPLE_SIZE = 128
 # What to do about a record whose image does not decode ({root}: the store root).
@@ -124,7 +132,7 @@ def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | No
     pending = [key for key in rows if manifest.get(key) != fingerprints.get(key, "")
                or not (out / "features" / f"{key_slug(key)}.html").exists()]
 
-    for folder in ("features", "images", "thumbs", "examples", "models"):
+    for folder in ("features", "images", "thumbs", "examples", "models", "search"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     if not manifest_path.exists():  # marks the directory as an atlas, so an interrupted first run can resume
         _write_manifest(manifest_path, {})
@@ -132,10 +140,15 @@ def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | No
     broken = frozenset(unreadable)
 
     models = _group_models(rows.values())
-    for model, variants in models.items():
-        _write_text(_site_file(out, "models", f"{model_slug(model)}.html"), _model_page(model, variants, broken))
+    pages = ((out, "models", name, "model.html", context)
+             for model, variants in models.items() for name, context in _model_pages(model, variants, broken))
+    for _ in _in_order(pool, _write_page, pages, in_flight=2 * workers):
+        pass
     _write_text(out / "index.html", _index_page(models, len(rows), broken))
-    _write_text(out / "atlas-index.js", _search_index(models))
+    index, parts = _search_index(models)
+    for name, text in parts.items():
+        _write_text(_site_file(out, "search", f"{name}.js"), text)
+    _write_text(out / "atlas-index.js", index)
     for asset in ("atlas.css", "atlas.js"):
         _write_text(out / asset, (_ASSETS / asset).read_text())
     _write_manifest(manifest_path, {key: _UNREADABLE if key in broken else fingerprints.get(key, "") for key in rows})
@@ -584,37 +597,68 @@ def weights_order(weights: str) -> tuple:
     return (_WEIGHTS_RANK[weights_kind(weights)], weights)
 
 
-def _model_page(model: str, variants: dict[tuple, list[dict]], unreadable: frozenset[str] = frozenset()) -> str:
+def _model_pages(model: str, variants: dict[tuple, list[dict]],
+                 unreadable: frozenset[str] = frozenset()) -> Iterator[tuple[str, dict]]:
+    """(file name, model.html context) of the model's page and of its variants' pages, if any.
+
+    The model's page shows each variant's layers x features grid, early -> late; a variant of more than
+    MODEL_PAGE_IMAGES images gets links instead, per layer, to pages of PAGE_FEATURES features each.
+    """
+    slug = model_slug(model)
     family = next(iter(variants.values()))[0]["family"]
-    sections = []
-    for variant, rows in variants.items():
-        layers = sorted({row["layer"] for row in rows})
-        features = sorted({row["feature"] for row in rows})
-        cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
-        measured: dict[tuple[int, int], list[dict]] = defaultdict(list)
-        for row in sorted(rows, key=lambda r: (r["seed"], r["key"])):
-            cells[(row["layer"], row["feature"])].append(_thumb(row, unreadable))
-            measured[(row["layer"], row["feature"])].append(row)
-        sections.append({
-            "title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
-            "layers": layers, "features": features,
-            "rows": [{"layer": layer, "cells": [{"feature": f, "thumbs": cells.get((layer, f), []),
-                                                 "values": _cell_values(measured.get((layer, f), []))}
-                                                for f in features]}
-                     for layer in layers],
-        })
     total = sum(len(rows) for rows in variants.values())
-    return _render("model.html", title=f"{model} · vit-atlas", up="../", scripts=("atlas.js",), model=model,
-                   family=family, total=total, variants=sections, thumb_size=THUMB_SIZE, sortable=SORTABLE)
+    heading = {"up": "../", "scripts": ("atlas.js",), "model": model, "model_slug": slug, "family": family,
+               "thumb_size": THUMB_SIZE, "sortable": SORTABLE, "page_features": PAGE_FEATURES}
+    sections = []
+    for number, (variant, rows) in enumerate(variants.items()):
+        cells: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))  # layer -> feature -> rows
+        for row in sorted(rows, key=lambda r: (r["seed"], r["key"])):
+            cells[row["layer"]][row["feature"]].append(row)
+        layers = sorted(cells)
+        features = sorted({feature for layer in cells.values() for feature in layer})
+        section = {"title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
+                   "layers": layers, "features": features, "paged": False, "rows": None, "pages": None}
+        if len(rows) <= MODEL_PAGE_IMAGES:
+            section["rows"] = [_grid_row(layer, features, cells[layer], unreadable) for layer in layers]
+        else:
+            section["pages"] = []
+            for layer in layers:
+                shown = sorted(cells[layer])
+                chunks = [shown[start:start + PAGE_FEATURES] for start in range(0, len(shown), PAGE_FEATURES)]
+                names = [f"{slug}-v{number}-l{layer}-p{page}" for page in range(len(chunks))]
+                section["pages"].append({"layer": layer, "links": [
+                    {"name": name, "first": chunk[0], "last": chunk[-1]} for name, chunk in zip(names, chunks)]})
+                for page, (name, chunk) in enumerate(zip(names, chunks)):
+                    images = sum(len(cells[layer][feature]) for feature in chunk)
+                    where = f"layer {layer} · features {chunk[0]}–{chunk[-1]}"
+                    yield name, {**heading, "title": f"{model} · {where} · vit-atlas", "total": images, "page": {
+                        "where": where, "number": page + 1, "of": len(chunks),
+                        "previous": names[page - 1] if page else None,
+                        "next": names[page + 1] if page + 1 < len(chunks) else None},
+                        "variants": [{**section, "images": images, "layers": [layer], "features": chunk,
+                                      "paged": True, "pages": None,
+                                      "rows": [_grid_row(layer, chunk, cells[layer], unreadable)]}]}
+        sections.append(section)
+    yield slug, {**heading, "title": f"{model} · vit-atlas", "total": total, "page": None, "variants": sections}
+
+
+def _grid_row(layer: int, features: list[int], cells: dict[int, list[dict]], unreadable: frozenset[str]) -> dict:
+    return {"layer": layer, "cells": [{"feature": feature, "values": _cell_values(cells.get(feature, [])),
+                                       "thumbs": [_thumb(row, unreadable) for row in cells.get(feature, [])]}
+                                      for feature in features]}
+
+
+def _write_page(out: Path, folder: str, name: str, template: str, context: dict) -> None:
+    _write_text(_site_file(out, folder, f"{name}.html"), _render(template, **context))
 
 
 def _cell_values(rows: list[dict]) -> dict[str, str]:
     """A grid cell's sort keys: per measurement, the mean over the cell's records (its seeds) where measured."""
     values = {}
     for name in SORTABLE:
-        found = [row.get(name) for row in rows if row.get(name) is not None and np.isfinite(row.get(name))]
+        found = [value for row in rows if (value := row.get(name)) is not None and math.isfinite(value)]
         if found:
-            values[name] = format(float(np.mean(found)), ".6g")
+            values[name] = format(sum(found) / len(found), ".6g")
     return values
 
 
@@ -712,15 +756,32 @@ def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int,
                    total=total, families=families, thumb_size=THUMB_SIZE)
 
 
-def _search_index(models: dict[str, dict[tuple, list[dict]]]) -> str:
-    """The search index as a script: compact rows [file slug, model#, layer, feature, target, activation, label]."""
+def _search_index(models: dict[str, dict[tuple, list[dict]]]) -> tuple[str, dict[str, str]]:
+    """The search index: a script of the models and of the index's parts, and the parts (file stem -> script).
+
+    A part holds one model's records of one layer and SEARCH_PART_FEATURES features, as compact rows
+    [file slug, layer, feature, target, activation, label]; the index lists each part as [file stem,
+    model#, layer, first feature, last feature, records], so a search loads only the parts its filters
+    can match, and counts those they match whole without loading them.
+    """
     names = list(models)
     model_rows = [[name, next(iter(models[name].values()))[0]["family"], model_slug(name)] for name in names]
-    records = [[key_slug(row["key"]), number, row["layer"], row["feature"], row["target"],
-                round(row["activation"], 5), row["label"]]
-               for number, name in enumerate(names) for rows in models[name].values() for row in rows]
-    data = json.dumps({"models": model_rows, "records": records}, separators=(",", ":"))
-    return f"window.ATLAS_INDEX = {data};\n"
+    grouped: dict[tuple[int, int, int], list[dict]] = defaultdict(list)
+    for number, name in enumerate(names):
+        for rows in models[name].values():
+            for row in rows:
+                grouped[(number, row["layer"], row["feature"] // SEARCH_PART_FEATURES)].append(row)
+    listed, parts = [], {}
+    for (number, layer, block), rows in sorted(grouped.items()):
+        stem = f"{model_rows[number][2]}-l{layer}-f{block * SEARCH_PART_FEATURES}"
+        rows.sort(key=lambda r: (r["feature"], r["key"]))
+        records = [[key_slug(row["key"]), row["layer"], row["feature"], row["target"], round(row["activation"], 5),
+                    row["label"]] for row in rows]
+        parts[stem] = (f"(window.ATLAS_PARTS = window.ATLAS_PARTS || {{}})[{json.dumps(stem)}] = "
+                       f"{json.dumps(records, separators=(',', ':'))};\n")
+        listed.append([stem, number, layer, rows[0]["feature"], rows[-1]["feature"], len(rows)])
+    data = json.dumps({"models": model_rows, "parts": listed}, separators=(",", ":"))
+    return f"window.ATLAS_INDEX = {data};\n", parts
 
 
 def _count(number: int, noun: str) -> str:
