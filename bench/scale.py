@@ -23,7 +23,8 @@ images there), and time ``status``, ``committed_keys`` and a resumed sweep (the 
 workers) on it. ``--atlas-model`` builds the atlas of a store of that model's units written without Ray
 (``deit_base_patch16_224``: 37k MLP features, so a model of that many), ``--atlas-only`` times the atlas
 alone; after the atlas's builds, headless Chromium (selenium, /usr/bin/chromedriver) opens its biggest model
-page and the front page over loopback HTTP and times their loading, a scroll, a filter and a search. Stores and sites go under a temporary directory that is deleted at the end (``--keep`` keeps it).
+page and the front page over loopback HTTP and times their loading, a scroll, a filter and a search.
+Stores and sites go under a temporary directory that is deleted at the end (``--keep`` keeps it).
 """
 
 from __future__ import annotations
@@ -355,8 +356,8 @@ _PAGE_COST = """
 const [page] = performance.getEntriesByType("navigation");
 const resources = performance.getEntriesByType("resource");
 const bytes = (entries) => entries.reduce((sum, entry) => sum + entry.encodedBodySize, 0);
-return {dom_ready_ms: page.domContentLoadedEventEnd, load_ms: page.loadEventEnd, nodes: document.getElementsByTagName("*").length,
-        images: document.images.length, html_bytes: page.encodedBodySize,
+return {dom_ready_ms: page.domContentLoadedEventEnd, load_ms: page.loadEventEnd,
+        nodes: document.getElementsByTagName("*").length, images: document.images.length, html_bytes: page.encodedBodySize,
         script_bytes: bytes(resources.filter((entry) => /\\.(js|css)$/.test(entry.name))),
         image_bytes: bytes(resources.filter((entry) => entry.initiatorType === "img"))};
 """
@@ -430,7 +431,8 @@ def measure_browser(site: str) -> dict:
                                        ".filter((entry) => entry.name.includes('/search/'))"
                                        ".reduce((sum, entry) => [sum[0] + 1, sum[1] + entry.encodedBodySize], [0, 0])")
         lines.append(f"index page: load {cost['load_ms']:.0f} ms, {cost['nodes']:,} DOM nodes, HTML "
-                     f"{cost['html_bytes'] / 2**10:.0f} KiB, scripts and styles {cost['script_bytes'] / 2**10:.0f} KiB; "
+                     f"{cost['html_bytes'] / 2**10:.0f} KiB, scripts and styles "
+                     f"{cost['script_bytes'] / 2**10:.0f} KiB; "
                      f"search 'feature 7' {1000 * searched:.0f} ms to '{count}' ({loaded[0]} index parts, "
                      f"{loaded[1] / 2**10:.0f} KiB)")
     finally:
