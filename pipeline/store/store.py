@@ -379,11 +379,16 @@ class Store:
 
         One part at a time: a dataset scanner reads parts ahead of a slow consumer (one writing atlas
         pages held about a gigabyte of a 10,000-record store's images), a part's own scan only that part.
+        With a filter, a part is first counted on the filter's columns alone, so the other columns (images)
+        of a part without a match are never read: a filter on keys cannot skip parts by their statistics
+        (every part's keys span the same layers and features), and an atlas re-run wants few keys.
         """
         dataset = self.parquet_dataset(filter)
         wanted = list(dict.fromkeys([*columns, "key"]))
         for fragment in dataset.get_fragments(filter=filter) if filter is not None else dataset.get_fragments():
             try:
+                if filter is not None and not fragment.scanner(schema=dataset.schema, filter=filter).count_rows():
+                    continue
                 yield from fragment.to_batches(schema=dataset.schema, columns=wanted, filter=filter,
                                                batch_size=batch_size, batch_readahead=0, fragment_readahead=0)
             except (pa.ArrowException, OSError) as error:
