@@ -268,10 +268,18 @@ def _fingerprints(rows: dict[str, dict], examples: dict[str, str], configs: dict
     """Per key, a digest of what its page shows that can change: its examples, its measurements, and which
     configs stand beside it. A change rewrites the page. Measurements change when ``vit-atlas describe``
     measures an old record, when examples arrive (the superstimulus ratio) or another seed of the unit does
-    (its reliability); siblings change when the store gains the unit under another config."""
-    return {key: hashlib.sha256(repr((examples.get(key, ""), [row.get(name) for name in _MEASURED_SHOWN],
+    (its reliability); siblings change when the store gains the unit under another config.
+
+    Measurements count as the page shows them, to 4 significant digits: reliability is centred on the
+    model's other units, so each new record moves every unit's value in far decimals, and raw floats made a
+    re-run after 1% new records rewrite every page of the model."""
+    return {key: hashlib.sha256(repr((examples.get(key, ""), [_as_shown(row.get(name)) for name in _MEASURED_SHOWN],
                                       [c["key"] for c in configs.get(key, [])])).encode()).hexdigest()[:16]
             for key, row in rows.items()}
+
+
+def _as_shown(value):
+    return format(value, ".4g") if isinstance(value, float) else value
 
 
 def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
