@@ -22,7 +22,11 @@ driver's planning alone (plan, key set, chunks, plan table) and its memory per p
 ``--status-records`` sizes write a store of that many planned units, all but 0.1% of them done, with
 small (32 px) images, straight through the store's writer (no Ray: disk and time would not allow 224 px
 images there), and time ``status``, ``committed_keys`` and a resumed sweep (the real driver, simulated
-workers) on it. Stores and sites go under a temporary directory that is deleted at the end (``--keep`` keeps it).
+workers) on it. ``--atlas-model`` builds the atlas of a store of that model's units written without Ray
+(``deit_base_patch16_224``: 37k MLP features, so a model of that many), ``--atlas-only`` times the atlas
+alone; after the atlas's builds, headless Chromium (selenium, /usr/bin/chromedriver) opens its biggest model
+page and the front page over loopback HTTP and times their loading, a scroll, a filter and a search.
+Stores and sites go under a temporary directory that is deleted at the end (``--keep`` keeps it).
 """
 
 from __future__ import annotations
@@ -170,15 +174,15 @@ def simulated_worker(image_side: int | None = None, start_gate: str | None = Non
 # ------------------------------------------------------------------ plans
 
 
-def sweep_config(units: int, root: str, workers: int, first_seed: int = 0, *overrides: str):
-    """A sweep of about ``units`` units of MODEL: every layer, the first F features, S seeds (S planes
+def sweep_config(units: int, root: str, workers: int, first_seed: int = 0, *overrides: str, model: str = MODEL):
+    """A sweep of about ``units`` units of ``model``: every layer, the first F features, S seeds (S planes
     of layers x features, as few as reach the count)."""
-    layout = zoo.layout(MODEL)
+    layout = zoo.layout(model)
     width = layout.site(0, "mlp").features
     per_seed = len(layout.layers) * width
     seeds = math.ceil(units / per_seed)
     features = math.ceil(units / (len(layout.layers) * seeds))
-    return cli.load("sweep", f"sweep.models=[{MODEL}]", "sweep.layers=all", f"sweep.features=first:{features}",
+    return cli.load("sweep", f"sweep.models=[{model}]", "sweep.layers=all", f"sweep.features=first:{features}",
                     f"sweep.seeds=[{','.join(str(first_seed + s) for s in range(seeds))}]",
                     f"cluster.workers={workers}", f"cluster.cpus_per_worker={2 / workers}",
                     "cluster.gpus_per_worker=0", "progress.bar=false", f"store.root={root}", *overrides)
@@ -247,7 +251,7 @@ class FirstCommit(threading.Thread):
         self.join()
 
 
-def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_every: int,
+def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_every: int | None,
                   image_side: int | None = None) -> dict:
     """The driver's side of a sweep of ``units`` simulated units into a new store at ``root``, with images
     of the model's size or ``image_side`` px.
@@ -279,7 +283,8 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
     # Ray's workers cannot import this script (run as __main__, or __mp_main__ here): ship its code.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        cfg = sweep_config(units, root, workers, 0, f"store.commit_every={commit_every}")  # imports Hydra, timm
+        commits = [f"store.commit_every={commit_every}"] if commit_every else []
+        cfg = sweep_config(units, root, workers, 0, *commits)  # imports Hydra, timm
         before = rss_kib()
         started = time.perf_counter()
         plan = build_plan(cfg)
@@ -288,7 +293,8 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
         plan_kib = rss_kib() - before
         store = Store(root)
         store.write_plan(plan.units_table())
-        with store.writer(cfg.store.commit_every, cfg.store.commit_seconds) as writer:
+        with store.writer(cfg.store.commit_every, cfg.store.commit_seconds,
+                          commit_bytes=cfg.store.commit_bytes) as writer:
             first_commit = FirstCommit(lambda: writer.committed)
             progress = OpenGateWhenAllUp(len(plan), bar=False)
             started = time.perf_counter()
@@ -313,35 +319,35 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
 
 
 def add_records(root: str, units: int, first_seed: int, image_side: int | None = None, leave_out: int = 0,
-                processes: int = 1) -> int:
-    """Plan ``units`` more simulated units (seeds from ``first_seed`` on) and write their records straight
-    through the store's writer, no Ray: a store's growth between two atlas builds, or a large store for
-    status and resume. With ``leave_out`` N, every N-th chunk of 64 is planned but not written. With
-    ``processes`` P, P processes each write every P-th chunk through a writer of their own (a million
-    records are an hour of one core's validation and encoding)."""
+                processes: int = 1, model: str = MODEL) -> int:
+    """Plan ``units`` more simulated units of ``model`` (seeds from ``first_seed`` on) and write their records
+    straight through the store's writer, no Ray: a store's growth between two atlas builds, a large store for
+    status and resume, or the atlas's store of a wide model. With ``leave_out`` N, every N-th chunk of 64 is
+    planned but not written. With ``processes`` P, P processes each write every P-th chunk through a writer
+    of their own."""
     from pipeline.store.store import Store
 
-    cfg = sweep_config(units, root, 1, first_seed)
+    cfg = sweep_config(units, root, 1, first_seed, model=model)
     plan = build_plan(cfg)
     Store(root).write_plan(plan.units_table, plan.keys())
     if processes == 1:
-        _write_share(root, units, first_seed, image_side, leave_out, 0, 1)
+        _write_share(root, units, first_seed, image_side, leave_out, 0, 1, model)
     else:
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
-            shares = [pool.submit(_write_share, root, units, first_seed, image_side, leave_out, share, processes)
-                      for share in range(processes)]
+            shares = [pool.submit(_write_share, root, units, first_seed, image_side, leave_out, share, processes,
+                                  model) for share in range(processes)]
             for share in shares:
                 share.result()
     return len(plan)
 
 
 def _write_share(root: str, units: int, first_seed: int, image_side: int | None, leave_out: int, share: int,
-                 shares: int) -> None:
+                 shares: int, model: str) -> None:
     """add_records' writing, of the chunks numbered ``share`` modulo ``shares``."""
     from pipeline.store.store import Store
 
-    cfg = sweep_config(units, root, 1, first_seed)
+    cfg = sweep_config(units, root, 1, first_seed, model=model)
     plan = build_plan(cfg)  # the same plan in every process: keys are a function of the config
     worker = simulated_worker(image_side)()
     # Shares write disjoint keys; each writer knows the keys committed before (a write interrupted and started
@@ -429,6 +435,123 @@ def measure_resume(units: int, root: str, workers: int) -> dict:
     return {"units": units, "new": new.num_rows, "first_record_s": first, "wall_s": wall}
 
 
+def measure_atlas(base: str, units: int, model: str | None, root: str | None = None) -> None:
+    """Print the atlas's first build, its re-run after 1% new records, and its biggest model page in
+    headless Chromium. On the store at ``root``, or on a new one of ``units`` units of ``model`` (MODEL if
+    None) written without Ray (about 400 records/s: a 37k-feature model needs no sweep to be timed)."""
+    model = model or MODEL
+    if root is None:
+        root = f"{base}/atlas-store-{units}"
+        started = time.perf_counter()
+        in_fresh_process(add_records, root, units, 0, None, 0, os.cpu_count() or 1, model)
+        print(f"\natlas store of {model}, {units:,} units, written without Ray in "
+              f"{time.perf_counter() - started:.0f} s ({_du(root) / 2**30:.2f} GiB)", flush=True)
+    site = f"{base}/site-{units}"
+    first = in_fresh_process(read_step, "atlas", root, site)
+    print(f"  {'atlas':<15} {first['s']:>7.2f} s  peak {first['peak_mib']:>6.0f} MiB  "
+          f"({first['found']:,} feature pages written; page writers' peak {first['children_peak_mib']:.0f} MiB, "
+          f"CPU {first['cpu_s']:.0f} s)", flush=True)
+    in_fresh_process(add_records, root, max(1, first["found"] // 100), 10_000, None, 0, 1, model)
+    again = in_fresh_process(read_step, "atlas", root, site)
+    print(f"  {'atlas +1%':<15} {again['s']:>7.2f} s  peak {again['peak_mib']:>6.0f} MiB  "
+          f"({again['found']:,} feature pages written, CPU {again['cpu_s']:.0f} s)", flush=True)
+    browser = in_fresh_process(measure_browser, site)
+    for line in browser["lines"]:
+        print(f"  chromium        {line}", flush=True)
+
+
+# What a page costs in the browser, from the Navigation and Resource Timing entries (ms since navigation
+# start; bytes as served over HTTP, whether or not the browser had them cached: Resource Timing leaves
+# out the sizes of files opened from file://).
+_PAGE_COST = """
+const [page] = performance.getEntriesByType("navigation");
+const resources = performance.getEntriesByType("resource");
+const bytes = (entries) => entries.reduce((sum, entry) => sum + entry.encodedBodySize, 0);
+return {dom_ready_ms: page.domContentLoadedEventEnd, load_ms: page.loadEventEnd,
+        nodes: document.getElementsByTagName("*").length, images: document.images.length, html_bytes: page.encodedBodySize,
+        script_bytes: bytes(resources.filter((entry) => /\\.(js|css)$/.test(entry.name))),
+        image_bytes: bytes(resources.filter((entry) => entry.initiatorType === "img"))};
+"""
+
+# ms from an action (args[0], a function's source) to the second frame after it: the page has handled it
+# and painted.
+_ACTION_MS = """
+const done = arguments[arguments.length - 1];
+const started = performance.now();
+(new Function(arguments[0]))();
+requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now() - started)));
+"""
+
+
+def measure_browser(site: str) -> dict:
+    """The biggest model page of the atlas at ``site`` in headless Chromium, served over loopback HTTP: the
+    overview of its largest model and its heaviest grid page (load, DOM, bytes; a scroll to the bottom
+    and a layer filter), and a search on the front page for one feature of every layer."""
+    import functools
+    import http.server
+    from pathlib import Path
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    pages = sorted(Path(site, "models").glob("*.html"), key=lambda page: page.stat().st_size)
+    heaviest = pages[-1]
+    overview = min((page for page in pages if heaviest.stem.startswith(page.stem)), key=lambda page: len(page.stem))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=site))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='bench-chromium-')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.set_page_load_timeout(300)
+    driver.set_script_timeout(300)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    lines = []
+    try:
+        for what, page in (("model page", overview), ("grid page", heaviest)):
+            driver.get(f"{url}models/{page.name}")
+            cost = driver.execute_script(_PAGE_COST)
+            scroll = driver.execute_async_script(_ACTION_MS, "scrollTo(0, document.body.scrollHeight)")
+            layer = driver.execute_script("return document.querySelector('tr[data-layer]')?.dataset.layer ?? ''")
+            action = ("const input = document.getElementById('filter-layer'); "
+                      f"input.value = '{layer}'; input.dispatchEvent(new Event('input'))")
+            filtering = driver.execute_async_script(_ACTION_MS, action)
+            lines.append(f"{what} {page.name} ({page.stat().st_size / 2**10:.0f} KiB): DOM ready "
+                         f"{cost['dom_ready_ms']:.0f} ms, load {cost['load_ms']:.0f} ms, {cost['nodes']:,} DOM nodes, "
+                         f"{cost['images']:,} images; HTML {cost['html_bytes'] / 2**10:.0f} KiB, scripts "
+                         f"and styles {cost['script_bytes'] / 2**10:.0f} KiB, images so far "
+                         f"{cost['image_bytes'] / 2**10:.0f} KiB; scroll to the bottom {scroll:.0f} ms, "
+                         f"layer filter {filtering:.0f} ms")
+        driver.get(f"{url}index.html")
+        cost = driver.execute_script(_PAGE_COST)
+        started = time.perf_counter()
+        driver.execute_script("const input = document.getElementById('search-feature'); "
+                              "input.value = '7'; input.dispatchEvent(new Event('input'))")
+        while not driver.execute_script("return document.getElementById('search-count').textContent"):
+            time.sleep(0.01)
+        searched = time.perf_counter() - started
+        count = driver.execute_script("return document.getElementById('search-count').textContent")
+        loaded = driver.execute_script("return performance.getEntriesByType('resource')"
+                                       ".filter((entry) => entry.name.includes('/search/'))"
+                                       ".reduce((sum, entry) => [sum[0] + 1, sum[1] + entry.encodedBodySize], [0, 0])")
+        lines.append(f"index page: load {cost['load_ms']:.0f} ms, {cost['nodes']:,} DOM nodes, HTML "
+                     f"{cost['html_bytes'] / 2**10:.0f} KiB, scripts and styles "
+                     f"{cost['script_bytes'] / 2**10:.0f} KiB; "
+                     f"search 'feature 7' {1000 * searched:.0f} ms to '{count}' ({loaded[0]} index parts, "
+                     f"{loaded[1] / 2**10:.0f} KiB)")
+    finally:
+        driver.quit()
+        server.shutdown()
+    return {"lines": lines}
+
+
 def in_fresh_process(function, *args) -> dict:
     """``function(*args)`` in a new interpreter, with that process's peak resident memory added."""
     context = multiprocessing.get_context("spawn")
@@ -437,8 +560,17 @@ def in_fresh_process(function, *args) -> dict:
 
 
 def _with_peak(function, *args) -> dict:
+    import resource
+
     result = function(*args)
-    return {**result, "peak_mib": rss_kib("VmHWM") / 1024} if isinstance(result, dict) else result
+    if not isinstance(result, dict):
+        return result
+    # The largest of its ended child processes (the atlas's page writers), which VmHWM leaves out, and the
+    # CPU time of all: on a machine other work shares, CPU seconds / cores bounds an idle machine's wall time.
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    cpu = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for field in ("ru_utime", "ru_stime"))
+    return {**result, "peak_mib": rss_kib("VmHWM") / 1024, "children_peak_mib": children, "cpu_s": cpu}
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -449,8 +581,13 @@ def main() -> None:
     parser.add_argument("--units", type=int, nargs="*", default=[10_000], help="plan sizes run end to end")
     parser.add_argument("--workers", type=int, default=32, help="simulated workers (actors; 2 CPUs shared)")
     parser.add_argument("--chunk-size", type=int, default=8, help="features per chunk (sweep.chunk_size)")
-    parser.add_argument("--commit-every", type=int, default=64, help="records per commit (store.commit_every)")
+    parser.add_argument("--commit-every", type=int, default=None,
+                        help="records per commit (store.commit_every; default: the sweep's)")
     parser.add_argument("--atlas-max", type=int, default=10_000, help="build the atlas of stores up to this size")
+    parser.add_argument("--atlas-model", default=None,
+                        help="build the atlas of a store of this model's units written without Ray, e.g. "
+                             "deit_base_patch16_224 (37k MLP features: a model page of that many), not the sweep's")
+    parser.add_argument("--atlas-only", action="store_true", help="time the atlas alone, not the write and reads")
     parser.add_argument("--plan-only", type=int, nargs="*", default=[], help="plan sizes timed without running")
     parser.add_argument("--status-records", type=int, nargs="*", default=[],
                         help="stores of this many 32 px records for status and resume")
@@ -459,10 +596,14 @@ def main() -> None:
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="bench-scale-", dir=args.dir)
     print(f"scale benchmark: {MODEL}, {args.workers} simulated workers, chunks of {args.chunk_size}, "
-          f"commits of {args.commit_every}, {os.cpu_count()} cores; stores under {base}", flush=True)
+          f"commits of {args.commit_every or 'the sweep default of'} records (or 64 MiB), {os.cpu_count()} cores; "
+          f"stores under {base}", flush=True)
     try:
         for units in args.units:
             root = f"{base}/store-{units}"
+            if args.atlas_only:
+                measure_atlas(base, units, args.atlas_model)
+                continue
             write = in_fresh_process(measure_write, units, root, args.workers, args.chunk_size, args.commit_every)
             print(f"\nwrite {write['units']:,} units: plan {write['plan_s']:.1f} s "
                   f"({write['plan_bytes_per_unit']:.0f} B/unit); {args.workers} workers up after "
@@ -472,18 +613,12 @@ def main() -> None:
             print("  CPU per record: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in
                                                   sorted(write["cpu_ms_per_record"].items())), flush=True)
             steps = ["status", "committed_keys", "frame", "layer_images", "verify"]
-            if units <= args.atlas_max:  # as asked for: a plan rounds up to whole layers
-                steps.append("atlas")
             for step in steps:
                 result = in_fresh_process(read_step, step, root, f"{base}/site-{units}")
                 print(f"  {step:<15} {result['s']:>7.2f} s  peak {result['peak_mib']:>6.0f} MiB  "
                       f"({result['found']:,})", flush=True)
-            if "atlas" in steps:
-                extra = max(1, write["units"] // 100)
-                in_fresh_process(add_records, root, extra, 10_000)
-                result = in_fresh_process(read_step, "atlas", root, f"{base}/site-{units}")
-                print(f"  {'atlas +1%':<15} {result['s']:>7.2f} s  peak {result['peak_mib']:>6.0f} MiB  "
-                      f"({result['found']:,} feature pages written)", flush=True)
+            if units <= args.atlas_max:  # as asked for: a plan rounds up to whole layers
+                measure_atlas(base, units, args.atlas_model, None if args.atlas_model else root)
         for units in args.plan_only:
             plan = in_fresh_process(measure_plan, units)
             print(f"\nplan {plan['units']:,} units: build_plan {plan['build_plan_s']:.1f} s, "

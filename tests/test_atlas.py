@@ -56,6 +56,7 @@ def test_site_has_a_page_image_and_thumbnail_per_key_and_an_embedded_index(site)
     assert {p.name for p in (out / "models").iterdir()} == {f"{model_slug(DEIT)}.html", f"{model_slug(CLIP)}.html"}
     assert model_slug(CLIP) != CLIP and "." not in model_slug(CLIP)
     assert (out / "atlas-index.js").read_text().startswith("window.ATLAS_INDEX = {")
+    assert sorted(record[0] for record in search_records(out)) == sorted(r["key"] for r in site["records"])
     page = (out / "features" / f"{site['planted'][0]}.html").read_text()
     assert "planted: red" in page and '"lr": 0.1' in page  # label, and the config pretty-printed
     assert len(list((out / "examples").glob(f"{site['planted'][0]}-r*.jpg"))) == 3
@@ -156,6 +157,40 @@ def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
     assert status == 2 and "not of the form key=value" in output.err
     status, output = atlas(f"store.root={site['root']}", f"out={site['out']}")
     assert status == 0 and f"{RECORD_COUNT} images of 2 models; wrote 0 new" in output.out
+
+
+def test_a_model_with_many_features_gets_pages_that_reach_every_feature(tmp_path, monkeypatch):
+    import pipeline.views.atlas as atlas
+
+    # The synthetic DEIT model's random weights have 16 images (4 layers x 4 features), its planted ones 2.
+    monkeypatch.setattr(atlas, "MODEL_PAGE_IMAGES", 8)
+    monkeypatch.setattr(atlas, "PAGE_FEATURES", 3)
+    monkeypatch.setattr(atlas, "SEARCH_PART_FEATURES", 2)
+    written = write_store(tmp_path / "store")
+    out = tmp_path / "site"
+    build_site(str(tmp_path / "store"), out)
+    models = out / "models"
+    overview = (models / f"{model_slug(DEIT)}.html").read_text()
+    assert overview.count("<img ") == 2  # the planted weights' grid; the random weights' only as links
+
+    pages, queue, linked = set(), re.findall(r'<a href="([A-Za-z0-9_-]+)\.html">', overview), set()
+    while queue:  # every page the overview links, and every page those link as previous / next
+        name = queue.pop()
+        if name in pages or name == model_slug(DEIT):
+            continue
+        pages.add(name)
+        page = (models / f"{name}.html").read_text()
+        queue += re.findall(r'<a href="([A-Za-z0-9_-]+)\.html" rel="(?:prev|next)"', page)
+        cells = re.findall(r'<td data-feature="(\d+)"', page)
+        assert 0 < len(cells) <= 3 and len(set(re.findall(r'<tr data-layer="(\d+)"', page))) == 1
+        images = re.findall(r"<img [^>]*>", page)
+        assert images and all('loading="lazy" width="128" height="128"' in image for image in images)
+        linked.update(re.findall(r'href="\.\./features/([^"]+)\.html"', page))
+    assert len(pages) == 4 * 2  # 4 layers, features 0-2 and 3
+    assert linked == {r["key"] for r in written if r["weights"] == "random-0"}
+    parts = search_index(out)["parts"]
+    assert all(last // 2 == first // 2 for _, _, _, first, last, _ in parts)
+    assert sorted(record[0] for record in search_records(out)) == sorted(r["key"] for r in written)
 
 
 # ------------------------------------------------------------------ front page, thumbnails
@@ -297,9 +332,22 @@ def test_crafted_text_is_escaped_wherever_it_lands(crafted_site):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in feature  # the key, shown escaped in the provenance
     assert "&lt;/p&gt;&lt;script&gt;alert(0)&lt;/script&gt;" in feature  # the label
     assert "&lt;/pre&gt;&lt;script&gt;alert(5)&lt;/script&gt;" in feature  # the config
-    index = json.loads((out / "atlas-index.js").read_text().removeprefix("window.ATLAS_INDEX = ").rstrip(";\n"))
-    assert {record[0] for record in index["records"]} == {key_slug(key) for key in CRAFTED_KEYS}
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", record[0]) for record in index["records"])
+    records = search_records(out)
+    assert {record[0] for record in records} == {key_slug(key) for key in CRAFTED_KEYS}
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", record[0]) for record in records)
+
+
+def search_index(out: Path) -> dict:
+    return json.loads((out / "atlas-index.js").read_text().removeprefix("window.ATLAS_INDEX = ").rstrip(";\n"))
+
+
+def search_records(out: Path) -> list[list]:
+    """Every record of the site's search index, from its parts (search/<part>.js)."""
+    found = []
+    for stem, *_ in search_index(out)["parts"]:
+        text = (out / "search" / f"{stem}.js").read_text()
+        found += json.loads(text[text.index("] = ") + 4:].rstrip(";\n"))
+    return found
 
 
 def test_keys_that_would_share_a_page_are_refused_before_anything_is_written(tmp_path):

@@ -393,14 +393,24 @@ class Store:
     def record_batches(self, columns: list[str], filter: ds.Expression | None = None,
                        batch_size: int = 256) -> Iterator[pa.RecordBatch]:
         """Committed records in bounded batches (with ``key``), for passes over more image bytes than fit in
-        memory; a damaged part is named in the error."""
+        memory; a damaged part is named in the error.
+
+        One part at a time: a dataset scanner reads parts ahead of a slow consumer (one writing atlas
+        pages held about a gigabyte of a 10,000-record store's images), a part's own scan only that part.
+        With a filter, a part is first counted on the filter's columns alone, so the other columns (images)
+        of a part without a match are never read: a filter on keys cannot skip parts by their statistics
+        (every part's keys span the same layers and features), and an atlas re-run wants few keys.
+        """
         dataset = self.parquet_dataset(filter)
-        scanner = dataset.scanner(columns=list(dict.fromkeys([*columns, "key"])), filter=filter,
-                                  batch_size=batch_size)
-        try:
-            yield from scanner.to_batches()
-        except (pa.ArrowException, OSError) as error:
-            raise self.damaged(self._damaged_file(dataset, error), error) from None
+        wanted = list(dict.fromkeys([*columns, "key"]))
+        for fragment in dataset.get_fragments(filter=filter) if filter is not None else dataset.get_fragments():
+            try:
+                if filter is not None and not fragment.scanner(schema=dataset.schema, filter=filter).count_rows():
+                    continue
+                yield from fragment.to_batches(schema=dataset.schema, columns=wanted, filter=filter,
+                                               batch_size=batch_size, batch_readahead=0, fragment_readahead=0)
+            except (pa.ArrowException, OSError) as error:
+                raise self.damaged(fragment.path, error) from None
 
     def damaged(self, path: str, error: Exception) -> DamagedStoreError:
         detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__

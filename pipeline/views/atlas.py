@@ -33,16 +33,23 @@ and is tried again by the next run.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import html
+import io
 import json
 import logging
+import math
+import multiprocessing
 import os
 import re
+import signal
+import zlib
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import jinja2
@@ -63,6 +70,13 @@ log = logging.getLogger(__name__)
 SITE_VERSION = 3
 # What makes two records the same unit under different configs (config_hash aside): a feature page shows them together.
 UNIT_FIELDS = ("model", "weights", "target", "objective", "layer", "feature", "seed")
+# A variant of a model with more images than this gets its grid on pages of one layer and at most
+# PAGE_FEATURES features each, linked from the model's page: one grid of a wide model (37,000 MLP features
+# of deit_base) is megabytes of HTML, a DOM no browser keeps responsive.
+MODEL_PAGE_IMAGES = 1024
+PAGE_FEATURES = 256
+# Features of a layer per file of the search index (search/), so a search loads only the files that can match.
+SEARCH_PART_FEATURES = 256
 THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so browsers do not average either)
 EXAMPLE_SIZE = 128
 # What to do about a record whose image does not decode ({root}: the store root).
@@ -94,9 +108,15 @@ class BuildReport:
 
 
 def build_site(store_root: str, out: str | Path, workers: int | None = None) -> BuildReport:
-    """Write (or bring up to date) the atlas site of a store."""
+    """Write (or bring up to date) the atlas site of a store; feature pages, images and thumbnails by
+    ``workers`` processes (default: one per core; 1: in this process)."""
+    workers = workers or os.cpu_count() or 1
+    with _page_writers(workers) as pool:
+        return _build_site(store_root, Path(out), pool, workers)
+
+
+def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | None, workers: int) -> BuildReport:
     atlas = open_store(store_root)
-    out = Path(out)
     _check_out(out)
     records = atlas.table(columns=_PAGE_COLUMNS)
     examples = _Examples.open(atlas)
@@ -112,18 +132,23 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
     pending = [key for key in rows if manifest.get(key) != fingerprints.get(key, "")
                or not (out / "features" / f"{key_slug(key)}.html").exists()]
 
-    for folder in ("features", "images", "thumbs", "examples", "models"):
+    for folder in ("features", "images", "thumbs", "examples", "models", "search"):
         (out / folder).mkdir(parents=True, exist_ok=True)
     if not manifest_path.exists():  # marks the directory as an atlas, so an interrupted first run can resume
         _write_manifest(manifest_path, {})
-    unreadable = _write_pages(atlas, out, rows, pending, examples, configs, workers or min(4, os.cpu_count() or 1))
+    unreadable = _write_pages(atlas, out, rows, pending, examples, configs, pool, workers)
     broken = frozenset(unreadable)
 
     models = _group_models(rows.values())
-    for model, variants in models.items():
-        _write_text(_site_file(out, "models", f"{model_slug(model)}.html"), _model_page(model, variants, broken))
+    pages = ((out, "models", name, "model.html", context)
+             for model, variants in models.items() for name, context in _model_pages(model, variants, broken))
+    for _ in _in_order(pool, _write_page, pages, in_flight=2 * workers):
+        pass
     _write_text(out / "index.html", _index_page(models, len(rows), broken))
-    _write_text(out / "atlas-index.js", _search_index(models))
+    index, parts = _search_index(models)
+    for name, text in parts.items():
+        _write_text(_site_file(out, "search", f"{name}.js"), text)
+    _write_text(out / "atlas-index.js", index)
     for asset in ("atlas.css", "atlas.js"):
         _write_text(out / asset, (_ASSETS / asset).read_text())
     _write_manifest(manifest_path, {key: _UNREADABLE if key in broken else fingerprints.get(key, "") for key in rows})
@@ -243,10 +268,18 @@ def _fingerprints(rows: dict[str, dict], examples: dict[str, str], configs: dict
     """Per key, a digest of what its page shows that can change: its examples, its measurements, and which
     configs stand beside it. A change rewrites the page. Measurements change when ``vit-atlas describe``
     measures an old record, when examples arrive (the superstimulus ratio) or another seed of the unit does
-    (its reliability); siblings change when the store gains the unit under another config."""
-    return {key: hashlib.sha256(repr((examples.get(key, ""), [row.get(name) for name in _MEASURED_SHOWN],
+    (its reliability); siblings change when the store gains the unit under another config.
+
+    Measurements count as the page shows them, to 4 significant digits: reliability is centred on the
+    model's other units, so each new record moves every unit's value in far decimals, and raw floats made a
+    re-run after 1% new records rewrite every page of the model."""
+    return {key: hashlib.sha256(repr((examples.get(key, ""), [_as_shown(row.get(name)) for name in _MEASURED_SHOWN],
                                       [c["key"] for c in configs.get(key, [])])).encode()).hexdigest()[:16]
             for key, row in rows.items()}
+
+
+def _as_shown(value):
+    return format(value, ".4g") if isinstance(value, float) else value
 
 
 def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
@@ -267,26 +300,76 @@ def _variant_order(variant: tuple) -> tuple:
 # ------------------------------------------------------------------ per-key files
 
 
-def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: list[str], examples: _Examples,
-                 configs: dict[str, list[dict]], workers: int) -> list[str]:
-    """Images, thumbnails, example overlays and the feature page of each pending key, in bounded batches.
+# Records per task of a page-writing process: a part's worth (sweeps commit 64), so a task's image
+# bytes (about 8 MB at 224 px) are few and the processes' share of the work stays even.
+_TASK_RECORDS = 64
 
-    Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
+
+@contextlib.contextmanager
+def _page_writers(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
+    """The processes that write feature pages, images and thumbnails (None: this process does).
+
+    Forked at once, before the build reads the store: a fork copies only the calling thread, so
+    pyarrow's reading threads (and any lock they hold) must not exist yet. Forked, not spawned: a
+    spawned process would import torch with the pipeline package, seconds per process. Leaving the
+    block (an error, Ctrl-C) terminates them.
     """
-    unreadable = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for batch in atlas.keyed_batches(pending, columns=["key", "png"], batch_size=128):
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_leave_interrupts_to_the_parent) as pool:
+        yield pool
+
+
+def _leave_interrupts_to_the_parent() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the build, which ends the pool
+
+
+def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: list[str], examples: _Examples,
+                 configs: dict[str, list[dict]], pool: multiprocessing.pool.Pool | None, workers: int) -> list[str]:
+    """Images, thumbnails, example overlays and the feature page of each pending key.
+
+    The store is read here, in bounded batches, and each batch goes to a page-writing process; at most
+    two batches per process are in flight, so memory holds a few batches' image bytes, however large the
+    store. Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
+    """
+    with_examples = set(examples.fingerprints()) if examples.dataset is not None else set()
+
+    def tasks() -> Iterator[tuple[Path, list[tuple]]]:
+        for batch in atlas.keyed_batches(pending, columns=["key", "png"], batch_size=_TASK_RECORDS):
             keys = batch.column("key").to_pylist()
-            batch_examples = examples.for_keys(keys)
-            jobs = [(key, pool.submit(_write_key, out, rows[key], png, batch_examples.get(key, []),
-                                      configs.get(key, [])))
-                    for key, png in zip(keys, batch.column("png").to_pylist())]
-            for key, job in jobs:
-                problem = job.result()
-                if isinstance(problem, str):
-                    unreadable.append(key)
-                    log.warning("%s", _unreadable_warning(rows[key], problem, atlas.root))
+            found = examples.for_keys([key for key in keys if key in with_examples])
+            yield out, [(rows[key], png, found.get(key, []), configs.get(key, []))
+                        for key, png in zip(keys, batch.column("png").to_pylist())]
+
+    unreadable = []
+    for problems in _in_order(pool, _write_keys, tasks(), in_flight=2 * workers):
+        for key, problem in problems:
+            unreadable.append(key)
+            log.warning("%s", _unreadable_warning(rows[key], problem, atlas.root))
     return unreadable
+
+
+def _in_order(pool: multiprocessing.pool.Pool | None, function: Callable, tasks: Iterable[tuple],
+              in_flight: int) -> Iterator:
+    """``function(*task)`` of each task, in order: in the pool, at most ``in_flight`` tasks at a time (a
+    pool's own map would read every task, and so every image, ahead), or here without one."""
+    if pool is None:
+        yield from (function(*task) for task in tasks)
+        return
+    running: collections.deque = collections.deque()
+    for task in tasks:
+        running.append(pool.apply_async(function, task))
+        if len(running) >= in_flight:
+            yield running.popleft().get()
+    while running:
+        yield running.popleft().get()
+
+
+def _write_keys(out: Path, items: list[tuple]) -> list[tuple[str, str]]:
+    """Each (row, png, examples, configs)'s files; (key, why) of those whose image does not decode."""
+    problems = ((row["key"], _write_key(out, row, png, examples, configs)) for row, png, examples, configs in items)
+    return [(key, problem) for key, problem in problems if problem is not None]
 
 
 def _write_key(out: Path, row: dict, png: bytes, examples: list[dict], configs: list[dict]) -> str | None:
@@ -301,7 +384,7 @@ def _write_key(out: Path, row: dict, png: bytes, examples: list[dict], configs: 
     else:
         problem = None
         _site_file(out, "images", f"{slug}.png").write_bytes(png)
-        _site_file(out, "thumbs", f"{slug}.png").write_bytes(encode_png(thumbnail_pixels(pixels)))
+        _site_file(out, "thumbs", f"{slug}.png").write_bytes(_thumbnail_png(thumbnail_pixels(pixels)))
     shown = []
     for example in examples:
         try:
@@ -333,6 +416,15 @@ def thumbnail_pixels(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
     scale = size / max(height, width)
     target = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(pixels).resize(target, Image.Resampling.NEAREST))
+
+
+def _thumbnail_png(pixels: np.ndarray) -> bytes:
+    """Lossless PNG of a thumbnail, Huffman coding only: the texture of a visualization (noise, fine
+    gratings) holds almost no repeats for zlib's string matching to find, so skipping it gives the same
+    bytes as the default in two thirds of the time (the bulk of a build is per-record work)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_HUFFMAN_ONLY)
+    return buffer.getvalue()
 
 
 @functools.cache
@@ -513,37 +605,68 @@ def weights_order(weights: str) -> tuple:
     return (_WEIGHTS_RANK[weights_kind(weights)], weights)
 
 
-def _model_page(model: str, variants: dict[tuple, list[dict]], unreadable: frozenset[str] = frozenset()) -> str:
+def _model_pages(model: str, variants: dict[tuple, list[dict]],
+                 unreadable: frozenset[str] = frozenset()) -> Iterator[tuple[str, dict]]:
+    """(file name, model.html context) of the model's page and of its variants' pages, if any.
+
+    The model's page shows each variant's layers x features grid, early -> late; a variant of more than
+    MODEL_PAGE_IMAGES images gets links instead, per layer, to pages of PAGE_FEATURES features each.
+    """
+    slug = model_slug(model)
     family = next(iter(variants.values()))[0]["family"]
-    sections = []
-    for variant, rows in variants.items():
-        layers = sorted({row["layer"] for row in rows})
-        features = sorted({row["feature"] for row in rows})
-        cells: dict[tuple[int, int], list[dict]] = defaultdict(list)
-        measured: dict[tuple[int, int], list[dict]] = defaultdict(list)
-        for row in sorted(rows, key=lambda r: (r["seed"], r["key"])):
-            cells[(row["layer"], row["feature"])].append(_thumb(row, unreadable))
-            measured[(row["layer"], row["feature"])].append(row)
-        sections.append({
-            "title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
-            "layers": layers, "features": features,
-            "rows": [{"layer": layer, "cells": [{"feature": f, "thumbs": cells.get((layer, f), []),
-                                                 "values": _cell_values(measured.get((layer, f), []))}
-                                                for f in features]}
-                     for layer in layers],
-        })
     total = sum(len(rows) for rows in variants.values())
-    return _render("model.html", title=f"{model} · vit-atlas", up="../", scripts=("atlas.js",), model=model,
-                   family=family, total=total, variants=sections, thumb_size=THUMB_SIZE, sortable=SORTABLE)
+    heading = {"up": "../", "scripts": ("atlas.js",), "model": model, "model_slug": slug, "family": family,
+               "thumb_size": THUMB_SIZE, "sortable": SORTABLE, "page_features": PAGE_FEATURES}
+    sections = []
+    for number, (variant, rows) in enumerate(variants.items()):
+        cells: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))  # layer -> feature -> rows
+        for row in sorted(rows, key=lambda r: (r["seed"], r["key"])):
+            cells[row["layer"]][row["feature"]].append(row)
+        layers = sorted(cells)
+        features = sorted({feature for layer in cells.values() for feature in layer})
+        section = {"title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
+                   "layers": layers, "features": features, "paged": False, "rows": None, "pages": None}
+        if len(rows) <= MODEL_PAGE_IMAGES:
+            section["rows"] = [_grid_row(layer, features, cells[layer], unreadable) for layer in layers]
+        else:
+            section["pages"] = []
+            for layer in layers:
+                shown = sorted(cells[layer])
+                chunks = [shown[start:start + PAGE_FEATURES] for start in range(0, len(shown), PAGE_FEATURES)]
+                names = [f"{slug}-v{number}-l{layer}-p{page}" for page in range(len(chunks))]
+                section["pages"].append({"layer": layer, "links": [
+                    {"name": name, "first": chunk[0], "last": chunk[-1]} for name, chunk in zip(names, chunks)]})
+                for page, (name, chunk) in enumerate(zip(names, chunks)):
+                    images = sum(len(cells[layer][feature]) for feature in chunk)
+                    where = f"layer {layer} · features {chunk[0]}–{chunk[-1]}"
+                    yield name, {**heading, "title": f"{model} · {where} · vit-atlas", "total": images, "page": {
+                        "where": where, "number": page + 1, "of": len(chunks),
+                        "previous": names[page - 1] if page else None,
+                        "next": names[page + 1] if page + 1 < len(chunks) else None},
+                        "variants": [{**section, "images": images, "layers": [layer], "features": chunk,
+                                      "paged": True, "pages": None,
+                                      "rows": [_grid_row(layer, chunk, cells[layer], unreadable)]}]}
+        sections.append(section)
+    yield slug, {**heading, "title": f"{model} · vit-atlas", "total": total, "page": None, "variants": sections}
+
+
+def _grid_row(layer: int, features: list[int], cells: dict[int, list[dict]], unreadable: frozenset[str]) -> dict:
+    return {"layer": layer, "cells": [{"feature": feature, "values": _cell_values(cells.get(feature, [])),
+                                       "thumbs": [_thumb(row, unreadable) for row in cells.get(feature, [])]}
+                                      for feature in features]}
+
+
+def _write_page(out: Path, folder: str, name: str, template: str, context: dict) -> None:
+    _write_text(_site_file(out, folder, f"{name}.html"), _render(template, **context))
 
 
 def _cell_values(rows: list[dict]) -> dict[str, str]:
     """A grid cell's sort keys: per measurement, the mean over the cell's records (its seeds) where measured."""
     values = {}
     for name in SORTABLE:
-        found = [row.get(name) for row in rows if row.get(name) is not None and np.isfinite(row.get(name))]
+        found = [value for row in rows if (value := row.get(name)) is not None and math.isfinite(value)]
         if found:
-            values[name] = format(float(np.mean(found)), ".6g")
+            values[name] = format(sum(found) / len(found), ".6g")
     return values
 
 
@@ -641,15 +764,32 @@ def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int,
                    total=total, families=families, thumb_size=THUMB_SIZE)
 
 
-def _search_index(models: dict[str, dict[tuple, list[dict]]]) -> str:
-    """The search index as a script: compact rows [file slug, model#, layer, feature, target, activation, label]."""
+def _search_index(models: dict[str, dict[tuple, list[dict]]]) -> tuple[str, dict[str, str]]:
+    """The search index: a script of the models and of the index's parts, and the parts (file stem -> script).
+
+    A part holds one model's records of one layer and SEARCH_PART_FEATURES features, as compact rows
+    [file slug, layer, feature, target, activation, label]; the index lists each part as [file stem,
+    model#, layer, first feature, last feature, records], so a search loads only the parts its filters
+    can match, and counts those they match whole without loading them.
+    """
     names = list(models)
     model_rows = [[name, next(iter(models[name].values()))[0]["family"], model_slug(name)] for name in names]
-    records = [[key_slug(row["key"]), number, row["layer"], row["feature"], row["target"],
-                round(row["activation"], 5), row["label"]]
-               for number, name in enumerate(names) for rows in models[name].values() for row in rows]
-    data = json.dumps({"models": model_rows, "records": records}, separators=(",", ":"))
-    return f"window.ATLAS_INDEX = {data};\n"
+    grouped: dict[tuple[int, int, int], list[dict]] = defaultdict(list)
+    for number, name in enumerate(names):
+        for rows in models[name].values():
+            for row in rows:
+                grouped[(number, row["layer"], row["feature"] // SEARCH_PART_FEATURES)].append(row)
+    listed, parts = [], {}
+    for (number, layer, block), rows in sorted(grouped.items()):
+        stem = f"{model_rows[number][2]}-l{layer}-f{block * SEARCH_PART_FEATURES}"
+        rows.sort(key=lambda r: (r["feature"], r["key"]))
+        records = [[key_slug(row["key"]), row["layer"], row["feature"], row["target"], round(row["activation"], 5),
+                    row["label"]] for row in rows]
+        parts[stem] = (f"(window.ATLAS_PARTS = window.ATLAS_PARTS || {{}})[{json.dumps(stem)}] = "
+                       f"{json.dumps(records, separators=(',', ':'))};\n")
+        listed.append([stem, number, layer, rows[0]["feature"], rows[-1]["feature"], len(rows)])
+    data = json.dumps({"models": model_rows, "parts": listed}, separators=(",", ":"))
+    return f"window.ATLAS_INDEX = {data};\n", parts
 
 
 def _count(number: int, noun: str) -> str:

@@ -122,8 +122,12 @@ class AtlasStore:
         wanted = self.table(columns=list(SEED_GROUP), **filters)
         units = {tuple(row[name] for name in SEED_GROUP) for row in wanted.to_pylist()}
         models = sorted({unit[:2] for unit in units})  # (model, weights)
-        table = self.table(columns=[*SEED_GROUP, "seed", EMBEDDING_COLUMN], model=sorted({m for m, _ in models}))
-        table = table.filter(pc.is_valid(table[EMBEDDING_COLUMN]))
+        # Unsorted, and copied only where records lack an embedding: a sorted or filtered copy of 100,000
+        # embeddings of deit_base (3,072 floats each) is 1.2 GB more.
+        table = _first_per_key(self.store.read_records([*SEED_GROUP, "seed", "key", EMBEDDING_COLUMN],
+                                                       filter_expression(model=sorted({m for m, _ in models}))))
+        if table[EMBEDDING_COLUMN].null_count:
+            table = table.filter(pc.is_valid(table[EMBEDDING_COLUMN]))
         # Embeddings stay in Arrow and numpy (one float32 matrix per model and weights): as Python lists
         # they cost about 25 KB per record (hundreds of floats each), which an atlas of 100,000 records
         # would hold at once.
@@ -131,9 +135,9 @@ class AtlasStore:
         members: dict[tuple, list[int]] = {}  # (model, weights) -> its rows of the table
         for row, unit in enumerate(row_units):
             members.setdefault(unit[:2], []).append(row)
-        embeddings = table[EMBEDDING_COLUMN].combine_chunks()
-        matrices = {group: _embedding_matrix(embeddings.take(pa.array(rows, pa.int64())), group)
-                    for group, rows in members.items()}
+        matrices = _embedding_matrices(table[EMBEDDING_COLUMN], [unit[:2] for unit in row_units],
+                                       {group: len(rows) for group, rows in members.items()})
+        del table
         by_unit: dict[tuple, list[int]] = {}  # unit -> its rows of its group's matrix
         for group, rows in members.items():
             for position, row in enumerate(rows):
@@ -275,6 +279,31 @@ class AtlasStore:
         features["image"] = datasets.Image()
         return datasets.Dataset(datasets.table.InMemoryTable(table.cast(features.arrow_schema)),
                                 info=datasets.DatasetInfo(features=features))
+
+
+def _embedding_matrices(embeddings: pa.ChunkedArray, groups: list[tuple], sizes: dict[tuple, int]
+                        ) -> dict[tuple, np.ndarray]:
+    """Per group (model, weights), the (records, width) float32 matrix of its rows' embeddings in table
+    order, filled chunk by chunk: each embedding is copied once, into its matrix."""
+    matrices: dict[tuple, np.ndarray] = {}
+    filled = dict.fromkeys(sizes, 0)
+    start = 0
+    for chunk in embeddings.chunks:
+        rows: dict[tuple, list[int]] = {}
+        for row, group in enumerate(groups[start:start + len(chunk)]):
+            rows.setdefault(group, []).append(row)
+        start += len(chunk)
+        for group, picked in rows.items():
+            part = chunk if len(picked) == len(chunk) else chunk.take(pa.array(picked, pa.int64()))
+            values = _embedding_matrix(part, group)
+            if group not in matrices:
+                matrices[group] = np.empty((sizes[group], values.shape[1]), dtype=np.float32)
+            elif matrices[group].shape[1] != values.shape[1]:
+                raise ValueError(f"The embeddings of {group[0]} (weights {group[1]}) differ in length: "
+                                 f"{sorted({matrices[group].shape[1], values.shape[1]})}.")
+            matrices[group][filled[group]:filled[group] + len(values)] = values
+            filled[group] += len(values)
+    return matrices
 
 
 def _embedding_matrix(embeddings: pa.ListArray, group: tuple) -> np.ndarray:

@@ -84,10 +84,9 @@ function filterGrid() {
 
 const THUMB_SIZE = 128;  // the thumbnails' own size: shown 1:1, so the browser does not average their texture
 
-function resultCard(index, record) {
+function resultCard(model, record) {
   // `slug` is the file name the atlas gave the record (its key when safe): never raw store text.
-  const [slug, modelNumber, layer, feature, target, activation, label] = record;
-  const [model] = index.models[modelNumber];
+  const [slug, layer, feature, target, activation, label] = record;
   const link = document.createElement("a");
   link.className = "card";
   link.href = `features/${encodeURIComponent(slug)}.html`;
@@ -102,7 +101,38 @@ function resultCard(index, record) {
   return link;
 }
 
-function search() {
+// The search index comes in parts (search/<part>.js, one model's layer, a few hundred features each),
+// loaded when a search needs them: as scripts, since fetch() of a local file is refused under file://.
+const loadingParts = new Map();
+
+function loadPart(stem) {
+  if (!loadingParts.has(stem)) {
+    loadingParts.set(stem, new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = `search/${encodeURIComponent(stem)}.js`;
+      script.onload = () => resolve(window.ATLAS_PARTS[stem]);
+      script.onerror = () => reject(new Error(`the search index part ${script.src} did not load`));
+      document.head.append(script);
+    }));
+  }
+  return loadingParts.get(stem);
+}
+
+// Whether some (every) feature from first to last passes a feature filter.
+function someIn(spec, first, last) {
+  for (let f = first; f <= last; f++) if (spec(f)) return true;
+  return false;
+}
+
+function everyIn(spec, first, last) {
+  for (let f = first; f <= last; f++) if (!spec(f)) return false;
+  return true;
+}
+
+let latestSearch = 0;  // a search still loading parts gives way to a newer one
+
+async function search() {
+  const run = ++latestSearch;
   const index = window.ATLAS_INDEX;
   const model = document.getElementById("search-model").value.trim().toLowerCase();
   const family = document.getElementById("search-family").value;
@@ -121,13 +151,26 @@ function search() {
     count.textContent = "";
     return;
   }
-  const matches = index.records.filter(([, m, l, f]) => {
-    const [name, fam] = index.models[m];
-    return modelMatches(name, fam) && (layer === null || layer(l)) && (feature === null || feature(f));
-  });
-  results.replaceChildren(...matches.slice(0, RESULT_LIMIT).map((record) => resultCard(index, record)));
-  count.textContent = matches.length > RESULT_LIMIT
-    ? `${matches.length} matches, showing the first ${RESULT_LIMIT}` : `${matches.length} matches`;
+  const parts = index.parts.filter(([, m, l, first, last]) => modelMatches(...index.models[m])
+    && (layer === null || layer(l)) && (feature === null || someIn(feature, first, last)));
+  const shown = [];
+  let matched = 0;
+  let exact = true;
+  for (const [stem, m, , first, last, records] of parts) {
+    const whole = feature === null || everyIn(feature, first, last);
+    if (shown.length >= RESULT_LIMIT) {  // enough cards: count the rest without loading what is not needed
+      if (whole) matched += records;
+      else exact = false;
+      continue;
+    }
+    const found = (await loadPart(stem)).filter(([, , f]) => feature === null || feature(f));
+    if (run !== latestSearch) return;
+    matched += found.length;
+    shown.push(...found.slice(0, RESULT_LIMIT - shown.length).map((record) => resultCard(index.models[m][0], record)));
+  }
+  results.replaceChildren(...shown);
+  const total = exact ? `${matched} matches` : `at least ${matched} matches`;
+  count.textContent = matched > RESULT_LIMIT || !exact ? `${total}, showing the first ${RESULT_LIMIT}` : total;
 }
 
 document.addEventListener("DOMContentLoaded", () => {
