@@ -270,16 +270,23 @@ def _fingerprints(rows: dict[str, dict], examples: dict[str, str], configs: dict
     measures an old record, when examples arrive (the superstimulus ratio) or another seed of the unit does
     (its reliability); siblings change when the store gains the unit under another config.
 
-    Measurements count as the page shows them, to 4 significant digits: reliability is centred on the
-    model's other units, so each new record moves every unit's value in far decimals, and raw floats made a
-    re-run after 1% new records rewrite every page of the model."""
-    return {key: hashlib.sha256(repr((examples.get(key, ""), [_as_shown(row.get(name)) for name in _MEASURED_SHOWN],
+    Measurements count as the page shows them (``_as_shown``): reliability is centred on the model's other
+    units, so each new record moves every unit's value in its third decimal, and finer digits made a re-run
+    after 1% new records rewrite every page of the model."""
+    def shown(row: dict) -> list:
+        return [_as_shown(name, row.get(name)) for name in _MEASURED_SHOWN]
+
+    return {key: hashlib.sha256(repr((examples.get(key, ""), shown(row),
                                       [c["key"] for c in configs.get(key, [])])).encode()).hexdigest()[:16]
             for key, row in rows.items()}
 
 
-def _as_shown(value):
-    return format(value, ".4g") if isinstance(value, float) else value
+# How the feature page shows a measurement; the others to at most 4 significant digits.
+_SHOWN_AS = {"reliability": ".2f"}
+
+
+def _as_shown(name: str, value):
+    return format(value, _SHOWN_AS.get(name, ".4g")) if isinstance(value, float) else value
 
 
 def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
