@@ -596,7 +596,7 @@ def main() -> None:
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="bench-scale-", dir=args.dir)
     print(f"scale benchmark: {MODEL}, {args.workers} simulated workers, chunks of {args.chunk_size}, "
-          f"commits of {args.commit_every or 'the sweep default of'} records (or 64 MiB), {os.cpu_count()} cores; "
+          f"commits of {args.commit_every or 'the sweep default'} records (or 64 MiB), {os.cpu_count()} cores; "
           f"stores under {base}", flush=True)
     try:
         for units in args.units:
