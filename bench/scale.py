@@ -37,6 +37,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import shutil
 import socket
 import sys
@@ -113,7 +114,10 @@ class SimulatedWorker:
     def __init__(self, device: str = "cpu", model_cache: int = 2, threads: int | None = None):
         self.device = f"{device} ({socket.gethostname()}, simulated)"
         self._images: dict[int, list[tuple[bytes, dict]]] = {}  # side -> (png, its descriptors)
-        self.images(self.IMAGE_SIDE or zoo.layout(MODEL).input_size[-1])  # made before the worker counts as up
+        # Made before the worker counts as up, as a worker's model is: the images, the layout run() reads, and
+        # the first encoding and serialization of records (a few hundred ms of imports and set-up).
+        self.images(self.IMAGE_SIDE or zoo.layout(MODEL).input_size[-1])
+        pickle.dumps(encode_records([]))
 
     def images(self, side: int) -> list[tuple[bytes, dict]]:
         if side not in self._images:

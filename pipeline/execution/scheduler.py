@@ -283,8 +283,9 @@ def drive(pool: Pool, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectR
                 idle_since = now
             elif now - idle_since >= IDLE_WARNING_S:
                 idle_since = now
-                log.warning("no worker is live: waiting for Ray to place the %d worker(s), which needs a node "
-                            "with room for one (committed records are safe; Ctrl-C stops)", pool.size)
+                log.warning("no worker is live yet: %d worker(s) are starting (each imports torch and builds its "
+                            "model, slowly when many share few cores) or wait for a node with room for one "
+                            "(committed records are safe; Ctrl-C stops)", pool.size)
             pings = pool.pings()
             waiting = [*in_flight, *pings]
             ready = []

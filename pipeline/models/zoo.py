@@ -203,10 +203,14 @@ def _prefix_and_grid(tokens: int, hint: int) -> tuple[int, tuple[int, int]]:
     raise PipelineError(f"Cannot split {tokens} tokens into prefix tokens and a square patch grid.")
 
 
-@functools.lru_cache(maxsize=None)
 def layout(model_name: str, img_size: int | None = None) -> ModelLayout:
     """Trace a model's layers at its native size or at ``img_size``; cached per process (tracing on
     meta costs well under a second). A size the architecture cannot take is refused, naming valid ones."""
+    return _traced_layout(model_name, img_size)  # one cache entry however the size is passed, or left out
+
+
+@functools.lru_cache(maxsize=None)
+def _traced_layout(model_name: str, img_size: int | None) -> ModelLayout:
     family = family_of(model_name)
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
         raise PipelineError(f"model.img_size={img_size!r} is not a positive integer (pixels per side), or null "
