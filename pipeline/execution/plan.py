@@ -59,8 +59,9 @@ class Group:
         return unit_keys(self.model, self.weights.weights_id, self.target, self.objective, self.layer, features,
                          self.seed, self.config_hash)
 
-    def unit(self, feature: int) -> dict[str, Any]:
-        return {"key": self.key(feature), "model": self.model, "family": self.family,
+    def unit(self, feature: int, key: str | None = None) -> dict[str, Any]:
+        """The unit of ``feature``; ``key``: its key, when the caller has hashed it already."""
+        return {"key": key or self.key(feature), "model": self.model, "family": self.family,
                 "weights": self.weights.weights_id, "target": self.target, "objective": self.objective,
                 "layer": self.layer, "feature": feature, "seed": self.seed, "config_hash": self.config_hash}
 
@@ -97,7 +98,7 @@ class Plan:
     def keyed_groups(self) -> list[tuple[Group, tuple[str, ...]]]:
         """Each group with the keys of its features, in order."""
         if len(self._keys) != len(self.groups):
-            self._keys = [tuple(g.key(f) for f in g.features) for g in self.groups]
+            self._keys = [tuple(g.keys(g.features)) for g in self.groups]
         return list(zip(self.groups, self._keys))
 
     def keys(self) -> list[str]:
@@ -126,7 +127,8 @@ class Plan:
         return max(self.keyed_groups(), key=remaining)[0]
 
     def units_table(self) -> pa.Table:
-        return pa.Table.from_pylist([g.unit(f) for g in self.groups for f in g.features], schema=UNIT_SCHEMA)
+        units = [g.unit(f, key) for g, keys in self.keyed_groups() for f, key in zip(g.features, keys)]
+        return pa.Table.from_pylist(units, schema=UNIT_SCHEMA)
 
     def chunks(self, done: set[str], chunk_size: int) -> list[Chunk]:
         chunks = []
