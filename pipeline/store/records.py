@@ -11,6 +11,7 @@ reason.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 import pyarrow as pa
 
@@ -47,9 +48,10 @@ class EncodedRecords:
     def keys(self) -> list[str]:
         return self.table["key"].to_pylist()
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
-        """What the records hold in memory (the table's buffers and the layout)."""
+        """What the records hold in memory (the table's buffers and the layout); counted once, as a writer
+        asks it of every buffered batch each time one arrives."""
         return self.table.nbytes + len(self.layout)
 
     def take(self, rows: list[int]) -> "EncodedRecords":

@@ -715,8 +715,6 @@ class StoreWriter:
         self.committed = 0
         self._seen = store.committed_keys() if committed is None else committed
         self._records: dict[str, list[EncodedRecords]] = {}  # buffered, by model
-        self._buffered = 0  # records in _records
-        self._buffered_bytes = 0  # what they hold in memory
         self._failures: list[dict] = []
         self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
         self._closed = False
@@ -750,10 +748,7 @@ class StoreWriter:
                     self._seen.add(key)
                     fresh.setdefault(model, []).append(row)
             for model, rows in fresh.items():
-                batch = records.take(rows)
-                self._records.setdefault(model, []).append(batch)
-                self._buffered += len(batch)
-                self._buffered_bytes += batch.nbytes
+                self._records.setdefault(model, []).append(records.take(rows))
             if fresh:
                 self._touch()
                 self.maybe_commit()
@@ -774,7 +769,9 @@ class StoreWriter:
         with self._lock:
             if self._in_flight is not None and self._in_flight[0].done():
                 self._finish_in_flight()
-            full = self._buffered >= self.commit_every or self._buffered_bytes >= self.commit_bytes
+            batches = [batch for model in self._records.values() for batch in model]
+            full = (sum(map(len, batches)) >= self.commit_every
+                    or sum(batch.nbytes for batch in batches) >= self.commit_bytes)
             stale = self._oldest is not None and time.monotonic() - self._oldest >= self.commit_seconds
             if full or stale:
                 self._finish_in_flight()
@@ -805,7 +802,7 @@ class StoreWriter:
     def _take(self) -> tuple[dict[str, list[EncodedRecords]], list[dict]]:
         """Empty the buffer into a commit."""
         records, failures = self._records, self._failures
-        self._records, self._failures, self._buffered, self._buffered_bytes, self._oldest = {}, [], 0, 0, None
+        self._records, self._failures, self._oldest = {}, [], None
         return records, failures
 
     def _finish_in_flight(self) -> None:
@@ -823,8 +820,6 @@ class StoreWriter:
         """Buffer again, first, what a failed commit did not write."""
         for model, batches in records.items():
             self._records[model] = batches + self._records.get(model, [])
-            self._buffered += sum(map(len, batches))
-            self._buffered_bytes += sum(batch.nbytes for batch in batches)
         self._failures[:0] = failures
         if records or failures:
             self._oldest = time.monotonic() if self._oldest is None else self._oldest
