@@ -2,8 +2,8 @@
 
 The scheduler wraps :class:`VisualizationWorker` in a Ray actor, so the models
 it loads stay loaded across chunks. A worker never writes the store: it returns
-complete records, already encoded for the store (pipeline.store.records: validated, a table and
-tar members), and failures; the driver commits them exactly once.
+complete records, already encoded for the store (pipeline.store.records: validated, one table and
+the WebDataset samples' layout around its images), and failures; the driver commits them exactly once.
 
 Each record also carries what pipeline.engine.measures measures on its stored
 image (descriptors, the noise and grey baselines, an early-layer embedding),

@@ -307,8 +307,8 @@ def _variant_order(variant: tuple) -> tuple:
 # ------------------------------------------------------------------ per-key files
 
 
-# Records per task of a page-writing process: a part's worth (sweeps commit 64), so a task's image
-# bytes (about 8 MB at 224 px) are few and the processes' share of the work stays even.
+# Records per task of a page-writing process: few enough that a task's image bytes (about 8 MB at
+# 224 px) stay small and the processes' share of the work stays even.
 _TASK_RECORDS = 64
 
 
