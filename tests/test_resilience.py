@@ -53,8 +53,8 @@ def assert_exactly(root: Path, planned: list[str]) -> None:
 def test_an_interrupted_driver_then_the_same_command_gives_exactly_the_planned_keys(compose, tmp_path,
                                                                                      signal_number, exit_code):
     root = tmp_path / "store"
-    args = ["sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0]", "sweep.features=first:12",
-            "sweep.chunk_size=1", "optim.steps=80", "optim.copies=1", "store.commit_every=1",
+    args = ["sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0]", "sweep.features=first:8",
+            "sweep.chunk_size=1", "optim.steps=30", "optim.copies=1", "store.commit_every=1",
             "progress.bar=false", f"store.root={root}"]
     planned = build_plan(compose(*args)).keys()
     command = [sys.executable, "-m", "pipeline.sweep", *args]
@@ -65,7 +65,7 @@ def test_an_interrupted_driver_then_the_same_command_gives_exactly_the_planned_k
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        # Interrupted at its first commit: on a quiet machine the last units of 12 take only seconds, and
+        # Interrupted at its first commit: on a quiet machine the last units of 8 take only seconds, and
         # a signal reaches Python only between Ray calls, so a later interrupt could find the sweep done.
         while committed(root) < 1 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
