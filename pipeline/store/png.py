@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import torch
+from isal import isal_zlib
 from PIL import Image, UnidentifiedImageError
 
 
@@ -55,13 +56,14 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def encode_texture_png(pixels: np.ndarray) -> bytes:
     """PNG bytes of (H, W, 3) uint8 pixels, made for texture at the least CPU: each row Sub-filtered
-    (a pixel minus its left neighbour), the stream Huffman-coded only.
+    (a pixel minus its left neighbour), the stream deflated by ISA-L's igzip at its level 1.
 
-    A feature visualization is mostly noise and fine gratings, where zlib's string matching finds
-    almost no repeats and Pillow's per-row choice among PNG's five filters gains little: on 128-px
-    thumbnails of such images this is 1.5% larger than Pillow's Huffman-only PNG, in a third of the
-    time (0.6 ms against 2.2 ms here). Pillow lets no one choose the filter, so the four chunks
-    (signature, IHDR, one IDAT, IEND) are laid out here; any PNG decoder reads them.
+    A feature visualization is mostly noise and fine gratings, where string matching finds few
+    repeats and Pillow's per-row choice among PNG's five filters gains little: on 128-px thumbnails
+    of such images this is as small as Pillow's Huffman-only PNG, in a twentieth of the time (0.1 ms
+    against 2.2 ms here; zlib alone at its fastest, Huffman only, takes 0.8 ms). Pillow lets no one
+    choose the filter or the deflater, so the four chunks (signature, IHDR, one IDAT, IEND) are laid
+    out here; any PNG decoder reads them.
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"encode_texture_png takes (H, W, 3) uint8 pixels; got {pixels.dtype} {pixels.shape}.")
@@ -71,8 +73,7 @@ def encode_texture_png(pixels: np.ndarray) -> bytes:
     filtered[:, 0] = 1  # filter type Sub
     filtered[:, 1:4] = rows[:, :3]
     np.subtract(rows[:, 3:], rows[:, :-3], out=filtered[:, 4:])  # modulo 256, as PNG defines it
-    deflate = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_HUFFMAN_ONLY)
-    idat = deflate.compress(filtered.data) + deflate.flush()
+    idat = isal_zlib.compress(filtered.data, 1)  # a zlib stream, as PNG's IDAT holds
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, no interlace
     return b"".join((b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header), _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
