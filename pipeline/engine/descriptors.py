@@ -8,6 +8,7 @@ less on high frequencies"):
     describe_png(png) -> {name: value}             the same from a record's stored PNG bytes
     DESCRIPTORS / descriptor_table()               unit and definition of each, as a Markdown table
     seed_similarity(a, b) / reliability([...])     cosine agreement of a unit's seeds
+    reliabilities(vectors, centres)                the same for many units at once
     superstimulus_ratio(...) / baseline_gap(...)   the image's activation against references
 
 What ``describe`` sees
@@ -285,17 +286,35 @@ def reliability(vectors: Sequence, *, center=None) -> float:
     """
     if len(vectors) < 2:
         return math.nan
-    rows = [_centred(_vector(v, f"vectors[{i}]"), center, f"vectors[{i}]") for i, v in enumerate(vectors)]
+    rows = [_vector(v, f"vectors[{i}]") for i, v in enumerate(vectors)]
     if len({row.numel() for row in rows}) != 1:
         raise ValueError(f"The vectors differ in length: {sorted({row.numel() for row in rows})}.")
-    stacked = torch.stack(rows)
-    norms = stacked.norm(dim=1)
-    if bool((norms == 0).any()):
-        return math.nan
-    unit = stacked / norms[:, None]
-    gram = unit @ unit.T
-    upper = torch.triu_indices(len(rows), len(rows), offset=1)
-    return float(gram[upper[0], upper[1]].mean())
+    centres = None
+    if center is not None:
+        reference = _vector(center, "center")
+        if reference.shape != rows[0].shape:
+            raise ValueError(f"center has {reference.numel()} values but vectors[0] has {rows[0].numel()}.")
+        centres = reference.numpy()[None]
+    return float(reliabilities(torch.stack(rows).numpy()[None], centres)[0])
+
+
+def reliabilities(vectors: np.ndarray, centres: np.ndarray | None = None) -> np.ndarray:
+    """:func:`reliability` of many units at once, in float64: ``vectors`` (units, seeds, width) with
+    at least 2 seeds each, ``centres`` (units, width) or None; returns (units,). A store's atlas
+    measures tens of thousands of units: one call for all of them instead of one per unit."""
+    stacked = np.array(vectors, dtype=np.float64)  # a copy: centred in place
+    if stacked.ndim != 3 or stacked.shape[1] < 2:
+        raise ValueError(f"reliabilities takes (units, seeds >= 2, width) vectors; got shape {stacked.shape}.")
+    if centres is not None:
+        stacked -= np.asarray(centres, dtype=np.float64)[:, None, :]
+    # Cosines from the Gram matrix of each unit's seeds: one pass over the vectors, none to normalize them
+    gram = np.einsum("usd,utd->ust", stacked, stacked)
+    norms = np.sqrt(np.einsum("uss->us", gram))
+    first, second = np.triu_indices(stacked.shape[1], k=1)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a zero vector: that unit is NaN, below
+        means = (gram[:, first, second] / (norms[:, first] * norms[:, second])).mean(axis=1)
+    means[(norms == 0).any(axis=1)] = math.nan
+    return means
 
 
 # --- activation against references ----------------------------------------------------------------

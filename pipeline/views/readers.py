@@ -53,6 +53,9 @@ SEED_GROUP = ("model", "weights", "target", "objective", "layer", "feature", "co
 RELIABILITY_SCHEMA = pa.schema([*(RECORD_SCHEMA.field(name) for name in SEED_GROUP),
                                 pa.field("seeds", pa.int32(), nullable=False),
                                 pa.field("reliability", pa.float64())])
+# Units measured per reliabilities() call: their seeds' embeddings in float64 stay near 75 MB at ViT-B's
+# 3,072 values and 3 seeds.
+_RELIABILITY_UNITS = 1024
 _MEASUREMENT_COLUMNS = ["key", "family", *SEED_GROUP, "seed", "label", "activation", *DESCRIPTOR_COLUMNS,
                         *BASELINE_COLUMNS]
 
@@ -117,7 +120,7 @@ class AtlasStore:
         Null where the store has no other unit of that model and weights to centre on. Records without
         an embedding (v1 parts) are left out. Filters choose the units reported, not the centre.
         """
-        from pipeline.engine.descriptors import reliability
+        from pipeline.engine.descriptors import reliabilities
 
         wanted = self.table(columns=list(SEED_GROUP), **filters)
         units = {tuple(row[name] for name in SEED_GROUP) for row in wanted.to_pylist()}
@@ -142,17 +145,25 @@ class AtlasStore:
         for group, rows in members.items():
             for position, row in enumerate(rows):
                 by_unit.setdefault(row_units[row], []).append(position)
-        totals = {group: matrix.sum(axis=0, dtype=np.float64) for group, matrix in matrices.items()}
-        rows = []
-        for unit, positions in sorted(by_unit.items()):
-            if unit not in units or len(positions) < 2:
+        reported = sorted(unit for unit, positions in by_unit.items() if unit in units and len(positions) >= 2)
+        batches: dict[tuple, list[tuple]] = {}  # ((model, weights), seeds) -> its units, measured together
+        for unit in reported:
+            batches.setdefault((unit[:2], len(by_unit[unit])), []).append(unit)
+        values: dict[tuple, float | None] = {}
+        for (group, seeds), batch in batches.items():
+            matrix = matrices[group]
+            others = len(matrix) - seeds
+            if not others:  # the model's only unit: nothing to centre on
+                values.update(dict.fromkeys(batch, None))
                 continue
-            matrix = matrices[unit[:2]]
-            vectors = matrix[positions]
-            others = len(matrix) - len(positions)
-            centre = (totals[unit[:2]] - vectors.sum(axis=0, dtype=np.float64)) / others if others else None
-            rows.append({**dict(zip(SEED_GROUP, unit)), "seeds": len(positions),
-                         "reliability": None if centre is None else reliability(list(vectors), center=centre)})
+            total = matrix.sum(axis=0, dtype=np.float64)
+            for start in range(0, len(batch), _RELIABILITY_UNITS):
+                part = batch[start:start + _RELIABILITY_UNITS]
+                vectors = matrix[np.array([by_unit[unit] for unit in part])]  # (units, seeds, width)
+                centres = (total - vectors.sum(axis=1, dtype=np.float64)) / others  # the other units' mean
+                values.update(zip(part, reliabilities(vectors, centres).tolist()))
+        rows = [{**dict(zip(SEED_GROUP, unit)), "seeds": len(by_unit[unit]), "reliability": values[unit]}
+                for unit in reported]
         return pa.Table.from_pylist(rows, schema=RELIABILITY_SCHEMA)
 
     def measurements(self, **filters: FilterValue) -> pa.Table:
