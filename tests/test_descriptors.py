@@ -232,6 +232,24 @@ def test_reliability_on_identical_orthogonal_and_opposite_vectors():
     assert reliability([v, -v, v]) == pytest.approx(-1 / 3)  # pairs: -1, 1, -1
 
 
+def test_reliabilities_of_many_units_are_each_units_mean_pairwise_cosine_after_centring():
+    rng = np.random.default_rng(4)
+    # float32 embeddings, as stored
+    vectors, centres = rng.normal(size=(40, 3, 16)).astype(np.float32), rng.normal(size=(40, 16)).astype(np.float32)
+    vectors[7, 2] = centres[7]  # a seed's vector equal to the centre: zero once centred
+    found = descriptors.reliabilities(vectors, centres)
+    for unit in range(40):
+        centred = torch.as_tensor(vectors[unit], dtype=torch.float64) - torch.as_tensor(centres[unit], dtype=torch.float64)
+        pairs = [torch.nn.functional.cosine_similarity(centred[i], centred[j], dim=0, eps=0)
+                 for i, j in ((0, 1), (0, 2), (1, 2))]
+        if unit == 7:
+            assert math.isnan(found[unit])
+        else:
+            assert found[unit] == pytest.approx(float(sum(pairs) / 3), abs=1e-12)
+    with pytest.raises(ValueError, match="seeds >= 2"):
+        descriptors.reliabilities(np.ones((4, 1, 3)))
+
+
 def test_reliability_is_undefined_below_two_seeds_or_for_zero_vectors():
     assert math.isnan(reliability([]))
     assert math.isnan(reliability([torch.ones(3)]))
