@@ -1,6 +1,6 @@
 """Zoo scale, by simulation: the driver, the store, status and the atlas at many units, without a model.
 
-    make bench-scale                                  # defaults: 10,000 units, 32 simulated workers
+    make bench-scale                                  # defaults: 10,000 units, 32 simulated workers, chunks of 32
     make bench-scale ARGS="--units 10000 100000"      # a row per plan size
     make bench-scale ARGS="--units 10000 --plan-only 1000000 --status-records 1000000"
 
@@ -204,6 +204,13 @@ def rss_kib(field: str = "VmRSS") -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def shared_memory_mib() -> float:
+    """MiB in use on /dev/shm, where a local Ray's object store maps its memory: pages it has touched stay
+    in use until it shuts down, so the growth over a run is the store's high-water mark."""
+    stat = os.statvfs("/dev/shm")
+    return (stat.f_blocks - stat.f_bfree) * stat.f_frsize / 2**20
+
+
 def cpu_by_role() -> dict[str, float]:
     """CPU seconds used so far by this process and its descendants (a local Ray's processes), by role:
     the driver (this process), the actors, raylet and GCS, and Ray's other helpers."""
@@ -286,6 +293,7 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     # Ray's workers cannot import this script (run as __main__, or __mp_main__ here): ship its code.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    shared_before = shared_memory_mib()
     try:
         commits = [f"store.commit_every={commit_every}"] if commit_every else []
         cfg = sweep_config(units, root, workers, 0, *commits)  # imports Hydra, timm
@@ -305,6 +313,7 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
             summary = scheduler.run_plan(plan, set(), chunk_size, cfg.cluster, writer, progress, "cpu",
                                          simulated_worker(image_side, gate))
             cpu_at_end = cpu_by_role()
+            object_store_mib = shared_memory_mib() - shared_before
         wall = time.perf_counter() - started
         first_commit.stop()
         assert summary.done == len(planned) and not summary.failed, summary
@@ -315,7 +324,7 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
                 # CPU milliseconds per committed record, by process role, while all workers were up
                 "cpu_ms_per_record": {role: 1000 * (used - progress.cpu_when_up.get(role, 0.0)) / summary.done
                                       for role, used in cpu_at_end.items()},
-                "driver_peak_mib": rss_kib("VmHWM") / 1024}
+                "driver_peak_mib": rss_kib("VmHWM") / 1024, "object_store_mib": object_store_mib}
     finally:
         ray.shutdown()
         if os.path.exists(gate):
@@ -588,7 +597,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--units", type=int, nargs="*", default=[10_000], help="plan sizes run end to end")
     parser.add_argument("--workers", type=int, default=32, help="simulated workers (actors; 2 CPUs shared)")
-    parser.add_argument("--chunk-size", type=int, default=8, help="features per chunk (sweep.chunk_size)")
+    # 32: what the zoo's experiments (conf/experiment/paper_*.yaml) batch on a GPU; the sweep's default is 8
+    parser.add_argument("--chunk-size", type=int, default=32, help="features per chunk (sweep.chunk_size)")
     parser.add_argument("--commit-every", type=int, default=None,
                         help="records per commit (store.commit_every; default: the sweep's)")
     parser.add_argument("--atlas-max", type=int, default=10_000, help="build the atlas of stores up to this size")
@@ -617,7 +627,8 @@ def main() -> None:
                   f"({write['plan_bytes_per_unit']:.0f} B/unit); {args.workers} workers up after "
                   f"{write['workers_up_s']:.1f} s, first commit {write['first_commit_s']:.2f} s later; then "
                   f"{write['records_per_s']:.0f} records/s committed ({write['steady_s']:.1f} s); driver peak "
-                  f"{write['driver_peak_mib']:.0f} MiB, store {_du(root) / 2**30:.2f} GiB", flush=True)
+                  f"{write['driver_peak_mib']:.0f} MiB, object store high-water {write['object_store_mib']:.0f} MiB, "
+                  f"store {_du(root) / 2**30:.2f} GiB", flush=True)
             print("  CPU per record: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in
                                                   sorted(write["cpu_ms_per_record"].items())), flush=True)
             steps = ["status", "committed_keys", "frame", "layer_images", "verify"]
