@@ -293,6 +293,10 @@ def drive(pool: Pool, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectR
                 ready, rest = ray.wait(waiting, num_returns=1, timeout=1.0)
                 if ready and rest:  # and every other result already in: one pass of this loop for all of them
                     ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+                    # In submission order: a worker's finished task is taken before the error of the next one,
+                    # which killed it, so that one (then its oldest outstanding task) counts the loss.
+                    submitted = {ref: number for number, ref in enumerate(waiting)}
+                    ready.sort(key=submitted.__getitem__)
             else:  # every worker lost, none due for a ping yet
                 time.sleep(0.5)
             for ref in ready:
