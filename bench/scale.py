@@ -277,18 +277,26 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
     from pipeline.store.store import Store
 
     gate = f"{root}.all-workers-up"  # beside the store, not in it
+    workers_wanted = workers
 
     class OpenGateWhenAllUp(Progress):
         up_after_s: float | None = None
         cpu_when_up: dict[str, float] = {}
+        done_when_up = 0
+        busy: tuple[float, int] | None = None  # (seconds since all were up, records) when the queue ran dry
 
         def update(self, done: int, failed: int, workers: tuple[int, int] | None = None) -> None:
             super().update(done, failed, workers)
             if self.up_after_s is None and workers and workers[0] == workers[1]:
                 self.up_after_s = time.perf_counter() - started
+                self.done_when_up = done
                 self.cpu_when_up = cpu_by_role()
                 open(gate, "w").close()
                 first_commit.start()
+            # Every worker has work until the last in-flight window: the scheduler keeps 2 chunks per worker
+            window = 2 * workers_wanted * chunk_size
+            if self.up_after_s is not None and self.busy is None and len(plan) > window and done >= len(plan) - window:
+                self.busy = (time.perf_counter() - started - self.up_after_s, done - self.done_when_up)
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     # Ray's workers cannot import this script (run as __main__, or __mp_main__ here): ship its code.
@@ -318,9 +326,12 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
         first_commit.stop()
         assert summary.done == len(planned) and not summary.failed, summary
         steady = wall - progress.up_after_s
+        busy_s, busy_records = progress.busy or (steady, summary.done)
         return {"units": len(planned), "plan_s": plan_s, "plan_bytes_per_unit": 1024 * plan_kib / len(planned),
                 "workers_up_s": progress.up_after_s, "first_commit_s": first_commit.after_s, "steady_s": steady,
                 "records_per_s": summary.done / steady,
+                # while every worker had work: the rate of a plan much longer than the in-flight window
+                "busy_records_per_s": busy_records / busy_s, "busy_s": busy_s,
                 # CPU milliseconds per committed record, by process role, while all workers were up
                 "cpu_ms_per_record": {role: 1000 * (used - progress.cpu_when_up.get(role, 0.0)) / summary.done
                                       for role, used in cpu_at_end.items()},
@@ -626,7 +637,9 @@ def main() -> None:
             print(f"\nwrite {write['units']:,} units: plan {write['plan_s']:.1f} s "
                   f"({write['plan_bytes_per_unit']:.0f} B/unit); {args.workers} workers up after "
                   f"{write['workers_up_s']:.1f} s, first commit {write['first_commit_s']:.2f} s later; then "
-                  f"{write['records_per_s']:.0f} records/s committed ({write['steady_s']:.1f} s); driver peak "
+                  f"{write['busy_records_per_s']:.0f} records/s committed while every worker had work "
+                  f"({write['busy_s']:.1f} s; {write['records_per_s']:.0f} records/s to the last commit, "
+                  f"{write['steady_s']:.1f} s); driver peak "
                   f"{write['driver_peak_mib']:.0f} MiB, object store high-water {write['object_store_mib']:.0f} MiB, "
                   f"store {_du(root) / 2**30:.2f} GiB", flush=True)
             print("  CPU per record: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in
