@@ -188,7 +188,12 @@ def test_a_task_whose_worker_dies_runs_again_and_counts_once_and_one_that_always
     assert sorted(done) == ["t0", "t1", "t2", "t3", "t5"] and summary.done == 5
     assert [(name, attempts) for name, _, attempts in failed] == [("t4", scheduler.TASK_RETRIES + 1)]
     assert failed[0][1].startswith(f"worker lost {scheduler.TASK_RETRIES + 1} times: ")
-    assert (tmp_path / "t4").read_text() == "x" * (scheduler.TASK_RETRIES + 1) and (tmp_path / "t1").read_text() == "xx"
+    # A dying actor can take the reply of the task it finished just before with it; Ray then fails both calls
+    # ("may or may not have been executed") and the older is blamed, so a killer may run once more than its
+    # counted losses, and an innocent neighbour once more too. Bounded either way: no endless retries.
+    killer_runs, crashed_once_runs = ((tmp_path / name).read_text().count("x") for name in ("t4", "t1"))
+    assert scheduler.TASK_RETRIES + 1 <= killer_runs <= 2 * (scheduler.TASK_RETRIES + 1)
+    assert 2 <= crashed_once_runs <= 2 + scheduler.TASK_RETRIES
 
 
 def test_workers_that_cannot_start_fail_the_tasks_instead_of_waiting(ray_local, compose, tmp_path):
