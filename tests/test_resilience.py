@@ -48,8 +48,11 @@ def assert_exactly(root: Path, planned: list[str]) -> None:
     assert not visible, f"temporaries visible to readers: {visible}"
 
 
-@pytest.mark.parametrize("signal_number,exit_code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)],
-                         ids=["kill-9", "ctrl-c"])
+# kill -9 of a committing process is in `make test` through tests/test_store.py (the writer killed at each
+# commit step) and tests/test_s3.py (a sweep into S3 killed after its first commit); here it is `slow`.
+@pytest.mark.parametrize("signal_number,exit_code", [
+    pytest.param(signal.SIGKILL, -signal.SIGKILL, id="kill-9", marks=pytest.mark.slow),
+    pytest.param(signal.SIGINT, 130, id="ctrl-c")])
 def test_an_interrupted_driver_then_the_same_command_gives_exactly_the_planned_keys(compose, tmp_path,
                                                                                      signal_number, exit_code):
     root = tmp_path / "store"

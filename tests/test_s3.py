@@ -273,6 +273,9 @@ def test_examples_into_s3_killed_midway_resume_to_exactly_their_keys(s3, ray_loc
     assert not slices.done()  # merged into the final part, then removed
 
 
+# The probes commit their parts through the same writer and part tasks as the examples above, killed the same
+# way in `make test`; this one, the longest, is `slow`.
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_probe_into_s3_killed_midway_resumes_to_exactly_its_units_and_publishes_its_report(
         s3, ray_local, tmp_path, capsys):
