@@ -1,11 +1,11 @@
 """The store's image format: 8-bit RGB PNG, encoded and decoded in one place.
 
-``encode_png`` is how a record's image (and every other PNG vit-atlas writes:
-dataset-example thumbnails, atlas thumbnails) becomes bytes; ``decode_png`` is how
-such bytes become pixels again. A float image is quantized as the sweep's worker
-always has: clamp to [0, 1], times 255, round half to even (in the tensor's own
-precision), uint8. Encoding is Pillow's PNG with its default options, which are
-deterministic, so the same pixels always give the same bytes.
+``encode_png`` is how a record's image (and a dataset example's thumbnail) becomes
+bytes; ``decode_png`` is how such bytes become pixels again. A float image is quantized
+as the sweep's worker always has: clamp to [0, 1], times 255, round half to even (in the
+tensor's own precision), uint8. Encoding is Pillow's PNG with its default options, which
+are deterministic, so the same pixels always give the same bytes. ``encode_texture_png``
+writes the atlas's many thumbnails, where encoding time counts more than a few bytes.
 """
 
 from __future__ import annotations
