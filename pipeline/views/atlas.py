@@ -126,7 +126,8 @@ def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | No
         rows[joined["key"]].update(joined)
     _check_names(rows)
     configs = _unit_configs(rows.values())
-    fingerprints = _fingerprints(rows, examples.fingerprints(), configs)
+    example_digests = examples.fingerprints()
+    fingerprints = _fingerprints(rows, example_digests, configs)
     pending = [key for key in rows if manifest.get(key) != fingerprints.get(key, "")
                or not (out / "features" / f"{key_slug(key)}.html").exists()]
 
@@ -134,7 +135,7 @@ def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | No
         (out / folder).mkdir(parents=True, exist_ok=True)
     if not manifest_path.exists():  # marks the directory as an atlas, so an interrupted first run can resume
         _write_manifest(manifest_path, {})
-    unreadable = _write_pages(atlas, out, rows, pending, examples, configs, pool, workers)
+    unreadable = _write_pages(atlas, out, rows, pending, examples, set(example_digests), configs, pool, workers)
     broken = frozenset(unreadable)
 
     models = _group_models(rows.values())
@@ -331,14 +332,15 @@ def _leave_interrupts_to_the_parent() -> None:
 
 
 def _write_pages(atlas: AtlasStore, out: Path, rows: dict[str, dict], pending: list[str], examples: _Examples,
-                 configs: dict[str, list[dict]], pool: multiprocessing.pool.Pool | None, workers: int) -> list[str]:
+                 with_examples: set[str], configs: dict[str, list[dict]], pool: multiprocessing.pool.Pool | None,
+                 workers: int) -> list[str]:
     """Images, thumbnails, example overlays and the feature page of each pending key.
 
     The store is read here, in bounded batches, and each batch goes to a page-writing process; at most
     two batches per process are in flight, so memory holds a few batches' image bytes, however large the
-    store. Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
+    store. ``with_examples``: the keys that have dataset examples, whose examples are read with their
+    batch. Returns the keys whose image does not decode: each is warned about, and gets a placeholder.
     """
-    with_examples = set(examples.fingerprints()) if examples.dataset is not None else set()
 
     def tasks() -> Iterator[tuple[Path, list[tuple]]]:
         for batch in atlas.keyed_batches(pending, columns=["key", "png"], batch_size=_TASK_RECORDS):
