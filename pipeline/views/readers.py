@@ -149,14 +149,14 @@ class AtlasStore:
         batches: dict[tuple, list[tuple]] = {}  # ((model, weights), seeds) -> its units, measured together
         for unit in reported:
             batches.setdefault((unit[:2], len(by_unit[unit])), []).append(unit)
+        totals = {group: matrix.sum(axis=0, dtype=np.float64) for group, matrix in matrices.items()}
         values: dict[tuple, float | None] = {}
         for (group, seeds), batch in batches.items():
-            matrix = matrices[group]
+            matrix, total = matrices[group], totals[group]
             others = len(matrix) - seeds
             if not others:  # the model's only unit: nothing to centre on
                 values.update(dict.fromkeys(batch, None))
                 continue
-            total = matrix.sum(axis=0, dtype=np.float64)
             for start in range(0, len(batch), _RELIABILITY_UNITS):
                 part = batch[start:start + _RELIABILITY_UNITS]
                 vectors = matrix[np.array([by_unit[unit] for unit in part])]  # (units, seeds, width)
