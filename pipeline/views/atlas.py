@@ -280,7 +280,8 @@ def _fingerprints(rows: dict[str, dict], examples: dict[str, str], configs: dict
             for key, row in rows.items()}
 
 
-# How the feature page shows a measurement; the others to at most 4 significant digits.
+# How the feature page shows a measurement (measurements.html takes reliability's from here); the others
+# to at most 4 significant digits.
 _SHOWN_AS = {"reliability": ".2f"}
 
 
@@ -702,6 +703,7 @@ def _measurements(row: dict) -> dict | None:
         "gap": None if noise is None or grey is None else baseline_gap(row["activation"], noise, grey),
         "top_natural": row.get("top_natural"), "ratio": row.get("superstimulus_ratio"),
         "reliability": row.get("reliability"),
+        "reliability_format": _SHOWN_AS["reliability"],  # the digits the page's fingerprint compares
     }
 
 
