@@ -21,7 +21,9 @@ A commit is "stage, commit, roll forward", per model under one commit id:
 1. stage: the WebDataset shard is written complete (and, locally, fsynced)
    under the hidden name ``webdataset/.shard-<commit_id>.tar.staged``, which
    neither ``glob('webdataset/*.tar')`` nor pyarrow.dataset sees;
-2. commit: the Parquet part is published. Its arrival is the commit point;
+2. commit: the Parquet part is published. Its arrival is the commit point (its
+   bytes are written to a hidden temporary while the shard's are, but it is
+   renamed into place only once the staged shard is);
 3. roll forward: the staged shard is moved to ``webdataset/shard-<commit_id>.tar``
    (a local rename; on object stores a copy, which appears whole, then a delete).
 
@@ -647,6 +649,29 @@ class Store:
 
     def _publish(self, path: str, write: Callable) -> None:
         """Make ``path`` appear complete or not at all; ``write`` fills a binary file object."""
+        self._reveal(self._write_hidden(path, write))
+
+    def _publish_before(self, first: tuple[str, Callable], then: tuple[str, Callable],
+                        pool: concurrent.futures.Executor) -> None:
+        """``_publish`` two files whose bytes are written at once, ``first`` on ``pool``'s thread; ``then``
+        appears only after ``first`` has. A commit's staged shard and its part: the part's Parquet encoding
+        then overlaps the shard's disk time, instead of waiting for it."""
+        earlier = pool.submit(self._publish, *first)
+        try:
+            hidden = self._write_hidden(*then)
+        finally:  # however this ends, the other file's write has ended too, as it would have in one thread
+            concurrent.futures.wait([earlier])
+        try:
+            earlier.result()
+        except Exception:
+            if hidden.temp is not None:  # an object store's buffer just goes
+                self._delete_if_present(hidden.temp)
+            raise
+        self._reveal(hidden)
+
+    def _write_hidden(self, path: str, write: Callable) -> "_Hidden":
+        """The first half of ``_publish``: ``write``'s bytes, complete (locally, fsynced) where no reader
+        looks: a hidden temporary beside ``path``, or, for an object store, a buffer to upload."""
         parent, name = posixpath.split(path)
         if self.filesystem.type_name in _SINGLE_OBJECT_WRITES:
             # Closing an object-store stream completes the upload even when ``write`` raised
@@ -654,9 +679,7 @@ class Store:
             # failed ``write`` uploads nothing.
             buffer = io.BytesIO()
             write(buffer)
-            with self.filesystem.open_output_stream(path) as out:
-                out.write(buffer.getbuffer())
-            return
+            return _Hidden(path, buffer=buffer)
         temp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
         try:
             if self._local:
@@ -665,18 +688,41 @@ class Store:
                     write(out)
                     out.flush()
                     os.fsync(out.fileno())  # the rename must not outlive the data on power loss
-                os.replace(temp, path)
-                _fsync_dir(parent)
             else:
                 self.filesystem.create_dir(parent, recursive=True)
                 with self.filesystem.open_output_stream(temp) as out:
                     write(out)
-                self.filesystem.move(temp, path)
         except Exception:
             # A full disk fails every retry: each must take its own temporary with it, not leave
             # it for a recovery ten minutes later. A kill (or Ctrl-C) may leave one: recovery's.
             self._delete_if_present(temp)
             raise
+        return _Hidden(path, temp=temp)
+
+    def _reveal(self, hidden: "_Hidden") -> None:
+        """The second half of ``_publish``: the file appears under its name, whole."""
+        if hidden.buffer is not None:
+            with self.filesystem.open_output_stream(hidden.path) as out:
+                out.write(hidden.buffer.getbuffer())
+            return
+        try:
+            if self._local:
+                os.replace(hidden.temp, hidden.path)
+                _fsync_dir(posixpath.dirname(hidden.path))
+            else:
+                self.filesystem.move(hidden.temp, hidden.path)
+        except Exception:
+            self._delete_if_present(hidden.temp)
+            raise
+
+
+@dataclass(frozen=True)
+class _Hidden:
+    """A file written but not yet visible (Store._write_hidden): its temporary, or the bytes to upload."""
+
+    path: str
+    temp: str | None = None
+    buffer: io.BytesIO | None = None
 
 
 def _fsync_dir(path: str) -> None:
@@ -719,6 +765,7 @@ class StoreWriter:
         self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
         self._closed = False
         self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-commit")
+        self._shard_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-commit-shard")
         # The commit running on the committer thread, and the records it holds until it is done.
         self._in_flight: tuple[concurrent.futures.Future, dict[str, list[EncodedRecords]], list[dict]] | None = None
         # The driver may call maybe_commit() from a timer thread while add() runs.
@@ -797,6 +844,7 @@ class StoreWriter:
                     self.commit()
                 finally:
                     self._committer.shutdown()
+                    self._shard_writer.shutdown()
                     self._closed = True
 
     def _take(self) -> tuple[dict[str, list[EncodedRecords]], list[dict]]:
@@ -852,9 +900,10 @@ class StoreWriter:
         paths = self.store.paths
         staged, final = self.store._shard_locations(cid)
         table = pa.concat_tables(batch.table for batch in batches)
-        self.store._publish(staged, lambda out: write_shard(out, [batch.shard_batch for batch in batches]))
-        self.store._publish(f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet",
-                            lambda f: self.store._write_parquet(table, f))
+        self.store._publish_before(
+            (staged, lambda out: write_shard(out, [batch.shard_batch for batch in batches])),
+            (f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet", lambda f: self.store._write_parquet(table, f)),
+            self._shard_writer)
         return staged, final
 
 
