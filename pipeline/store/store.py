@@ -108,6 +108,7 @@ DEFAULT_RECOVER_AFTER_S = 600.0
 DEFAULT_COMMIT_EVERY = 512
 DEFAULT_COMMIT_BYTES = 64 * 2**20
 
+_IMAGE_COLUMNS = {"png"}  # written plain: see Store._write_parquet
 _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
 
 
@@ -540,8 +541,16 @@ class Store:
             return False
 
     def _write_parquet(self, table: pa.Table, out) -> None:
-        # Page checksums let readers (and verify) tell a flipped bit from data.
-        pq.write_table(table, out, write_page_checksum=True)
+        # Page checksums let readers (and verify) tell a flipped bit from data. Images are deflated already
+        # and each is unique: a dictionary, compression and statistics of theirs cost a fifth of a commit's
+        # Parquet time (at 224 px) to save about 1% of their bytes.
+        names = table.schema.names
+        if not _IMAGE_COLUMNS & set(names):
+            pq.write_table(table, out, write_page_checksum=True)
+            return
+        others = [name for name in names if name not in _IMAGE_COLUMNS]
+        pq.write_table(table, out, write_page_checksum=True, use_dictionary=others, write_statistics=others,
+                       compression={name: "none" if name in _IMAGE_COLUMNS else "snappy" for name in names})
 
     def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
