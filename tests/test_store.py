@@ -194,6 +194,13 @@ def test_worker_encoded_batches_commit_the_same_values_to_both_stores(tmp_path):
                           for name, value in row.items() if name not in ("png", *lists)}
     for shard in raw_shards(tmp_path):
         before = Path(shard).read_bytes()
+        with tarfile.open(shard) as tar:  # every header (ustar, and pax for the long names) is tarfile's own
+            for member in tar.getmembers():
+                info = tarfile.TarInfo(member.name)
+                info.size, info.mtime, info.mode, info.uname, info.gname = (member.size, member.mtime, 0o444,
+                                                                            "bigdata", "bigdata")
+                form = tarfile.USTAR_FORMAT if len(member.name) <= 100 else tarfile.PAX_FORMAT
+                assert before[member.offset:member.offset_data] == info.tobuf(form), member.name
         cid = Path(shard).name[len("shard-"):-len(".tar")]
         part = next(p for p in store.versions() if p.endswith(f"part-{cid}.parquet"))
         _rebuild_shard(store, cid, store.read_part(part))
