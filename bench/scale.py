@@ -322,6 +322,7 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
                                          simulated_worker(image_side, gate))
             cpu_at_end = cpu_by_role()
             object_store_mib = shared_memory_mib() - shared_before
+            commit_wait_s = writer.waited_s  # before close(), whose last commit every run ends with
         wall = time.perf_counter() - started
         first_commit.stop()
         assert summary.done == len(planned) and not summary.failed, summary
@@ -335,7 +336,9 @@ def measure_write(units: int, root: str, workers: int, chunk_size: int, commit_e
                 # CPU milliseconds per committed record, by process role, while all workers were up
                 "cpu_ms_per_record": {role: 1000 * (used - progress.cpu_when_up.get(role, 0.0)) / summary.done
                                       for role, used in cpu_at_end.items()},
-                "driver_peak_mib": rss_kib("VmHWM") / 1024, "object_store_mib": object_store_mib}
+                "driver_peak_mib": rss_kib("VmHWM") / 1024, "object_store_mib": object_store_mib,
+                # taking no results meanwhile: where this nears steady_s, the store's commits are the bottleneck
+                "commit_wait_s": commit_wait_s}
     finally:
         ray.shutdown()
         if os.path.exists(gate):
@@ -624,9 +627,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the stores and sites")
     args = parser.parse_args()
     base = tempfile.mkdtemp(prefix="bench-scale-", dir=args.dir)
+    store = cli.load("sweep").store  # the sweep's defaults
     print(f"scale benchmark: {MODEL}, {args.workers} simulated workers, chunks of {args.chunk_size}, "
-          f"commits of {args.commit_every or 'the sweep default'} records (or 64 MiB), {os.cpu_count()} cores; "
-          f"stores under {base}", flush=True)
+          f"commits of {args.commit_every or store.commit_every} records (or {store.commit_bytes / 2**20:g} MiB), "
+          f"{os.cpu_count()} cores; stores under {base}", flush=True)
     try:
         for units in args.units:
             root = f"{base}/store-{units}"
@@ -643,7 +647,8 @@ def main() -> None:
                   f"{write['driver_peak_mib']:.0f} MiB, object store high-water {write['object_store_mib']:.0f} MiB, "
                   f"store {_du(root) / 2**30:.2f} GiB", flush=True)
             print("  CPU per record: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in
-                                                  sorted(write["cpu_ms_per_record"].items())), flush=True)
+                                                  sorted(write["cpu_ms_per_record"].items()))
+                  + f"; the driver waited {write['commit_wait_s']:.1f} s for the commit in flight", flush=True)
             steps = ["status", "committed_keys", "frame", "layer_images", "verify"]
             for step in steps:
                 result = in_fresh_process(read_step, step, root, f"{base}/site-{units}")

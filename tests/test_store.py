@@ -450,6 +450,28 @@ def committed_soon(store: Store, count: int, within_s: float = 10.0) -> set[str]
     return keys
 
 
+def test_a_caller_waits_only_for_a_commit_still_in_flight_and_the_writer_counts_it(tmp_path, monkeypatch):
+    store = Store(str(tmp_path))
+    writer = store.writer(commit_every=1)
+    writer.add(make_record(0))
+    committed_soon(store, 1)
+    writer.add(make_record(1))  # the first commit had ended: nothing to wait for
+    committed_soon(store, 2)
+    assert writer.waited_s < 0.1
+    shard = store_module.write_shard
+
+    def slow_disk(out, batches):
+        time.sleep(0.5)
+        shard(out, batches)
+
+    monkeypatch.setattr(store_module, "write_shard", slow_disk)
+    writer.add(make_record(2))  # starts a commit that takes half a second
+    writer.add(make_record(3))  # is due at once: waits for that one, then starts its own
+    assert writer.waited_s > 0.3 and len(store.committed_keys()) == 3
+    writer.close()
+    assert len(store.committed_keys()) == 4
+
+
 def test_commit_seconds_commits_before_commit_every(tmp_path):
     store = Store(str(tmp_path))
     writer = store.writer(commit_every=100, commit_seconds=0.2)

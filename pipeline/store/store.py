@@ -768,6 +768,7 @@ class StoreWriter:
         self.commit_seconds = commit_seconds
         self.commit_bytes = commit_bytes
         self.committed = 0
+        self.waited_s = 0.0  # how long callers waited for the commit in flight: the store keeping up, or not
         self._seen = store.committed_keys() if committed is None else committed
         self._records: dict[str, list[EncodedRecords]] = {}  # buffered, by model
         self._failures: list[dict] = []
@@ -867,11 +868,14 @@ class StoreWriter:
         if self._in_flight is None:
             return
         (future, records, failures), self._in_flight = self._in_flight, None
+        started = time.monotonic()
         try:
             future.result()
         except BaseException:
             self._put_back(records, failures)
             raise
+        finally:
+            self.waited_s += time.monotonic() - started
 
     def _put_back(self, records: dict[str, list[EncodedRecords]], failures: list[dict]) -> None:
         """Buffer again, first, what a failed commit did not write."""
