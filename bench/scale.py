@@ -648,7 +648,7 @@ def main() -> None:
                   f"store {_du(root) / 2**30:.2f} GiB", flush=True)
             print("  CPU per record: " + ", ".join(f"{role} {ms:.2f} ms" for role, ms in
                                                   sorted(write["cpu_ms_per_record"].items()))
-                  + f"; the driver waited {write['commit_wait_s']:.1f} s for the commit in flight", flush=True)
+                  + f"; the driver waited {write['commit_wait_s']:.1f} s for commits in flight", flush=True)
             steps = ["status", "committed_keys", "frame", "layer_images", "verify"]
             for step in steps:
                 result = in_fresh_process(read_step, step, root, f"{base}/site-{units}")

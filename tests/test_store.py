@@ -450,7 +450,9 @@ def committed_soon(store: Store, count: int, within_s: float = 10.0) -> set[str]
     return keys
 
 
-def test_a_caller_waits_only_for_a_commit_still_in_flight_and_the_writer_counts_it(tmp_path, monkeypatch):
+def test_a_caller_waits_only_when_every_commit_slot_is_busy_and_the_writer_counts_it(tmp_path, monkeypatch):
+    from pipeline.store.store import COMMITS_IN_FLIGHT
+
     store = Store(str(tmp_path))
     writer = store.writer(commit_every=1)
     writer.add(make_record(0))
@@ -465,11 +467,32 @@ def test_a_caller_waits_only_for_a_commit_still_in_flight_and_the_writer_counts_
         shard(out, batches)
 
     monkeypatch.setattr(store_module, "write_shard", slow_disk)
-    writer.add(make_record(2))  # starts a commit that takes half a second
-    writer.add(make_record(3))  # is due at once: waits for that one, then starts its own
-    assert writer.waited_s > 0.3 and len(store.committed_keys()) == 3
+    started = time.monotonic()
+    for i in range(2, 2 + COMMITS_IN_FLIGHT):  # each starts a commit that takes half a second, at once
+        writer.add(make_record(i))
+    assert time.monotonic() - started < 0.3 and writer.waited_s < 0.1
+    writer.add(make_record(2 + COMMITS_IN_FLIGHT))  # waits for the oldest, then starts its own
+    assert writer.waited_s > 0.3 and len(store.committed_keys()) >= 3
     writer.close()
-    assert len(store.committed_keys()) == 4
+    assert len(store.committed_keys()) == 3 + COMMITS_IN_FLIGHT == writer.committed
+
+
+def test_commits_in_flight_at_once_commit_every_key_once_to_both_stores(tmp_path, monkeypatch):
+    shard = store_module.write_shard
+
+    def slow_disk(out, batches):  # so that the next commit starts while this one runs
+        time.sleep(0.05)
+        shard(out, batches)
+
+    monkeypatch.setattr(store_module, "write_shard", slow_disk)
+    store = Store(str(tmp_path))
+    records = [make_record(i, DOTTED if i % 3 else OTHER) for i in range(40)]
+    with store.writer(commit_every=2) as writer:  # twenty commits, each started while another runs
+        assert all(writer.add(record) for record in records)
+    expected = sorted(record["key"] for record in records)
+    assert writer.committed == 40 and sorted(parquet_keys(tmp_path)) == expected
+    assert sorted(s["__key__"] for s in webdataset_samples(store)) == expected
+    assert store.verify().ok
 
 
 def test_commit_seconds_commits_before_commit_every(tmp_path):

@@ -75,6 +75,7 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -107,6 +108,9 @@ DEFAULT_RECOVER_AFTER_S = 600.0
 # to list and open; the byte bound keeps such a buffer of 224 px images (about 120 KB each) in memory.
 DEFAULT_COMMIT_EVERY = 512
 DEFAULT_COMMIT_BYTES = 64 * 2**20
+# A writer's commits running at once: while one waits for the disk (fsync) or an upload, the next encodes
+# and writes; at zoo rates a commit at a time kept the driver waiting for it most of the time.
+COMMITS_IN_FLIGHT = 2
 
 _IMAGE_COLUMNS = {"png"}  # written plain: see Store._write_parquet
 _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
@@ -752,10 +756,11 @@ class StoreWriter:
     it. Use it as a context manager; leaving the ``with`` commits what is buffered, also on
     an exception.
 
-    A commit that ``add`` or ``maybe_commit`` starts runs on the writer's own thread, so the caller (the
-    driver, taking results as they come) never waits for the disk or an object store unless the previous
-    commit is still running: at most one commit's records wait beside the buffer. Its error, if it fails,
-    is raised by the next call, and its records that were not committed are buffered again.
+    A commit that ``add`` or ``maybe_commit`` starts runs on one of the writer's own threads, so the caller
+    (the driver, taking results as they come) never waits for the disk or an object store unless
+    COMMITS_IN_FLIGHT commits are still running: at most that many commits' records wait beside the buffer.
+    Commits in flight hold distinct keys, so their order does not matter. A commit's error, if it fails, is
+    raised by a later call, and its records that were not committed are buffered again.
     """
 
     def __init__(self, store: Store, commit_every: int, commit_seconds: float,
@@ -768,18 +773,20 @@ class StoreWriter:
         self.commit_seconds = commit_seconds
         self.commit_bytes = commit_bytes
         self.committed = 0
-        self.waited_s = 0.0  # how long callers waited for the commit in flight: the store keeping up, or not
+        self.waited_s = 0.0  # how long callers waited for commits in flight: the store keeping up, or not
         self._seen = store.committed_keys() if committed is None else committed
         self._records: dict[str, list[EncodedRecords]] = {}  # buffered, by model
         self._failures: list[dict] = []
         self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
         self._closed = False
-        self._committer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-commit")
-        self._shard_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-commit-shard")
-        # The commit running on the committer thread, and the records it holds until it is done.
-        self._in_flight: tuple[concurrent.futures.Future, dict[str, list[EncodedRecords]], list[dict]] | None = None
+        self._committer = concurrent.futures.ThreadPoolExecutor(COMMITS_IN_FLIGHT, thread_name_prefix="store-commit")
+        self._shard_writer = concurrent.futures.ThreadPoolExecutor(COMMITS_IN_FLIGHT,
+                                                                   thread_name_prefix="store-commit-shard")
+        # The commits running on the committer threads, oldest first, and the records each holds until done.
+        self._in_flight: deque[tuple[concurrent.futures.Future, dict[str, list[EncodedRecords]], list[dict]]] = deque()
         # The driver may call maybe_commit() from a timer thread while add() runs.
         self._lock = threading.RLock()
+        self._count_lock = threading.Lock()  # commits in flight add to ``committed`` at once
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -824,21 +831,22 @@ class StoreWriter:
         """Start a commit on the committer thread if commit_every records or commit_bytes bytes are buffered,
         or the oldest has waited commit_seconds; raise the error of a commit that failed since the last call."""
         with self._lock:
-            if self._in_flight is not None and self._in_flight[0].done():
-                self._finish_in_flight()
+            while self._in_flight and self._in_flight[0][0].done():
+                self._finish_oldest()
             batches = [batch for model in self._records.values() for batch in model]
             full = (sum(map(len, batches)) >= self.commit_every
                     or sum(batch.nbytes for batch in batches) >= self.commit_bytes)
             stale = self._oldest is not None and time.monotonic() - self._oldest >= self.commit_seconds
             if full or stale:
-                self._finish_in_flight()
+                if len(self._in_flight) >= COMMITS_IN_FLIGHT:
+                    self._finish_oldest()
                 records, failures = self._take()
-                self._in_flight = (self._committer.submit(self._write, records, failures), records, failures)
+                self._in_flight.append((self._committer.submit(self._write, records, failures), records, failures))
 
     def commit(self) -> None:
-        """Write everything buffered now, in this thread (after the commit in flight, if any)."""
+        """Write everything buffered now, in this thread (after the commits in flight, if any)."""
         with self._lock:
-            self._finish_in_flight()
+            self._finish_all()
             records, failures = self._take()
             try:
                 self._write(records, failures)
@@ -863,11 +871,20 @@ class StoreWriter:
         self._records, self._failures, self._oldest = {}, [], None
         return records, failures
 
-    def _finish_in_flight(self) -> None:
-        """Wait for the commit in flight; if it failed, buffer again what it did not commit and raise."""
-        if self._in_flight is None:
-            return
-        (future, records, failures), self._in_flight = self._in_flight, None
+    def _finish_all(self) -> None:
+        """Wait for every commit in flight; raise the first error once all have ended."""
+        error = None
+        while self._in_flight:
+            try:
+                self._finish_oldest()
+            except BaseException as failed:
+                error = error or failed
+        if error is not None:
+            raise error
+
+    def _finish_oldest(self) -> None:
+        """Wait for the oldest commit in flight; if it failed, buffer again what it did not commit and raise."""
+        future, records, failures = self._in_flight.popleft()
         started = time.monotonic()
         try:
             future.result()
@@ -895,7 +912,8 @@ class StoreWriter:
             batches = records[model]
             staged, final = self._stage_and_commit(model, batches)
             del records[model]
-            self.committed += sum(map(len, batches))
+            with self._count_lock:
+                self.committed += sum(map(len, batches))
             self.store._promote(staged, final)
         if failures:
             table = pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA)
