@@ -549,10 +549,7 @@ class Store:
         # and each is unique: a dictionary, compression and statistics of theirs cost a fifth of a commit's
         # Parquet time (at 224 px) to save about 1% of their bytes.
         names = table.schema.names
-        if not _IMAGE_COLUMNS & set(names):
-            pq.write_table(table, out, write_page_checksum=True)
-            return
-        others = [name for name in names if name not in _IMAGE_COLUMNS]
+        others = [name for name in names if name not in _IMAGE_COLUMNS]  # all of a table without images
         pq.write_table(table, out, write_page_checksum=True, use_dictionary=others, write_statistics=others,
                        compression={name: "none" if name in _IMAGE_COLUMNS else "snappy" for name in names})
 
