@@ -450,6 +450,17 @@ def committed_soon(store: Store, count: int, within_s: float = 10.0) -> set[str]
     return keys
 
 
+def shards_take(monkeypatch, seconds: float) -> None:
+    """Every commit's shard takes ``seconds`` longer to write: a slow disk."""
+    write_shard = store_module.write_shard
+
+    def slow_disk(out, batches):
+        time.sleep(seconds)
+        write_shard(out, batches)
+
+    monkeypatch.setattr(store_module, "write_shard", slow_disk)
+
+
 def test_a_caller_waits_only_when_every_commit_slot_is_busy_and_the_writer_counts_it(tmp_path, monkeypatch):
     from pipeline.store.store import COMMITS_IN_FLIGHT
 
@@ -460,13 +471,7 @@ def test_a_caller_waits_only_when_every_commit_slot_is_busy_and_the_writer_count
     writer.add(make_record(1))  # the first commit had ended: nothing to wait for
     committed_soon(store, 2)
     assert writer.waited_s < 0.1
-    shard = store_module.write_shard
-
-    def slow_disk(out, batches):
-        time.sleep(0.5)
-        shard(out, batches)
-
-    monkeypatch.setattr(store_module, "write_shard", slow_disk)
+    shards_take(monkeypatch, 0.5)
     started = time.monotonic()
     for i in range(2, 2 + COMMITS_IN_FLIGHT):  # each starts a commit that takes half a second, at once
         writer.add(make_record(i))
@@ -478,13 +483,7 @@ def test_a_caller_waits_only_when_every_commit_slot_is_busy_and_the_writer_count
 
 
 def test_commits_in_flight_at_once_commit_every_key_once_to_both_stores(tmp_path, monkeypatch):
-    shard = store_module.write_shard
-
-    def slow_disk(out, batches):  # so that the next commit starts while this one runs
-        time.sleep(0.05)
-        shard(out, batches)
-
-    monkeypatch.setattr(store_module, "write_shard", slow_disk)
+    shards_take(monkeypatch, 0.05)  # so that the next commit starts while this one runs
     store = Store(str(tmp_path))
     records = [make_record(i, DOTTED if i % 3 else OTHER) for i in range(40)]
     with store.writer(commit_every=2) as writer:  # twenty commits, each started while another runs
