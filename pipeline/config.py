@@ -59,10 +59,11 @@ class SweepSection:
     seeds: list[int]
     grid: dict[str, Any]  # optim.*/target.*/model.* key -> list of values
     variants: Any  # list of {key: value} overrides, each a part of the sweep
-    chunk_size: int  # features of one layer optimized together in one batch
+    chunk_size: Union[int, str]  # features of one layer optimized together in one batch; auto: measured
+    estimate: bool  # time a step on a worker and print what the sweep will take
 
     def __post_init__(self) -> None:
-        _at_least(self.chunk_size, "sweep.chunk_size", 1)
+        _auto_or_number(self.chunk_size, "sweep.chunk_size", 1, whole=True)
 
 
 @dataclass

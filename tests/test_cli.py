@@ -104,7 +104,7 @@ def test_the_dispatcher_lists_the_commands_and_runs_them(capsys):
 @pytest.mark.parametrize("override,fragments", [
     ("optim.steps=abc", ("optim.steps", "could not be converted to Integer")),
     ("sweep.features=[0,", ("Cannot read 'sweep.features=[0,'",)),
-    ("sweep.colour=red", ("Unknown setting 'sweep.colour'", "chunk_size, features")),
+    ("sweep.colour=red", ("Unknown setting 'sweep.colour'", "chunk_size, estimate, features")),
     ("+sweep.colour=red", ("Unknown setting 'sweep.colour'",)),
     ("colour=red", ("Unknown setting 'colour'",)),
     ("experiment=nope", ("experiment=nope is not one of", "demo, paper_clip_b32")),
