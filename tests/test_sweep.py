@@ -453,3 +453,22 @@ def test_estimate_false_measures_nothing_unless_a_choice_is_left_to_measure(comp
         assert run_sweep(compose(*fixed, *choice)) == 0
     assert len(calibrations) == 3 and all(callable(calibrate) for calibrate in calibrations[1:])
     assert "cost:" not in capsys.readouterr().out
+
+
+def test_a_budget_sizes_the_sweep_by_measured_speed_and_a_second_run_keeps_the_size_it_finds(
+        ray_local, compose, tmp_path, capsys):
+    sized = ("sweep.layers=[0]", "sweep.features=[1,2]", "sweep.sizes=[{steps: 3}, {steps: 2, copies: 1}]",
+             f"store.root={tmp_path}", "optim.copies=2", "progress.bar=false")
+    # no size fits a microsecond: the last is taken, and said so
+    assert run_sweep(compose(*sized, "sweep.budget_s=0.000001")) == 0
+    out = capsys.readouterr().out
+    assert "calibration on a worker, cpu (" in out
+    assert ("size: optim.steps=2, optim.copies=1 (sweep.sizes), the last, and it does not fit sweep.budget_s=1e-06 "
+            "with 2 workers: about ") in out
+    first = build_plan(compose(*sized[:2], "optim.steps=2", "optim.copies=1"))
+    assert sorted(parquet_keys(tmp_path)) == sorted(first.keys())
+    # an hour would fit the larger size, but the one in the store is kept: nothing to do, nothing measured
+    assert run_sweep(compose(*sized, "sweep.budget_s=3600")) == 0
+    out = capsys.readouterr().out
+    assert "size: optim.steps=2, optim.copies=1 (sweep.sizes), the size already in the store" in out
+    assert "nothing to do" in out and "calibration" not in out
