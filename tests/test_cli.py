@@ -232,7 +232,8 @@ def test_commands_hand_typed_sections_to_the_stages(compose):
     cfg = compose("experiment=demo")
     assert isinstance(cfg, config.SweepConfig) and isinstance(cfg.optim, OptimConfig)
     assert isinstance(cfg.cluster, config.ClusterSection) and isinstance(cfg.store, config.StoreSection)
-    assert cfg.optim.lr == "auto" and cfg.optim.steps == 60 and cfg.store.commit_seconds == 120.0
+    assert cfg.optim.lr == "auto" and cfg.optim.precision == "auto" and cfg.store.commit_seconds == 120.0
+    assert cfg.sweep.budget_s == 210 and cfg.sweep.sizes[-1] == {"steps": 20, "copies": 4}  # sized as measured
     probes = cli.load("probes", "experiment=probe_frequency")
     assert isinstance(probes.probe.frequency, config.FrequencyParams) and probes.probe.frequency.radii[0] == 2.0
 
