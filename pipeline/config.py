@@ -71,8 +71,8 @@ class SweepSection:
         if self.budget_s is not None:
             _at_least(self.budget_s, "sweep.budget_s", 0, strict=True, meaning=" (seconds), or null")
             if not self.sizes or not all(isinstance(size, dict) and size for size in self.sizes):
-                raise PipelineError(f"sweep.sizes={self.sizes!r} must list the optimizer settings that "
-                                    f"sweep.budget_s chooses from, largest first, e.g. [{{steps: 400}}, {{steps: 40}}].")
+                raise PipelineError(f"sweep.sizes={self.sizes!r} must list the optimizer settings that sweep.budget_s "
+                                    f"chooses from, largest first, e.g. [{{steps: 400}}, {{steps: 40}}].")
 
 
 @dataclass

@@ -89,6 +89,7 @@ class Visualizer:
     def run(self, layer: int, target: str, objective: Objective, features: list[int], seeds: list[int],
             config: OptimConfig) -> Visualization:
         if config.precision == "auto":
-            config = dataclasses.replace(config, precision=self.precision("auto", layer, target, objective, config).used)
+            chosen = self.precision("auto", layer, target, objective, config).used
+            config = dataclasses.replace(config, precision=chosen)
         score = self.score(layer, target, objective, features, config.precision)
         return visualize(score, seeds, self.image_size, config, self.device)
