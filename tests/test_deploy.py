@@ -25,7 +25,8 @@ import yaml
 from pipeline.models import zoo
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = [REPO / "jobs" / "submit.sh", REPO / "jobs" / "slurm-sweep.sbatch", REPO / "jobs" / "fetch-demo-weights.sh"]
+SCRIPTS = [REPO / "jobs" / "submit.sh", REPO / "jobs" / "slurm-sweep.sbatch", REPO / "jobs" / "fetch-demo-weights.sh",
+           REPO / "jobs" / "gpu-check.sh"]
 SWEEP = ["python", "-m", "pipeline.sweep"]
 
 
@@ -268,3 +269,26 @@ def test_slurm_dry_run_starts_a_head_and_a_worker_per_node_then_the_sweep(tmp_pa
     assert sweep[-2:] == ["experiment=demo", "sweep.layers=[0,5]"]
     cfg = compose(*sweep_overrides(sweep))
     assert cfg.cluster.gpus_per_worker == 1 and cfg.cluster.address == "gpu01:6379"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_gpu_check_dry_run_prints_every_gpu_step_and_runs_nothing(compose):
+    before = (REPO / "docs" / "benchmarks.md").read_text()
+    result = subprocess.run(["make", "-s", "gpu-check", "ARGS=--dry-run"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "would run (gpu-check, dry run):" and lines[-1] == "+ append the figures to docs/benchmarks.md"
+    commands = [shlex.split(line[2:]) for line in lines[1:-1]]
+    assert all(command[0] == "timeout" and int(command[1]) > 0 for command in commands)
+    setup, tests, bench, *sweeps = (command[2:] for command in commands)
+    assert setup[:4] == ["make", "setup", "demo-weights", "TORCH_INDEX=https://download.pytorch.org/whl/cu128"]
+    assert tests[1:] == ["-m", "pytest", "-q", "-k", "cuda", "tests/"]
+    assert bench[1:] == ["bench/engine.py", "--device", "cuda", "--precision", "bf16", "--features", "64",
+                         "--copies", "8", "--steps", "20", "--repeats", "2"]
+    demo, quarter, auto = (compose(*command[2:]) for command in sweeps)  # each a valid sweep, as Hydra reads it
+    assert demo.optim.steps == 400 and demo.sweep.budget_s is None and demo.sweep.variants
+    assert quarter.cluster.gpus_per_worker == 0.25
+    assert auto.sweep.chunk_size == "auto"
+    assert sum(int(command[1]) for command in commands[1:]) <= 8 * 60  # the GPU part's limits fit in 8 min
+    assert (REPO / "docs" / "benchmarks.md").read_text() == before and not (REPO / "outputs" / "gpu-check").exists()

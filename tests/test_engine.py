@@ -191,7 +191,7 @@ def test_the_default_loss_is_the_released_codes_and_paper_text_keeps_the_texts(c
                                -feats.mean() + text.tv_weight * total_variation(copies)[0])
 
 
-# Both loss balances, and bf16 (the demo's precision, conf/experiment/demo.yaml) under the default one;
+# Both loss balances, and bf16 (what optim.precision=auto picks where it is fast: AMX CPUs, GPUs) under the default;
 # the default balance in fp32 is tests/test_parameterizations.py's pixel recovery.
 @pytest.mark.parametrize("objective_scale,precision", [("code", "bf16"), ("paper", "fp32")])
 def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus(objective_scale, precision):

@@ -17,6 +17,7 @@ import pytest
 import torch
 import webdataset
 
+from pipeline.engine import calibrate
 from pipeline.execution import scheduler
 from pipeline.execution import worker
 from pipeline.engine.optimize import Visualization
@@ -147,6 +148,11 @@ class FakeVisualizer:
         self.max_batch = max_batch
         self.calls: list[list[int]] = []
         self.attempt: dict[int, int] = {}
+
+    def precision(self, requested, layer, target, objective, optim=None):
+        """What ``auto`` resolves to here: fp32, as measured on an AVX2 CPU."""
+        used = "fp32" if requested == "auto" else requested
+        return calibrate.PrecisionChoice(requested, used, "bf16", 58.0, 1.2, "GFLOP/s (matmul probe)")
 
     def run(self, layer, target, objective, features, seeds, config):
         self.calls.append(list(features))

@@ -1,19 +1,15 @@
-"""What a sweep will cost, before it runs: image-steps, FLOPs, and time at a throughput measured here.
+"""What a sweep will cost, before it runs: image-steps and FLOPs.
 
 A unit costs ``steps x copies`` truncated forward passes and their backward passes. The forward FLOPs up
-to the target come from torch's FLOP counter (pipeline.models.zoo.target_flops); the backward pass of
-the input gradient is taken as twice the forward, the usual rule for matrix products. The throughput is
-measured once per process by two optimizer steps of the engine itself, on the sweep's costliest
-model at the precision and thread count its workers use, so what it reports is what this engine
-reaches on this device, not a datasheet peak.
+to the target come from torch's FLOP counter (pipeline.models.zoo.target_flops), or from the traced
+layout where the counter fails; the backward pass of the input gradient is taken as twice the forward,
+the usual rule for matrix products. The time is measured on a worker (pipeline.engine.calibrate,
+``VisualizationWorker.calibrate``): what this engine reaches on the workers' device, not a datasheet peak.
 """
 
 from __future__ import annotations
 
 import functools
-import time
-
-import torch
 
 BACKWARD_FACTOR = 2.0  # backward FLOPs per forward FLOP
 
@@ -23,33 +19,30 @@ def unit_flops(forward_flops: int, steps: int, copies: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def measured_flops_per_second(device: str, model: str, img_size: int | None, layer: int, precision: str,
-                              copies: int, threads: int) -> float:
-    """FLOP/s one worker's engine reaches on ``device`` for ``model`` at ``layer`` in ``precision``: two
-    optimizer steps of one feature x ``copies``, timed after a warm-up step, with the worker's ``threads``
-    on a CPU. Random weights: the throughput does not depend on them, and nothing needs loading."""
-    from pipeline.engine.objectives import parse_objective
-    from pipeline.engine.optimize import OptimConfig, visualize
-    from pipeline.engine.visualizer import Visualizer
-    from pipeline.models import weights, zoo
+def forward_flops(model: str, img_size: int | None) -> tuple[tuple[int, ...], str]:
+    """Forward FLOPs of one image up to each layer's MLP target, and how they were counted: torch's FLOP
+    counter (pipeline.models.zoo.target_flops), or, where that raises, :func:`analytic_flops` with the reason.
+    A count is for the estimate only, so no model's count may stop a sweep."""
+    from pipeline.models import zoo
 
-    steps = 2
-    visualizer = Visualizer(model, weights.resolve(model, "random", img_size=img_size), torch.device(device))
-    score = visualizer.score(layer, "mlp", parse_objective("mean"), [0], precision)
-    warm_up, timed = (OptimConfig.paper(steps=n, copies=copies, precision=precision) for n in (1, steps))
-    threads_before = torch.get_num_threads()
-    if visualizer.device.type == "cpu":
-        torch.set_num_threads(threads)
     try:
-        visualize(score, [0], visualizer.image_size, warm_up, visualizer.device)  # allocations, kernels
-        if visualizer.device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        visualize(score, [0], visualizer.image_size, timed, visualizer.device)
-        elapsed = time.perf_counter() - started
-    finally:
-        torch.set_num_threads(threads_before)
-    return unit_flops(zoo.target_flops(model, img_size)[layer], steps, copies) / elapsed
+        return zoo.target_flops(model, img_size), ""
+    except Exception as error:  # noqa: BLE001 (torch's counter fails on some architectures; any reason will do)
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return analytic_flops(zoo.layout(model, img_size)), f"the FLOP counter failed on {model} ({reason})"
+
+
+def analytic_flops(layout) -> tuple[int, ...]:
+    """Forward FLOPs up to each layer, counted from the traced layout: per block of T tokens, width C and
+    MLP hidden width H, 2T(4C^2 + 2CH) for the projections and MLP and 4T^2 C for attention (a global one:
+    an upper bound for windowed attention); the patch embedding is left out."""
+    totals, total = [], 0
+    for layer in layout.layers:
+        hidden = layer.features
+        width = layer.sites["attn_out"].features if "attn_out" in layer.sites else max(1, hidden // 4)
+        total += 2 * layer.tokens * (4 * width * width + 2 * width * hidden) + 4 * layer.tokens ** 2 * width
+        totals.append(total)
+    return tuple(totals)
 
 
 def duration(seconds: float) -> str:

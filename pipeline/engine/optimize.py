@@ -53,7 +53,7 @@ class OptimConfig:
     colour_shift: str  # code: (x - mu) / sigma | paper: sigma * x + mu | none
     noise: str  # code: per-channel offset, std annealed to 0 | paper: per-pixel N(0, 1) | none
     noise_std: float
-    precision: str  # fp32 | bf16 | fp16 (autocast in the score; the image stays fp32)
+    precision: str  # auto (measured: pipeline.engine.calibrate) | fp32 | bf16 | fp16 (autocast in the score)
     trace_points: int  # how many times the objective is sampled during the run
     # code: the released code's -feats[:8, f].diag().mean(), the copies' mean divided by their number, which
     # made TV weigh 8x its stated lambda in the paper's figures | paper: the text's mean over copies

@@ -8,12 +8,14 @@ activation reader, feature selection and an objective into a *score*
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 
 import torch
 
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
+from pipeline.engine import calibrate
 from pipeline.engine.activations import ActivationReader
 from pipeline.engine.objectives import Objective, check_objective
 from pipeline.engine.optimize import OptimConfig, Visualization, visualize
@@ -37,6 +39,16 @@ class Visualizer:
         self.reader = ActivationReader(self.model, self.layout)
         self._mean = torch.tensor(self.layout.mean, device=device).view(3, 1, 1)
         self._std = torch.tensor(self.layout.std, device=device).view(3, 1, 1)
+        self._precisions: dict[str, calibrate.PrecisionChoice] = {}
+
+    def precision(self, requested: str, layer: int, target: str, objective: Objective,
+                  optim: OptimConfig | None = None) -> calibrate.PrecisionChoice:
+        """``requested`` (auto | fp32 | bf16 | fp16) as measured on this device for this model, once per
+        visualizer: every chunk a worker runs with it uses the same choice (pipeline.engine.calibrate)."""
+        if requested not in self._precisions:
+            optim = optim or OptimConfig.paper(steps=1, precision=requested)
+            self._precisions[requested] = calibrate.choose_precision(self, requested, layer, target, objective, optim)
+        return self._precisions[requested]
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -52,6 +64,8 @@ class Visualizer:
         grid = self.layout.layer(layer).grid
         check_objective(objective, grid, f"layer {layer} of {self.model_name}")
         index = torch.tensor(features, device=self.device)
+        if precision == "auto":
+            precision = self.precision(precision, layer, target, objective).used
         dtype = PRECISIONS[precision]
 
         def score(images: torch.Tensor) -> torch.Tensor:
@@ -74,5 +88,8 @@ class Visualizer:
 
     def run(self, layer: int, target: str, objective: Objective, features: list[int], seeds: list[int],
             config: OptimConfig) -> Visualization:
+        if config.precision == "auto":
+            chosen = self.precision("auto", layer, target, objective, config).used
+            config = dataclasses.replace(config, precision=chosen)
         score = self.score(layer, target, objective, features, config.precision)
         return visualize(score, seeds, self.image_size, config, self.device)

@@ -8,11 +8,13 @@ only the missing work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
+import math
 
 from pipeline.config import SweepConfig
+from pipeline.errors import PipelineError
 from pipeline.engine import cost
 from pipeline.models import weights
 from pipeline.execution.plan import Plan, build_plan
@@ -23,6 +25,9 @@ log = logging.getLogger("pipeline.sweep")
 
 EXIT_FAILURES = 1
 EXIT_INTERRUPTED = 130
+CALIBRATION_WAIT_S = 300.0  # how long the first worker may take to start and calibrate before the sweep goes on
+FALLBACK_CHUNK = 8  # chunk_size=auto where the calibration failed
+AUTO_MOST = 1024  # the largest batch chunk_size=auto considers
 
 
 def _print_plan(plan: Plan, done: set[str], failed: set[str], root: str) -> None:
@@ -42,24 +47,140 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str], root: str) -> None
         print(f"  {name}: {total} planned, {finished} done", flush=True)
 
 
-def _print_cost(plan: Plan, done: set[str], cfg) -> None:
-    """What the work to do costs, so a sweep of every layer at 400 steps does not surprise a laptop."""
-    from pipeline.engine.visualizer import pick_device
+def _print_cost(plan: Plan, done: set[str]) -> None:
+    """What the work to do costs in image-steps and FLOPs, before anything starts; the time comes with the
+    calibration (:func:`_calibration`), measured on a worker."""
+    image_steps, flops, notes = plan.cost(done)
+    for note in notes:  # the count is for the estimate only: the sweep goes on
+        print(f"cost: {note}; counted from the model's layout instead", flush=True)
+    print(f"cost: {image_steps:,} image-steps ({flops / 1e12:,.1f} TFLOP, forward and backward)", flush=True)
 
-    image_steps, flops = plan.cost(done)
-    device = pick_device(cfg.model.device)
+
+def _estimate(plan: Plan, done: set[str], group, seconds_per_feature_step: float) -> float:
+    """Worker-seconds of the work to do: each group's feature-steps at the calibrated group's measured rate,
+    scaled by the FLOPs of a step there against the calibrated one's."""
+    def step_flops(g) -> float:
+        return cost.unit_flops(cost.forward_flops(g.model, g.weights.img_size)[0][g.layer], 1, g.optim.copies)
+
+    measured = step_flops(group)
+    seconds = 0.0
+    for g, keys in plan.keyed_groups():
+        todo = sum(key not in done for key in keys)
+        seconds += todo * g.optim.steps * seconds_per_feature_step * step_flops(g) / measured
+    return seconds
+
+
+def _calibration(plan: Plan, done: set[str], cfg: SweepConfig, measured=None):
+    """What ``scheduler.run_plan`` calls on its first worker before any chunk, or None where nothing is to be
+    measured: the precision (auto, or how slow an explicit low one is), the batch (``chunk_size=auto``) and the
+    estimate (``sweep.estimate``), timed on the sweep's costliest group, where the workers run (never on a
+    ``cluster=ray`` driver, which may be a small CPU head node). A calibration that fails is one printed line:
+    the sweep goes on without an estimate. ``measured``: a calibration already made (by :func:`_fit`), used
+    instead of measuring again."""
     group = plan.costliest_group(done)
-    threads = max(1, int(cfg.cluster.cpus_per_worker))
-    rate = cost.measured_flops_per_second(str(device), group.model, group.weights.img_size, group.layer,
-                                          group.optim.precision, group.optim.copies, threads)
-    one = flops / rate
-    line = (f"cost: {image_steps:,} image-steps ({flops / 1e12:,.1f} TFLOP, forward and backward); one worker "
-            f"here reaches {rate / 1e9:,.0f} GFLOP/s on {device.type} ({group.model}, layer {group.layer}, "
-            f"{group.optim.precision}): about {cost.duration(one)} of worker time")
-    if cfg.cluster.kind == "local" and str(cfg.cluster.workers) == "auto" and device.type == "cpu":
-        workers = max(1, int((os.cpu_count() or 1) // max(float(cfg.cluster.cpus_per_worker), 1e-3)))
-        line += f", about {cost.duration(one / workers)} with this machine's {workers} workers"
-    print(line + ".", flush=True)
+    search = cfg.sweep.chunk_size == "auto"
+    if not (search or cfg.sweep.estimate or group.optim.precision != "fp32"):
+        return None
+
+    def calibrate(actor, workers: int, most: int) -> int:
+        fallback = min(FALLBACK_CHUNK, most) if search else most
+        result = measured or _calibrate_on(actor, group, most, search, f"no time estimate, chunks of {fallback}")
+        if result is None:
+            return fallback
+        if cfg.sweep.estimate and math.isfinite(result.batch.seconds_per_feature_step):
+            one = _estimate(plan, done, group, result.batch.seconds_per_feature_step)
+            print(f"cost: about {cost.duration(one)} of worker time, about {cost.duration(one / workers)} with "
+                  f"{workers} worker{'s' if workers > 1 else ''} ({result.batch.seconds_per_feature_step:.3g} s per "
+                  f"feature-step at batch {result.batch.batch} there)", flush=True)
+        return min(result.batch.batch, most)
+
+    return calibrate
+
+
+def _calibrate_on(actor, group, most: int, search: bool, otherwise: str):
+    """``actor.calibrate`` (a :class:`~pipeline.execution.worker.Calibration`), printed; None where it failed,
+    printed with its reason and ``otherwise``, what the sweep does instead: it goes on."""
+    import ray
+
+    from pipeline.execution.scheduler import failure_reason
+
+    try:
+        result = ray.get(actor.calibrate.remote(group, most, search), timeout=CALIBRATION_WAIT_S)
+    except Exception as error:  # noqa: BLE001 (any failure: the sweep goes on)
+        reason = failure_reason(error) if isinstance(error, ray.exceptions.RayError) else repr(error)
+        print(f"calibration: failed on a worker ({reason}); {otherwise}", flush=True)
+        return None
+    choices = [result.precision.describe()] if result.precision else []
+    choices.append(result.batch.describe())
+    print(f"calibration on a worker, {result.device}, {group.model} layer {group.layer}, took "
+          f"{result.seconds:.1f} s: " + "; ".join(choices), flush=True)
+    return result
+
+
+def _size_name(size: dict) -> str:
+    return ", ".join(f"optim.{key}={value}" for key, value in size.items())
+
+
+def _sizes(cfg: SweepConfig) -> list[tuple[str, SweepConfig, Plan]]:
+    """With ``sweep.budget_s``: each of ``sweep.sizes`` as (name, config, plan), in order (largest first), all
+    validated now, before any compute; [] without a budget. A variant's own optim settings stay as they are."""
+    if cfg.sweep.budget_s is None:
+        return []
+    sizes = []
+    for size in cfg.sweep.sizes:
+        optim = dataclasses.asdict(cfg.optim)
+        unknown = sorted(set(size) - set(optim))
+        if unknown:
+            raise PipelineError(f"sweep.sizes names {unknown}, which are not optimizer settings; known: "
+                                f"{sorted(optim)}.")
+        sized = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **size))
+        sizes.append((_size_name(size), sized, build_plan(sized)))
+    return sizes
+
+
+def _fit(sizes: list[tuple[str, SweepConfig, Plan]], committed: set[str], cfg: SweepConfig):
+    """(config, plan, calibration or None): a size already in the store, else the first (largest) whose work
+    fits ``sweep.budget_s`` with this cluster's workers at the speed a worker measures, else the last.
+
+    A size whose every unit is in the store wins without measuring: a second run on the same machine finds
+    its units done, however the measurement would come out this time."""
+    for name, sized, plan in sizes:
+        if set(plan.keys()) <= committed:
+            print(f"size: {name} (sweep.sizes), the size already in the store", flush=True)
+            return sized, plan, None
+    from pipeline.execution import scheduler
+    from pipeline.execution.worker import VisualizationWorker
+
+    scheduler.start_ray(cfg.cluster)
+    gpus = scheduler.gpus_per_worker(cfg.cluster)
+    workers = scheduler.worker_count(cfg.cluster, gpus)
+    smallest = sizes[-1][2]
+    done = committed & set(smallest.keys())
+    group = smallest.costliest_group(done)
+    search = cfg.sweep.chunk_size == "auto"
+    most = max(1, math.ceil((len(smallest) - len(done)) / workers))
+    most = min(most, AUTO_MOST if search else int(cfg.sweep.chunk_size))
+    remote = scheduler.actor_class(VisualizationWorker, cfg.cluster, gpus)
+    actor = remote.remote(cfg.model.device, cfg.cluster.model_cache, max(1, int(cfg.cluster.cpus_per_worker)))
+    try:
+        measured = _calibrate_on(actor, group, most, search, f"the last size, {sizes[-1][0]}")
+    finally:
+        import ray
+
+        ray.kill(actor)
+    if measured is None or not math.isfinite(measured.batch.seconds_per_feature_step):
+        return sizes[-1][1], sizes[-1][2], None
+    budget = float(cfg.sweep.budget_s)
+    # The measured group's step, scaled to each size's groups by FLOPs (cost.forward_flops): the measured
+    # group is the smallest size's, so its own copies are what the scaling starts from.
+    walls = [_estimate(plan, committed & set(plan.keys()), group, measured.batch.seconds_per_feature_step) / workers
+             for _, _, plan in sizes]
+    chosen = next((i for i, wall in enumerate(walls) if wall <= budget), len(sizes) - 1)
+    name, sized, plan = sizes[chosen]
+    fits = "the first that fits" if walls[chosen] <= budget else "the last, and it does not fit"
+    print(f"size: {name} (sweep.sizes), {fits} sweep.budget_s={budget:g} with {workers} "
+          f"worker{'s' if workers > 1 else ''}: about {cost.duration(walls[chosen])} of work", flush=True)
+    return sized, plan, measured
 
 
 def _print_results(store: Store, keys: list[str]) -> None:
@@ -110,21 +231,25 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
     store.recover()  # also when there is nothing to do: an interrupted last commit is finished now
-    plan = build_plan(cfg)
+    sizes = _sizes(cfg)
+    plan = sizes[-1][2] if sizes else build_plan(cfg)
     for model, choice in plan.weights():
         weights.ensure_available(model, choice)
         verified = weights.ensure_verified(model, choice)
         if verified:
             print(verified, flush=True)
-    keys = plan.keys()
-    planned = set(keys)
 
     from pipeline.execution import scheduler
 
+    measured = None
     with store.lease("records"):
         # Read once, under the lease, so that it includes what a driver that held the lease before us
         # committed; the failed keys and the writer take this set (a million keys take seconds to read).
         committed = store.committed_keys()
+        if sizes:
+            cfg, plan, measured = _fit(sizes, committed, cfg)
+        keys = plan.keys()
+        planned = set(keys)
         done = committed & planned
         failed = store.failed_keys(committed) & planned
         _print_plan(plan, done, failed, store.root)
@@ -132,7 +257,8 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
             print("nothing to do: every planned unit is already in the store; no workers started.")
             _print_where(store)
             return 0
-        _print_cost(plan, done, cfg)
+        if cfg.sweep.estimate:
+            _print_cost(plan, done)
         scheduler.start_ray(cfg.cluster)
         scheduler.gpus_per_worker(cfg.cluster)  # GPUs asked for and absent stop here (after a bounded wait)
         store.write_plan(plan.units_table, keys)  # tabulated only if this plan is new to the store
@@ -141,8 +267,9 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
         try:
             with store.writer(cfg.store.commit_every, cfg.store.commit_seconds, commit_bytes=cfg.store.commit_bytes,
                               committed=committed) as writer:
-                summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
-                                             cfg.model.device, worker_class)
+                chunk_size = AUTO_MOST if cfg.sweep.chunk_size == "auto" else int(cfg.sweep.chunk_size)
+                summary = scheduler.run_plan(plan, done, chunk_size, cfg.cluster, writer, progress,
+                                             cfg.model.device, worker_class, _calibration(plan, done, cfg, measured))
         except KeyboardInterrupt:
             interrupted = True
         finally:

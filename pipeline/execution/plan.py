@@ -108,22 +108,25 @@ class Plan:
         """Each distinct (model, weights choice) of the plan."""
         return list(dict.fromkeys((g.model, g.weights) for g in self.groups))
 
-    def cost(self, done: set[str]) -> tuple[int, float]:
-        """(image-steps, FLOPs) of the units not yet done: steps x copies truncated forward and backward passes."""
-        image_steps, flops = 0, 0.0
+    def cost(self, done: set[str]) -> tuple[int, float, list[str]]:
+        """(image-steps, FLOPs, notes) of the units not yet done: steps x copies truncated forward and backward
+        passes; a note says where a model's FLOPs were counted from its layout instead (cost.forward_flops)."""
+        image_steps, flops, notes = 0, 0.0, []
         for group, keys in self.keyed_groups():
             todo = sum(key not in done for key in keys)
-            forward = zoo.target_flops(group.model, group.weights.img_size)[group.layer]
+            counts, note = cost.forward_flops(group.model, group.weights.img_size)
+            if note and note not in notes:
+                notes.append(note)
             image_steps += todo * group.optim.steps * group.optim.copies
-            flops += todo * cost.unit_flops(forward, group.optim.steps, group.optim.copies)
-        return image_steps, flops
+            flops += todo * cost.unit_flops(counts[group.layer], group.optim.steps, group.optim.copies)
+        return image_steps, flops, notes
 
     def costliest_group(self, done: set[str]) -> "Group":
-        """The group whose remaining units cost the most FLOPs: what a cost estimate should time."""
+        """The group whose remaining units cost the most FLOPs: what a calibration should time."""
         def remaining(keyed: tuple[Group, tuple[str, ...]]) -> float:
             group, keys = keyed
             todo = sum(key not in done for key in keys)
-            return todo * zoo.target_flops(group.model, group.weights.img_size)[group.layer]
+            return todo * group.optim.steps * cost.forward_flops(group.model, group.weights.img_size)[0][group.layer]
         return max(self.keyed_groups(), key=remaining)[0]
 
     def units_table(self) -> pa.Table:
@@ -239,7 +242,7 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     config.lr = float(config.lr)
     choices = {"colour_shift": ("code", "paper", "none"), "noise": ("code", "paper", "none"),
                "objective_scale": ("code", "paper"),
-               "precision": ("fp32", "bf16", "fp16"), "param": tuple(parameterizations.PARAMETERIZATIONS)}
+               "precision": ("auto", "fp32", "bf16", "fp16"), "param": tuple(parameterizations.PARAMETERIZATIONS)}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise PipelineError(f"optim.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
@@ -309,6 +312,8 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[G
     spectrum = {"maco_spectrum_id": parameterizations.spectrum_id(optim)} if optim.param == "maco" else {}
     # The hash names everything besides the unit's own fields that changes its image: the optimizer's
     # settings (MACO's spectrum by its id) and, when it is not the model's native one, the input size.
+    # ``optim.precision: auto`` enters as written, never as what a worker measured and chose: keys are the same
+    # on every machine, and each record's config says the precision it was made in (``precision_used``).
     identity = {**dataclasses.asdict(optim), **({"image_size": choice.img_size} if choice.img_size else {})}
     if spectrum:
         identity["maco_spectrum"] = spectrum["maco_spectrum_id"]

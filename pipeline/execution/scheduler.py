@@ -348,7 +348,8 @@ def _requeue(pool: Pool, queue: deque, in_flight: dict, ref: ray.ObjectRef, task
 
 def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, device: str, progress: Progress,
               commit: Callable[[T, Any, RunSummary], None], fail: Callable[[T, str, int, RunSummary], None],
-              tick: Callable[[], None] = lambda: None) -> RunSummary:
+              tick: Callable[[], None] = lambda: None,
+              first: Callable[[Any, int], list[T]] | None = None) -> RunSummary:
     """Run ``tasks`` on actors of ``worker_class`` (``run(task) -> result``): the one task pool.
 
     Every job (sweep chunks, dataset-example slices, probe slices) runs through here:
@@ -356,6 +357,10 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
     that failed with its one-line reason and attempts; both count into the summary.
     ``tick`` runs after every wait (at least once a second). Stops past
     ``cluster.max_failures`` failed units.
+
+    ``first``: called with the first actor's handle and the pool's size once the actors are made, before any
+    task is sent; it returns the tasks to run instead of ``tasks`` (which then bound the pool's size). A sweep
+    calibrates there, on a worker it starts anyway, while the others start.
     """
     summary = RunSummary()
     if not tasks:
@@ -369,6 +374,12 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
         return worker_count(cluster, gpus) if cluster.workers == "auto" else 0
 
     pool = Pool(lambda: remote.remote(*args), min(worker_count(cluster, gpus), len(tasks)), wanted)
+    if first is not None:
+        try:
+            tasks = first(pool.workers[0].handle, pool.size)
+        except BaseException:
+            pool.kill()
+            raise
 
     def on_failed(task: T, reason: str, attempts: int) -> None:
         log.warning("%s failed: %s", task.name, reason)
@@ -386,7 +397,8 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
 
 
 def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSection, writer, progress: Progress,
-             device: str, worker_class: type | None = None) -> RunSummary:
+             device: str, worker_class: type | None = None,
+             calibrate: Callable[[Any, int, int], int] | None = None) -> RunSummary:
     """Run the plan's missing units on Ray actors, stream results into ``writer``.
 
     Chunks are at most ``chunk_size`` features, and smaller when that keeps every
@@ -394,11 +406,17 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
     :class:`~pipeline.execution.worker.VisualizationWorker`) turns a chunk into a
     :class:`~pipeline.execution.worker.ChunkResult`; ``bench/scale.py`` passes one that
     makes records without a model, to load the driver and the store at zoo scale.
+    ``calibrate(first actor, workers, most)``, when given, runs on the first worker before any
+    chunk and returns the chunk size to use, at most ``most`` (what keeps every worker busy).
     """
     start_ray(cluster)
     workers = worker_count(cluster, gpus_per_worker(cluster))
     todo = len(plan) - len(done)
-    chunks = plan.chunks(done, min(chunk_size, max(1, math.ceil(todo / workers))))
+    most = max(1, math.ceil(todo / workers))
+    chunks = plan.chunks(done, min(chunk_size, most))
+
+    def chunks_after_calibration(actor, size: int) -> list[Chunk]:
+        return plan.chunks(done, min(calibrate(actor, size, min(chunk_size, most)), most))
 
     def commit(chunk: Chunk, result, summary: RunSummary) -> None:
         summary.busy_s += result.busy_s
@@ -418,7 +436,7 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
             _fail_unit(unit, reason, attempts, summary)
 
     return run_tasks(worker_class or VisualizationWorker, chunks, cluster, device, progress, commit, fail,
-                     writer.maybe_commit)
+                     writer.maybe_commit, chunks_after_calibration if calibrate else None)
 
 
 def run_part_tasks(worker_class: type, tasks: list, parts, cluster: ClusterSection, device: str,

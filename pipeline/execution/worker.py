@@ -21,6 +21,7 @@ sha256 differs) fails the chunk's units with that reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -33,12 +34,12 @@ import numpy as np
 import torch
 
 import pipeline
-from pipeline.engine import parameterizations
+from pipeline.engine import calibrate, parameterizations
 from pipeline.engine.measures import measure
 from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.engine.objectives import Objective, parse_objective
 from pipeline.engine.optimize import seed_for
-from pipeline.execution.plan import Chunk
+from pipeline.execution.plan import Chunk, Group
 from pipeline.models import weights
 from pipeline.store.png import encode_png
 from pipeline.store.records import EncodedRecords, encode_records
@@ -52,6 +53,16 @@ class ChunkResult:
     records: EncodedRecords  # the finished records, encoded for the store here rather than in the driver
     failures: list[tuple[dict[str, Any], str, int]] = field(default_factory=list)  # (unit, reason, attempts)
     busy_s: float = 0.0  # seconds spent loading and optimizing
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one worker measured on its device before the sweep's chunks (pipeline.engine.calibrate)."""
+
+    device: str  # in words: a GPU's name, a CPU's vector capability
+    precision: calibrate.PrecisionChoice | None  # None: fp32 asked for, nothing to choose
+    batch: calibrate.BatchChoice
+    seconds: float  # what the calibration itself took, model load included
 
 
 @dataclass
@@ -97,6 +108,30 @@ class VisualizationWorker(ModelWorker):
         return self.cached((group.model, group.weights),
                            lambda: Visualizer(group.model, group.weights, self.device))
 
+    def calibrate(self, group: Group, most: int, search: bool) -> Calibration:
+        """Measure ``group``'s model on this worker's device: its precision (auto, or how slow an explicit low
+        one is) and the batch (the best up to ``most`` when ``search``, else the one batch ``most``), with the
+        seconds a feature's step takes there. The model stays loaded for the chunks that follow, and so does
+        the precision chosen: this worker's chunks of that model use it."""
+        started = time.perf_counter()
+        visualizer = self._visualizer(Chunk(group, group.features[:1]))
+        objective = parse_objective(group.objective)
+        requested = group.optim.precision
+        choice = (visualizer.precision(requested, group.layer, group.target, objective, group.optim)
+                  if requested != "fp32" else None)
+        used = choice.used if choice else requested
+        if choice and choice.used != "fp32" and choice.slowdown > 1 / calibrate.EMULATED_BELOW:
+            # An emulated precision asked for explicitly: its steps would take minutes to time, and the probe
+            # already says how much slower they are than fp32's.
+            fp32 = calibrate.choose_batch(visualizer, group.layer, group.target, objective, group.optim, "fp32",
+                                          most, search)
+            batch = dataclasses.replace(fp32, seconds_per_feature_step=fp32.seconds_per_feature_step * choice.slowdown,
+                                        stopped=fp32.stopped + f", timed in fp32 and scaled by {used}'s slowdown")
+        else:
+            batch = calibrate.choose_batch(visualizer, group.layer, group.target, objective, group.optim, used,
+                                           most, search)
+        return Calibration(calibrate.device_name(self.device), choice, batch, time.perf_counter() - started)
+
     def run(self, chunk: Chunk) -> ChunkResult:
         started = time.perf_counter()
         result = _Outcome()
@@ -129,11 +164,15 @@ class VisualizationWorker(ModelWorker):
         visualizer = self._visualizer(chunk)
         objective = parse_objective(group.objective)
         labels = _planted_labels(group)
+        optim = group.optim
+        if optim.precision == "auto":  # measured once per model on this worker (pipeline.engine.calibrate)
+            chosen = visualizer.precision("auto", group.layer, group.target, objective, optim).used
+            optim = dataclasses.replace(optim, precision=chosen)
         pending = list(chunk.features)
         for attempt in range(NONFINITE_RETRIES + 1):
             started = time.perf_counter()
             seeds = [seed_for(f, group.seed, attempt) for f in pending]
-            out = visualizer.run(group.layer, group.target, objective, pending, seeds, group.optim)
+            out = visualizer.run(group.layer, group.target, objective, pending, seeds, optim)
             per_image = (time.perf_counter() - started) / len(pending)
             retry = []
             records = []
@@ -142,8 +181,9 @@ class VisualizationWorker(ModelWorker):
                     retry.append(feature)
                     continue
                 records.append(self._record(chunk, feature, out.images[i], float(out.activations[i]),
-                                            out.traces[i].float().numpy(), labels.get(feature), per_image, visualizer))
-            result.records.extend(_measured(visualizer, chunk, objective, records))
+                                            out.traces[i].float().numpy(), labels.get(feature), per_image, visualizer,
+                                            optim.precision))
+            result.records.extend(_measured(visualizer, chunk, objective, records, optim.precision))
             pending = retry
             if not pending:
                 return
@@ -152,11 +192,11 @@ class VisualizationWorker(ModelWorker):
                                     "retry with another random stream", NONFINITE_RETRIES + 1))
 
     def _record(self, chunk: Chunk, feature: int, image: torch.Tensor, activation: float, trace: np.ndarray,
-                label: str | None, duration: float, visualizer: Visualizer) -> dict[str, Any]:
+                label: str | None, duration: float, visualizer: Visualizer, precision: str) -> dict[str, Any]:
         group = chunk.group
         return {
             **group.unit(feature),
-            "config": group.config_json,
+            "config": _config_with_precision(group.config_json, precision),
             "label": label,
             "png": png_bytes(image),
             "activation": activation,
@@ -164,20 +204,27 @@ class VisualizationWorker(ModelWorker):
             "steps": group.optim.steps,
             "image_size": visualizer.image_size[0],
             "device": f"{self.device} ({self.host})",
-            "precision": group.optim.precision,
+            "precision": precision,
             "duration_s": duration,
             "code_version": pipeline.__version__,
             "timestamp": datetime.now(timezone.utc),
         }
 
 
-def _measured(visualizer: Visualizer, chunk: Chunk, objective: Objective, records: list[dict]) -> list[dict]:
+def _config_with_precision(config_json: str, precision: str) -> str:
+    """The group's config JSON (what its hash covers: ``optim.precision`` as asked, ``auto`` included) with
+    ``precision_used``, the precision this worker actually ran."""
+    return json.dumps({**json.loads(config_json), "precision_used": precision}, sort_keys=True)
+
+
+def _measured(visualizer: Visualizer, chunk: Chunk, objective: Objective, records: list[dict],
+              precision: str) -> list[dict]:
     """The records with their measured columns, all of one attempt measured in one batch."""
     if not records:
         return records
     group = chunk.group
     measured = measure(visualizer, group.layer, group.target, objective, [r["feature"] for r in records],
-                       [r["png"] for r in records], group.optim.precision)
+                       [r["png"] for r in records], precision)
     return [{**record, **values} for record, values in zip(records, measured)]
 
 
