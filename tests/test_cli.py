@@ -206,6 +206,10 @@ def test_a_missing_image_set_names_the_images_path_setting(name, no_compute, cap
     ("sweep.features=5-2", ("Cannot read feature selection '5-2'", "write it as 2-5")),
     ("sweep.layers=3-1", ("Cannot read layer selection '3-1'", "write it as 1-3")),
     ("sweep.features=0-999999999", ("Feature 0-999999999 out of range", "valid features are 0..767")),
+    ("sweep.features=last:999999999", ("Feature last:999999999 out of range", "valid features are 0..767",
+                                       "last:N takes N up to 768")),
+    ("sweep.features=first:769", ("Feature first:769 out of range", "first:N takes N up to 768")),
+    ("sweep.layers=last:13", ("Layer last:13 out of range for 'deit_tiny_patch16_224'", "valid layers are 0..11")),
 ])
 def test_bad_settings_stop_before_any_compute_with_exit_2(override, fragments, no_compute, capsys):
     code, out, err = run_main("sweep", capsys, "experiment=smoke", override, f"store.root={no_compute}")

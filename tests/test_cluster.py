@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +110,6 @@ def test_cluster_ray_on_a_cluster_without_gpus_runs_on_cpus_by_default(ray_local
 
 
 def test_gpus_asked_for_on_a_cluster_without_them_stop_after_gpu_wait_s(ray_local, compose, tmp_path, capsys):
-    import time
-
     from pipeline.errors import EXIT_BAD_INPUT, reporting_errors
     from pipeline.execution.driver import run_sweep
 
@@ -162,6 +161,27 @@ class BrokenWorker:
         return task.name
 
 
+class SlowSecondWorker:
+    """The second actor to start takes a second longer (it imports more, or shares a core); a task runs until
+    that one is up, and a while after, as a chunk outlasts an actor's start. Returns the pid that ran it."""
+
+    directory = ""  # where the actors leave their marks: set by the test, travels with the pickled class
+
+    def __init__(self, *args):
+        try:
+            os.close(os.open(os.path.join(self.directory, "first"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(1.0)
+            Path(self.directory, "second").touch()
+
+    def run(self, task: Task) -> int:
+        deadline = time.monotonic() + 30
+        while not Path(self.directory, "second").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # for the driver to hear that the second actor is up
+        return os.getpid()
+
+
 def run_pool(ray_local, compose, worker_class, tasks):
     from pipeline.execution.progress import Progress
 
@@ -202,3 +222,12 @@ def test_workers_that_cannot_start_fail_the_tasks_instead_of_waiting(ray_local, 
     assert not done and summary.failed == 3
     assert {reason for _, reason, _ in failed} == {
         "no worker could run it: the worker could not start: RuntimeError: no device here"}
+
+
+def test_a_short_queue_is_shared_with_a_worker_still_starting(ray_local, compose, tmp_path, monkeypatch):
+    """Two chunks, two workers, one slower to start: the first one up runs one chunk, not both."""
+    monkeypatch.setattr(SlowSecondWorker, "directory", str(tmp_path))
+    tasks = [Task(f"t{i}", 0, str(tmp_path / f"t{i}")) for i in range(2)]
+    summary, done, failed = run_pool(ray_local, compose, SlowSecondWorker, tasks)
+    assert summary.done == 2 and not failed
+    assert len(set(done)) == 2, f"both chunks ran in one worker (pid {done[0]}) while the other was starting"

@@ -144,14 +144,19 @@ class Plan:
 def select(spec: Any, count: int, what: str, where: str) -> list[int]:
     """``all`` | ``first:N`` | ``last:N`` | ``A-B`` (inclusive) | N | [N, ...] -> indices, range-checked.
 
-    A range is checked before it is expanded, so ``0-999999999`` costs nothing to refuse.
+    A range is checked before it is expanded, so ``0-999999999`` and ``last:999999999`` cost nothing to refuse.
     """
     if isinstance(spec, str):
         spec = spec.strip()
         if spec == "all":
             return list(range(count))
         if match := _HEAD_TAIL.fullmatch(spec):
-            n = min(int(match[2]), count)
+            n = int(match[2])
+            if n > count:  # as A-B past the end: never clamped to fewer units than were asked for
+                raise PipelineError(
+                    f"{what.capitalize()} {spec} out of range for {where}, which has {count} {what}s: "
+                    f"valid {what}s are 0..{count - 1}, so {match[1]}:N takes N up to {count}."
+                )
             return list(range(n)) if match[1] == "first" else list(range(count - n, count))
         if match := _RANGE.fullmatch(spec):
             start, end = int(match[1]), int(match[2])

@@ -6,7 +6,9 @@ finish (``ray.wait``) and are handed to the store writer, which drops late
 duplicates. The queue stays in the driver: a task goes to an actor only when
 that actor is known to be up and has a free slot (two by default), so at most
 ``max_in_flight`` chunks are outstanding and no work waits on an actor that
-cannot run it.
+cannot run it. A busy actor's second slot is filled only while the queue still
+holds a task for each actor that is starting, so a short queue is shared with
+the actors still importing torch rather than run by the first one up.
 
 Crashed workers and lost nodes: Ray restarts an actor whose process or node dies
 (``max_restarts=-1``), but where nothing can host it (a fixed allocation that
@@ -264,8 +266,12 @@ def drive(pool: Pool, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectR
             up = pool.up()
             cap = limit(pool.size)
             slots = max(1, math.ceil(cap / max(1, pool.size)))
+            starting = sum(w.state == "starting" for w in pool.workers)
             while queue and len(in_flight) < cap:
-                free = [w for w in up if len(w.tasks) < slots]
+                # A second task waits in a busy worker's slot only while the queue keeps one for each worker
+                # still starting: a short queue (two chunks, two workers) is not stacked on the first one up.
+                most = slots if len(queue) > starting else 1
+                free = [w for w in up if len(w.tasks) < most]
                 if not free:
                     break
                 worker = min(free, key=lambda w: len(w.tasks))

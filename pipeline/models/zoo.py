@@ -350,14 +350,17 @@ def target_flops(model_name: str, img_size: int | None = None) -> tuple[int, ...
     from torch.utils.flop_counter import FlopCounterMode
 
     info = layout(model_name, img_size)
-    model = create_architecture(model_name, "meta", img_size)
+    # No parameter may require grad: the counter's module tracker hooks the autograd graph of every input
+    # that does, and a view of a parameter made under no_grad (PiT's cls token passed between stages in a
+    # tuple) requires grad with no graph, on which the tracker asserts "Expected gradient function to be set".
+    model = create_architecture(model_name, "meta", img_size).requires_grad_(False)
     modules = dict(model.named_modules())
     counter = FlopCounterMode(display=False)
     totals: list[int] = []
     handles = [modules[path].register_forward_hook(lambda *_: totals.append(counter.get_total_flops()))
                for path in {layer.sites["mlp"].module for layer in info.layers}]
     try:
-        with counter, torch.no_grad():
+        with counter:
             model(torch.empty(1, *info.input_size, device="meta"))
     finally:
         for handle in handles:
