@@ -85,6 +85,7 @@ class StoreSection:
     commit_every: int  # records per commit
     commit_bytes: int  # or sooner, once the buffered records hold this many bytes
     commit_seconds: float  # or sooner, once the oldest buffered record waited this long
+    lease_expire_s: float  # a driver silent this long has lost the store's lease to the next one
 
     def __post_init__(self) -> None:
         _at_least(self.commit_every, "store.commit_every", 1, meaning=" (records per commit)")
@@ -92,6 +93,8 @@ class StoreSection:
                   meaning=" (bytes of buffered records that start a commit, e.g. 67108864 for 64 MiB)")
         _at_least(self.commit_seconds, "store.commit_seconds", 0, strict=True,
                   meaning=" (seconds a record may wait for its commit)")
+        _at_least(self.lease_expire_s, "store.lease_expire_s", 0, strict=True,
+                  meaning=" (seconds after a driver's last heartbeat that another may take the store over)")
 
 
 @dataclass

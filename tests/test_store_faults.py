@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,10 +20,10 @@ import webdataset
 from pipeline.execution.driver import run_sweep
 from pipeline.store import lease as lease_module
 from pipeline.store.errors import DamagedStoreError, StoreError
-from pipeline.store.lease import LeaseHeld
+from pipeline.store.lease import LeaseHeld, LeaseLost
 from pipeline.store.store import Store
 from pipeline.views.readers import open_store
-from test_store import make_record
+from test_store import make_record, parquet_keys
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[0]", "model.weights=random", "optim.copies=1",
@@ -91,7 +92,8 @@ def test_a_second_lease_on_a_store_is_refused_with_who_holds_it(tmp_path):
             Store(str(tmp_path)).lease().acquire()
     with Store(str(tmp_path)).lease():  # released: the next driver gets it
         pass
-    assert not list((tmp_path / "leases").rglob("*-*"))
+    assert not [*(tmp_path / "leases").rglob("claim-*"), *(tmp_path / "leases").rglob("alive-*")]
+    assert [p.name[:18] for p in (tmp_path / "leases").rglob("epoch-*")] == ["epoch-000000000002"]  # the last grant
 
 
 def test_a_dead_drivers_lease_is_taken_over(tmp_path, monkeypatch):
@@ -145,6 +147,128 @@ def test_readers_show_a_key_committed_twice_once(tmp_path):
     assert sorted(atlas.table()["key"].to_pylist()) == sorted(make_record(i)["key"] for i in range(2))
     assert sum(b.num_rows for b in atlas.batches(["key"])) == 2
     assert sorted(s["key"] for s in atlas.torch_samples()) == sorted(make_record(i)["key"] for i in range(2))
+
+
+# ------------------------------------------------------------------ a paused driver: fencing
+
+
+def all_views(root: Path) -> dict[str, list[str]]:
+    """Each key as every view shows it: a list, so a key shown twice shows up twice."""
+    atlas = open_store(str(root))
+    return {"table": sorted(atlas.table()["key"].to_pylist()),
+            "batches": sorted(k for b in atlas.batches(["key"]) for k in b.column("key").to_pylist()),
+            "torch": sorted(s["key"] for s in atlas.torch_samples()),
+            "committed": sorted(Store(str(root)).committed_keys())}
+
+
+def pause(lease) -> None:
+    """What a paused driver does to its lease: nothing. Its heartbeat stops; its process and claim stay."""
+    lease._stop.set()
+    lease._thread.join()
+    time.sleep(lease.expire_s + 0.1)
+
+
+def test_a_writer_whose_lease_was_taken_over_while_paused_commits_nothing_more(tmp_path):
+    paused = Store(str(tmp_path)).lease(expire_s=0.5)
+    paused.acquire()
+    stale = Store(str(tmp_path)).writer(commit_every=100, lease=paused)
+    for i in range(3):
+        stale.add(make_record(i))  # in flight, not committed, when the driver is paused
+    pause(paused)
+    with Store(str(tmp_path)).lease(expire_s=0.5) as taken:  # the next driver takes over, and does the work
+        assert (paused.epoch, taken.epoch) == (1, 2)
+        with Store(str(tmp_path)).writer(commit_every=100, lease=taken) as writer:
+            for i in range(3):
+                writer.add(make_record(i))
+
+        with pytest.raises(LeaseLost, match=r"lost its lease on records .* \(epoch 1\).* passed to .* at epoch 2"):
+            stale.close()  # resumed: its commit is refused
+    keys = sorted(make_record(i)["key"] for i in range(3))
+    assert all_views(tmp_path) == dict.fromkeys(["table", "batches", "torch", "committed"], keys)
+    assert len(glob.glob(str(tmp_path / "parquet" / "*" / "part-e000000000002-*.parquet"))) == 1
+    assert not glob.glob(str(tmp_path / "**" / ".*"), recursive=True)  # its staged shard and part are gone
+
+
+def test_a_key_committed_twice_in_the_fencing_gap_counts_once_and_repair_removes_the_later_copy(
+        tmp_path, monkeypatch, capsys):
+    from pipeline import status
+
+    first = Store(str(tmp_path)).lease(expire_s=0.5)
+    first.acquire()
+    paused = Store(str(tmp_path)).writer(commit_every=100, lease=first)
+    for i in range(2):
+        paused.add(dict(make_record(i), device="paused"))
+    pause(first)
+    with Store(str(tmp_path)).lease(expire_s=0.5) as second:
+        with Store(str(tmp_path)).writer(commit_every=100, lease=second) as writer:
+            for i in range(3):
+                writer.add(dict(make_record(i), device="second"))  # the same keys, told apart by a value
+    monkeypatch.setattr(first, "check", lambda: None)  # paused after its check passed, before its commit point
+    paused.close()
+    monkeypatch.undo()
+    first.release()
+
+    keys = sorted(make_record(i)["key"] for i in range(3))
+    assert all_views(tmp_path) == dict.fromkeys(["table", "batches", "torch", "committed"], keys)
+    devices = {r["key"]: r["device"] for r in open_store(str(tmp_path)).table().to_pylist()}
+    assert devices == {make_record(i)["key"]: "paused" if i < 2 else "second" for i in range(3)}  # epoch 1 counts
+    assert {s["key"]: s["metadata"]["device"] for s in open_store(str(tmp_path)).torch_samples()} == devices
+    assert status.main([f"store.root={tmp_path}"]) == 0
+    assert capsys.readouterr().out.split("total")[1].split()[:3] == ["0", "3", "0"]  # planned, done, failed
+
+    (kept,) = glob.glob(str(tmp_path / "parquet" / "*" / "part-e000000000001-*.parquet"))
+    (losing,) = glob.glob(str(tmp_path / "parquet" / "*" / "part-e000000000002-*.parquet"))
+    assert status.main([f"store.root={tmp_path}", "verify=true"]) == 2
+    out = capsys.readouterr().out
+    assert f"{losing}: 2 duplicate key(s)" in out and f"also committed in {kept}" in out
+
+    assert status.main([f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0
+    assert "after repair: verified 2 parts, 2 shards, 3 records: no damage found" in capsys.readouterr().out
+    assert sorted(parquet_keys(tmp_path)) == keys  # the raw files, as any reader without our code sees them
+    assert sorted(s["__key__"] for s in webdataset.WebDataset(shard_files(tmp_path), shardshuffle=False)) == keys
+
+
+def read_until(process: subprocess.Popen, text: str, lines: list[str]) -> None:
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"the driver ended before printing {text!r}: {''.join(lines)}")
+
+
+@pytest.mark.slow  # two drivers, each with its own Ray, on one machine: about 2 minutes on 2 cores
+@pytest.mark.timeout(300)
+def test_a_driver_paused_past_its_lease_while_another_takes_over_commits_nothing(tmp_path):
+    """kill -STOP a sweep with records in flight, let a second driver take the store over and finish, then
+    kill -CONT the first: it stops at its commit point, and every key is in the store once, in both views."""
+    overrides = [*FAST, "sweep.features=first:4", "optim.steps=30", "cluster.workers=1", "sweep.chunk_size=1",
+                 "store.commit_every=100", "store.lease_expire_s=2", "progress.log_every_s=0.1",
+                 f"store.root={tmp_path / 'store'}"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+    def driver() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first, first_lines = driver(), []
+    read_until(first, "progress 1/4", first_lines)  # a record made, buffered, not committed
+    first.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # past its heartbeat's expiry
+        second, second_lines = driver(), []
+        read_until(second, "plan: 4 planned / 0 already done", second_lines)  # it holds the lease now
+    finally:
+        first.send_signal(signal.SIGCONT)
+    second_out = "".join(second_lines) + second.communicate(timeout=240)[0]
+    first_out = "".join(first_lines) + first.communicate(timeout=240)[0]
+    assert second.returncode == 0 and "done: 4 new records" in second_out, second_out
+    assert first.returncode == 2, first_out
+    assert "error: This driver lost its lease on records of the store" in first_out
+    assert "done:" not in first_out
+    keys = parquet_keys(tmp_path / "store")
+    assert len(keys) == 4 == len(set(keys))
+    samples = [s["__key__"] for s in webdataset.WebDataset(shard_files(tmp_path / "store"), shardshuffle=False)]
+    assert sorted(samples) == sorted(keys)
 
 
 # ------------------------------------------------------------------ damaged files

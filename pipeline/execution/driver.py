@@ -121,7 +121,7 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
 
     from pipeline.execution import scheduler
 
-    with store.lease("records"):
+    with store.lease("records", cfg.store.lease_expire_s) as lease:
         # Read once, under the lease, so that it includes what a driver that held the lease before us
         # committed; the failed keys and the writer take this set (a million keys take seconds to read).
         committed = store.committed_keys()
@@ -140,7 +140,7 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
         interrupted = False
         try:
             with store.writer(cfg.store.commit_every, cfg.store.commit_seconds, commit_bytes=cfg.store.commit_bytes,
-                              committed=committed) as writer:
+                              committed=committed, lease=lease) as writer:
                 summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
                                              cfg.model.device, worker_class)
         except KeyboardInterrupt:
