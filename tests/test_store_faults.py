@@ -236,6 +236,84 @@ def read_until(process: subprocess.Popen, text: str, lines: list[str]) -> None:
     raise AssertionError(f"the driver ended before printing {text!r}: {''.join(lines)}")
 
 
+MALFORMED_CLAIMS = {"wrong types": b'{"host": "x", "pid": "abc"}', "a JSON list": b"[1, 2]",
+                    "garbage bytes": b"\xff\xfe\x00claim"}
+
+
+@pytest.mark.parametrize("body", MALFORMED_CLAIMS.values(), ids=MALFORMED_CLAIMS.keys())
+def test_a_malformed_claim_is_named_counts_as_dead_once_its_heartbeat_stops_and_is_removed(tmp_path, body, caplog):
+    from pipeline import sweep
+
+    leases = tmp_path / "leases" / "records"
+    leases.mkdir(parents=True)
+    (leases / "claim-0-bad.json").write_bytes(body)
+    (leases / "alive-0-bad").write_bytes(b"alive")  # beating now
+
+    code = sweep.main([*FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={tmp_path}"])
+    assert code == 2  # refused before any compute, and the refused driver's own claim is gone
+    assert sorted(p.name for p in leases.iterdir()) == ["alive-0-bad", "claim-0-bad.json"]
+
+    past = time.time() - lease_module.EXPIRE_S - 5
+    os.utime(leases / "alive-0-bad", (past, past))  # its heartbeat stopped
+    with Store(str(tmp_path)).lease() as taken:
+        assert taken.epoch == 1
+    assert [p.name[:6] for p in leases.iterdir()] == ["epoch-"]
+    assert f"removed the lease claim {leases / 'claim-0-bad.json'}, which cannot be read" in caplog.text
+
+
+def test_the_refusal_by_a_malformed_claim_names_it(tmp_path, capsys):
+    from pipeline import sweep
+
+    leases = tmp_path / "leases" / "records"
+    leases.mkdir(parents=True)
+    (leases / "claim-0-bad.json").write_bytes(b"[1, 2]")
+    (leases / "alive-0-bad").write_bytes(b"alive")
+    assert sweep.main([*FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: Another driver is writing records of the store")
+    assert f"a claim that cannot be read, {leases / 'claim-0-bad.json'} (a JSON list, not an object)" in err
+
+
+def test_a_driver_that_fails_while_taking_the_lease_removes_its_claim(tmp_path, monkeypatch):
+    def fail(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(lease_module.Lease, "_grant", fail)
+    with pytest.raises(StoreError, match="refused a write"):
+        Store(str(tmp_path)).lease().acquire()
+    assert list((tmp_path / "leases" / "records").iterdir()) == []
+
+
+@pytest.fixture
+def read_only_leases(tmp_path):
+    """The store's leases/ directory on a read-only mount: a bind mount of itself, remounted read-only (we run
+    as root, so permissions would not stop a write; a read-only mount does)."""
+    leases = tmp_path / "leases"
+    leases.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(leases), str(leases)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(leases)], check=True, capture_output=True)
+        yield tmp_path
+    finally:
+        subprocess.run(["umount", str(leases)], check=True)
+
+
+def test_a_lease_directory_on_a_read_only_mount_is_one_paragraph_before_any_compute(read_only_leases, capsys):
+    from pipeline import sweep
+
+    root = read_only_leases
+    with pytest.raises(OSError):
+        (root / "leases" / "probe").write_bytes(b"")  # the mount is read-only indeed
+    assert sweep.main([*FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={root}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1
+    assert captured.err.startswith(f"error: The store {str(root)!r} cannot be written: its lease directory "
+                                   f"{root}/leases/records refused a write (it is on a read-only filesystem).")
+    assert "plan:" not in captured.out and "cost:" not in captured.out  # nothing planned, nothing computed
+
+
 @pytest.mark.slow  # two drivers, each with its own Ray, on one machine: about 2 minutes on 2 cores
 @pytest.mark.timeout(300)
 def test_a_driver_paused_past_its_lease_while_another_takes_over_commits_nothing(tmp_path):
