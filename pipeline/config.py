@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,6 +33,21 @@ def conf_dir() -> Path:
         raise PipelineError(f"The config directory {path} has no sweep.yaml: the installation of vit-atlas is "
                             f"incomplete; reinstall it (pip install vit-atlas, or pip install -e . in a checkout).")
     return path
+
+
+def check_finite(instance: Any, prefix: str) -> None:
+    """Every number in a typed config (a dataclass, its sections, their lists and mappings) is finite: the
+    range checks compare with ``<``, which nan passes, and an infinite rate or duration is no setting."""
+    values = ({f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+              if dataclasses.is_dataclass(instance) else instance if isinstance(instance, dict)
+              else dict(enumerate(instance)) if isinstance(instance, list) else None)
+    if values is None:
+        if isinstance(instance, float) and not math.isfinite(instance):
+            raise PipelineError(f"{prefix}={instance} is not a finite number: every numeric setting must be a "
+                                "finite value in its range (`--help` lists the settings with their defaults).")
+        return
+    for name, value in values.items():
+        check_finite(value, f"{prefix}[{name}]" if isinstance(name, int) else f"{prefix}.{name}".lstrip("."))
 
 
 def _auto_or_number(value: Any, name: str, low: float, whole: bool = False, strict: bool = False) -> None:

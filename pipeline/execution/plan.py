@@ -22,7 +22,7 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import SweepConfig
+from pipeline.config import SweepConfig, check_finite
 from pipeline.engine import parameterizations
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
@@ -217,6 +217,13 @@ def _apply(settings: dict[str, dict[str, Any]], key: str, value: Any, where: str
     settings[section][name] = value
 
 
+# Settings whose range is not "a count >= 1": Adam's betas in [0, 1) (1 would never forget a gradient), weights
+# and scales >= 0; a trace needs a point.
+_OPTIM_RANGES = {"beta1": (0, "< 1"), "beta2": (0, "< 1"), "eps": (0, "> 0"), "tv": (0, ""), "tv_scale": (0, ""),
+                 "noise_std": (0, ""), "trace_points": (1, ""), "fourier_sd": (0, ""), "fourier_decay": (0, ""),
+                 "maco_alpha": (0, "")}
+
+
 def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     """The optimizer settings of one group: typed like the command line's, ``lr: auto`` resolved for the family
     (the paper's 0.1, 1.0 for CLIP, for pixels; the published lr of another parameterization)."""
@@ -243,8 +250,14 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise PipelineError(f"optim.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
+    check_finite(config, "optim")  # a grid's or a variant's values come here without the command line's check
     if config.steps < 1 or config.copies < 1 or config.jitter < 0 or config.lr <= 0:
         raise PipelineError("optim.steps and optim.copies must be >= 1, optim.jitter >= 0 and optim.lr > 0.")
+    for name, (low, also) in _OPTIM_RANGES.items():
+        value = getattr(config, name)
+        if value < low or (also == "< 1" and value >= 1) or (also == "> 0" and value <= 0):
+            raise PipelineError(f"optim.{name}={value!r} is out of range: it must be >= {low}"
+                                f"{f' and {also}' if also else ''}.")
     if config.param == "fourier" and config.fourier_sd <= 0:
         raise PipelineError("optim.fourier_sd must be > 0.")
     if config.param == "maco":
@@ -293,6 +306,13 @@ def build_plan(cfg: SweepConfig) -> Plan:
     return Plan(groups, keys)
 
 
+def _check_not_empty(selected: list, axis: str, spec: Any, example: str) -> None:
+    """A sweep axis that selects nothing would make a sweep of no units: a mistake, not a request."""
+    if not len(selected):
+        raise PipelineError(f"sweep.{axis}={spec} selects no {axis}, so the sweep would have no units and do "
+                            f"nothing; give at least one, e.g. {example}.")
+
+
 def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[Group]:
     sweep = settings["sweep"]
     family = zoo.family_of(model)
@@ -317,11 +337,15 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[G
                               "objective": objective.name, "weights": str(settings["model"]["weights"]),
                               "weights_id": choice.weights_id, "image_size": info.input_size[-1]}, sort_keys=True)
     groups = []
-    for layer in select(sweep["layers"], len(info.layers), "layer", f"'{model}'"):
+    layers = select(sweep["layers"], len(info.layers), "layer", f"'{model}'")
+    _check_not_empty(layers, "layers", sweep["layers"], "sweep.layers=[0]")
+    _check_not_empty(sweep["seeds"], "seeds", sweep["seeds"], "sweep.seeds=[0]")
+    for layer in layers:
         where = f"layer {layer} of '{model}'"
         width = info.site(layer, target).features
         check_objective(objective, info.layer(layer).grid, where)
         features = select(sweep["features"], width, "feature", f"target '{target}' at {where}")
+        _check_not_empty(features, "features", sweep["features"], "sweep.features=first:8")
         for seed in sweep["seeds"]:
             groups.append(Group(model, family, choice, target, objective.name, layer, int(seed), optim,
                                 config_hash, config_json, tuple(features)))
