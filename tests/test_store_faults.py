@@ -450,3 +450,15 @@ def test_a_store_root_in_a_symlink_loop_is_refused_before_anything_runs(tmp_path
     loop.symlink_to(loop)
     with pytest.raises(StoreError, match="link loop"):
         Store(str(loop / "store")).check_writable()
+
+
+@pytest.mark.parametrize("root", ["loop", "loop/store", "a-file"])
+def test_status_of_a_root_in_a_link_loop_or_that_is_a_file_is_one_paragraph(tmp_path, root, capsys):
+    from pipeline import status
+
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "a-file").write_bytes(b"not a store")
+    assert status.main([f"store.root={tmp_path / root}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: The store root {str(tmp_path / root)!r}") and err.count("\n") == 1
+    assert ("a link loop" if root.startswith("loop") else "is a file, not a store") in err

@@ -232,6 +232,25 @@ class Store:
 
     # ----------------------------------------------------------------- checks
 
+    def check_readable(self) -> None:
+        """Raise StoreError if the root cannot be a store to read (a link loop, a file); a root that does not
+        exist yet is an empty store."""
+        if self._local:
+            _check_no_link_loop(self.paths.root, self.root)
+        try:
+            info = self.filesystem.get_file_info(self.paths.root)
+        except OSError as err:
+            raise StoreError(
+                f"The store root {self.root!r} cannot be inspected ({err}). Check the location and this "
+                "machine's credentials for it, or choose another store root."
+            ) from err
+        if info.type == pafs.FileType.File:
+            raise StoreError(
+                f"The store root {self.root!r} is a file, not a store: a store is a directory that a sweep "
+                "wrote (parquet/, webdataset/, plan/, ...). Point store.root at the directory given to the "
+                "sweep as its store.root."
+            )
+
     def check_writable(self) -> None:
         """Raise StoreError if the root cannot hold a store; writes nothing.
 
