@@ -462,3 +462,36 @@ def test_status_of_a_root_in_a_link_loop_or_that_is_a_file_is_one_paragraph(tmp_
     err = capsys.readouterr().err
     assert err.startswith(f"error: The store root {str(tmp_path / root)!r}") and err.count("\n") == 1
     assert ("a link loop" if root.startswith("loop") else "is a file, not a store") in err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (ENOSPC from the kernel), not a simulated one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.timeout(300)
+def test_a_disk_that_fills_up_mid_sweep_is_one_paragraph_naming_the_store_what_is_committed_and_how_to_resume(
+        small_disk, ray_local, capsys):
+    from pipeline import sweep
+
+    root = small_disk / "store"
+    code = sweep.main([*FAST, "sweep.features=first:24", "optim.steps=2", "store.commit_every=2",
+                       "sweep.chunk_size=2", f"store.root={root}"])
+    captured = capsys.readouterr()
+    assert code == 1, captured
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    committed = len(Store(str(root)).committed_keys())
+    assert 0 < committed < 24
+    assert line.startswith(f"error: The store {root} ran out of space (No space left on device)")
+    assert f": {committed} of the 24 planned units are in the store" in line and "run the same command again" in line
+    assert "Traceback" not in captured.err
+    assert not [p for p in root.rglob(".*") if p.is_file()]  # no temporaries left on the full disk

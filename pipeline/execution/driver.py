@@ -8,9 +8,11 @@ only the missing work.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import sys
 
 from pipeline.config import SweepConfig
 from pipeline.engine import cost
@@ -93,6 +95,19 @@ def _print_where(store: Store) -> None:
           f"  figures:    {shell_command('figures', f'store.root={root}', 'out=figures')}", flush=True)
 
 
+def _out_of_space(store: Store, error: OSError, committed_now: int, done_before: int, planned: int) -> str:
+    """One paragraph for a store that filled up mid-sweep: what is safe, and how to go on."""
+    from pipeline.cli import shell_command
+
+    return (f"error: The store {store.root} ran out of space ({error.strerror or error}) while this sweep committed "
+            f"its records. {committed_now} record(s) of this run were committed before that, beside {done_before} "
+            f"from earlier runs: {committed_now + done_before} of the {planned} planned units are in the store, "
+            "complete, and the commit that failed left nothing behind. Free space where the store lives (or move "
+            "the store to a larger disk and point store.root there), then run the same command again: it "
+            f"computes only the missing units. `{shell_command('status', f'store.root={store.root}')}` shows "
+            "what is done.")
+
+
 def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     """Plan, then run what the store lacks; the exit status says how it ended.
 
@@ -102,10 +117,12 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     - 0: every planned unit is in the store (done now or before);
     - 1 (``EXIT_FAILURES``): some units failed (their reasons are printed and recorded
       under STORE/failures; a re-run retries them), or more than ``cluster.max_failures``
-      failed and the sweep stopped early;
+      failed and the sweep stopped early, or the store ran out of space (one paragraph says what
+      is committed and how to resume);
     - 130 (``EXIT_INTERRUPTED``): interrupted; the complete records are committed;
     - 2: bad input (a :class:`~pipeline.errors.PipelineError`, raised before any compute
-      and reported by the entry point as one paragraph).
+      and reported by the entry point as one paragraph); also a driver refused the store's lease,
+      or one that lost it while paused (``LeaseLost``): another driver is doing the work.
     """
     store = Store(cfg.store.root)
     store.check_writable()
@@ -138,13 +155,20 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
         store.write_plan(plan.units_table, keys)  # tabulated only if this plan is new to the store
         progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
         interrupted = False
+        writer = store.writer(cfg.store.commit_every, cfg.store.commit_seconds, commit_bytes=cfg.store.commit_bytes,
+                              committed=committed, lease=lease)
         try:
-            with store.writer(cfg.store.commit_every, cfg.store.commit_seconds, commit_bytes=cfg.store.commit_bytes,
-                              committed=committed, lease=lease) as writer:
+            with writer:
                 summary = scheduler.run_plan(plan, done, cfg.sweep.chunk_size, cfg.cluster, writer, progress,
                                              cfg.model.device, worker_class)
         except KeyboardInterrupt:
             interrupted = True
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            progress.close()
+            print(_out_of_space(store, error, writer.committed, len(done), len(planned)), file=sys.stderr, flush=True)
+            return EXIT_FAILURES
         finally:
             progress.close()
     if interrupted:
