@@ -86,7 +86,11 @@ class ModelSection:
     weights: str  # pretrained | random | planted | PATH (file or directory)
     init_seed: int
     img_size: Optional[int]  # input side in pixels; null: the architecture's native size
+    max_tokens: int  # patch tokens per image a sweep may ask for (model.img_size); bounds its memory
     device: str  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        _at_least(self.max_tokens, "model.max_tokens", 1, meaning=" (patch tokens per image)")
 
 
 @dataclass

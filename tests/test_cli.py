@@ -235,6 +235,24 @@ def test_every_number_is_finite_and_in_range_and_no_axis_is_empty_before_any_com
     assert "plan:" not in out  # nothing written: no_compute checks the store root (no leases/) and the cwd
 
 
+@pytest.mark.parametrize("overrides,fragments", [
+    (["model.img_size=100000"], ("model.img_size=100000 is too large for 'deit_tiny_patch16_224': 39,062,500 patch "
+                                 "tokens per image", "more than model.max_tokens=16,384",
+                                 "Valid sizes are multiples of 16 up to 2048, e.g. 2000, 2016, 2032, 2048;")),
+    (["model.img_size=4096", "model.max_tokens=70000", "optim.copies=64"],
+     ("model.img_size=4096 needs at least 1,0", "GiB for 'deit_tiny_patch16_224'", "65,537x65,537 attention map",
+      "more than this machine's")),
+    (["model.max_tokens=0"], ("model.max_tokens=0 is not valid: it must be >= 1",)),
+])
+def test_an_input_size_beyond_the_token_bound_or_this_machines_memory_stops_before_any_allocation(
+        overrides, fragments, no_compute, capsys):
+    code, out, err = run_main("sweep", capsys, "experiment=smoke", "sweep.models=[deit_tiny_patch16_224]",
+                              *overrides, f"store.root={no_compute}")
+    assert_one_paragraph_error(code, err, *fragments)  # from the plan: before the lease, Ray or any model
+    listed = err.partition("e.g. ")[2].partition(";")[0]
+    assert "100000" not in listed  # the refused size is never offered as a valid one
+
+
 def test_a_huge_feature_range_is_refused_without_building_it(compose):
     from pipeline.errors import PipelineError
     from pipeline.execution.plan import build_plan

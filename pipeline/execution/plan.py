@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +308,34 @@ def build_plan(cfg: SweepConfig) -> Plan:
     return Plan(groups, keys)
 
 
+def _check_input_size(model: str, img_size: int, info: zoo.ModelLayout, max_tokens: int, copies: int) -> None:
+    """A size the architecture takes may still be far beyond any machine: the patch tokens per image are
+    bounded by ``model.max_tokens``, and what a worker must allocate (the parameters, whose position embeddings
+    grow with the grid, and one attention map per copy) by this machine's memory. Both before any allocation."""
+    rows, cols = info.layers[0].grid
+    multiple = zoo.size_multiple(model)
+    native = zoo.native_size(model)
+    if rows * cols > max_tokens:
+        largest = max(multiple, int(math.isqrt(max_tokens) * info.input_size[-1] / rows) // multiple * multiple)
+        sizes = sorted({max(multiple, largest - k * multiple) for k in range(4)})
+        raise PipelineError(
+            f"model.img_size={img_size} is too large for '{model}': {rows * cols:,} patch tokens per image (a "
+            f"{rows}x{cols} grid), more than model.max_tokens={max_tokens:,}. Valid sizes are multiples of "
+            f"{multiple} up to {largest}, e.g. {', '.join(map(str, sizes))}; its native size is {native} "
+            f"(model.img_size=null). Raise model.max_tokens only for a machine that holds such a model."
+        )
+    tokens = info.layers[0].tokens
+    needed = zoo.parameter_bytes(model, img_size) + copies * tokens * tokens * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise PipelineError(
+            f"model.img_size={img_size} needs at least {needed / 2**30:,.1f} GiB for '{model}' (its parameters at "
+            f"that size and one {tokens:,}x{tokens:,} attention map per copy, optim.copies={copies}), more than "
+            f"this machine's {memory / 2**30:,.1f} GiB. Choose a smaller model.img_size (its native size is "
+            f"{native}) or fewer optim.copies."
+        )
+
+
 def _check_not_empty(selected: list, axis: str, spec: Any, example: str) -> None:
     """A sweep axis that selects nothing would make a sweep of no units: a mistake, not a request."""
     if not len(selected):
@@ -324,6 +354,8 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[G
                                  settings["model"].get("img_size"))
     info = zoo.layout(model, choice.img_size)
     optim = optim_config(settings["optim"], family)
+    if choice.img_size:
+        _check_input_size(model, choice.img_size, info, int(settings["model"]["max_tokens"]), optim.copies)
     # MACO's magnitude spectrum is named by its bytes (or the power law's alpha), not by where it lies: a
     # file rewritten in place makes other images under the same path, a copy elsewhere the same images.
     spectrum = {"maco_spectrum_id": parameterizations.spectrum_id(optim)} if optim.param == "maco" else {}
