@@ -44,6 +44,26 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str], root: str) -> None
         print(f"  {name}: {total} planned, {finished} done", flush=True)
 
 
+def _print_other_revisions(store: Store, plan: Plan) -> None:
+    """Say so when the store holds records of a planned model's pretrained tag made from other bytes (another
+    hub revision, or from before weights ids named one): their units are not this run's, which go beside."""
+    import pyarrow.dataset as ds
+
+    pinned = sorted({(g.model, g.weights.weights_id) for g in plan.groups if g.weights.kind == "pretrained"})
+    if not pinned:
+        return
+    found = store.read_records(["model", "weights"], ds.field("model").isin(sorted({m for m, _ in pinned})))
+    stored = set(zip(found["model"].to_pylist(), found["weights"].to_pylist()))
+    for model, weights_id in pinned:
+        tag = weights_id.partition("@")[0]
+        others = sorted(w for m, w in stored if m == model and w != weights_id and w.partition("@")[0] == tag)
+        if others:
+            print(f"weights: the store holds records of {model} made with {', '.join(others)}: the same weights "
+                  f"tag from other bytes (another hub revision, or records from before weights ids named one). "
+                  f"This run loads {weights_id}, so its units are planned beside those, which stay as they are.",
+                  flush=True)
+
+
 def _print_cost(plan: Plan, done: set[str], cfg) -> None:
     """What the work to do costs, so a sweep of every layer at 400 steps does not surprise a laptop."""
     from pipeline.engine.visualizer import pick_device
@@ -145,6 +165,7 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
         done = committed & planned
         failed = store.failed_keys(committed) & planned
         _print_plan(plan, done, failed, store.root)
+        _print_other_revisions(store, plan)
         if not planned - done:
             print("nothing to do: every planned unit is already in the store; no workers started.")
             _print_where(store)

@@ -270,8 +270,11 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     return config
 
 
-def build_plan(cfg: SweepConfig) -> Plan:
+def build_plan(cfg: SweepConfig, pin_weights: bool = True) -> Plan:
     """Expand and validate the sweep; raises PipelineError on any bad input, before any compute.
+
+    Pretrained weights are found (or fetched) to name them by revision (``weights.resolve``);
+    ``pin_weights=False`` touches no weights, for a plan that is only looked at.
 
     The sweep is (each of ``sweep.variants``, default one empty variant) x (each
     point of ``sweep.grid``) x models x layers x features x seeds. A variant
@@ -299,7 +302,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
                 raise PipelineError("sweep.models is empty: name at least one model, e.g. "
                                     "sweep.models=[deit_tiny_patch16_224].")
             for model in settings["sweep"]["models"]:
-                for group in _groups_for_model(str(model), settings):
+                for group in _groups_for_model(str(model), settings, pin_weights):
                     new = [(f, key) for f, key in zip(group.features, group.keys(group.features)) if key not in seen]
                     seen.update(key for _, key in new)
                     if new:
@@ -343,7 +346,7 @@ def _check_not_empty(selected: list, axis: str, spec: Any, example: str) -> None
                             f"nothing; give at least one, e.g. {example}.")
 
 
-def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[Group]:
+def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], pin_weights: bool) -> list[Group]:
     sweep = settings["sweep"]
     family = zoo.family_of(model)
     target = settings["target"]["kind"]
@@ -351,7 +354,7 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[G
         raise PipelineError(f"target.kind='{target}' is not a target; targets are {', '.join(zoo.TARGETS)}.")
     objective = parse_objective(settings["target"]["objective"])
     choice = weights_lib.resolve(model, str(settings["model"]["weights"]), int(settings["model"]["init_seed"]),
-                                 settings["model"].get("img_size"))
+                                 settings["model"].get("img_size"), pin_weights)
     info = zoo.layout(model, choice.img_size)
     optim = optim_config(settings["optim"], family)
     if choice.img_size:
