@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from pipeline.store import lease as lease_module
 from pipeline.store.errors import DamagedStoreError, StoreError
 from pipeline.store.lease import LeaseHeld, LeaseLost
 from pipeline.store.store import Store
+from pipeline.views.atlas import build_site
 from pipeline.views.readers import open_store
 from test_store import make_record, parquet_keys
 
@@ -215,6 +217,8 @@ def test_a_key_committed_twice_in_the_fencing_gap_counts_once_and_repair_removes
     assert {s["key"]: s["metadata"]["device"] for s in open_store(str(tmp_path)).torch_samples()} == devices
     assert status.main([f"store.root={tmp_path}"]) == 0
     assert capsys.readouterr().out.split("total")[1].split()[:3] == ["0", "3", "0"]  # planned, done, failed
+    build_site(str(tmp_path), tmp_path / "site")
+    assert sorted(json.loads((tmp_path / "site" / "manifest.json").read_text())["pages"]) == keys
 
     (kept,) = glob.glob(str(tmp_path / "parquet" / "*" / "part-e000000000001-*.parquet"))
     (losing,) = glob.glob(str(tmp_path / "parquet" / "*" / "part-e000000000002-*.parquet"))
