@@ -257,7 +257,7 @@ def to_typed(name: str, cfg) -> Any:
         raise PipelineError(f"Unknown setting '{unknown[0]}'; {where} are {', '.join(_keys_under(name, parent))}. "
                             f"See `vit-atlas {name} --help`.")
     try:
-        return OmegaConf.to_object(cfg)
+        typed = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:
         flat = _flatten(OmegaConf.to_container(cfg, throw_on_missing=False))
         missing = [key for key, value in flat.items() if value == "???"] or [getattr(error, "full_key", "a setting")]
@@ -266,6 +266,8 @@ def to_typed(name: str, cfg) -> Any:
                             f"`vit-atlas {name} {settings}` (`vit-atlas {name} --help` lists every setting).") from None
     except OmegaConfBaseException as error:
         raise PipelineError(_explain(name, error)) from None
+    config.check_finite(typed, "")
+    return typed
 
 
 def _unknown_keys(node, prefix: str = "") -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -32,6 +33,21 @@ def conf_dir() -> Path:
         raise PipelineError(f"The config directory {path} has no sweep.yaml: the installation of vit-atlas is "
                             f"incomplete; reinstall it (pip install vit-atlas, or pip install -e . in a checkout).")
     return path
+
+
+def check_finite(instance: Any, prefix: str) -> None:
+    """Every number in a typed config (a dataclass, its sections, their lists and mappings) is finite: the
+    range checks compare with ``<``, which nan passes, and an infinite rate or duration is no setting."""
+    values = ({f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
+              if dataclasses.is_dataclass(instance) else instance if isinstance(instance, dict)
+              else dict(enumerate(instance)) if isinstance(instance, list) else None)
+    if values is None:
+        if isinstance(instance, float) and not math.isfinite(instance):
+            raise PipelineError(f"{prefix}={instance} is not a finite number: every numeric setting must be a "
+                                "finite value in its range (`--help` lists the settings with their defaults).")
+        return
+    for name, value in values.items():
+        check_finite(value, f"{prefix}[{name}]" if isinstance(name, int) else f"{prefix}.{name}".lstrip("."))
 
 
 def _auto_or_number(value: Any, name: str, low: float, whole: bool = False, strict: bool = False) -> None:
@@ -80,7 +96,11 @@ class ModelSection:
     weights: str  # pretrained | random | planted | PATH (file or directory)
     init_seed: int
     img_size: Optional[int]  # input side in pixels; null: the architecture's native size
+    max_tokens: int  # patch tokens per image a sweep may ask for (model.img_size); bounds its memory
     device: str  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        _at_least(self.max_tokens, "model.max_tokens", 1, meaning=" (patch tokens per image)")
 
 
 @dataclass
@@ -95,6 +115,7 @@ class StoreSection:
     commit_every: int  # records per commit
     commit_bytes: int  # or sooner, once the buffered records hold this many bytes
     commit_seconds: float  # or sooner, once the oldest buffered record waited this long
+    lease_expire_s: float  # a driver silent this long has lost the store's lease to the next one
 
     def __post_init__(self) -> None:
         _at_least(self.commit_every, "store.commit_every", 1, meaning=" (records per commit)")
@@ -102,6 +123,8 @@ class StoreSection:
                   meaning=" (bytes of buffered records that start a commit, e.g. 67108864 for 64 MiB)")
         _at_least(self.commit_seconds, "store.commit_seconds", 0, strict=True,
                   meaning=" (seconds a record may wait for its commit)")
+        _at_least(self.lease_expire_s, "store.lease_expire_s", 0, strict=True,
+                  meaning=" (seconds after a driver's last heartbeat that another may take the store over)")
 
 
 @dataclass

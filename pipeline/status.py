@@ -14,6 +14,7 @@ def _run(cfg) -> int:
     from pipeline.views.status import render, verification
 
     store = Store(cfg.store.root)
+    store.check_readable()
     store.recover()
     if cfg.verify:
         text, sound = verification(store, cfg.repair)

@@ -217,6 +217,46 @@ def test_bad_settings_stop_before_any_compute_with_exit_2(override, fragments, n
     assert "done:" not in out
 
 
+@pytest.mark.parametrize("override,fragments", [
+    ("optim.lr=nan", ("optim.lr=nan is not a finite number",)),
+    ("optim.lr=inf", ("optim.lr=inf is not a finite number",)),
+    ("optim.tv=-inf", ("optim.tv=-inf is not a finite number",)),
+    ("optim.beta2=1.0", ("optim.beta2=1.0 is out of range: it must be >= 0 and < 1",)),
+    ("optim.eps=0", ("optim.eps=0.0 is out of range: it must be >= 0 and > 0",)),
+    ("+sweep.grid={optim.lr:[0.1,nan]}", ("sweep.grid.optim.lr[1]=nan is not a finite number",)),
+    ("store.commit_seconds=nan", ("store.commit_seconds=nan is not a finite number",)),
+    ("cluster.gpu_wait_s=inf", ("cluster.gpu_wait_s=inf is not a finite number",)),
+    ("store.lease_expire_s=0", ("store.lease_expire_s=0.0 is not valid: it must be > 0",)),
+    ("sweep.seeds=[]", ("sweep.seeds=[] selects no seeds", "e.g. sweep.seeds=[0]")),
+    ("sweep.layers=[]", ("sweep.layers=[] selects no layers",)),
+    ("sweep.features=[]", ("sweep.features=[] selects no features",)),
+    ("sweep.models=[]", ("sweep.models is empty",)),  # held before; here beside the other axes
+])
+def test_every_number_is_finite_and_in_range_and_no_axis_is_empty_before_any_compute(override, fragments,
+                                                                                      no_compute, capsys):
+    code, out, err = run_main("sweep", capsys, "experiment=smoke", override, f"store.root={no_compute}")
+    assert_one_paragraph_error(code, err, *fragments)
+    assert "plan:" not in out  # nothing written: no_compute checks the store root (no leases/) and the cwd
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["model.img_size=100000"], ("model.img_size=100000 is too large for 'deit_tiny_patch16_224': 39,062,500 patch "
+                                 "tokens per image", "more than model.max_tokens=16,384",
+                                 "Valid sizes are multiples of 16 up to 2048, e.g. 2000, 2016, 2032, 2048;")),
+    (["model.img_size=4096", "model.max_tokens=70000", "optim.copies=64"],
+     ("model.img_size=4096 needs at least 1,0", "GiB for 'deit_tiny_patch16_224'", "65,537x65,537 attention map",
+      "more than this machine's")),
+    (["model.max_tokens=0"], ("model.max_tokens=0 is not valid: it must be >= 1",)),
+])
+def test_an_input_size_beyond_the_token_bound_or_this_machines_memory_stops_before_any_allocation(
+        overrides, fragments, no_compute, capsys):
+    code, out, err = run_main("sweep", capsys, "experiment=smoke", "sweep.models=[deit_tiny_patch16_224]",
+                              *overrides, f"store.root={no_compute}")
+    assert_one_paragraph_error(code, err, *fragments)  # from the plan: before the lease, Ray or any model
+    listed = err.partition("e.g. ")[2].partition(";")[0]
+    assert "100000" not in listed  # the refused size is never offered as a valid one
+
+
 def test_a_huge_feature_range_is_refused_without_building_it(compose):
     from pipeline.errors import PipelineError
     from pipeline.execution.plan import build_plan

@@ -324,3 +324,30 @@ def test_the_store_lease_works_on_an_object_store(s3):
             Store(root).lease().acquire()
     with Store(root).lease():  # released: the next driver gets it
         pass
+
+
+def test_a_writer_paused_past_its_lease_commits_nothing_on_an_object_store(s3):
+    """No conditional writes: the epochs come from listing the grants, and the stale writer from listing too."""
+    from pipeline.store.lease import LeaseLost
+    from pipeline.views.readers import open_store
+
+    root = s3.uri("fenced")
+    paused = Store(root).lease(expire_s=2)  # object stores stamp whole seconds: an expiry of a few
+    paused.acquire()
+    stale = Store(root).writer(commit_every=100, lease=paused)
+    for i in range(3):
+        stale.add(make_record(i))
+    paused._stop.set()
+    paused._thread.join()
+    time.sleep(3.1)
+    with Store(root).lease(expire_s=2) as taken:
+        assert (paused.epoch, taken.epoch) == (1, 2)
+        with Store(root).writer(commit_every=100, lease=taken) as writer:
+            for i in range(3):
+                writer.add(make_record(i))
+        with pytest.raises(LeaseLost, match="at epoch 2"):
+            stale.close()
+    keys = sorted(make_record(i)["key"] for i in range(3))
+    assert sorted(open_store(root).table()["key"].to_pylist()) == keys
+    assert sorted(Store(root).read_records(["key"])["key"].to_pylist()) == keys  # no second copy at all
+    assert len(Store(root).shard_paths()) == 1

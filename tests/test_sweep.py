@@ -197,7 +197,9 @@ def test_pretrained_weights_offline_fail_with_remedies(monkeypatch):
     from pipeline.models import weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    choice = weights.resolve("deit_tiny_patch16_224", "pretrained")
+    with pytest.raises(PipelineError, match="HF_HUB_OFFLINE is set.*model.weights=random"):
+        weights.resolve("deit_tiny_patch16_224", "pretrained")  # naming the weights by revision needs the file
+    choice = weights.resolve("deit_tiny_patch16_224", "pretrained", pin=False)
     assert choice.weights_id == "pretrained-fb_in1k"
     with pytest.raises(PipelineError, match="HF_HUB_OFFLINE is set.*model.weights=random"):
         weights.load("deit_tiny_patch16_224", choice)
@@ -267,7 +269,7 @@ DEMO_WEIGHTS_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")
                                               if not p.stem.startswith("probe_")))
 def test_every_sweep_experiment_plans_without_touching_weights(compose, experiment):
-    plan = build_plan(compose(f"experiment={experiment}"))
+    plan = build_plan(compose(f"experiment={experiment}"), pin_weights=False)
     assert len(plan) == len(set(plan.keys())) > 0
     if experiment.startswith("paper_"):
         assert {g.optim.tv for g in plan.groups} == {0.1, 1.0}
@@ -330,8 +332,80 @@ def test_pretrained_weights_come_from_an_existing_hugging_face_cache_offline(tmp
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     weights_id, checksum = result.stdout.split()
-    assert weights_id == "pretrained-fb_in1k"
+    assert weights_id == f"pretrained-fb_in1k@{'0' * 40}"  # the revision of the file loaded
     assert abs(float(checksum) - float(state["blocks.0.mlp.fc1.weight"].sum())) < 1e-3
+
+
+def hugging_face_cache(home: Path, revisions: dict[str, int], main: str) -> dict[str, dict]:
+    """timm's repository for deit_tiny_patch16_224.fb_in1k in a Hugging Face cache made by hand: one snapshot
+    per revision (weights from its seed), refs/main naming ``main``. Returns each revision's state dict."""
+    from safetensors.torch import save_file
+
+    import timm
+
+    repo = home / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    states = {}
+    for revision, seed in revisions.items():
+        torch.manual_seed(seed)
+        states[revision] = {k: v.contiguous() for k, v in timm.create_model("deit_tiny_patch16_224").state_dict().items()}
+        (repo / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+        save_file(states[revision], str(repo / "snapshots" / revision / "model.safetensors"))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(main)
+    return states
+
+
+def test_pretrained_weights_are_named_by_the_hub_revision_loaded_and_records_load_their_own(tmp_path):
+    """Two caches at two revisions of one tag: two weights ids; a record's id loads its revision, whichever
+    the cache's newest is; an id from before ids named a revision still loads."""
+    old, new = "1" * 40, "2" * 40
+    states = hugging_face_cache(tmp_path / "hf", {old: 11, new: 12}, main=old)
+    script = (
+        "import sys, pipeline\n"
+        "from pipeline.models import weights\n"
+        "choice = weights.resolve('deit_tiny_patch16_224', 'pretrained')\n"
+        "recorded = weights.choice_of_record('deit_tiny_patch16_224', sys.argv[1], 'pretrained', 224)\n"
+        "model = weights.load('deit_tiny_patch16_224', recorded)\n"
+        "print(choice.weights_id, recorded.weights_id, float(model.state_dict()['blocks.0.mlp.fc1.weight'].sum()))\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def run(recorded: str, main: str) -> list[str]:
+        (tmp_path / "hf" / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k" / "refs" / "main").write_text(main)
+        result = subprocess.run([sys.executable, "-c", script, recorded], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.split()
+
+    def checksum(revision: str) -> float:
+        return float(states[revision]["blocks.0.mlp.fc1.weight"].sum())
+
+    planned, recorded, loaded = run(f"pretrained-fb_in1k@{old}", main=new)  # the cache moved on since
+    assert planned == f"pretrained-fb_in1k@{new}" and recorded == f"pretrained-fb_in1k@{old}"
+    assert abs(float(loaded) - checksum(old)) < 1e-3 and abs(checksum(old) - checksum(new)) > 1e-2
+    planned, recorded, loaded = run("pretrained-fb_in1k", main=new)  # a record from before ids named revisions
+    assert recorded == "pretrained-fb_in1k" and abs(float(loaded) - checksum(new)) < 1e-3
+
+
+@pytest.mark.slow  # two sweeps, each starting its own Ray
+def test_a_resume_that_finds_the_tag_at_another_revision_plans_new_units_beside_the_old_and_says_so(tmp_path):
+    old, new = "1" * 40, "2" * 40
+    hugging_face_cache(tmp_path / "hf", {old: 11, new: 12}, main=old)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [sys.executable, "-m", "pipeline.sweep", "sweep.models=[deit_tiny_patch16_224.fb_in1k]",
+               "sweep.layers=[0]", "sweep.features=[0,1]", "model.weights=pretrained", "optim.steps=2",
+               "optim.copies=1", "progress.bar=false", f"store.root={tmp_path / 'store'}"]
+    first = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "hf" / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k" / "refs" / "main").write_text(new)
+    second = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "plan: 2 planned / 0 already done / 2 to do" in second.stdout
+    assert (f"weights: the store holds records of deit_tiny_patch16_224.fb_in1k made with pretrained-fb_in1k@{old}"
+            f": the same weights tag from other bytes") in second.stdout
+    assert f"This run loads pretrained-fb_in1k@{new}, so its units are planned beside those" in second.stdout
+    weights = Store(str(tmp_path / "store")).read_records(["weights"])["weights"].to_pylist()
+    assert sorted(weights) == [f"pretrained-fb_in1k@{old}"] * 2 + [f"pretrained-fb_in1k@{new}"] * 2
 
 
 def test_the_cost_counts_what_is_left_with_the_flop_counter(compose):

@@ -9,9 +9,11 @@ only the missing work.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
+import sys
 
 from pipeline.config import SweepConfig
 from pipeline.errors import PipelineError
@@ -45,6 +47,27 @@ def _print_plan(plan: Plan, done: set[str], failed: set[str], root: str) -> None
         counts[1] += sum(key in done for key in keys)
     for name, (total, finished) in per_model.items():
         print(f"  {name}: {total} planned, {finished} done", flush=True)
+
+
+def _print_other_revisions(store: Store, plan: Plan) -> None:
+    """Say so when the store holds records of a planned model's pretrained tag made from other bytes (another
+    hub revision, or from before weights ids named one): their units are not this run's, which go beside."""
+    import pyarrow.dataset as ds
+
+    pinned = sorted({(g.model, g.weights.weights_id) for g in plan.groups if g.weights.kind == "pretrained"})
+    if not pinned:
+        return
+    found = store.read_records(["model", "weights"], ds.field("model").isin(sorted({m for m, _ in pinned})))
+    stored = set(zip(found["model"].to_pylist(), found["weights"].to_pylist()))
+    for model, weights_id in pinned:
+        tag = weights_id.partition("@")[0]
+        others = sorted(w for m, w in stored if m == model and w != weights_id and w.partition("@")[0] == tag)
+        if others:
+            print(f"weights: the store holds records of {model} made with {', '.join(others)}: the same weights "
+                  f"tag from other bytes (another hub revision, or records from before weights ids named one). "
+                  f"This run loads {weights_id}, so its units are planned beside those, which stay as they are.",
+                  flush=True)
+
 
 
 def _print_cost(plan: Plan, done: set[str]) -> None:
@@ -214,6 +237,19 @@ def _print_where(store: Store) -> None:
           f"  figures:    {shell_command('figures', f'store.root={root}', 'out=figures')}", flush=True)
 
 
+def _out_of_space(store: Store, error: OSError, committed_now: int, done_before: int, planned: int) -> str:
+    """One paragraph for a store that filled up mid-sweep: what is safe, and how to go on."""
+    from pipeline.cli import shell_command
+
+    return (f"error: The store {store.root} ran out of space ({error.strerror or error}) while this sweep committed "
+            f"its records. {committed_now} record(s) of this run were committed before that, beside {done_before} "
+            f"from earlier runs: {committed_now + done_before} of the {planned} planned units are in the store, "
+            "complete, and the commit that failed left nothing behind. Free space where the store lives (or move "
+            "the store to a larger disk and point store.root there), then run the same command again: it "
+            f"computes only the missing units. `{shell_command('status', f'store.root={store.root}')}` shows "
+            "what is done.")
+
+
 def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     """Plan, then run what the store lacks; the exit status says how it ended.
 
@@ -223,10 +259,12 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     - 0: every planned unit is in the store (done now or before);
     - 1 (``EXIT_FAILURES``): some units failed (their reasons are printed and recorded
       under STORE/failures; a re-run retries them), or more than ``cluster.max_failures``
-      failed and the sweep stopped early;
+      failed and the sweep stopped early, or the store ran out of space (one paragraph says what
+      is committed and how to resume);
     - 130 (``EXIT_INTERRUPTED``): interrupted; the complete records are committed;
     - 2: bad input (a :class:`~pipeline.errors.PipelineError`, raised before any compute
-      and reported by the entry point as one paragraph).
+      and reported by the entry point as one paragraph); also a driver refused the store's lease,
+      or one that lost it while paused (``LeaseLost``): another driver is doing the work.
     """
     store = Store(cfg.store.root)
     store.check_writable()
@@ -242,7 +280,7 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     from pipeline.execution import scheduler
 
     measured = None
-    with store.lease("records"):
+    with store.lease("records", cfg.store.lease_expire_s) as lease:
         # Read once, under the lease, so that it includes what a driver that held the lease before us
         # committed; the failed keys and the writer take this set (a million keys take seconds to read).
         committed = store.committed_keys()
@@ -253,6 +291,7 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
         done = committed & planned
         failed = store.failed_keys(committed) & planned
         _print_plan(plan, done, failed, store.root)
+        _print_other_revisions(store, plan)
         if not planned - done:
             print("nothing to do: every planned unit is already in the store; no workers started.")
             _print_where(store)
@@ -264,14 +303,21 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
         store.write_plan(plan.units_table, keys)  # tabulated only if this plan is new to the store
         progress = Progress(len(planned - done), cfg.progress.log_every_s, cfg.progress.bar)
         interrupted = False
+        writer = store.writer(cfg.store.commit_every, cfg.store.commit_seconds, commit_bytes=cfg.store.commit_bytes,
+                              committed=committed, lease=lease)
         try:
-            with store.writer(cfg.store.commit_every, cfg.store.commit_seconds, commit_bytes=cfg.store.commit_bytes,
-                              committed=committed) as writer:
+            with writer:
                 chunk_size = AUTO_MOST if cfg.sweep.chunk_size == "auto" else int(cfg.sweep.chunk_size)
                 summary = scheduler.run_plan(plan, done, chunk_size, cfg.cluster, writer, progress,
                                              cfg.model.device, worker_class, _calibration(plan, done, cfg, measured))
         except KeyboardInterrupt:
             interrupted = True
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            progress.close()
+            print(_out_of_space(store, error, writer.committed, len(done), len(planned)), file=sys.stderr, flush=True)
+            return EXIT_FAILURES
         finally:
             progress.close()
     if interrupted:

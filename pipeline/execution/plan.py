@@ -13,6 +13,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import SweepConfig
+from pipeline.config import SweepConfig, check_finite
 from pipeline.engine import parameterizations
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
@@ -225,6 +227,13 @@ def _apply(settings: dict[str, dict[str, Any]], key: str, value: Any, where: str
     settings[section][name] = value
 
 
+# Settings whose range is not "a count >= 1": Adam's betas in [0, 1) (1 would never forget a gradient), weights
+# and scales >= 0; a trace needs a point.
+_OPTIM_RANGES = {"beta1": (0, "< 1"), "beta2": (0, "< 1"), "eps": (0, "> 0"), "tv": (0, ""), "tv_scale": (0, ""),
+                 "noise_std": (0, ""), "trace_points": (1, ""), "fourier_sd": (0, ""), "fourier_decay": (0, ""),
+                 "maco_alpha": (0, "")}
+
+
 def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     """The optimizer settings of one group: typed like the command line's, ``lr: auto`` resolved for the family
     (the paper's 0.1, 1.0 for CLIP, for pixels; the published lr of another parameterization)."""
@@ -251,8 +260,14 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise PipelineError(f"optim.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
+    check_finite(config, "optim")  # a grid's or a variant's values come here without the command line's check
     if config.steps < 1 or config.copies < 1 or config.jitter < 0 or config.lr <= 0:
         raise PipelineError("optim.steps and optim.copies must be >= 1, optim.jitter >= 0 and optim.lr > 0.")
+    for name, (low, also) in _OPTIM_RANGES.items():
+        value = getattr(config, name)
+        if value < low or (also == "< 1" and value >= 1) or (also == "> 0" and value <= 0):
+            raise PipelineError(f"optim.{name}={value!r} is out of range: it must be >= {low}"
+                                f"{f' and {also}' if also else ''}.")
     if config.param == "fourier" and config.fourier_sd <= 0:
         raise PipelineError("optim.fourier_sd must be > 0.")
     if config.param == "maco":
@@ -263,8 +278,11 @@ def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
     return config
 
 
-def build_plan(cfg: SweepConfig) -> Plan:
+def build_plan(cfg: SweepConfig, pin_weights: bool = True) -> Plan:
     """Expand and validate the sweep; raises PipelineError on any bad input, before any compute.
+
+    Pretrained weights are found (or fetched) to name them by revision (``weights.resolve``);
+    ``pin_weights=False`` touches no weights, for a plan that is only looked at.
 
     The sweep is (each of ``sweep.variants``, default one empty variant) x (each
     point of ``sweep.grid``) x models x layers x features x seeds. A variant
@@ -292,7 +310,7 @@ def build_plan(cfg: SweepConfig) -> Plan:
                 raise PipelineError("sweep.models is empty: name at least one model, e.g. "
                                     "sweep.models=[deit_tiny_patch16_224].")
             for model in settings["sweep"]["models"]:
-                for group in _groups_for_model(str(model), settings):
+                for group in _groups_for_model(str(model), settings, pin_weights):
                     new = [(f, key) for f, key in zip(group.features, group.keys(group.features)) if key not in seen]
                     seen.update(key for _, key in new)
                     if new:
@@ -301,7 +319,42 @@ def build_plan(cfg: SweepConfig) -> Plan:
     return Plan(groups, keys)
 
 
-def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[Group]:
+def _check_input_size(model: str, img_size: int, info: zoo.ModelLayout, max_tokens: int, copies: int) -> None:
+    """A size the architecture takes may still be far beyond any machine: the patch tokens per image are
+    bounded by ``model.max_tokens``, and what a worker must allocate (the parameters, whose position embeddings
+    grow with the grid, and one attention map per copy) by this machine's memory. Both before any allocation."""
+    rows, cols = info.layers[0].grid
+    multiple = zoo.size_multiple(model)
+    native = zoo.native_size(model)
+    if rows * cols > max_tokens:
+        largest = max(multiple, int(math.isqrt(max_tokens) * info.input_size[-1] / rows) // multiple * multiple)
+        sizes = sorted({max(multiple, largest - k * multiple) for k in range(4)})
+        raise PipelineError(
+            f"model.img_size={img_size} is too large for '{model}': {rows * cols:,} patch tokens per image (a "
+            f"{rows}x{cols} grid), more than model.max_tokens={max_tokens:,}. Valid sizes are multiples of "
+            f"{multiple} up to {largest}, e.g. {', '.join(map(str, sizes))}; its native size is {native} "
+            f"(model.img_size=null). Raise model.max_tokens only for a machine that holds such a model."
+        )
+    tokens = info.layers[0].tokens
+    needed = zoo.parameter_bytes(model, img_size) + copies * tokens * tokens * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        raise PipelineError(
+            f"model.img_size={img_size} needs at least {needed / 2**30:,.1f} GiB for '{model}' (its parameters at "
+            f"that size and one {tokens:,}x{tokens:,} attention map per copy, optim.copies={copies}), more than "
+            f"this machine's {memory / 2**30:,.1f} GiB. Choose a smaller model.img_size (its native size is "
+            f"{native}) or fewer optim.copies."
+        )
+
+
+def _check_not_empty(selected: list, axis: str, spec: Any, example: str) -> None:
+    """A sweep axis that selects nothing would make a sweep of no units: a mistake, not a request."""
+    if not len(selected):
+        raise PipelineError(f"sweep.{axis}={spec} selects no {axis}, so the sweep would have no units and do "
+                            f"nothing; give at least one, e.g. {example}.")
+
+
+def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], pin_weights: bool) -> list[Group]:
     sweep = settings["sweep"]
     family = zoo.family_of(model)
     target = settings["target"]["kind"]
@@ -309,9 +362,11 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[G
         raise PipelineError(f"target.kind='{target}' is not a target; targets are {', '.join(zoo.TARGETS)}.")
     objective = parse_objective(settings["target"]["objective"])
     choice = weights_lib.resolve(model, str(settings["model"]["weights"]), int(settings["model"]["init_seed"]),
-                                 settings["model"].get("img_size"))
+                                 settings["model"].get("img_size"), pin_weights)
     info = zoo.layout(model, choice.img_size)
     optim = optim_config(settings["optim"], family)
+    if choice.img_size:
+        _check_input_size(model, choice.img_size, info, int(settings["model"]["max_tokens"]), optim.copies)
     # MACO's magnitude spectrum is named by its bytes (or the power law's alpha), not by where it lies: a
     # file rewritten in place makes other images under the same path, a copy elsewhere the same images.
     spectrum = {"maco_spectrum_id": parameterizations.spectrum_id(optim)} if optim.param == "maco" else {}
@@ -327,11 +382,15 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]]) -> list[G
                               "objective": objective.name, "weights": str(settings["model"]["weights"]),
                               "weights_id": choice.weights_id, "image_size": info.input_size[-1]}, sort_keys=True)
     groups = []
-    for layer in select(sweep["layers"], len(info.layers), "layer", f"'{model}'"):
+    layers = select(sweep["layers"], len(info.layers), "layer", f"'{model}'")
+    _check_not_empty(layers, "layers", sweep["layers"], "sweep.layers=[0]")
+    _check_not_empty(sweep["seeds"], "seeds", sweep["seeds"], "sweep.seeds=[0]")
+    for layer in layers:
         where = f"layer {layer} of '{model}'"
         width = info.site(layer, target).features
         check_objective(objective, info.layer(layer).grid, where)
         features = select(sweep["features"], width, "feature", f"target '{target}' at {where}")
+        _check_not_empty(features, "features", sweep["features"], "sweep.features=first:8")
         for seed in sweep["seeds"]:
             groups.append(Group(model, family, choice, target, objective.name, layer, int(seed), optim,
                                 config_hash, config_json, tuple(features)))

@@ -26,6 +26,7 @@ under the old hash.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import io
@@ -44,6 +45,7 @@ from pipeline.errors import PipelineError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".onnx")
+_REVISION = re.compile(r"[0-9a-f]{40}")  # a hub commit, as the cache names its snapshot directories
 
 
 class CheckpointChanged(PipelineError):
@@ -59,9 +61,15 @@ class WeightsChoice:
     img_size: int | None = None  # the input size the model is built at; None: its native size
 
 
-def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | None = None) -> WeightsChoice:
+def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | None = None,
+            pin: bool = True) -> WeightsChoice:
     """Validate ``weights`` for ``model_name`` (built at ``img_size``, or natively) without building the
-    model; raise a clear error otherwise."""
+    model; raise a clear error otherwise.
+
+    Pretrained weights are pinned: fetched into the cache (or found there) and named by the bytes found,
+    ``pretrained-<tag>@<hub revision>`` (``@sha256-<hex>`` for a file timm downloads from a URL), so two caches
+    holding different revisions of one tag make different units. ``pin=False`` reads no weights and names the
+    tag alone, as ids did before they carried the revision: for looking at a plan, never for writing one."""
     zoo.family_of(model_name)
     if img_size == zoo.native_size(model_name):
         img_size = None  # one identity, and one unit key, per model and size
@@ -75,7 +83,11 @@ def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | N
         return WeightsChoice("planted", f"planted-{planted.PLANTED_VERSION}-{init_seed}", init_seed=init_seed,
                              img_size=img_size)
     if weights == "pretrained":
-        return WeightsChoice("pretrained", f"pretrained-{_pretrained_tag(model_name)}", img_size=img_size)
+        tag = _pretrained_tag(model_name)
+        if not pin:
+            return WeightsChoice("pretrained", f"pretrained-{tag}", img_size=img_size)
+        source = ensure_pretrained(model_name)
+        return WeightsChoice("pretrained", f"pretrained-{tag}@{source}", path=source, img_size=img_size)
     path = _checkpoint_path(model_name, Path(weights).expanduser())
     _check_checkpoint(model_name, path, img_size)
     return WeightsChoice("file", f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}", path=str(path),
@@ -83,8 +95,12 @@ def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | N
 
 
 def short_id(weights_id: str) -> str:
-    """A weights id short enough for a table row or a caption: a file's sha256 cut to 12 hex digits."""
+    """A weights id short enough for a table row or a caption: a file's sha256 cut to 12 hex digits, a hub
+    revision (or a downloaded file's sha256) to 12 characters."""
     kind, _, digest = weights_id.partition("-")
+    if kind == "pretrained" and "@" in digest:
+        tag, _, source = digest.partition("@")
+        return f"pretrained-{tag}@{source[:12] if _REVISION.fullmatch(source) else source[:19]}"
     return f"sha256-{digest[:12]}" if kind == "sha256" and len(digest) > 12 else weights_id
 
 
@@ -93,6 +109,14 @@ def choice_of_record(model_name: str, weights_id: str, recorded: str, image_size
     """The weights a record was made with, from its ``weights`` id, the ``model.weights`` its config
     recorded and its image size; ``override`` points at a checkpoint file that has moved since."""
     kind, _, rest = weights_id.partition("-")
+    if kind == "pretrained" and image_size == zoo.native_size(model_name):
+        image_size = None
+    if kind == "pretrained" and "@" in rest:
+        # The revision the record names, loaded as such (from the cache, or the hub), whatever the tag's newest.
+        return WeightsChoice("pretrained", weights_id, path=rest.partition("@")[2], img_size=image_size)
+    if kind == "pretrained":
+        # Records from before ids carried the revision: whichever revision is here, as they were made.
+        return dataclasses.replace(resolve(model_name, "pretrained", img_size=image_size), weights_id=weights_id)
     if kind == "random":
         choice = resolve(model_name, "random", int(rest), image_size)
     elif kind == "planted":
@@ -119,7 +143,7 @@ def choice_of_record(model_name: str, weights_id: str, recorded: str, image_size
 def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "cpu") -> nn.Module:
     """The model in eval mode on ``device``, parameters frozen (only the input image is optimized)."""
     if choice.kind == "pretrained":
-        model = _load_pretrained(model_name, choice.img_size)
+        model = _load_pretrained(model_name, choice.img_size, choice.path)
     else:
         data = _read_planned(choice) if choice.kind == "file" else None  # before building: a changed file fails fast
         torch.manual_seed(choice.init_seed)
@@ -155,9 +179,12 @@ def ensure_available(model_name: str, choice: WeightsChoice) -> None:
         ensure_pretrained(model_name)
 
 
-def ensure_pretrained(model_name: str) -> None:
-    """The same for any timm model (the probes' CNNs too). Whether the hub can be reached is asked once,
-    in a second: its client would otherwise retry for a minute before failing."""
+@functools.lru_cache(maxsize=None)
+def ensure_pretrained(model_name: str) -> str:
+    """The same for any timm model (the probes' CNNs too); returns which bytes those are: the hub revision
+    (the commit of the snapshot the file lies in) or, for weights timm downloads from a URL, ``sha256-<hex>``
+    of the file. Whether the hub can be reached is asked once, in a second: its client would otherwise retry
+    for a minute before failing. Once per process: a plan asks per group."""
     import timm
 
     cfg = timm.models.get_pretrained_cfg(model_name)
@@ -170,15 +197,19 @@ def ensure_pretrained(model_name: str) -> None:
             repo, _, revision = cfg.hf_hub_id.partition("@")
             for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
                 try:
-                    hf_hub_download(repo_id=repo, filename=filename, revision=revision or None,
-                                    local_files_only=unreachable is not None)
-                    return
+                    path = Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision or None,
+                                                local_files_only=unreachable is not None))
                 except EntryNotFoundError:
                     continue
+                # The hub's cache keeps each revision in snapshots/<commit>/: the commit names the bytes.
+                if _REVISION.fullmatch(path.parent.name):
+                    return path.parent.name
+                return f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}"
             raise FileNotFoundError(f"no weights file in hub repository {repo}")
         if unreachable is not None:
             raise ConnectionError(f"{cfg.url} is not in timm's cache")
-        timm.models._hub.download_cached_file(cfg.url)
+        path = timm.models._hub.download_cached_file(cfg.url)
+        return f"sha256-{_sha256(path, os.stat(path).st_mtime_ns)}"
     except Exception as error:  # the hub client raises many types; all mean "not available here"
         raise _unavailable(model_name, error, unreachable) from None
 
@@ -206,11 +237,18 @@ def _hub_unreachable() -> str | None:
         return f"the hub ({host}) cannot be reached from this machine ({type(error).__name__}: {error})"
 
 
-def _load_pretrained(model_name: str, img_size: int | None) -> nn.Module:
+def _load_pretrained(model_name: str, img_size: int | None, source: str | None) -> nn.Module:
+    """The pretrained model, at the hub revision ``source`` names where it names one (the bytes its weights id
+    stands for, on any machine), else as timm loads it."""
     import timm
 
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    overlay = {}
+    if source and _REVISION.fullmatch(source) and cfg is not None and cfg.hf_hub_id:
+        overlay = {"pretrained_cfg_overlay": {"hf_hub_id": f"{cfg.hf_hub_id.partition('@')[0]}@{source}"}}
     try:  # timm resamples the checkpoint's position embeddings to img_size itself
-        return timm.create_model(model_name, pretrained=True, **({"img_size": img_size} if img_size else {}))
+        return timm.create_model(model_name, pretrained=True, **({"img_size": img_size} if img_size else {}),
+                                 **overlay)
     except Exception as error:  # the hub client raises many types; all mean "not available here"
         raise _unavailable(model_name, error, _hub_unreachable()) from None
 

@@ -309,11 +309,23 @@ def _check_size(model_name: str, model: nn.Module, info: ModelLayout, img_size: 
                         multiple)
 
 
+def size_multiple(model_name: str) -> int:
+    """The side every valid input size of the model is a multiple of (``_size_constraints``)."""
+    return _size_constraints(create_architecture(model_name, "meta"), layout(model_name))[0]
+
+
+def parameter_bytes(model_name: str, img_size: int | None = None) -> int:
+    """What the model's parameters take in fp32 when built at ``img_size`` (position embeddings grow with the
+    grid); counted on the meta device, so nothing is allocated."""
+    return sum(p.numel() * 4 for p in create_architecture(model_name, "meta", img_size).parameters())
+
+
 def _bad_size(model_name: str, img_size: int | None, why: str, multiple: int | None = None) -> PipelineError:
     if multiple is None:
-        model = create_architecture(model_name, "meta")
-        multiple, _ = _size_constraints(model, layout(model_name))
-    near = sorted({max(multiple, (img_size or 0) // multiple * multiple + k * multiple) for k in (-1, 0, 1, 2)})
+        multiple = size_multiple(model_name)
+    # Sizes around the one asked for, never that one: it is the size being refused.
+    base = (img_size or 0) // multiple * multiple
+    near = sorted({max(multiple, base + k * multiple) for k in (-1, 0, 1, 2, 3)} - {img_size})[:4]
     return PipelineError(
         f"model.img_size={img_size} does not fit '{model_name}': {why}. Valid sizes are multiples of "
         f"{multiple}, e.g. {', '.join(map(str, near))}; its native size is {native_size(model_name)} "

@@ -3,12 +3,15 @@
 Layout under a store root (a local directory or a pyarrow filesystem URI)::
 
     parquet/model=<model>/part-<commit_id>.parquet   RECORD_SCHEMA, hive-partitioned by model
+                                                     (commit_id: e<epoch, 12 digits>-<uuid> under a lease)
     webdataset/shard-<commit_id>.tar                 <key>.png + <key>.json per record
     failures/part-<commit_id>.parquet                FAILURE_SCHEMA
     plan/plan-<hash>.parquet                         UNIT_SCHEMA, one file per distinct plan
     <table>/part-<part id>.parquet                   a part table (dataset examples, probe results):
                                                      one part per finished unit of an analysis job
     <job>/<artifact>                                 a job's report or plot (probes/<probe>/report.md)
+    leases/<job>/                                    claims, heartbeats and the last epoch granted
+                                                     (pipeline.store.lease)
 
 The Parquet part keeps its ``model`` column although the directory also names the
 model: a part read on its own is then a complete RECORD_SCHEMA table, and
@@ -21,9 +24,12 @@ A commit is "stage, commit, roll forward", per model under one commit id:
 1. stage: the WebDataset shard is written complete (and, locally, fsynced)
    under the hidden name ``webdataset/.shard-<commit_id>.tar.staged``, which
    neither ``glob('webdataset/*.tar')`` nor pyarrow.dataset sees;
-2. commit: the Parquet part is published. Its arrival is the commit point (its
-   bytes are written to a hidden temporary while the shard's are, but it is
-   renamed into place only once the staged shard is);
+2. commit: the writer checks that it still holds the store's lease (its claim is
+   there and its epoch is the last granted: ``Lease.check``); if not, it deletes
+   what it staged and stops (``LeaseLost``). Then the Parquet part is published:
+   its arrival is the commit point (its bytes are written to a hidden temporary
+   while the shard's are, but it is renamed into place only once the staged shard
+   is and the check passed);
 3. roll forward: the staged shard is moved to ``webdataset/shard-<commit_id>.tar``
    (a local rename; on object stores a copy, which appears whole, then a delete).
 
@@ -55,7 +61,14 @@ Every command that opens a store (a sweep, also one with nothing to do, status,
 the readers, the atlas) first finishes interrupted commits (``recover``), so a
 kill between steps 2 and 3 of the last commit never leaves a permanent gap in the
 WebDataset view. Writers hold the store's lease (pipeline.store.lease): two
-drivers never commit into one store at once. Parquet is written with page
+drivers never commit into one store at once, and a driver paused past its lease
+commits nothing after the next driver took the lease over (step 2). A pause that
+falls between the check and the rename can still commit a key twice (as can stores
+written before leases): the commit id carries the writer's epoch, and every reader
+(``committed_keys``, ``read_records``, ``record_batches``, ``shards_with``, hence the
+atlas and status) takes each key once, from the part first in ``commit_order``: the
+lowest epoch, then the lowest commit id. ``verify`` names such duplicates and
+``repair`` removes the copies that do not count. Parquet is written with page
 checksums and read with their verification; ``verify`` (pipeline.store.verify)
 checks every part against its shard.
 """
@@ -150,6 +163,21 @@ def _superseded(committed: set[str]) -> set[str]:
     return {match[1] for cid in committed if (match := _REWRITTEN.fullmatch(cid)) and match[1] in committed}
 
 
+# A commit made under a lease carries the lease's epoch (pipeline.store.lease) in its id: e<epoch>-<uuid>.
+_EPOCH = re.compile(r"e(\d{12})-")
+
+
+def _new_commit_id(epoch: int | None) -> str:
+    return f"e{epoch:012d}-{uuid.uuid4().hex}" if epoch else uuid.uuid4().hex
+
+
+def commit_order(cid: str) -> tuple[int, str]:
+    """Which copy of a key committed twice counts: the one whose commit sorts first, by (epoch, commit id).
+    Commits without an epoch (a writer without a lease, stores written before epochs) count as epoch 0."""
+    match = _EPOCH.match(cid)
+    return (int(match[1]) if match else 0), cid
+
+
 def _commit_id(name: str, prefix: str, suffix: str) -> str | None:
     if name.startswith(prefix) and name.endswith(suffix):
         return name[len(prefix):-len(suffix)]
@@ -204,6 +232,25 @@ class Store:
 
     # ----------------------------------------------------------------- checks
 
+    def check_readable(self) -> None:
+        """Raise StoreError if the root cannot be a store to read (a link loop, a file); a root that does not
+        exist yet is an empty store."""
+        if self._local:
+            _check_no_link_loop(self.paths.root, self.root)
+        try:
+            info = self.filesystem.get_file_info(self.paths.root)
+        except OSError as err:
+            raise StoreError(
+                f"The store root {self.root!r} cannot be inspected ({err}). Check the location and this "
+                "machine's credentials for it, or choose another store root."
+            ) from err
+        if info.type == pafs.FileType.File:
+            raise StoreError(
+                f"The store root {self.root!r} is a file, not a store: a store is a directory that a sweep "
+                "wrote (parquet/, webdataset/, plan/, ...). Point store.root at the directory given to the "
+                "sweep as its store.root."
+            )
+
     def check_writable(self) -> None:
         """Raise StoreError if the root cannot hold a store; writes nothing.
 
@@ -255,9 +302,21 @@ class Store:
         incompatible version fails with a clear message, not a type error. Columns a part's
         version lacks (v1's measured columns) read as null.
         """
-        dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        dataset = self._records_dataset()
         self._check_versions(dataset, touching)
         return dataset
+
+    def _records_dataset(self) -> ds.Dataset:
+        """The committed parts as one dataset, in commit order (``commit_order``): a key that the gap between
+        a writer's lease check and its commit point let in twice reads first from the copy that counts, so
+        keeping each key's first row is the store's one rule. A part that a committed rewrite supersedes (a
+        rewrite killed before it deleted the old part) is left out."""
+        parts = self._committed_parts()
+        for cid in _superseded(set(parts)):
+            del parts[cid]
+        files = [parts[cid] for cid in sorted(parts, key=commit_order)]
+        return ds.dataset(files, schema=RECORD_SCHEMA, format=self._parquet_format, filesystem=self.filesystem,
+                          partitioning=_MODEL_PARTITIONING, partition_base_dir=self.paths.parquet)
 
     def _check_versions(self, dataset: ds.Dataset, touching: ds.Expression | None) -> None:
         """Record (and check) the schema id of every part of ``dataset`` that ``touching`` can reach."""
@@ -338,13 +397,12 @@ class Store:
         """Per commit id whose shard holds records matching ``expression``, the keys to read from it.
 
         A part and its shard share a commit id, so only the shards of matching parts need opening.
-        A key committed twice (by two drivers, before stores had leases) is read from one shard only.
+        A key committed twice (see ``commit_order``) is read from one shard only: the copy that counts.
         """
         present = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
         commits: dict[str, set[str]] = {}
         seen: set[str] = set()
-        for fragment in sorted(self.parquet_dataset(expression).get_fragments(filter=expression),
-                               key=lambda f: f.path):
+        for fragment in self.parquet_dataset(expression).get_fragments(filter=expression):
             matched = set(self._read_fragment(fragment, ["key"], expression)["key"].to_pylist()) - seen
             if not matched:
                 continue
@@ -388,7 +446,7 @@ class Store:
         the check costs no second read of thousands of footers; a part of an unknown schema id that
         fails the read is named as that, not as damaged.
         """
-        dataset = self._dataset(self.paths.parquet, RECORD_SCHEMA, _MODEL_PARTITIONING)
+        dataset = self._records_dataset()
         try:
             table = dataset.to_table(columns=columns, filter=filter)
         except (pa.ArrowException, OSError) as error:
@@ -474,9 +532,10 @@ class Store:
 
         return repair(self, report)
 
-    def lease(self, name: str = "records") -> Lease:
-        """The store's lease for one writing job (``with store.lease(): ...``); see pipeline.store.lease."""
-        return Lease(self, name)
+    def lease(self, name: str = "records", expire_s: float | None = None) -> Lease:
+        """The store's lease for one writing job (``with store.lease(): ...``); see pipeline.store.lease.
+        ``expire_s``: how long after its last heartbeat a silent holder counts as dead (default EXPIRE_S)."""
+        return Lease(self, name, expire_s)
 
     def write_artifact(self, name: str, data: bytes) -> str:
         """Publish a job's report or plot at ``<root>/<name>`` (complete or not at all); returns where."""
@@ -502,7 +561,7 @@ class Store:
 
     def writer(self, commit_every: int = DEFAULT_COMMIT_EVERY, commit_seconds: float = 300.0,
                recover_after_s: float = DEFAULT_RECOVER_AFTER_S, commit_bytes: int = DEFAULT_COMMIT_BYTES,
-               committed: set[str] | None = None) -> "StoreWriter":
+               committed: set[str] | None = None, lease: Lease | None = None) -> "StoreWriter":
         """Check the root, finish interrupted commits, open a writer (see StoreWriter for ``committed``).
 
         Committed parts whose shard is still staged get it moved into place now;
@@ -511,7 +570,7 @@ class Store:
         """
         self.check_writable()
         self.recover(recover_after_s)
-        return StoreWriter(self, commit_every, commit_seconds, commit_bytes, committed)
+        return StoreWriter(self, commit_every, commit_seconds, commit_bytes, committed, lease)
 
     # -------------------------------------------------------------- internals
 
@@ -662,10 +721,11 @@ class Store:
         self._reveal(self._write_hidden(path, write))
 
     def _publish_before(self, first: tuple[str, Callable], then: tuple[str, Callable],
-                        pool: concurrent.futures.Executor) -> None:
+                        pool: concurrent.futures.Executor, check: Callable[[], None] = lambda: None) -> None:
         """``_publish`` two files whose bytes are written at once, ``first`` on ``pool``'s thread; ``then``
-        appears only after ``first`` has. A commit's staged shard and its part: the part's Parquet encoding
-        then overlaps the shard's disk time, instead of waiting for it."""
+        appears only after ``first`` has, and after ``check`` (a writer's lease check) passed; if it raises,
+        neither file stays. A commit's staged shard and its part: the part's Parquet encoding then overlaps
+        the shard's disk time, instead of waiting for it."""
         earlier = pool.submit(self._publish, *first)
         try:
             hidden = self._write_hidden(*then)
@@ -676,6 +736,13 @@ class Store:
         except Exception:
             if hidden.temp is not None:  # an object store's buffer just goes
                 self._delete_if_present(hidden.temp)
+            raise
+        try:
+            check()
+        except BaseException:
+            if hidden.temp is not None:
+                self._delete_if_present(hidden.temp)
+            self._delete_if_present(first[0])
             raise
         self._reveal(hidden)
 
@@ -750,8 +817,10 @@ class StoreWriter:
     Exactly-once holds per writer: it knows the keys committed when it opened
     plus everything it accepted since. ``committed``, when given, is that set as the caller
     just read it under the store's lease (the writer adds to it); otherwise the writer reads
-    it. Use it as a context manager; leaving the ``with`` commits what is buffered, also on
-    an exception.
+    it. ``lease``, the store's lease the caller holds: each commit carries its epoch and is
+    made only while the lease is still this writer's (``Lease.check`` right before the commit
+    point; a lost lease raises LeaseLost and commits nothing more). Use it as a context
+    manager; leaving the ``with`` commits what is buffered, also on an exception.
 
     A commit that ``add`` or ``maybe_commit`` starts runs on one of the writer's own threads, so the caller
     (the driver, taking results as they come) never waits for the disk or an object store unless
@@ -761,7 +830,8 @@ class StoreWriter:
     """
 
     def __init__(self, store: Store, commit_every: int, commit_seconds: float,
-                 commit_bytes: int = DEFAULT_COMMIT_BYTES, committed: set[str] | None = None):
+                 commit_bytes: int = DEFAULT_COMMIT_BYTES, committed: set[str] | None = None,
+                 lease: Lease | None = None):
         if commit_every < 1 or commit_seconds <= 0 or commit_bytes < 1:
             raise ValueError(f"need commit_every >= 1, commit_seconds > 0 and commit_bytes >= 1, got "
                              f"{commit_every}, {commit_seconds}, {commit_bytes}")
@@ -769,6 +839,7 @@ class StoreWriter:
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
         self.commit_bytes = commit_bytes
+        self.lease = lease
         self.committed = 0
         self.waited_s = 0.0  # how long callers waited for commits in flight: the store keeping up, or not
         self._seen = store.committed_keys() if committed is None else committed
@@ -913,6 +984,7 @@ class StoreWriter:
                 self.committed += sum(map(len, batches))
             self.store._promote(staged, final)
         if failures:
+            self._check_lease()
             table = pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA)
             path = f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet"
             self.store._publish(path, lambda f: self.store._write_parquet(table, f))
@@ -924,15 +996,19 @@ class StoreWriter:
 
     def _stage_and_commit(self, model: str, batches: list[EncodedRecords]) -> tuple[str, str]:
         """Steps 1 and 2: stage the shard, publish the part; returns (staged, final) shard paths."""
-        cid = uuid.uuid4().hex
+        cid = _new_commit_id(self.lease.epoch if self.lease else None)
         paths = self.store.paths
         staged, final = self.store._shard_locations(cid)
         table = pa.concat_tables(batch.table for batch in batches)
         self.store._publish_before(
             (staged, lambda out: write_shard(out, [batch.shard_batch for batch in batches])),
             (f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet", lambda f: self.store._write_parquet(table, f)),
-            self._shard_writer)
+            self._shard_writer, self._check_lease)
         return staged, final
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
 
 
 def _check_no_link_loop(path: str, root: str) -> None:

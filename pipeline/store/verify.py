@@ -11,6 +11,12 @@ units are no longer done and the next sweep recomputes them.
 A flipped bit in a tar header is the case this exists for: Python's tarfile stops
 at the bad header without an error, so a shard can silently hold fewer records
 than its part; only the comparison finds it.
+
+A key committed in two parts (a writer paused between its lease check and its commit
+point: pipeline.store.lease) is a finding too. Readers already show the copy that counts
+(``commit_order``: the lowest epoch, then the lowest commit id); repair removes the other
+copies, from the part (rewritten without them, or deleted when nothing else is left) and
+then from its shard (rebuilt from the rewritten part, or deleted with it).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
 from pipeline.store.shards import sample_layout, write_shard
@@ -32,14 +40,16 @@ if TYPE_CHECKING:
     from pipeline.store.store import Store
 
 REBUILD, QUARANTINE = "rebuild the shard from its part", "move to quarantine/: its units are recomputed"
+DEDUPLICATE = "remove those copies from this part and its shard"
 
 
 @dataclass(frozen=True)
 class Finding:
     path: str
     problem: str
-    repair: str  # REBUILD or QUARANTINE
+    repair: str  # REBUILD, QUARANTINE or DEDUPLICATE
     commit_id: str | None = None
+    keys: frozenset[str] = frozenset()  # DEDUPLICATE: the keys whose copy in this part goes
 
 
 @dataclass
@@ -62,7 +72,10 @@ class VerifyReport:
 
 def verify(store: "Store") -> VerifyReport:
     """Read every part in full (checksums verified) and every shard, and compare them record by record."""
+    from pipeline.store.store import commit_order
+
     report = VerifyReport()
+    copies: dict[str, list[tuple[tuple[int, str], str]]] = {}  # key -> (commit order, part path) of each copy
     for info in store._list(store.paths.parquet, recursive=True):
         commit_id = _between(info.base_name, "part-", ".parquet")
         if commit_id is None:
@@ -76,9 +89,12 @@ def verify(store: "Store") -> VerifyReport:
             continue
         report.records += part.num_rows
         report.shards += 1
+        for key in part["key"].to_pylist():
+            copies.setdefault(key, []).append((commit_order(commit_id), info.path))
         problem = _compare_shard(store, commit_id, part)
         if problem:
             report.findings.append(Finding(store._shard_locations(commit_id)[1], problem, REBUILD, commit_id))
+    report.findings += _duplicates(copies)
     for directory, schema in ((store.paths.failures, FAILURE_SCHEMA), (store.paths.plan, UNIT_SCHEMA)):
         for info in store._list(directory, recursive=False):
             if info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
@@ -89,11 +105,30 @@ def verify(store: "Store") -> VerifyReport:
     return report
 
 
+def _duplicates(copies: dict[str, list[tuple[tuple[int, str], str]]]) -> list[Finding]:
+    """One finding per part holding copies of keys that an earlier commit (``commit_order``) holds too."""
+    losing: dict[str, tuple[tuple[int, str], list[str], str]] = {}  # part -> (its order, keys, the kept part)
+    for key, found in copies.items():
+        if len(found) > 1:
+            found.sort()
+            for order, path in found[1:]:
+                losing.setdefault(path, (order, [], found[0][1]))[1].append(key)
+    findings = []
+    for path, ((epoch, commit_id), keys, kept) in sorted(losing.items()):
+        findings.append(Finding(
+            path, f"{len(keys)} duplicate key(s) (first: {min(keys)}) also committed in {kept}, whose copy counts "
+                  f"(the lowest epoch, then commit id; this part's epoch is {epoch})", DEDUPLICATE, commit_id,
+            frozenset(keys)))
+    return findings
+
+
 def repair(store: "Store", report: VerifyReport) -> list[str]:
     """Apply each finding's repair; returns one line per file repaired."""
     done = []
     for finding in report.findings:
-        if finding.repair == REBUILD:
+        if finding.repair == DEDUPLICATE:
+            done.append(_remove_copies(store, finding))
+        elif finding.repair == REBUILD:
             part = next(info.path for info in store._list(store.paths.parquet, recursive=True)
                         if info.base_name == f"part-{finding.commit_id}.parquet")
             _rebuild_shard(store, finding.commit_id, _read_part(store, part, RECORD_SCHEMA))
@@ -108,6 +143,21 @@ def repair(store: "Store", report: VerifyReport) -> list[str]:
                 store._move(path, target)
                 done.append(f"moved {path} to {target}")
     return done
+
+
+def _remove_copies(store: "Store", finding: Finding) -> str:
+    """Rewrite a part without the keys another part holds too, then its shard; delete both if nothing is left.
+    Killed between the two, the shard holds records its part does not: the next verify rebuilds it."""
+    with store.filesystem.open_input_file(finding.path) as handle:
+        part = pq.read_table(handle)  # as written: its own columns and schema id (a v1 part stays v1)
+    kept = part.filter(pc.invert(pc.is_in(part["key"], value_set=pa.array(sorted(finding.keys), pa.string()))))
+    if not kept.num_rows:
+        store._retire(finding.commit_id, finding.path)
+        return f"deleted {finding.path} and its shard: every record in it is committed in an earlier part"
+    store._publish(finding.path, lambda out: store._write_parquet(kept, out))
+    _rebuild_shard(store, finding.commit_id, store.read_part(finding.path))
+    return (f"removed {len(finding.keys)} duplicate record(s) from {finding.path} and its shard "
+            f"({kept.num_rows} kept)")
 
 
 def _read_part(store: "Store", path: str, schema: pa.Schema) -> pa.Table:

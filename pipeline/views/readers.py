@@ -327,8 +327,9 @@ def _embedding_matrix(embeddings: pa.ListArray, group: tuple) -> np.ndarray:
 
 
 def _first_per_key(table: pa.Table) -> pa.Table:
-    """One row per key. Keys are committed once, but a store two drivers wrote at once (before
-    stores had leases) can hold a key twice; readers show it once, the first part's."""
+    """One row per key. A key can be committed twice (a driver paused between its lease check and its
+    commit point; stores two drivers wrote before leases): the store reads parts in commit order
+    (``Store.parquet_dataset``), so the first row is the copy that counts, the same in every view."""
     if pc.count_distinct(table["key"]).as_py() == table.num_rows:
         return table
     rows = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
