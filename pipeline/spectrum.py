@@ -10,9 +10,10 @@ from pipeline import cli
 
 
 def _run(cfg) -> int:
-    from pipeline.engine.parameterizations import spectrum_from_folder
+    from pipeline.engine.parameterizations import decorrelate
+    from pipeline.engine.spectra import spectrum_from_folder
 
-    print(spectrum_from_folder(cfg.folder, cfg.out, (cfg.size, cfg.size), cfg.force,
+    print(spectrum_from_folder(cfg.folder, cfg.out, decorrelate, (cfg.size, cfg.size), cfg.force,
                                progress=lambda line: print(line, file=sys.stderr)))
     return 0
 
