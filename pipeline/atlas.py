@@ -9,7 +9,8 @@ from pipeline import cli
 
 
 def _run(cfg) -> None:
-    from pipeline.views.atlas import _count, build_site
+    from pipeline.views.atlas import build_site
+    from pipeline.views.pages import count as _count
 
     report = build_site(cfg.store.root, cfg.out)
     broken = len(report.unreadable)

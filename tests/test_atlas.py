@@ -26,7 +26,9 @@ from PIL import Image
 from pipeline.atlas import main
 from pipeline.errors import PipelineError
 from pipeline.store.png import decode_png, encode_png
-from pipeline.views.atlas import build_site, key_slug, model_slug, thumbnail_pixels
+from pipeline.views.atlas import build_site
+from pipeline.views.slugs import key_slug, model_slug
+from pipeline.views.thumbnails import thumbnail_pixels
 from synthetic_store import CLIP, DEIT, MODELS, RECORD_COUNT, records, write_examples, write_raw_store, write_store
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -565,7 +567,7 @@ def test_refresh_docs_screenshot(browser, tmp_path):
 
 
 def test_the_model_page_sorts_and_filters_each_layers_features_by_any_descriptor(site):
-    from pipeline.views.atlas import SORTABLE
+    from pipeline.views.pages import SORTABLE
 
     page = (site["out"] / "models" / f"{model_slug(DEIT)}.html").read_text()
     options = re.findall(r'<option value="([a-z_]+)">', page[page.index('id="sort-by"'):page.index("</select>",

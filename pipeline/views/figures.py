@@ -37,7 +37,8 @@ from pipeline.errors import PipelineError
 from pipeline.models.weights import short_id
 from pipeline.store.png import PngDecodeError, decode_png
 from pipeline.store.schemas import DESCRIPTOR_COLUMNS
-from pipeline.views.atlas import REPAIR_HINT, model_slug, weights_kind, weights_order
+from pipeline.views.pages import REPAIR_HINT, weights_kind, weights_order
+from pipeline.views.slugs import model_slug
 from pipeline.views.readers import AtlasStore, open_store
 
 log = logging.getLogger(__name__)
