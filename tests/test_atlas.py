@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.atlas import main
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.store.png import decode_png, encode_png
 from pipeline.views.atlas import build_site
@@ -146,8 +146,8 @@ def test_a_feature_page_shows_its_unit_under_the_stores_other_configs_captioned_
 
 
 def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
-    def atlas(*args):  # in-process: `python -m pipeline.atlas` is main() with sys.argv
-        return main(list(args)), capsys.readouterr()
+    def atlas(*args):  # in-process: `vit-atlas atlas ARGS` is main() with sys.argv
+        return main(["atlas", *args]), capsys.readouterr()
 
     status, output = atlas(f"store.root={tmp_path / 'none'}", f"out={tmp_path / 'site'}")
     assert status == 2 and output.err.startswith("error: No store at") and output.err.count("\n") == 1
@@ -387,7 +387,7 @@ def test_a_record_whose_png_does_not_decode_gets_a_placeholder_a_warning_and_a_c
     assert 'class="unreadable"' in (site / "models" / f"{model_slug(DEIT)}.html").read_text()
 
     # the next build tries them again (a repaired store would show them) and still counts them
-    status = main([f"store.root={tmp_path / 'store'}", f"out={site}"])
+    status = main(["atlas", f"store.root={tmp_path / 'store'}", f"out={site}"])
     out = capsys.readouterr().out
     assert status == 0
     assert "wrote 2 new feature pages, kept 1; 2 images unreadable, shown as placeholders (see the warnings)" in out

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import spectrum
+from pipeline import cli
 from pipeline.engine import parameterizations, spectra
 from pipeline.engine.visualizer import Visualizer
 from pipeline.models import planted
@@ -251,7 +251,7 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     write_images(tmp_path / "images")
     out = tmp_path / f"spectrum{suffix}"
     command = [f"folder={tmp_path / 'images'}", f"out={out}", "size=32"]
-    assert spectrum.main(command) == 0
+    assert cli.main(["spectrum", *command]) == 0
     spectrum_id = capsys.readouterr().out.strip()
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert spectrum_id == f"sha256-{digest}"
@@ -262,7 +262,7 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     before = out.read_bytes()
     with pytest.raises(PipelineError, match="exists"):
         spectra.spectrum_from_folder(tmp_path / "images", out, parameterizations.decorrelate, (32, 32))
-    assert spectrum.main(command) == 2
+    assert cli.main(["spectrum", *command]) == 2
     assert "force=true" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert spectra.spectrum_from_folder(tmp_path / "images", out, parameterizations.decorrelate, (32, 32), overwrite=True) == spectrum_id

@@ -95,11 +95,11 @@ def test_a_hyper_parameter_grid_gives_one_record_per_config(ray_local, compose, 
 
 
 def test_a_three_way_parameterization_grid_over_two_layers_is_one_command_into_one_store(ray_local, tmp_path):
-    from pipeline.sweep import main
+    from pipeline.cli import main
     from pipeline.views.atlas import build_site
 
     # The command as written, with 2 steps of 1 copy instead of 10 steps of 8.
-    assert main(["sweep.models=[deit_tiny_patch16_224]", "model.weights=planted", "sweep.layers=[1,2]",
+    assert main(["sweep", "sweep.models=[deit_tiny_patch16_224]", "model.weights=planted", "sweep.layers=[1,2]",
                  "sweep.features=first:2", "sweep.grid={optim.param:[pixel,fourier,maco]}", "optim.steps=2",
                  "optim.copies=1", "progress.bar=false", f"store.root={tmp_path / 'store'}"]) == 0
     rows = Store(str(tmp_path / "store")).parquet_dataset().to_table(
@@ -228,7 +228,7 @@ def test_a_sweep_without_its_pretrained_weights_stops_before_any_compute(compose
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.sweep", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline", "sweep", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

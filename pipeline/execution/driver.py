@@ -82,7 +82,7 @@ def _print_results(store: Store, keys: list[str]) -> None:
 
 
 def _print_where(store: Store) -> None:
-    from pipeline.cli import shell_command  # commands that work as printed, in a new shell
+    from pipeline.shell import shell_command  # commands that work as printed, in a new shell
 
     root = store.root
     print(f"store: {root}\n"

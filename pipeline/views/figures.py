@@ -1,6 +1,6 @@
 """Paper-style figures from a store, as PNG and PDF.
 
-    python -m pipeline.figures store.root=/data/atlas out=/data/figures [model=a,b] [target=mlp]
+    python -m pipeline figures store.root=/data/atlas out=/data/figures [model=a,b] [target=mlp]
 
 - ``progression.{png,pdf}``: the layer-progression strip of the paper's Figure 1:
   one row per (model, weights) (per model: real weights, then planted, then random),
