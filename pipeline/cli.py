@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
 import logging
 import os
@@ -335,31 +336,32 @@ def _sets_free_mapping(name: str, override) -> bool:
 
 # ----------------------------------------------------------------------------- config groups
 
+@functools.cache
 def config_groups(name: str) -> dict[str, list[str]]:
-    """The command's config groups (from its defaults list) and their options for this command.
+    """The command's config groups (from its defaults list) and their options for this command, as
+    Hydra's config loader finds them.
 
-    An option that sets global keys (``# @package _global_``, like every experiment) belongs
-    to the commands whose schema has all of its top-level keys: sweep experiments to the
+    An option that sets global keys (its ``# @package _global_`` header, like every experiment)
+    belongs to the commands whose schema has all of its top-level keys: sweep experiments to the
     sweep, probe experiments to the probes.
     """
-    import yaml
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
 
-    root = config.conf_dir()
-    primary = yaml.safe_load((root / f"{name}.yaml").read_text()) or {}
     fields = {f.name for f in dataclasses.fields(COMMANDS[name].schema)}
     groups: dict[str, list[str]] = {}
-    for entry in primary.get("defaults", []):
-        if not isinstance(entry, dict):
-            continue
-        for group in entry:
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base=None):
+        loader = GlobalHydra.instance().config_loader()
+        for group in group_defaults(name):
             options = []
-            for path in sorted((root / group).glob("*.yaml")):
-                text = path.read_text()
-                if "# @package _global_" in text:
-                    keys = set((yaml.safe_load(text) or {}).keys()) - {"defaults"}
-                    if not keys <= fields:
-                        continue
-                options.append(path.stem)
+            for option in loader.get_group_options(group, results_filter=ObjectType.CONFIG):
+                path = f"{group}/{option}"
+                found = next(source.load_config(path) for source in loader.get_sources() if source.is_config(path))
+                keys = set(found.config.keys()) - {"defaults"}
+                if found.header.get("package") == "_global_" and not keys <= fields:
+                    continue
+                options.append(option)
             groups[group] = options
     return groups
 
