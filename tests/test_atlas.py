@@ -162,12 +162,12 @@ def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
 
 
 def test_a_model_with_many_features_gets_pages_that_reach_every_feature(tmp_path, monkeypatch):
-    import pipeline.views.atlas as atlas
+    import pipeline.views.pages as pages
 
     # The synthetic DEIT model's random weights have 16 images (4 layers x 4 features), its planted ones 2.
-    monkeypatch.setattr(atlas, "MODEL_PAGE_IMAGES", 8)
-    monkeypatch.setattr(atlas, "PAGE_FEATURES", 3)
-    monkeypatch.setattr(atlas, "SEARCH_PART_FEATURES", 2)
+    monkeypatch.setattr(pages, "MODEL_PAGE_IMAGES", 8)
+    monkeypatch.setattr(pages, "PAGE_FEATURES", 3)
+    monkeypatch.setattr(pages, "SEARCH_PART_FEATURES", 2)
     written = write_store(tmp_path / "store")
     out = tmp_path / "site"
     build_site(str(tmp_path / "store"), out)
