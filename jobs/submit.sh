@@ -5,7 +5,7 @@
 #   jobs/submit.sh --address http://head:8265 experiment=smoke store.root=s3://bucket/atlas
 #   jobs/submit.sh --dry-run sweep.models=[deit_tiny_patch16_224] 'sweep.layers=[0,5]'
 #
-# The job runs `python -m pipeline.sweep cluster=ray OVERRIDES...` on the head node, with
+# The job runs `python -m pipeline sweep cluster=ray OVERRIDES...` on the head node, with
 # this checkout uploaded as the job's working directory (so the cluster runs exactly this
 # code and conf/). The cluster's nodes need the project's dependencies at the same Ray
 # version: run them from docker/Dockerfile.{gpu,cpu} (docs/deploy.md).
@@ -75,7 +75,7 @@ command=("$ray_cli" job submit
     --working-dir "$repo"
     --runtime-env-json "$runtime_env"
     "${wait_flag[@]}"
-    -- python -m pipeline.sweep cluster=ray "${overrides[@]}")
+    -- python -m pipeline sweep cluster=ray "${overrides[@]}")
 
 if ((dry_run)); then
     echo "would run:"

@@ -1,8 +1,8 @@
 """One command line for every command: Hydra's config composition over conf/, Hydra's override grammar.
 
 Each command (``vit-atlas sweep|status|describe|spectrum|atlas|figures|examples|probes|zoo``, or
-``python -m pipeline.<command>``) is a :class:`Command`: a config name (conf/<name>.yaml,
-typed by ``pipeline.config.SCHEMAS[name]``) and a function of the typed config.
+``python -m pipeline <command>``) is a :class:`pipeline.commands.Command`: a config name
+(conf/<name>.yaml, typed by its schema) and a function of the typed config.
 :func:`run` parses the command line once, the same way for all of them:
 
 - ``KEY=VALUE`` / ``GROUP=OPTION`` overrides in Hydra's grammar (lists ``[a,b]``, ``+KEY=VALUE``
@@ -20,50 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
+import functools
 import itertools
 import logging
 import os
 import re
-import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline import config
+from pipeline.commands import COMMANDS, Command
 from pipeline.errors import EXIT_BAD_INPUT, PipelineError, reporting_errors
 
 EXIT_INTERRUPTED = 130
 
-# Every command, with its one-line purpose (the dispatcher's list and each command's help page).
-COMMANDS: dict[str, str] = {
-    "sweep": "synthesize the images that maximally activate ViT features (Ghiasi et al. 2022) into a store, on Ray",
-    "status": "planned / done / failed per model and layer, from the store alone",
-    "describe": "measure an existing store's records (descriptors, baselines, embedding) without re-optimizing",
-    "spectrum": "a MACO magnitude spectrum (optim.maco_spectrum) averaged from a folder of images",
-    "atlas": "write (or bring up to date) a store's static web atlas",
-    "figures": "paper-style figures from a store, as PNG and PDF",
-    "examples": "the dataset images that most excite each visualized feature, into the store",
-    "probes": "the paper's probes of what ViTs use (tokens, foreground/background, frequency, spatial), on Ray",
-    "zoo": "the supported models by family, and the traced layers of named models",
-}
-
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
-
-
-@dataclass(frozen=True)
-class Command:
-    """A command: conf/<name>.yaml typed by config.SCHEMAS[name], and what it does with the typed config."""
-
-    name: str
-    run: Callable[[Any], int | None]
-    examples: tuple[str, ...] = ()
-
-    @property
-    def purpose(self) -> str:
-        return COMMANDS[self.name]
 
 
 @dataclass
@@ -227,7 +200,7 @@ def compose(name: str, overrides: Sequence[str] = ()):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    config.register()
+    _register_schemas()
     overrides = list(overrides)
     for i, text in enumerate(overrides):
         override = parse_override(name, text)
@@ -243,6 +216,15 @@ def compose(name: str, overrides: Sequence[str] = ()):
             return hydra_compose(config_name=name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
         raise PipelineError(_explain(name, error)) from None
+
+
+def _register_schemas() -> None:
+    """Each command's schema in Hydra's ConfigStore, as ``<name>_schema`` (conf/<name>.yaml's first default)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, command in COMMANDS.items():
+        store.store(name=f"{name}_schema", node=config.schema_node(command.schema))
 
 
 def to_typed(name: str, cfg) -> Any:
@@ -277,12 +259,12 @@ def _unknown_keys(node, prefix: str = "") -> list[str]:
     schema = OmegaConf.get_type(node)
     fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
     unknown = []
-    for key in node.keys():
+    for key, value in node.items_ex(resolve=False):
         path = f"{prefix}.{key}" if prefix else str(key)
         if fields is not None and key not in fields:
             unknown.append(path)
-        elif fields is not None and OmegaConf.is_dict(node._get_node(key)):
-            unknown += _unknown_keys(node._get_node(key), path)
+        elif fields is not None and OmegaConf.is_dict(value):
+            unknown += _unknown_keys(value, path)
     return unknown
 
 
@@ -356,31 +338,32 @@ def _sets_free_mapping(name: str, override) -> bool:
 
 # ----------------------------------------------------------------------------- config groups
 
+@functools.cache
 def config_groups(name: str) -> dict[str, list[str]]:
-    """The command's config groups (from its defaults list) and their options for this command.
+    """The command's config groups (from its defaults list) and their options for this command, as
+    Hydra's config loader finds them.
 
-    An option that sets global keys (``# @package _global_``, like every experiment) belongs
-    to the commands whose schema has all of its top-level keys: sweep experiments to the
+    An option that sets global keys (its ``# @package _global_`` header, like every experiment)
+    belongs to the commands whose schema has all of its top-level keys: sweep experiments to the
     sweep, probe experiments to the probes.
     """
-    import yaml
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
 
-    root = config.conf_dir()
-    primary = yaml.safe_load((root / f"{name}.yaml").read_text()) or {}
-    fields = {f.name for f in dataclasses.fields(config.SCHEMAS[name])}
+    fields = {f.name for f in dataclasses.fields(COMMANDS[name].schema)}
     groups: dict[str, list[str]] = {}
-    for entry in primary.get("defaults", []):
-        if not isinstance(entry, dict):
-            continue
-        for group in entry:
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base=None):
+        loader = GlobalHydra.instance().config_loader()
+        for group in group_defaults(name):
             options = []
-            for path in sorted((root / group).glob("*.yaml")):
-                text = path.read_text()
-                if "# @package _global_" in text:
-                    keys = set((yaml.safe_load(text) or {}).keys()) - {"defaults"}
-                    if not keys <= fields:
-                        continue
-                options.append(path.stem)
+            for option in loader.get_group_options(group, results_filter=ObjectType.CONFIG):
+                path = f"{group}/{option}"
+                found = next(source.load_config(path) for source in loader.get_sources() if source.is_config(path))
+                keys = set(found.config.keys()) - {"defaults"}
+                if found.header.get("package") == "_global_" and not keys <= fields:
+                    continue
+                options.append(option)
             groups[group] = options
     return groups
 
@@ -405,7 +388,7 @@ def help_page(command: Command) -> str:
     comments = _comments(name)
     lines = [f"vit-atlas {name}: {command.purpose}.", "",
              f"usage: vit-atlas {name} [--help] [--cfg job] [-m] [GROUP=OPTION ...] [KEY=VALUE ...]",
-             f"   or: python -m pipeline.{name} ...", ""]
+             f"   or: python -m pipeline {name} ...", ""]
     groups = config_groups(name)
     if groups:
         lines.append("config groups (GROUP=OPTION):")
@@ -480,20 +463,12 @@ def _comments(name: str) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- the vit-atlas script
 
-def shell_command(name: str, *overrides: str) -> str:
-    """A command line that works as printed in a new shell: this environment's vit-atlas script where it
-    exists, else this interpreter with -m."""
-    script = Path(sys.executable).with_name("vit-atlas")
-    head = [str(script), name] if script.is_file() else [sys.executable, "-m", f"pipeline.{name}"]
-    return shlex.join([*head, *overrides])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``vit-atlas COMMAND [ARGS...]``: run one of the commands (``vit-atlas --help`` lists them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    listing = "\n".join(f"  {name:<9} {purpose}" for name, purpose in COMMANDS.items())
+    listing = "\n".join(f"  {name:<9} {command.purpose}" for name, command in COMMANDS.items())
     usage = (f"usage: vit-atlas COMMAND [--help] [--cfg job] [-m] [KEY=VALUE ...]\n\ncommands:\n{listing}\n\n"
-             f"`vit-atlas COMMAND --help` shows a command's settings and examples; `python -m pipeline.COMMAND` "
+             f"`vit-atlas COMMAND --help` shows a command's settings and examples; `python -m pipeline COMMAND` "
              f"is the same command.")
     if argv[:1] in (["-h"], ["--help"]):
         print(f"vit-atlas: feature visualization for vision transformers across model zoos, at cluster scale.\n\n"
@@ -506,5 +481,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {given}: the commands are {', '.join(COMMANDS)}.{hint} `vit-atlas --help` says what "
               f"each does.", file=sys.stderr)
         return EXIT_BAD_INPUT
-    module = importlib.import_module(f"pipeline.{argv[0]}")
-    return module.main(argv[1:])
+    return run(COMMANDS[argv[0]], argv[1:])

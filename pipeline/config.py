@@ -300,28 +300,6 @@ class ZooConfig:
     model: ZooModel
 
 
-# The schema of each command's primary config (conf/<name>.yaml lists `<name>_schema` first).
-SCHEMAS: dict[str, type] = {
-    "sweep": SweepConfig,
-    "examples": ExamplesConfig,
-    "probes": ProbesConfig,
-    "status": StatusConfig,
-    "describe": DescribeConfig,
-    "spectrum": SpectrumConfig,
-    "atlas": AtlasConfig,
-    "figures": FiguresConfig,
-    "zoo": ZooConfig,
-}
-
-
-def register() -> None:
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    for name, schema in SCHEMAS.items():
-        store.store(name=f"{name}_schema", node=schema_node(schema))
-
-
 def schema_node(schema: type):
     """``schema`` as an OmegaConf node with every section present (typed, values missing).
 

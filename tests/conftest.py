@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
-# Subprocesses (`python -m pipeline.sweep ...` from a temporary directory) import this checkout's
+# Subprocesses (`python -m pipeline sweep ...` from a temporary directory) import this checkout's
 # pipeline, not whichever checkout is installed in editable mode.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join([_REPO, *filter(None, [os.environ.get("PYTHONPATH")])])

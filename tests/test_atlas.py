@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.atlas import main
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.store.png import decode_png, encode_png
-from pipeline.views.atlas import build_site, key_slug, model_slug, thumbnail_pixels
+from pipeline.views.atlas import build_site
+from pipeline.views.slugs import key_slug, model_slug
+from pipeline.views.thumbnails import thumbnail_pixels
 from synthetic_store import CLIP, DEIT, MODELS, RECORD_COUNT, records, write_examples, write_raw_store, write_store
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -144,8 +146,8 @@ def test_a_feature_page_shows_its_unit_under_the_stores_other_configs_captioned_
 
 
 def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
-    def atlas(*args):  # in-process: `python -m pipeline.atlas` is main() with sys.argv
-        return main(list(args)), capsys.readouterr()
+    def atlas(*args):  # in-process: `vit-atlas atlas ARGS` is main() with sys.argv
+        return main(["atlas", *args]), capsys.readouterr()
 
     status, output = atlas(f"store.root={tmp_path / 'none'}", f"out={tmp_path / 'site'}")
     assert status == 2 and output.err.startswith("error: No store at") and output.err.count("\n") == 1
@@ -160,12 +162,12 @@ def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
 
 
 def test_a_model_with_many_features_gets_pages_that_reach_every_feature(tmp_path, monkeypatch):
-    import pipeline.views.atlas as atlas
+    import pipeline.views.pages as pages
 
     # The synthetic DEIT model's random weights have 16 images (4 layers x 4 features), its planted ones 2.
-    monkeypatch.setattr(atlas, "MODEL_PAGE_IMAGES", 8)
-    monkeypatch.setattr(atlas, "PAGE_FEATURES", 3)
-    monkeypatch.setattr(atlas, "SEARCH_PART_FEATURES", 2)
+    monkeypatch.setattr(pages, "MODEL_PAGE_IMAGES", 8)
+    monkeypatch.setattr(pages, "PAGE_FEATURES", 3)
+    monkeypatch.setattr(pages, "SEARCH_PART_FEATURES", 2)
     written = write_store(tmp_path / "store")
     out = tmp_path / "site"
     build_site(str(tmp_path / "store"), out)
@@ -385,7 +387,7 @@ def test_a_record_whose_png_does_not_decode_gets_a_placeholder_a_warning_and_a_c
     assert 'class="unreadable"' in (site / "models" / f"{model_slug(DEIT)}.html").read_text()
 
     # the next build tries them again (a repaired store would show them) and still counts them
-    status = main([f"store.root={tmp_path / 'store'}", f"out={site}"])
+    status = main(["atlas", f"store.root={tmp_path / 'store'}", f"out={site}"])
     out = capsys.readouterr().out
     assert status == 0
     assert "wrote 2 new feature pages, kept 1; 2 images unreadable, shown as placeholders (see the warnings)" in out
@@ -565,7 +567,7 @@ def test_refresh_docs_screenshot(browser, tmp_path):
 
 
 def test_the_model_page_sorts_and_filters_each_layers_features_by_any_descriptor(site):
-    from pipeline.views.atlas import SORTABLE
+    from pipeline.views.pages import SORTABLE
 
     page = (site["out"] / "models" / f"{model_slug(DEIT)}.html").read_text()
     options = re.findall(r'<option value="([a-z_]+)">', page[page.index('id="sort-by"'):page.index("</select>",

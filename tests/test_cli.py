@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import shlex
 import shutil
@@ -17,22 +16,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import cli, config
+from pipeline import cli, commands, config, shell
 from pipeline.execution import scheduler
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = list(cli.COMMANDS)
+COMMANDS = list(commands.COMMANDS)
 EXPERIMENTS = sorted((REPO / "conf" / "experiment").glob("*.yaml"))
 SWEEP_EXPERIMENTS = ["demo", "paper_clip_b32", "paper_families", "paper_vit_b32", "smoke"]
 PROBE_EXPERIMENTS = ["probe_fgbg", "probe_frequency", "probe_spatial", "probe_tokens"]
 
 
-def command(name: str):
-    return importlib.import_module(f"pipeline.{name}")
-
-
 def run_main(name: str, capsys, *args: str):
-    code = command(name).main(list(args))
+    code = cli.main([name, *args])
     output = capsys.readouterr()
     return code, output.out, output.err
 
@@ -63,8 +58,8 @@ def test_every_command_has_its_own_help_page(name, capsys):
     code, out, err = run_main(name, capsys, "--help")
     assert code == 0 and not err
     lines = out.splitlines()
-    assert lines[0] == f"vit-atlas {name}: {cli.COMMANDS[name]}."
-    assert f"usage: vit-atlas {name} " in out and f"python -m pipeline.{name}" in out
+    assert lines[0] == f"vit-atlas {name}: {commands.COMMANDS[name].purpose}."
+    assert f"usage: vit-atlas {name} " in out and f"python -m pipeline {name} " in out
     assert "Hydra" not in lines[0] and "powered by" not in out
     settings = out[out.index("\nsettings ("):out.index("\nexamples:\n")]
     for key, value in cli._flatten(_default_container(name)).items():
@@ -89,6 +84,17 @@ def test_help_lists_only_the_commands_own_experiments(capsys):
     assert "optim " in sweep_help and "paper_text" in sweep_help and "cluster " in probes_help
     _, status_help, _ = run_main("status", capsys, "--help")
     assert "config groups" not in status_help and "store.root=???" in status_help
+
+
+def test_each_command_is_declared_once_and_no_module_shares_its_name():
+    import importlib.util
+
+    assert {path.stem for path in config.conf_dir().glob("*.yaml")} == set(commands.COMMANDS)
+    for name, command in commands.COMMANDS.items():
+        defaults = yaml.safe_load((config.conf_dir() / f"{name}.yaml").read_text())["defaults"]
+        assert defaults[0] == f"{name}_schema", f"conf/{name}.yaml is not typed by its command's schema first"
+        assert command.name == name and command.purpose and dataclasses.is_dataclass(command.schema)
+        assert importlib.util.find_spec(f"pipeline.{name}") is None, f"pipeline/{name}.py shares the command's name"
 
 
 def test_the_dispatcher_lists_the_commands_and_runs_them(capsys):
@@ -121,7 +127,7 @@ def test_a_bad_override_is_one_paragraph_exit_2_and_writes_nothing(override, fra
 
 
 def test_the_cli_writes_no_hydra_directories_even_for_errors(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipeline.sweep", "optim.steps=abc"], cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "optim.steps=abc"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert not list(tmp_path.iterdir())
@@ -291,7 +297,7 @@ def _sections(schema: type) -> list[type]:
 def test_the_schemas_are_types_only_and_the_paper_settings_live_in_the_yaml():
     from pipeline.engine.optimize import OptimConfig
 
-    sections = {section for schema in config.SCHEMAS.values() for section in _sections(schema)}
+    sections = {section for schema in (command.schema for command in commands.COMMANDS.values()) for section in _sections(schema)}
     assert OptimConfig in sections and config.ClusterSection in sections and len(sections) > 20
     for section in sections:
         defaulted = [f.name for f in dataclasses.fields(section)
@@ -338,7 +344,7 @@ def test_printed_commands_work_as_printed_in_a_new_shell(synthetic_store_root, t
     line = next(line for line in printed.splitlines() if line.strip().startswith("status:"))
     status = shlex.split(line.partition("status:")[2])
     script = Path(sys.executable).with_name("vit-atlas")
-    expected = [str(script), "status"] if script.is_file() else [sys.executable, "-m", "pipeline.status"]
+    expected = [str(script), "status"] if script.is_file() else [sys.executable, "-m", "pipeline", "status"]
     assert status == [*expected, f"store.root={synthetic_store_root}"]
     # A new shell: no virtual environment on PATH, another directory.
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
@@ -351,7 +357,7 @@ def test_printed_commands_work_as_printed_in_a_new_shell(synthetic_store_root, t
     bin_dir.mkdir(parents=True)
     (bin_dir / "vit-atlas").write_text("#!/bin/sh\n")
     monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
-    assert cli.shell_command("atlas", "store.root=/a b", "out=site") == f"{bin_dir}/vit-atlas atlas 'store.root=/a b' out=site"
+    assert shell.shell_command("atlas", "store.root=/a b", "out=site") == f"{bin_dir}/vit-atlas atlas 'store.root=/a b' out=site"
 
 
 # ----------------------------------------------------------------------------- packaging

@@ -27,12 +27,12 @@ from pipeline.models import zoo
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [REPO / "jobs" / "submit.sh", REPO / "jobs" / "slurm-sweep.sbatch", REPO / "jobs" / "fetch-demo-weights.sh",
            REPO / "jobs" / "gpu-check.sh"]
-SWEEP = ["python", "-m", "pipeline.sweep"]
+SWEEP = ["python", "-m", "pipeline", "sweep"]
 
 
 def sweep_overrides(argv: list[str]) -> list[str]:
-    """The overrides of a `python -m pipeline.sweep ...` command line (a hydra.* one is an error there too)."""
-    return argv[argv.index("pipeline.sweep") + 1:]
+    """The overrides of a `python -m pipeline sweep ...` command line (a hydra.* one is an error there too)."""
+    return argv[argv.index("pipeline") + 2:]
 
 
 # ----------------------------------------------------------------------------- docker
@@ -79,7 +79,7 @@ def test_compose_brings_up_a_head_a_worker_and_the_demo_sweep(compose):
 
     sweep = services["sweep"]
     argv = shlex.split(sweep["command"])
-    assert argv[:5] == [*SWEEP, "experiment=demo", "cluster=ray"]
+    assert argv[:6] == [*SWEEP, "experiment=demo", "cluster=ray"]
     assert sweep["environment"]["RAY_ADDRESS"] == f"ray://ray-head:{client_port}"
     cfg = compose(*sweep_overrides(argv))
     assert cfg.cluster.kind == "ray" and cfg.cluster.gpus_per_worker == 0
@@ -198,7 +198,7 @@ def test_rayjob_matches_the_kuberay_fields_we_rely_on():
 def test_rayjob_entrypoint_is_a_valid_whole_zoo_sweep(compose):
     rayjob, _ = load_rayjob()
     argv = shlex.split(rayjob["spec"]["entrypoint"])
-    assert argv[:4] == [*SWEEP, "cluster=ray"]
+    assert argv[:5] == [*SWEEP, "cluster=ray"]
     cfg = compose(*sweep_overrides(argv))
     assert cfg.store.root.startswith("s3://")
     assert cfg.sweep.layers == "all" and cfg.sweep.features == "all"
@@ -265,7 +265,7 @@ def test_slurm_dry_run_starts_a_head_and_a_worker_per_node_then_the_sweep(tmp_pa
     assert all("--address=gpu01:6379" in worker and "--block" in worker for worker in workers)
     assert any("wait until 3 Ray nodes" in command for command in commands)
     sweep = shlex.split(commands[-1])
-    assert sweep[1:5] == ["-m", "pipeline.sweep", "cluster=ray", "cluster.address=gpu01:6379"]
+    assert sweep[1:6] == ["-m", "pipeline", "sweep", "cluster=ray", "cluster.address=gpu01:6379"]
     assert sweep[-2:] == ["experiment=demo", "sweep.layers=[0,5]"]
     cfg = compose(*sweep_overrides(sweep))
     assert cfg.cluster.gpus_per_worker == 1 and cfg.cluster.address == "gpu01:6379"

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset
 
-from pipeline import describe, status
+from pipeline import cli
 from pipeline.engine.descriptors import describe_png
 from pipeline.store.schemas import MEASURED_COLUMNS, RECORD_SCHEMA_V1, SCHEMA_ID
 from pipeline.store.store import Store
@@ -25,11 +25,11 @@ def files(root: Path) -> dict[str, int]:
 
 def test_describe_fills_an_old_store_exactly_once_and_a_second_run_does_nothing(tmp_path, capsys):
     written = write_v1_store(tmp_path, DEIT_ONLY, size=224)
-    assert status.main([f"store.root={tmp_path}"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}"]) == 0
     assert f"record schema: 1 part {RECORD_SCHEMA_V1}; `vit-atlas describe" in capsys.readouterr().out
-    assert describe.main([f"store.root={tmp_path}", "device=cpu"]) == 0
+    assert cli.main(["describe", f"store.root={tmp_path}", "device=cpu"]) == 0
     assert "describe: 1 part(s)" in capsys.readouterr().out
-    assert status.main([f"store.root={tmp_path}"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}"]) == 0
     assert capsys.readouterr().out.rstrip().endswith(f"record schema: 1 part {SCHEMA_ID}")
 
     atlas = open_store(str(tmp_path))
@@ -45,7 +45,7 @@ def test_describe_fills_an_old_store_exactly_once_and_a_second_run_does_nothing(
     assert samples == {r["key"] for r in written}  # the WebDataset view holds the rewritten records once too
 
     before = files(tmp_path)
-    assert describe.main([f"store.root={tmp_path}", "device=cpu"]) == 0
+    assert cli.main(["describe", f"store.root={tmp_path}", "device=cpu"]) == 0
     assert "nothing to do" in capsys.readouterr().out
     assert {k: v for k, v in files(tmp_path).items() if not k.startswith("leases/")} == \
         {k: v for k, v in before.items() if not k.startswith("leases/")}
@@ -59,14 +59,14 @@ def test_a_describe_killed_after_its_commit_point_leaves_every_key_once(tmp_path
         raise KeyboardInterrupt  # dies between publishing the rewrite and retiring the old part
 
     monkeypatch.setattr(Store, "_retire", killed)
-    assert describe.main([f"store.root={tmp_path}", "device=cpu"]) == 130
+    assert cli.main(["describe", f"store.root={tmp_path}", "device=cpu"]) == 130
     assert Path(old).exists()  # both parts are there now: the rewrite is the committed one
     monkeypatch.undo()
     atlas = open_store(str(tmp_path))  # recovery retires the superseded part
     assert not Path(old).exists() and set(atlas.versions().values()) == {SCHEMA_ID}
     keys = atlas.store.read_records(columns=["key"])["key"].to_pylist()
     assert len(keys) == len(set(keys)) == 18
-    assert describe.main([f"store.root={tmp_path}", "device=cpu"]) == 0
+    assert cli.main(["describe", f"store.root={tmp_path}", "device=cpu"]) == 0
     assert "nothing to do" in capsys.readouterr().out
 
 
@@ -82,7 +82,7 @@ def test_bad_stores_are_one_paragraph_exit_2_and_nothing_is_written(tmp_path, ca
     else:
         expected = "No store at"
     before = files(root) if root.exists() else {}
-    assert describe.main([f"store.root={root}", "device=cpu"]) == 2
+    assert cli.main(["describe", f"store.root={root}", "device=cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and expected in err
     assert (files(root) if root.exists() else {}) == before

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline import zoo as zoo_command
+from pipeline import cli
 from pipeline.engine.objectives import PatchPosition, parse_objective
 from pipeline.engine.optimize import OptimConfig, seed_for
 from pipeline.engine.visualizer import Visualizer
@@ -145,14 +145,14 @@ def test_suggestions_rank_the_names_that_start_with_what_was_typed_first():
 
 
 def test_zoo_cli_lists_families_and_describes_models(capsys):
-    assert zoo_command.main([]) == 0
+    assert cli.main(["zoo"]) == 0
     listing = capsys.readouterr().out
     for family in ("deit", "coat", "convit", "pit", "swin", "twins", "vit", "clip"):
         assert f"\n{family} (" in "\n" + listing
-    assert zoo_command.main(["describe=[pit_ti_distilled_224]"]) == 0
+    assert cli.main(["zoo", "describe=[pit_ti_distilled_224]"]) == 0
     description = capsys.readouterr().out
     assert "27x27" in description and "7x7" in description and "transformers.2.blocks.3.mlp.act" in description
-    assert zoo_command.main(["describe=[nonexistent_model]"]) == 2
+    assert cli.main(["zoo", "describe=[nonexistent_model]"]) == 2
 
 
 def stripe_orientation(image: torch.Tensor) -> float:

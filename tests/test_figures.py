@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.figures import main
+from pipeline.cli import main
 from pipeline.views.figures import (RANDOM_CAPTION, contact_sheet_figure, descriptor_depth_figure, progression_figure,
                                     write_figures)
 from pipeline.views.readers import open_store
@@ -104,8 +104,8 @@ def test_contact_sheet_shows_every_feature_of_a_layer(synthetic_store_root):
 
 
 def test_cli_writes_png_and_pdf_per_figure(synthetic_store_root, tmp_path, capsys):
-    def figures(*args):  # in-process: `python -m pipeline.figures` is main() with sys.argv
-        return main(list(args)), capsys.readouterr()
+    def figures(*args):  # in-process: `vit-atlas figures ARGS` is main() with sys.argv
+        return main(["figures", *args]), capsys.readouterr()
 
     status, output = figures(f"store.root={synthetic_store_root}", f"out={tmp_path}", f"models=[{CLIP}]")
     assert status == 0, output.err

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import spectrum
-from pipeline.engine import parameterizations
+from pipeline import cli
+from pipeline.engine import parameterizations, spectra
 from pipeline.engine.visualizer import Visualizer
 from pipeline.models import planted
 from pipeline.models import weights
@@ -251,7 +251,7 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     write_images(tmp_path / "images")
     out = tmp_path / f"spectrum{suffix}"
     command = [f"folder={tmp_path / 'images'}", f"out={out}", "size=32"]
-    assert spectrum.main(command) == 0
+    assert cli.main(["spectrum", *command]) == 0
     spectrum_id = capsys.readouterr().out.strip()
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert spectrum_id == f"sha256-{digest}"
@@ -261,16 +261,16 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
 
     before = out.read_bytes()
     with pytest.raises(PipelineError, match="exists"):
-        parameterizations.spectrum_from_folder(tmp_path / "images", out, (32, 32))
-    assert spectrum.main(command) == 2
+        spectra.spectrum_from_folder(tmp_path / "images", out, parameterizations.decorrelate, (32, 32))
+    assert cli.main(["spectrum", *command]) == 2
     assert "force=true" in capsys.readouterr().err
     assert out.read_bytes() == before
-    assert parameterizations.spectrum_from_folder(tmp_path / "images", out, (32, 32), overwrite=True) == spectrum_id
+    assert spectra.spectrum_from_folder(tmp_path / "images", out, parameterizations.decorrelate, (32, 32), overwrite=True) == spectrum_id
 
-    magnitude = parameterizations.load_spectrum(out, (32, 32))
+    magnitude = spectra.load_spectrum(out, (32, 32))
     assert magnitude.shape == (3, 32, 17) and torch.isfinite(magnitude).all() and (magnitude >= 0).all()
     assert magnitude[0, 0, 0] > magnitude[0, 0, 8] > 0  # the mean dominates, as in any image
-    resized = parameterizations.load_spectrum(out, (48, 40))
+    resized = spectra.load_spectrum(out, (48, 40))
     assert resized.shape == (3, 48, 21)
     assert resized[:, 0, 0] == pytest.approx(magnitude[:, 0, 0], rel=1e-5)  # the mean stays the mean
     torch.testing.assert_close(resized[:, 1:, 0], resized[:, 1:, 0].flip(1))  # mirror-symmetric, as real spectra
@@ -282,12 +282,12 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
 def test_spectrum_errors_say_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PipelineError, match="No image PIL can read"):
-        parameterizations.spectrum_from_folder(tmp_path / "empty", tmp_path / "s.npy")
+        spectra.spectrum_from_folder(tmp_path / "empty", tmp_path / "s.npy", parameterizations.decorrelate)
     with pytest.raises(PipelineError, match="must end in .npy or .safetensors"):
-        parameterizations.spectrum_from_folder(tmp_path / "empty", tmp_path / "s.png")
+        spectra.spectrum_from_folder(tmp_path / "empty", tmp_path / "s.png", parameterizations.decorrelate)
     np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4, 5)))
     with pytest.raises(PipelineError, match="expected"):
-        parameterizations.load_spectrum(tmp_path / "bad.npy", SMALL)
+        spectra.load_spectrum(tmp_path / "bad.npy", SMALL)
 
 
 # --- planted units ----------------------------------------------------------------------------

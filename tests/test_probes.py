@@ -217,7 +217,7 @@ def test_cli_bad_input_exits_2_with_one_paragraph(tmp_path):
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-m", "pipeline.probes", "probe.name=fgbg", "probe.weights=random",
+    result = subprocess.run([sys.executable, "-m", "pipeline", "probes", "probe.name=fgbg", "probe.weights=random",
                              f"images.path={tmp_path / 'none'}", f"store.root={tmp_path / 'store'}"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 2

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import status
+from pipeline import cli
 from pipeline.store.errors import UnknownSchemaError
 from pipeline.store.schemas import MEASURED_COLUMNS, RECORD_SCHEMA_V1, SCHEMA_ID
 from pipeline.store.store import Store
@@ -30,7 +30,7 @@ def test_a_v1_store_reads_with_null_measurements_and_reports_its_version(tmp_pat
     assert atlas.reliability().num_rows == 0  # no embeddings: nothing to compare
     assert atlas.measurements()["spectral_centroid"].null_count == RECORD_COUNT
 
-    assert status.main([f"store.root={tmp_path}"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert f"record schema: 2 parts {RECORD_SCHEMA_V1}; `vit-atlas describe store.root={tmp_path}`" in out
 

@@ -61,7 +61,7 @@ def test_an_interrupted_driver_then_the_same_command_gives_exactly_the_planned_k
             "sweep.chunk_size=1", "optim.steps=30", "optim.copies=1", "store.commit_every=1",
             "progress.bar=false", f"store.root={root}"]
     planned = build_plan(compose(*args)).keys()
-    command = [sys.executable, "-m", "pipeline.sweep", *args]
+    command = [sys.executable, "-m", "pipeline", "sweep", *args]
     # A child inherits an ignored SIGINT, and Python then installs no KeyboardInterrupt for it: something
     # earlier in a full test session leaves SIGINT ignored in pytest, so the driver gets it back as a shell gives it.
     driver = subprocess.Popen(command, cwd=tmp_path, env=ENV, start_new_session=True,

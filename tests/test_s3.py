@@ -203,7 +203,7 @@ def test_sweep_killed_after_its_first_commit_resumes_to_exactly_the_plan(s3, com
     planned = sorted(build_plan(cfg).keys())
     store = Store(root)
 
-    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides],
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", *overrides],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 90
@@ -263,7 +263,7 @@ def test_examples_into_s3_killed_midway_resume_to_exactly_their_keys(s3, ray_loc
     overrides = [f"store.root={root}", f"images.path={images}", "k=2", "slice_size=1", "cluster.workers=1",
                  "progress.bar=false"]
     final, slices = example_tables(store)
-    before = _kill_after_first_part([sys.executable, "-m", "pipeline.examples", *overrides], slices, tmp_path)
+    before = _kill_after_first_part([sys.executable, "-m", "pipeline", "examples", *overrides], slices, tmp_path)
     assert 0 < len(before) < 12 and not final.done(), "the kill must interrupt the job midway to test a resume"
 
     assert run_examples(compose_analysis("examples", *overrides)) == 0
@@ -300,7 +300,7 @@ def test_a_probe_into_s3_killed_midway_resumes_to_exactly_its_units_and_publishe
     cfg = compose_analysis("probes", *overrides)
     planned = {task.part_id for task in plan_tasks(cfg, images_lib.open_images(str(images)))}
     parts = Store(root).table(probe_results("tokens"))
-    before = _kill_after_first_part([sys.executable, "-m", "pipeline.probes", *overrides], parts, tmp_path)
+    before = _kill_after_first_part([sys.executable, "-m", "pipeline", "probes", *overrides], parts, tmp_path)
     assert 0 < len(before) < len(planned), "the kill must interrupt the probe midway to test a resume"
 
     assert run_probes(cfg) == 0

@@ -58,7 +58,7 @@ def die_before_the_shard_moves(monkeypatch) -> None:
 
 
 def test_a_kill_after_the_last_part_is_repaired_by_status_not_only_by_a_writer(tmp_path, monkeypatch, capsys):
-    from pipeline import status
+    from pipeline import cli
 
     die_before_the_shard_moves(monkeypatch)
     with pytest.raises(ProcessDied):
@@ -66,7 +66,7 @@ def test_a_kill_after_the_last_part_is_repaired_by_status_not_only_by_a_writer(t
     monkeypatch.undo()
     assert shard_files(tmp_path) == []  # the gap: Parquet holds the records, the WebDataset view none
 
-    assert status.main([f"store.root={tmp_path}"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}"]) == 0
     assert len(shard_files(tmp_path)) == 1
     keys = [s["__key__"] for s in webdataset.WebDataset(shard_files(tmp_path), shardshuffle=False)]
     assert sorted(keys) == sorted(make_record(i)["key"] for i in range(3))
@@ -124,7 +124,7 @@ def test_two_drivers_started_at_once_commit_every_key_once(tmp_path):
     overrides = [*FAST, "sweep.features=first:4", "optim.steps=40", "cluster.workers=1", "sweep.chunk_size=1",
                  "store.commit_every=1", f"store.root={tmp_path / 'store'}"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    drivers = [subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides], cwd=tmp_path, env=env,
+    drivers = [subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", *overrides], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(d.wait(timeout=280), *d.communicate()) for d in drivers]
     codes = sorted(code for code, _, _ in results)
@@ -329,7 +329,7 @@ def test_a_driver_paused_past_its_lease_while_another_takes_over_commits_nothing
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
     def driver() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.sweep", *overrides], cwd=tmp_path, env=env,
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", *overrides], cwd=tmp_path, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     first, first_lines = driver(), []
@@ -365,7 +365,7 @@ def flip_bit(path: str, offset: int) -> None:
 
 
 def test_a_flipped_bit_in_a_tar_header_is_found_named_and_repaired(tmp_path, capsys):
-    from pipeline import status
+    from pipeline import cli
 
     keys = write_records(tmp_path, 3)
     (shard,) = shard_files(tmp_path)
@@ -375,33 +375,32 @@ def test_a_flipped_bit_in_a_tar_header_is_found_named_and_repaired(tmp_path, cap
     with pytest.raises(DamagedStoreError, match=r"lacks \d of the 3 records"):
         list(atlas.torch_samples())
 
-    assert status.main([f"store.root={tmp_path}", "verify=true"]) == 2
+    assert cli.main(["status", f"store.root={tmp_path}", "verify=true"]) == 2
     out = capsys.readouterr().out
     assert "records missing" in out and os.path.basename(shard) in out and "repair=true" in out
 
-    assert status.main([f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0
     assert "after repair: verified 1 parts, 1 shards, 3 records: no damage found" in capsys.readouterr().out
     assert sorted(s["key"] for s in open_store(str(tmp_path)).torch_samples()) == keys
 
 
 def test_a_truncated_part_is_named_by_every_command_and_repair_quarantines_it(tmp_path, capsys):
-    from pipeline import atlas as atlas_command
-    from pipeline import status
+    from pipeline import cli
 
     keys = write_records(tmp_path, 3)
     (part,) = glob.glob(str(tmp_path / "parquet" / "*" / "part-*.parquet"))
     with open(part, "r+b") as handle:
         handle.truncate(os.path.getsize(part) // 2)
 
-    assert status.main([f"store.root={tmp_path}"]) == 2
+    assert cli.main(["status", f"store.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and part in err and "repair=true" in err and err.count("\n") == 1
     with pytest.raises(DamagedStoreError, match="damaged file"):
         open_store(str(tmp_path)).table()
-    assert atlas_command.main([f"store.root={tmp_path}", f"out={tmp_path / 'site'}"]) == 2
+    assert cli.main(["atlas", f"store.root={tmp_path}", f"out={tmp_path / 'site'}"]) == 2
     assert part in capsys.readouterr().err
 
-    assert status.main([f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0
     out = capsys.readouterr().out
     assert "unreadable part" in out and "quarantine" in out
     assert Store(str(tmp_path)).committed_keys() == set()  # its units are recomputed by the next sweep

@@ -107,11 +107,11 @@ def test_a_hyper_parameter_grid_gives_one_record_per_config(ray_local, compose, 
 
 
 def test_a_three_way_parameterization_grid_over_two_layers_is_one_command_into_one_store(ray_local, tmp_path):
-    from pipeline.sweep import main
+    from pipeline.cli import main
     from pipeline.views.atlas import build_site
 
     # The command as written, with 2 steps of 1 copy instead of 10 steps of 8.
-    assert main(["sweep.models=[deit_tiny_patch16_224]", "model.weights=planted", "sweep.layers=[1,2]",
+    assert main(["sweep", "sweep.models=[deit_tiny_patch16_224]", "model.weights=planted", "sweep.layers=[1,2]",
                  "sweep.features=first:2", "sweep.grid={optim.param:[pixel,fourier,maco]}", "optim.steps=2",
                  "optim.copies=1", "progress.bar=false", f"store.root={tmp_path / 'store'}"]) == 0
     rows = Store(str(tmp_path / "store")).parquet_dataset().to_table(
@@ -242,7 +242,7 @@ def test_a_sweep_without_its_pretrained_weights_stops_before_any_compute(compose
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.sweep", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pipeline", "sweep", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -392,7 +392,7 @@ def test_a_resume_that_finds_the_tag_at_another_revision_plans_new_units_beside_
     old, new = "1" * 40, "2" * 40
     hugging_face_cache(tmp_path / "hf", {old: 11, new: 12}, main=old)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [sys.executable, "-m", "pipeline.sweep", "sweep.models=[deit_tiny_patch16_224.fb_in1k]",
+    command = [sys.executable, "-m", "pipeline", "sweep", "sweep.models=[deit_tiny_patch16_224.fb_in1k]",
                "sweep.layers=[0]", "sweep.features=[0,1]", "model.weights=pretrained", "optim.steps=2",
                "optim.copies=1", "progress.bar=false", f"store.root={tmp_path / 'store'}"]
     first = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)

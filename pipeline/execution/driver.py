@@ -226,7 +226,7 @@ def _print_results(store: Store, keys: list[str]) -> None:
 
 
 def _print_where(store: Store) -> None:
-    from pipeline.cli import shell_command  # commands that work as printed, in a new shell
+    from pipeline.shell import shell_command  # commands that work as printed, in a new shell
 
     root = store.root
     print(f"store: {root}\n"
@@ -239,7 +239,7 @@ def _print_where(store: Store) -> None:
 
 def _out_of_space(store: Store, error: OSError, committed_now: int, done_before: int, planned: int) -> str:
     """One paragraph for a store that filled up mid-sweep: what is safe, and how to go on."""
-    from pipeline.cli import shell_command
+    from pipeline.shell import shell_command
 
     return (f"error: The store {store.root} ran out of space ({error.strerror or error}) while this sweep committed "
             f"its records. {committed_now} record(s) of this run were committed before that, beside {done_before} "

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.models.mismatch import describe_mismatch
 
 # Tolerance of verify_import, for values up to 1 in size; it grows with a tensor's largest value,
 # as fp32 rounding does (block outputs are the unnormalised residual stream, whose values reach the
@@ -501,15 +502,10 @@ def onnx_state_dict(path: str | Path, model: nn.Module, data: bytes | None = Non
         if name in tensors and not _shape_fits(name, tensors[name][0].shape, shape, backbone.prefix_tokens, model)
     )
     if missing or unexpected or mismatched:
-        parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if names:
-                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
-                parts.append(f"{label}: {', '.join(names[:8])}{more}")
         architecture = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
         raise PipelineError(
             f"ONNX file '{path}' ({backbone.family} export) does not match the architecture "
-            f"'{architecture}' — {'; '.join(parts)}. Check that the timm architecture has the export's "
+            f"'{architecture}' — {describe_mismatch(missing, unexpected, mismatched)}. Check that the timm architecture has the export's "
             f"width, depth, patch size, prefix tokens and layer scale, and no head unless the file has one."
         )
     ignored = tuple(sorted(

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from pipeline.models import zoo
+from pipeline.models.mismatch import describe_mismatch
 from pipeline.errors import PipelineError
 
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -358,13 +359,9 @@ def _check_checkpoint(model_name: str, path: Path, img_size: int | None) -> None
         if shapes[k] != expected[k] and not _resamplable(k, shapes[k], expected[k])
     )
     if missing or unexpected or mismatched:
-        parts = []
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if names:
-                more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
-                parts.append(f"{label}: {', '.join(names[:8])}{more}")
         raise PipelineError(
-            f"Checkpoint '{path}' does not match the architecture '{model_name}' — {'; '.join(parts)}. "
+            f"Checkpoint '{path}' does not match the architecture '{model_name}' — "
+            f"{describe_mismatch(missing, unexpected, mismatched)}. "
             f"Check that the file was saved from this architecture (same size, patch and image size)."
         )
 

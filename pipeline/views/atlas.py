@@ -1,6 +1,6 @@
 """The atlas: a static website of a store's visualizations, browsable from file:// or any static server.
 
-    python -m pipeline.atlas store.root=/data/atlas out=/data/atlas-site
+    python -m pipeline atlas store.root=/data/atlas out=/data/atlas-site
 
 Layout of the site::
 
@@ -17,11 +17,12 @@ Layout of the site::
                              local JSON file is refused under file://
     manifest.json            which keys have their pages, so a re-run writes only new ones
 
-``<key>`` and ``<model>`` are safe slugs (:func:`key_slug`, :func:`model_slug`): the key or name
-itself when it holds only ``A-Za-z0-9_-``, else those characters plus a hash, so no record can
-name a file outside the site or break out of an attribute. Pages are Jinja2 templates
-(``templates/``, one base layout) rendered with autoescaping, so every text from the store is
-escaped where it lands.
+``<key>`` and ``<model>`` are safe slugs (pipeline.views.slugs): the key or name itself when it
+holds only ``A-Za-z0-9_-``, else those characters plus a hash, so no record can name a file
+outside the site or break out of an attribute. This module is the build: it reads the store, the
+manifest and the dataset examples, and writes the files, on a pool of processes. What each page
+shows is pipeline.views.pages (contexts, Jinja2 templates, the search index); the thumbnails and
+example overlays are pipeline.views.thumbnails.
 
 Pages, images and thumbnails of a key are written once; a re-run writes those
 of new keys (and of keys whose dataset examples or other configs changed), then rewrites the
@@ -36,31 +37,27 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import hashlib
-import html
 import json
 import logging
-import math
 import multiprocessing
 import os
-import re
 import signal
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import jinja2
-import markupsafe
-import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-from PIL import Image, ImageDraw
 
 from pipeline.errors import PipelineError
-from pipeline.store.png import PngDecodeError, decode_png, encode_png, encode_texture_png
-from pipeline.store.schemas import BASELINE_COLUMNS, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN, EXAMPLES
-from pipeline.views.readers import METADATA_COLUMNS, AtlasStore, open_store
+from pipeline.store.png import PngDecodeError, decode_png, encode_texture_png
+from pipeline.store.schemas import EXAMPLES
+from pipeline.views.pages import (JOINED, MEASURED_SHOWN, PAGE_COLUMNS, REPAIR_HINT, as_shown, feature_page,
+                                  group_models, index_page, model_pages, render, search_index)
+from pipeline.views.readers import AtlasStore, open_store
+from pipeline.views.slugs import check_names, key_slug, site_file
+from pipeline.views.thumbnails import example_overlay, placeholder_thumbnail, thumbnail_pixels
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +65,10 @@ log = logging.getLogger(__name__)
 SITE_VERSION = 3
 # What makes two records the same unit under different configs (config_hash aside): a feature page shows them together.
 UNIT_FIELDS = ("model", "weights", "target", "objective", "layer", "feature", "seed")
-# A variant of a model with more images than this gets its grid on pages of one layer and at most
-# PAGE_FEATURES features each, linked from the model's page: one grid of a wide model (37,000 MLP features
-# of deit_base) is megabytes of HTML, a DOM no browser keeps responsive.
-MODEL_PAGE_IMAGES = 1024
-PAGE_FEATURES = 256
-# Features of a layer per file of the search index (search/), so a search loads only the files that can match.
-SEARCH_PART_FEATURES = 256
-THUMB_SIZE = 128  # thumbnail side, and the size grids show them at (1:1, so browsers do not average either)
-EXAMPLE_SIZE = 128
-# What to do about a record whose image does not decode ({root}: the store root).
-REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true repair=true"
-REPAIR_HINT = (f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to "
-               "recompute it.")
 # A manifest entry that makes the next run try a key again.
 _UNREADABLE = "unreadable"
 
-_MAX_NAME = 100
-_SAFE_NAME = re.compile(rf"[A-Za-z0-9_-]{{1,{_MAX_NAME}}}")
-_SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _ASSETS = Path(__file__).with_name("atlas_assets")
-# The atlas leaves the embedding to the readers (reliability): hundreds of floats per record, nothing to show.
-_PAGE_COLUMNS = [name for name in METADATA_COLUMNS if name != EMBEDDING_COLUMN]
-# What a layer's features can be sorted and filtered by on the model page, and what the feature page shows.
-SORTABLE = ("activation", "superstimulus_ratio", "reliability", *DESCRIPTOR_COLUMNS, *BASELINE_COLUMNS)
-_JOINED = ("top_natural", "superstimulus_ratio", "reliability")  # per record, from AtlasStore.measurements()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,15 +92,15 @@ def build_site(store_root: str, out: str | Path, workers: int | None = None) -> 
 def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | None, workers: int) -> BuildReport:
     atlas = open_store(store_root)
     _check_out(out)
-    records = atlas.table(columns=_PAGE_COLUMNS)
+    records = atlas.table(columns=PAGE_COLUMNS)
     examples = _Examples.open(atlas)
 
     manifest_path = out / "manifest.json"
     manifest = _read_manifest(manifest_path)
     rows = {row["key"]: row for row in records.to_pylist()}
-    for joined in atlas.measurements().select(["key", *_JOINED]).to_pylist():
+    for joined in atlas.measurements().select(["key", *JOINED]).to_pylist():
         rows[joined["key"]].update(joined)
-    _check_names(rows)
+    check_names(rows)
     configs = _unit_configs(rows.values())
     example_digests = examples.fingerprints()
     fingerprints = _fingerprints(rows, example_digests, configs)
@@ -138,15 +114,15 @@ def _build_site(store_root: str, out: Path, pool: multiprocessing.pool.Pool | No
     unreadable = _write_pages(atlas, out, rows, pending, examples, set(example_digests), configs, pool, workers)
     broken = frozenset(unreadable)
 
-    models = _group_models(rows.values())
+    models = group_models(rows.values())
     pages = ((out, "models", name, "model.html", context)
-             for model, variants in models.items() for name, context in _model_pages(model, variants, broken))
+             for model, variants in models.items() for name, context in model_pages(model, variants, broken))
     for _ in _in_order(pool, _write_page, pages, in_flight=2 * workers):
         pass
-    _write_text(out / "index.html", _index_page(models, len(rows), broken))
-    index, parts = _search_index(models)
+    _write_text(out / "index.html", index_page(models, len(rows), broken))
+    index, parts = search_index(models)
     for name, text in parts.items():
-        _write_text(_site_file(out, "search", f"{name}.js"), text)
+        _write_text(site_file(out, "search", f"{name}.js"), text)
     _write_text(out / "atlas-index.js", index)
     for asset in ("atlas.css", "atlas.js"):
         _write_text(out / asset, (_ASSETS / asset).read_text())
@@ -269,39 +245,17 @@ def _fingerprints(rows: dict[str, dict], examples: dict[str, str], configs: dict
     measures an old record, when examples arrive (the superstimulus ratio) or another seed of the unit does
     (its reliability); siblings change when the store gains the unit under another config.
 
-    Measurements count as the page shows them (``_as_shown``): reliability is centred on the model's other
+    Measurements count as the page shows them (``as_shown``): reliability is centred on the model's other
     units, so each new record moves every unit's value in its third decimal, and finer digits made a re-run
     after 1% new records rewrite every page of the model."""
     def shown(row: dict) -> list:
-        return [_as_shown(name, row.get(name)) for name in _MEASURED_SHOWN]
+        return [as_shown(name, row.get(name)) for name in MEASURED_SHOWN]
 
     return {key: hashlib.sha256(repr((examples.get(key, ""), shown(row),
                                       [c["key"] for c in configs.get(key, [])])).encode()).hexdigest()[:16]
             for key, row in rows.items()}
 
 
-# How the feature page shows a measurement (measurements.html takes reliability's from here); the others
-# to at most 4 significant digits.
-_SHOWN_AS = {"reliability": ".2f"}
-
-
-def _as_shown(name: str, value):
-    return format(value, _SHOWN_AS.get(name, ".4g")) if isinstance(value, float) else value
-
-
-def _group_models(rows) -> dict[str, dict[tuple, list[dict]]]:
-    """model -> variant (weights, target, objective, config_hash) -> records, models and variants sorted."""
-    models: dict[str, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for row in rows:
-        models[row["model"]][(row["weights"], row["target"], row["objective"], row["config_hash"])].append(row)
-    return {model: {variant: models[model][variant] for variant in sorted(models[model], key=_variant_order)}
-            for model in sorted(models)}
-
-
-def _variant_order(variant: tuple) -> tuple:
-    weights, target, objective, config_hash = variant
-    # MLP features, the interpretable ones, first; then real weights, planted, random
-    return (target != "mlp", target, weights_order(weights), objective, config_hash)
 
 
 # ------------------------------------------------------------------ per-key files
@@ -387,54 +341,25 @@ def _write_key(out: Path, row: dict, png: bytes, examples: list[dict], configs: 
         pixels = decode_png(png)
     except PngDecodeError as error:
         problem = str(error)
-        _site_file(out, "thumbs", f"{slug}.png").write_bytes(_placeholder_thumbnail())
-        _site_file(out, "images", f"{slug}.png").unlink(missing_ok=True)  # an image from before it broke
+        site_file(out, "thumbs", f"{slug}.png").write_bytes(placeholder_thumbnail())
+        site_file(out, "images", f"{slug}.png").unlink(missing_ok=True)  # an image from before it broke
     else:
         problem = None
-        _site_file(out, "images", f"{slug}.png").write_bytes(png)
-        _site_file(out, "thumbs", f"{slug}.png").write_bytes(encode_texture_png(thumbnail_pixels(pixels)))
+        site_file(out, "images", f"{slug}.png").write_bytes(png)
+        site_file(out, "thumbs", f"{slug}.png").write_bytes(encode_texture_png(thumbnail_pixels(pixels)))
     shown = []
     for example in examples:
         try:
-            overlay = _example_overlay(example)
+            overlay = example_overlay(example)
         except PngDecodeError as error:
             log.warning("The dataset example %r (rank %s) of record %r has a thumbnail that does not decode: %s; "
-                        "it is left out of the feature page. Re-run pipeline.examples to recompute it.",
+                        "it is left out of the feature page. Re-run `vit-atlas examples` to recompute it.",
                         example["image_id"], example["rank"], row["key"], error)
             continue
-        overlay.save(_site_file(out, "examples", f"{slug}-r{int(example['rank'])}.jpg"), format="JPEG", quality=85)
+        overlay.save(site_file(out, "examples", f"{slug}-r{int(example['rank'])}.jpg"), format="JPEG", quality=85)
         shown.append(example)
-    _write_text(_site_file(out, "features", f"{slug}.html"), _feature_page(row, shown, problem, configs))
+    _write_text(site_file(out, "features", f"{slug}.html"), feature_page(row, shown, problem, configs))
     return problem
-
-
-def thumbnail_pixels(pixels: np.ndarray, size: int | None = None) -> np.ndarray:
-    """(h, w, 3) uint8 thumbnail of (H, W, 3) pixels that keeps their texture: no averaging at all.
-
-    A side of at most ``size`` is kept as it is (browsers scale it up, pixelated); a larger image is
-    subsampled by nearest neighbour, so every thumbnail pixel is a pixel of the image. Averaging
-    filters (box, Lanczos, JPEG's chroma subsampling) turn the per-pixel noise and fine gratings of
-    feature visualizations into flat grey; subsampling keeps their contrast (and aliases the finest
-    patterns, which still reads as texture).
-    """
-    size = size or THUMB_SIZE
-    height, width = pixels.shape[:2]
-    if max(height, width) <= size:
-        return pixels
-    scale = size / max(height, width)
-    target = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(pixels).resize(target, Image.Resampling.NEAREST))
-
-
-@functools.cache
-def _placeholder_thumbnail() -> bytes:
-    """A grey tile with a dark border and a cross: plainly not a visualization."""
-    tile = Image.new("RGB", (THUMB_SIZE, THUMB_SIZE), (205, 205, 205))
-    draw = ImageDraw.Draw(tile)
-    draw.rectangle((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), outline=(90, 90, 90), width=3)
-    draw.line((0, 0, THUMB_SIZE - 1, THUMB_SIZE - 1), fill=(170, 40, 40), width=3)
-    draw.line((0, THUMB_SIZE - 1, THUMB_SIZE - 1, 0), fill=(170, 40, 40), width=3)
-    return encode_png(np.asarray(tile))
 
 
 def _unreadable_warning(row: dict, problem: str, store_root: str) -> str:
@@ -443,357 +368,14 @@ def _unreadable_warning(row: dict, problem: str, store_root: str) -> str:
             + REPAIR_HINT.format(root=store_root))
 
 
-def _example_overlay(example: dict) -> Image.Image:
-    """The example image with its activation map laid over it in red, brighter where the feature fires."""
-    rows, cols, values = example["grid_rows"], example["grid_cols"], example["activation_map"]
-    if rows * cols != len(values):
-        raise PipelineError(
-            f"The dataset example {example['image_id']!r} of {example['key']!r} has an activation map of "
-            f"{len(values)} values for a {rows}x{cols} grid. Each map must hold grid_rows * grid_cols values, "
-            "row by row; fix the examples table."
-        )
-    image = Image.fromarray(decode_png(example["thumbnail"]))
-    image.thumbnail((EXAMPLE_SIZE, EXAMPLE_SIZE), Image.Resampling.LANCZOS)
-    heat = np.asarray(values, dtype=np.float64).reshape(rows, cols)
-    span = heat.max() - heat.min()
-    heat = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
-    alpha = Image.fromarray((heat * 160).astype(np.uint8), mode="L").resize(image.size, Image.Resampling.BILINEAR)
-    red = Image.new("RGB", image.size, (255, 32, 0))
-    return Image.composite(red, image, alpha)
 
 
-# ------------------------------------------------------------------ safe names
 
 
-def key_slug(key: str) -> str:
-    """The file name stem of a record's pages and images: the key itself when it is a safe name.
-
-    A safe name is 1 to 100 of ``A-Z a-z 0-9 _ -`` (what the sweep's keys are). Anything else (markup,
-    quotes, slashes, dots, ``..``, an absolute path, a very long key) keeps its safe characters and
-    gets a hash of the whole key, so it can neither leave the site's folders nor break an attribute.
-    """
-    return _safe_name(key)
-
-
-def model_slug(model: str) -> str:
-    """A file name for a model page; names with '/', ':' or '.' get a hash so two never collide."""
-    return _safe_name(model)
-
-
-def _safe_name(text: str) -> str:
-    if _SAFE_NAME.fullmatch(text):
-        return text
-    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    slug = _SLUG_UNSAFE.sub("_", text)[:_MAX_NAME].strip("_")
-    return f"{slug}-{digest}" if slug else f"x-{digest}"
-
-
-_MEASURED_SHOWN = (*DESCRIPTOR_COLUMNS, *BASELINE_COLUMNS, *_JOINED)
-
-
-# Fields the pages group, sort, link or format by: a record without one cannot be placed.
-_NEEDED = ("model", "family", "weights", "target", "objective", "config_hash", "layer", "feature", "seed",
-           "activation", "activation_trace", "steps", "image_size")
-
-
-def _check_names(rows: dict[str, dict]) -> None:
-    """Refuse a store whose records cannot get distinct, safe file names (before anything is written)."""
-    seen: dict[str, str] = {}
-    for key, row in rows.items():
-        if not isinstance(key, str) or not key:
-            raise PipelineError(
-                f"The store has a record with an empty key ({row.get('model')!r}, weights {row.get('weights')!r}, "
-                f"layer {row.get('layer')}, feature {row.get('feature')}): the atlas names every page after "
-                "its record's key. Remove or rewrite that record in the store (keys are made by the sweep)."
-            )
-        missing = [name for name in _NEEDED if row.get(name) is None]
-        if missing:
-            raise PipelineError(
-                f"The store's record {key!r} has no {', '.join(missing)} (null), which the atlas needs to place "
-                "it. Remove or rewrite that record in the store; records made by the sweep always have them."
-            )
-        name = key_slug(key)
-        other = seen.setdefault(name.casefold(), key)  # case-insensitive file systems merge names by case
-        if other != key:
-            raise PipelineError(
-                f"The store's records {other!r} and {key!r} would share the atlas page features/{name}.html "
-                "(their keys differ only in characters a file name cannot hold safely, or in case). "
-                "Rename or remove one of them in the store; keys made by the sweep never collide."
-            )
-    models: dict[str, str] = {}
-    for model in sorted({row["model"] for row in rows.values()}):
-        other = models.setdefault(model_slug(model).casefold(), model)
-        if other != model:
-            raise PipelineError(
-                f"The store's models {other!r} and {model!r} would share the atlas page "
-                f"models/{model_slug(model)}.html. Rename one of them in the store."
-            )
-
-
-def _site_file(out: Path, folder: str, name: str) -> Path:
-    """out/folder/name, for a name made of slugs: checked to stay inside the site, as a last line of defence."""
-    path = out / folder / name
-    if path.parent != out / folder or name in ("", ".", "..") or "/" in name or "\\" in name:
-        raise PipelineError(f"The atlas refused to write {name!r}: file names in the site are slugs of keys.")
-    return path
-
-
-# ------------------------------------------------------------------ pages
-
-
-@functools.cache
-def _environment() -> jinja2.Environment:
-    environment = jinja2.Environment(
-        loader=jinja2.PackageLoader("pipeline.views", "templates"),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default_for_string=True, default=True),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    environment.filters["count"] = _count
-    environment.filters["fmt"] = format
-    environment.filters["text"] = _element_text
-    return environment
-
-
-def _element_text(value: str) -> markupsafe.Markup:
-    """Escaped for an element's content only (``<``, ``>``, ``&``), leaving quotes readable, as in a <pre>
-    of JSON. Never for an attribute value: autoescaping (which also escapes quotes) is for those."""
-    return markupsafe.Markup(html.escape(str(value), quote=False))
-
-
-def _render(template: str, **context) -> str:
-    return _environment().get_template(template).render(**context)
-
-
-def _thumb(row: dict, unreadable: frozenset[str] = frozenset()) -> dict:
-    alt = f"{row['model']} layer {row['layer']} feature {row['feature']}" + (f" ({row['label']})" if row["label"] else "")
-    return {"slug": key_slug(row["key"]), "alt": alt, "layer": row["layer"], "unreadable": row["key"] in unreadable}
-
-
-def _variant_title(variant: tuple) -> str:
-    weights, target, objective, config_hash = variant
-    return f"weights {weights} · target {target} · objective {objective} · config {config_hash}"
-
-
-def weights_kind(weights: str) -> str:
-    """pretrained | file | planted | random | other, from a record's weights id."""
-    for prefix, kind in (("pretrained-", "pretrained"), ("sha256-", "file"), ("planted-", "planted"),
-                         ("random-", "random")):
-        if weights.startswith(prefix):
-            return kind
-    return "other"
-
-
-# Real weights first, then planted (a check of the method), then random (a baseline).
-_WEIGHTS_RANK = {"pretrained": 0, "file": 0, "other": 0, "planted": 1, "random": 2}
-_WEIGHTS_NOTES = {
-    "random": "random weights: a baseline, expected to look like noise",
-    "planted": "planted weights: units wired to known colours and gratings, a check of the method",
-}
-
-
-def _weights_note(weights: str) -> dict | None:
-    kind = weights_kind(weights)
-    return {"kind": kind, "text": _WEIGHTS_NOTES[kind]} if kind in _WEIGHTS_NOTES else None
-
-
-def weights_order(weights: str) -> tuple:
-    """Sort key: real weights (pretrained, a file) first, then planted, then random."""
-    return (_WEIGHTS_RANK[weights_kind(weights)], weights)
-
-
-def _model_pages(model: str, variants: dict[tuple, list[dict]],
-                 unreadable: frozenset[str] = frozenset()) -> Iterator[tuple[str, dict]]:
-    """(file name, model.html context) of the model's page and of its variants' pages, if any.
-
-    The model's page shows each variant's layers x features grid, early -> late; a variant of more than
-    MODEL_PAGE_IMAGES images gets links instead, per layer, to pages of PAGE_FEATURES features each.
-    """
-    slug = model_slug(model)
-    family = next(iter(variants.values()))[0]["family"]
-    total = sum(len(rows) for rows in variants.values())
-    heading = {"up": "../", "scripts": ("atlas.js",), "model": model, "model_slug": slug, "family": family,
-               "thumb_size": THUMB_SIZE, "sortable": SORTABLE, "page_features": PAGE_FEATURES}
-    sections = []
-    for number, (variant, rows) in enumerate(variants.items()):
-        cells: dict[int, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))  # layer -> feature -> rows
-        for row in sorted(rows, key=lambda r: (r["seed"], r["key"])):
-            cells[row["layer"]][row["feature"]].append(row)
-        layers = sorted(cells)
-        features = sorted({feature for layer in cells.values() for feature in layer})
-        section = {"title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
-                   "layers": layers, "features": features, "paged": False, "rows": None, "pages": None}
-        if len(rows) <= MODEL_PAGE_IMAGES:
-            section["rows"] = [_grid_row(layer, features, cells[layer], unreadable) for layer in layers]
-        else:
-            section["pages"] = []
-            for layer in layers:
-                shown = sorted(cells[layer])
-                chunks = [shown[start:start + PAGE_FEATURES] for start in range(0, len(shown), PAGE_FEATURES)]
-                names = [f"{slug}-v{number}-l{layer}-p{page}" for page in range(len(chunks))]
-                section["pages"].append({"layer": layer, "links": [
-                    {"name": name, "first": chunk[0], "last": chunk[-1]} for name, chunk in zip(names, chunks)]})
-                for page, (name, chunk) in enumerate(zip(names, chunks)):
-                    images = sum(len(cells[layer][feature]) for feature in chunk)
-                    where = f"layer {layer} · features {chunk[0]}–{chunk[-1]}"
-                    yield name, {**heading, "title": f"{model} · {where} · vit-atlas", "total": images, "page": {
-                        "where": where, "number": page + 1, "of": len(chunks),
-                        "previous": names[page - 1] if page else None,
-                        "next": names[page + 1] if page + 1 < len(chunks) else None},
-                        "variants": [{**section, "images": images, "layers": [layer], "features": chunk,
-                                      "paged": True, "pages": None,
-                                      "rows": [_grid_row(layer, chunk, cells[layer], unreadable)]}]}
-        sections.append(section)
-    yield slug, {**heading, "title": f"{model} · vit-atlas", "total": total, "page": None, "variants": sections}
-
-
-def _grid_row(layer: int, features: list[int], cells: dict[int, list[dict]], unreadable: frozenset[str]) -> dict:
-    return {"layer": layer, "cells": [{"feature": feature, "values": _cell_values(cells.get(feature, [])),
-                                       "thumbs": [_thumb(row, unreadable) for row in cells.get(feature, [])]}
-                                      for feature in features]}
 
 
 def _write_page(out: Path, folder: str, name: str, template: str, context: dict) -> None:
-    _write_text(_site_file(out, folder, f"{name}.html"), _render(template, **context))
-
-
-def _cell_values(rows: list[dict]) -> dict[str, str]:
-    """A grid cell's sort keys: per measurement, the mean over the cell's records (its seeds) where measured."""
-    values = {}
-    for name in SORTABLE:
-        found = [value for row in rows if (value := row.get(name)) is not None and math.isfinite(value)]
-        if found:
-            values[name] = format(sum(found) / len(found), ".6g")
-    return values
-
-
-def _feature_page(row: dict, examples: list[dict], unreadable: str | None = None,
-                  configs: list[dict] = ()) -> str:
-    title = f"{row['model']} · layer {row['layer']} · feature {row['feature']}"
-    try:
-        config = json.dumps(json.loads(row["config"]), indent=2, sort_keys=True)
-    except (json.JSONDecodeError, TypeError):
-        config = str(row["config"])
-    return _render(
-        "feature.html", title=f"{title} · vit-atlas", up="../", scripts=(), row=row, heading=title,
-        slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
-        unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"),
-        trace=_sparkline(row["activation_trace"]), config=config,
-        configs=[{**c, "current": c["key"] == row["key"]} for c in configs], thumb_size=THUMB_SIZE,
-        examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],
-        provenance=[(name, _format_value(name, row[name])) for name in _PAGE_COLUMNS
-                    if name != "config" and name not in _MEASURED_SHOWN],
-        measurements=_measurements(row),
-    )
-
-
-def _measurements(row: dict) -> dict | None:
-    """The feature page's measurements block: None for a record not measured yet (a v1 part)."""
-    from pipeline.engine.descriptors import DESCRIPTORS, baseline_gap
-
-    if row.get(DESCRIPTOR_COLUMNS[0]) is None and row.get("activation_noise") is None:
-        return None
-    noise, grey = row.get("activation_noise"), row.get("activation_grey")
-    return {
-        "descriptors": [{"name": name, "value": row.get(name), "unit": DESCRIPTORS[name].unit,
-                         "definition": DESCRIPTORS[name].definition} for name in DESCRIPTOR_COLUMNS],
-        "noise": noise, "grey": grey,
-        "gap": None if noise is None or grey is None else baseline_gap(row["activation"], noise, grey),
-        "top_natural": row.get("top_natural"), "ratio": row.get("superstimulus_ratio"),
-        "reliability": row.get("reliability"),
-        "reliability_format": _SHOWN_AS["reliability"],  # the digits the page's fingerprint compares
-    }
-
-
-def _format_value(name: str, value) -> str:
-    if value is None:
-        return "—"
-    if name == "activation_trace":
-        return ", ".join(f"{v:.4g}" for v in value)
-    return str(value)
-
-
-def _sparkline(trace: list[float], width: int = 240, height: int = 48) -> dict | None:
-    """The objective during optimization, as the points of a small inline SVG (no script, no external file)."""
-    if len(trace) < 2:
-        return None
-    low, high = min(trace), max(trace)
-    span = (high - low) or 1.0
-    points = " ".join(f"{i * width / (len(trace) - 1):.1f},{height - (v - low) / span * height:.1f}"
-                      for i, v in enumerate(trace))
-    return {"width": width, "height": height, "points": points, "low": low, "high": high,
-            "first": trace[0], "last": trace[-1]}
-
-
-def _front_strips(variants: dict[tuple, list[dict]], unreadable: frozenset[str]) -> list[dict]:
-    """Per weights (real, then planted, then random): one thumbnail per layer, early -> late, the layer's
-    most strongly activated feature (MLP features and the mean objective where the weights have them)."""
-    by_weights: dict[str, list[dict]] = defaultdict(list)
-    for (weights, _target, _objective, _config), rows in variants.items():
-        by_weights[weights].extend(rows)
-    strips = []
-    for weights in sorted(by_weights, key=weights_order):
-        rows = by_weights[weights]
-        rows = [r for r in rows if r["target"] == "mlp"] or rows
-        rows = [r for r in rows if r["objective"] == "mean"] or rows
-        best: dict[int, dict] = {}
-        for row in sorted(rows, key=lambda r: (-r["activation"], r["key"])):
-            best.setdefault(row["layer"], row)
-        strips.append({"weights": weights, "note": _weights_note(weights),
-                       "thumbs": [_thumb(best[layer], unreadable) for layer in sorted(best)]})
-    return strips
-
-
-def _index_page(models: dict[str, dict[tuple, list[dict]]], total: int,
-                unreadable: frozenset[str] = frozenset()) -> str:
-    by_family: dict[str, list[str]] = defaultdict(list)
-    for model, variants in models.items():
-        by_family[next(iter(variants.values()))[0]["family"]].append(model)
-    families = []
-    for family in sorted(by_family):
-        items = []
-        for model in by_family[family]:
-            variants = models[model]
-            rows = [row for group in variants.values() for row in group]
-            items.append({"name": model, "slug": model_slug(model), "images": len(rows),
-                          "layers": len({row["layer"] for row in rows}), "strips": _front_strips(variants, unreadable)})
-        families.append({"name": family, "models": items})
-    return _render("index.html", title="vit-atlas", up="", scripts=("atlas-index.js", "atlas.js"), models=models,
-                   total=total, families=families, thumb_size=THUMB_SIZE)
-
-
-def _search_index(models: dict[str, dict[tuple, list[dict]]]) -> tuple[str, dict[str, str]]:
-    """The search index: a script of the models and of the index's parts, and the parts (file stem -> script).
-
-    A part holds one model's records of one layer and SEARCH_PART_FEATURES features, as compact rows
-    [file slug, layer, feature, target, activation, label]; the index lists each part as [file stem,
-    model#, layer, first feature, last feature, records], so a search loads only the parts its filters
-    can match, and counts those they match whole without loading them.
-    """
-    names = list(models)
-    model_rows = [[name, next(iter(models[name].values()))[0]["family"], model_slug(name)] for name in names]
-    grouped: dict[tuple[int, int, int], list[dict]] = defaultdict(list)
-    for number, name in enumerate(names):
-        for rows in models[name].values():
-            for row in rows:
-                grouped[(number, row["layer"], row["feature"] // SEARCH_PART_FEATURES)].append(row)
-    listed, parts = [], {}
-    for (number, layer, block), rows in sorted(grouped.items()):
-        stem = f"{model_rows[number][2]}-l{layer}-f{block * SEARCH_PART_FEATURES}"
-        rows.sort(key=lambda r: (r["feature"], r["key"]))
-        records = [[key_slug(row["key"]), row["layer"], row["feature"], row["target"], round(row["activation"], 5),
-                    row["label"]] for row in rows]
-        parts[stem] = (f"(window.ATLAS_PARTS = window.ATLAS_PARTS || {{}})[{json.dumps(stem)}] = "
-                       f"{json.dumps(records, separators=(',', ':'))};\n")
-        listed.append([stem, number, layer, rows[0]["feature"], rows[-1]["feature"], len(rows)])
-    data = json.dumps({"models": model_rows, "parts": listed}, separators=(",", ":"))
-    return f"window.ATLAS_INDEX = {data};\n", parts
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'' if number == 1 else 's'}"
+    _write_text(site_file(out, folder, f"{name}.html"), render(template, **context))
 
 
 def _write_text(path: Path, text: str) -> None:

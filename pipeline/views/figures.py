@@ -1,6 +1,6 @@
 """Paper-style figures from a store, as PNG and PDF.
 
-    python -m pipeline.figures store.root=/data/atlas out=/data/figures [model=a,b] [target=mlp]
+    python -m pipeline figures store.root=/data/atlas out=/data/figures [model=a,b] [target=mlp]
 
 - ``progression.{png,pdf}``: the layer-progression strip of the paper's Figure 1:
   one row per (model, weights) (per model: real weights, then planted, then random),
@@ -37,7 +37,8 @@ from pipeline.errors import PipelineError
 from pipeline.models.weights import short_id
 from pipeline.store.png import PngDecodeError, decode_png
 from pipeline.store.schemas import DESCRIPTOR_COLUMNS
-from pipeline.views.atlas import REPAIR_HINT, model_slug, weights_kind, weights_order
+from pipeline.views.pages import REPAIR_HINT, weights_kind, weights_order
+from pipeline.views.slugs import model_slug
 from pipeline.views.readers import AtlasStore, open_store
 
 log = logging.getLogger(__name__)

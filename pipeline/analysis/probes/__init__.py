@@ -1,6 +1,6 @@
 """Probes of what ViTs use: tokens and the last layer, foreground vs background, frequency, spatial maps.
 
-    python -m pipeline.probes experiment=probe_tokens images.path=/data/imagenet/val
+    python -m pipeline probes experiment=probe_tokens images.path=/data/imagenet/val
 
 Each probe plans units (one model x one slice of images), runs them on Ray,
 commits each unit's sums to ``ROOT/probes/<probe>/part-<unit>.parquet`` and

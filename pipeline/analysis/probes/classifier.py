@@ -1,6 +1,6 @@
 """Classifiers for the probes: zoo ViTs (any weights the sweep accepts) and plain timm models (CNNs).
 
-Zoo models go through :mod:`pipeline.weights` (pretrained, random, planted, a
+Zoo models go through :mod:`pipeline.models.weights` (pretrained, random, planted, a
 file). Other timm classifiers (resnet50, mobilenetv2_100, densenet121, ...) need
 no zoo layout: they take ``pretrained``, ``random`` or a checkpoint path. Either
 way the choice is validated and given an id before any compute.

@@ -1,7 +1,7 @@
 """Run a probe: plan it over models and images, run it on Ray, report and plot.
 
-    python -m pipeline.probes experiment=probe_tokens images.path=/data/imagenet/val
-    python -m pipeline.probes experiment=probe_fgbg images.path=/data/imagenet/train images.boxes=/data/boxes
+    python -m pipeline probes experiment=probe_tokens images.path=/data/imagenet/val
+    python -m pipeline probes experiment=probe_fgbg images.path=/data/imagenet/train images.boxes=/data/boxes
 
 Everything is validated before any compute (models, weights, probe parameters,
 images, boxes); a bad input is one paragraph and exit status 2. Each unit (one
