@@ -191,9 +191,21 @@ def test_the_default_loss_is_the_released_codes_and_paper_text_keeps_the_texts(c
                                -feats.mean() + text.tv_weight * total_variation(copies)[0])
 
 
+def _bf16_is_emulated_here() -> bool:
+    """calibrate's own probe: bf16 matrix products under half fp32's rate (AVX2 CPUs, ~50x slower)."""
+    from pipeline.engine import calibrate
+
+    cpu = torch.device("cpu")
+    return (calibrate.matmul_rate(192, 768, torch.bfloat16, cpu)
+            < calibrate.EMULATED_BELOW * calibrate.matmul_rate(192, 768, torch.float32, cpu))
+
+
 # Both loss balances, and bf16 (what optim.precision=auto picks where it is fast: AMX CPUs, GPUs) under the default;
-# the default balance in fp32 is tests/test_parameterizations.py's pixel recovery.
-@pytest.mark.parametrize("objective_scale,precision", [("code", "bf16"), ("paper", "fp32")])
+# the default balance in fp32 is tests/test_parameterizations.py's pixel recovery. Where bf16 is emulated the bf16
+# case takes minutes (200 s on a 2-core AVX2 CPU) for a precision auto never picks there: `make test-all` runs it.
+@pytest.mark.parametrize("objective_scale,precision", [
+    pytest.param("code", "bf16", marks=[pytest.mark.slow] if _bf16_is_emulated_here() else []),
+    ("paper", "fp32")])
 def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus(objective_scale, precision):
     from pipeline.models import planted
 

@@ -193,7 +193,7 @@ def test_a_writer_whose_lease_was_taken_over_while_paused_commits_nothing_more(t
 
 def test_a_key_committed_twice_in_the_fencing_gap_counts_once_and_repair_removes_the_later_copy(
         tmp_path, monkeypatch, capsys):
-    from pipeline import status
+    from pipeline import cli
 
     first = Store(str(tmp_path)).lease(expire_s=0.5)
     first.acquire()
@@ -215,18 +215,18 @@ def test_a_key_committed_twice_in_the_fencing_gap_counts_once_and_repair_removes
     devices = {r["key"]: r["device"] for r in open_store(str(tmp_path)).table().to_pylist()}
     assert devices == {make_record(i)["key"]: "paused" if i < 2 else "second" for i in range(3)}  # epoch 1 counts
     assert {s["key"]: s["metadata"]["device"] for s in open_store(str(tmp_path)).torch_samples()} == devices
-    assert status.main([f"store.root={tmp_path}"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}"]) == 0
     assert capsys.readouterr().out.split("total")[1].split()[:3] == ["0", "3", "0"]  # planned, done, failed
     build_site(str(tmp_path), tmp_path / "site")
     assert sorted(json.loads((tmp_path / "site" / "manifest.json").read_text())["pages"]) == keys
 
     (kept,) = glob.glob(str(tmp_path / "parquet" / "*" / "part-e000000000001-*.parquet"))
     (losing,) = glob.glob(str(tmp_path / "parquet" / "*" / "part-e000000000002-*.parquet"))
-    assert status.main([f"store.root={tmp_path}", "verify=true"]) == 2
+    assert cli.main(["status", f"store.root={tmp_path}", "verify=true"]) == 2
     out = capsys.readouterr().out
     assert f"{losing}: 2 duplicate key(s)" in out and f"also committed in {kept}" in out
 
-    assert status.main([f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0
+    assert cli.main(["status", f"store.root={tmp_path}", "verify=true", "repair=true"]) == 0
     assert "after repair: verified 2 parts, 2 shards, 3 records: no damage found" in capsys.readouterr().out
     assert sorted(parquet_keys(tmp_path)) == keys  # the raw files, as any reader without our code sees them
     assert sorted(s["__key__"] for s in webdataset.WebDataset(shard_files(tmp_path), shardshuffle=False)) == keys
@@ -246,14 +246,14 @@ MALFORMED_CLAIMS = {"wrong types": b'{"host": "x", "pid": "abc"}', "a JSON list"
 
 @pytest.mark.parametrize("body", MALFORMED_CLAIMS.values(), ids=MALFORMED_CLAIMS.keys())
 def test_a_malformed_claim_is_named_counts_as_dead_once_its_heartbeat_stops_and_is_removed(tmp_path, body, caplog):
-    from pipeline import sweep
+    from pipeline import cli
 
     leases = tmp_path / "leases" / "records"
     leases.mkdir(parents=True)
     (leases / "claim-0-bad.json").write_bytes(body)
     (leases / "alive-0-bad").write_bytes(b"alive")  # beating now
 
-    code = sweep.main([*FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={tmp_path}"])
+    code = cli.main(["sweep", *FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={tmp_path}"])
     assert code == 2  # refused before any compute, and the refused driver's own claim is gone
     assert sorted(p.name for p in leases.iterdir()) == ["alive-0-bad", "claim-0-bad.json"]
 
@@ -266,13 +266,13 @@ def test_a_malformed_claim_is_named_counts_as_dead_once_its_heartbeat_stops_and_
 
 
 def test_the_refusal_by_a_malformed_claim_names_it(tmp_path, capsys):
-    from pipeline import sweep
+    from pipeline import cli
 
     leases = tmp_path / "leases" / "records"
     leases.mkdir(parents=True)
     (leases / "claim-0-bad.json").write_bytes(b"[1, 2]")
     (leases / "alive-0-bad").write_bytes(b"alive")
-    assert sweep.main([*FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={tmp_path}"]) == 2
+    assert cli.main(["sweep", *FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: Another driver is writing records of the store")
     assert f"a claim that cannot be read, {leases / 'claim-0-bad.json'} (a JSON list, not an object)" in err
@@ -305,12 +305,12 @@ def read_only_leases(tmp_path):
 
 
 def test_a_lease_directory_on_a_read_only_mount_is_one_paragraph_before_any_compute(read_only_leases, capsys):
-    from pipeline import sweep
+    from pipeline import cli
 
     root = read_only_leases
     with pytest.raises(OSError):
         (root / "leases" / "probe").write_bytes(b"")  # the mount is read-only indeed
-    assert sweep.main([*FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={root}"]) == 2
+    assert cli.main(["sweep", *FAST, "sweep.features=[0]", "optim.steps=1", f"store.root={root}"]) == 2
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1
     assert captured.err.startswith(f"error: The store {str(root)!r} cannot be written: its lease directory "
@@ -457,11 +457,11 @@ def test_a_store_root_in_a_symlink_loop_is_refused_before_anything_runs(tmp_path
 
 @pytest.mark.parametrize("root", ["loop", "loop/store", "a-file"])
 def test_status_of_a_root_in_a_link_loop_or_that_is_a_file_is_one_paragraph(tmp_path, root, capsys):
-    from pipeline import status
+    from pipeline import cli
 
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     (tmp_path / "a-file").write_bytes(b"not a store")
-    assert status.main([f"store.root={tmp_path / root}"]) == 2
+    assert cli.main(["status", f"store.root={tmp_path / root}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: The store root {str(tmp_path / root)!r}") and err.count("\n") == 1
     assert ("a link loop" if root.startswith("loop") else "is a file, not a store") in err
@@ -484,10 +484,10 @@ def small_disk(tmp_path):
 @pytest.mark.timeout(300)
 def test_a_disk_that_fills_up_mid_sweep_is_one_paragraph_naming_the_store_what_is_committed_and_how_to_resume(
         small_disk, ray_local, capsys):
-    from pipeline import sweep
+    from pipeline import cli
 
     root = small_disk / "store"
-    code = sweep.main([*FAST, "sweep.features=first:24", "optim.steps=2", "store.commit_every=2",
+    code = cli.main(["sweep", *FAST, "sweep.features=first:24", "optim.steps=2", "store.commit_every=2",
                        "sweep.chunk_size=2", f"store.root={root}"])
     captured = capsys.readouterr()
     assert code == 1, captured

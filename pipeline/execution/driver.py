@@ -316,6 +316,13 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             progress.close()
+            # Two commits run at once: the one beside the commit that failed can leave its staged shard. The
+            # writer has ended and this driver holds the lease, so finish or clean up every interrupted commit
+            # now (renames and deletes need no space) rather than leave it to the next command that opens it.
+            try:
+                store.recover(older_than_s=0)
+            except OSError as cleanup:
+                log.warning("could not clean up after the failed commit (%s); the next command will", cleanup)
             print(_out_of_space(store, error, writer.committed, len(done), len(planned)), file=sys.stderr, flush=True)
             return EXIT_FAILURES
         finally:
