@@ -24,7 +24,8 @@ from PIL import Image
 
 from pipeline.engine.descriptors import describe_png
 from pipeline.store.schemas import EXAMPLES, MEASURED_COLUMNS, RECORD_SCHEMA, RECORD_SCHEMA_V1, unit_key
-from pipeline.store.store import Store, _model_dir
+from pipeline.store.layout import model_dir
+from pipeline.store.store import Store
 
 DEIT = "deit_tiny_patch16_224"
 CLIP = "vit_base_patch32_clip_224.openai"  # a dotted name: model pages must get a safe file name
@@ -133,6 +134,6 @@ def write_raw_store(root, records: list[dict], schema: pa.Schema = RECORD_SCHEMA
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-        part = root / "parquet" / _model_dir(model) / f"part-{commit}.parquet"
+        part = root / "parquet" / model_dir(model) / f"part-{commit}.parquet"
         part.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), part)

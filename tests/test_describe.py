@@ -58,7 +58,7 @@ def test_a_describe_killed_after_its_commit_point_leaves_every_key_once(tmp_path
     def killed(self, cid, path):
         raise KeyboardInterrupt  # dies between publishing the rewrite and retiring the old part
 
-    monkeypatch.setattr(Store, "_retire", killed)
+    monkeypatch.setattr(Store, "retire", killed)
     assert cli.main(["describe", f"store.root={tmp_path}", "device=cpu"]) == 130
     assert Path(old).exists()  # both parts are there now: the rewrite is the committed one
     monkeypatch.undo()

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.store import store as store_module
 from pipeline.execution.plan import build_plan
 from pipeline.store.store import Store
 from pipeline.execution.driver import run_sweep
@@ -161,7 +161,7 @@ def test_a_commit_that_fails_midway_publishes_no_part(s3, monkeypatch):
         out.write(b"PAR1 and then the disk was full")
         raise OSError("simulated failure while writing a Parquet part")
 
-    monkeypatch.setattr(store_module.pq, "write_table", write_half_then_fail)
+    monkeypatch.setattr(pq, "write_table", write_half_then_fail)
     writer = store.writer(commit_every=1)
     writer.add(make_record(0))  # starts the commit on the writer's thread
     with pytest.raises(OSError, match="simulated failure"):
@@ -337,8 +337,7 @@ def test_a_writer_paused_past_its_lease_commits_nothing_on_an_object_store(s3):
     stale = Store(root).writer(commit_every=100, lease=paused)
     for i in range(3):
         stale.add(make_record(i))
-    paused._stop.set()
-    paused._thread.join()
+    paused.stop_heartbeat()
     time.sleep(3.1)
     with Store(root).lease(expire_s=2) as taken:
         assert (paused.epoch, taken.epoch) == (1, 2)

@@ -26,7 +26,9 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.store.schemas import RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, unit_key
-import pipeline.store.store as store_module
+import pipeline.store.writer as writer_module
+from pipeline.store.files import StoreFiles
+from pipeline.store.layout import model_dir
 from pipeline.store.store import Store, StoreError
 from synthetic_store import measured
 
@@ -109,15 +111,15 @@ def open_store(kind: str, tmp_path: Path, monkeypatch) -> Store:
         return Store(str(tmp_path))
     store = Store("mock:///atlas")  # one in-memory filesystem per Store: reopen writers on this instance
     if kind == "object-store":  # mock:// with S3's semantics: objects written in place, copy + delete to move
-        monkeypatch.setattr(store_module, "_SINGLE_OBJECT_WRITES", {"mock"})
+        store.files.atomic_uploads = True
         for directory in (store.paths.webdataset, store.paths.failures, store.paths.parquet):
             store.filesystem.create_dir(directory)  # S3 has no directories to create; mock needs them
-        store.filesystem.create_dir(f"{store.paths.parquet}/{store_module._model_dir(DOTTED)}")
+        store.filesystem.create_dir(f"{store.paths.parquet}/{model_dir(DOTTED)}")
     return store
 
 
 STORE_KINDS = ["local", "mock", "object-store"]
-_PROMOTE = Store._promote  # the move of a staged shard to its final name, for tests that cut it
+_PROMOTE = StoreFiles.promote  # the move of a staged shard to its final name, for tests that cut it
 
 
 def test_unit_keys_are_the_unit_key_of_each_feature_and_stay_what_they_were():
@@ -171,7 +173,6 @@ def test_worker_encoded_batches_commit_the_same_values_to_both_stores(tmp_path):
     import numpy as np
 
     from pipeline.store.records import encode_records
-    from pipeline.store.verify import _rebuild_shard
 
     long_model = "hf-hub:timm/" + "x" * 80  # its members' names need a pax header
     records = [make_record(i, long_model if i == 2 else DOTTED) for i in range(3)]
@@ -201,9 +202,8 @@ def test_worker_encoded_batches_commit_the_same_values_to_both_stores(tmp_path):
                                                                             "bigdata", "bigdata")
                 form = tarfile.USTAR_FORMAT if len(member.name) <= 100 else tarfile.PAX_FORMAT
                 assert before[member.offset:member.offset_data] == info.tobuf(form), member.name
-        cid = Path(shard).name[len("shard-"):-len(".tar")]
-        part = next(p for p in store.versions() if p.endswith(f"part-{cid}.parquet"))
-        _rebuild_shard(store, cid, store.read_part(part))
+        Path(shard).unlink()  # a lost shard, which repair rebuilds from its part
+        store.repair(store.verify())
         assert Path(shard).read_bytes() == before
 
 
@@ -373,11 +373,11 @@ def test_crash_after_part_before_move_rolls_forward_on_reopen(tmp_path, monkeypa
     def crash(self, staged, final):  # the process dies right after the commit point
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(Store, "_promote", crash)
+    monkeypatch.setattr(StoreFiles, "promote", crash)
     with pytest.raises(OSError, match="simulated crash"):
         with store.writer(commit_every=1) as writer:  # leaving the with commits again: nothing left to
             writer.add(make_record(1))               # commit, as the keys are already in Parquet
-    monkeypatch.setattr(Store, "_promote", _PROMOTE)
+    monkeypatch.setattr(StoreFiles, "promote", _PROMOTE)
 
     expected = sorted(make_record(i)["key"] for i in range(2))
     assert sorted(store.committed_keys()) == expected and len(store.parquet_dataset().files) == 2
@@ -403,7 +403,7 @@ def test_recovery_racing_a_live_writer_moves_each_shard_once(tmp_path, monkeypat
             assert staged not in staged_shards(store)  # it rolled this commit forward
         _PROMOTE(self, staged, final)  # ...and this writer's own move must still succeed
 
-    monkeypatch.setattr(Store, "_promote", promote_after_a_recovery)
+    monkeypatch.setattr(StoreFiles, "promote", promote_after_a_recovery)
     with store.writer(commit_every=2) as writer:
         for i in range(4):
             writer.add(make_record(i))
@@ -414,10 +414,10 @@ def test_recovery_racing_a_live_writer_moves_each_shard_once(tmp_path, monkeypat
 
 def test_object_store_move_cut_between_copy_and_delete_is_finished(monkeypatch, tmp_path):
     store = open_store("object-store", tmp_path, monkeypatch)
-    monkeypatch.setattr(Store, "_promote", lambda self, staged, final: self.filesystem.copy_file(staged, final))
+    monkeypatch.setattr(StoreFiles, "promote", lambda self, staged, final: self.filesystem.copy_file(staged, final))
     with store.writer() as writer:  # the copy lands, the staged object's delete never happens
         writer.add(make_record(0))
-    monkeypatch.setattr(Store, "_promote", _PROMOTE)
+    monkeypatch.setattr(StoreFiles, "promote", _PROMOTE)
     assert len(staged_shards(store)) == 1 and plain_glob_keys(store) == [make_record(0)["key"]]
     store.writer().close()
     assert staged_shards(store) == [] and plain_glob_keys(store) == [make_record(0)["key"]]
@@ -452,17 +452,17 @@ def committed_soon(store: Store, count: int, within_s: float = 10.0) -> set[str]
 
 def shards_take(monkeypatch, seconds: float) -> None:
     """Every commit's shard takes ``seconds`` longer to write: a slow disk."""
-    write_shard = store_module.write_shard
+    write_shard = writer_module.write_shard
 
     def slow_disk(out, batches):
         time.sleep(seconds)
         write_shard(out, batches)
 
-    monkeypatch.setattr(store_module, "write_shard", slow_disk)
+    monkeypatch.setattr(writer_module, "write_shard", slow_disk)
 
 
 def test_a_caller_waits_only_when_every_commit_slot_is_busy_and_the_writer_counts_it(tmp_path, monkeypatch):
-    from pipeline.store.store import COMMITS_IN_FLIGHT
+    from pipeline.store.writer import COMMITS_IN_FLIGHT
 
     store = Store(str(tmp_path))
     writer = store.writer(commit_every=1)
@@ -515,7 +515,7 @@ def test_commit_seconds_commits_before_commit_every(tmp_path):
 def test_a_failed_background_commit_raises_at_the_next_call_and_is_retried(tmp_path, monkeypatch):
     store = Store(str(tmp_path))
     writer = store.writer(commit_every=2)
-    publish = Store._publish
+    publish = StoreFiles.publish
     broken = {"once": True}
 
     def full_disk_once(self, path, write):
@@ -523,7 +523,7 @@ def test_a_failed_background_commit_raises_at_the_next_call_and_is_retried(tmp_p
             raise OSError(28, "No space left on device")
         publish(self, path, write)
 
-    monkeypatch.setattr(Store, "_publish", full_disk_once)
+    monkeypatch.setattr(StoreFiles, "publish", full_disk_once)
     writer.add(make_record(0))
     writer.add(make_record(1))  # starts a commit, which fails on the committer thread
     with pytest.raises(OSError, match="No space left"):

@@ -7,6 +7,7 @@ import errno
 import glob
 import json
 import os
+import posixpath
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import webdataset
 from pipeline.execution.driver import run_sweep
 from pipeline.store import lease as lease_module
 from pipeline.store.errors import DamagedStoreError, StoreError
+from pipeline.store.files import StoreFiles
 from pipeline.store.lease import LeaseHeld, LeaseLost
 from pipeline.store.store import Store
 from pipeline.views.atlas import build_site
@@ -51,7 +53,7 @@ def die_before_the_shard_moves(monkeypatch) -> None:
     def promote(self, staged, final):
         raise ProcessDied("killed between publishing the part and moving its shard")
 
-    monkeypatch.setattr(Store, "_promote", promote)
+    monkeypatch.setattr(StoreFiles, "promote", promote)
 
 
 # ------------------------------------------------------------------ recovery on every open
@@ -105,14 +107,14 @@ def test_a_dead_drivers_lease_is_taken_over(tmp_path, monkeypatch):
     held = store.lease()
     monkeypatch.setattr(lease_module.os, "getpid", lambda: dead_pid)
     held.acquire()  # a claim by a process that has exited since (killed with -9, say)
-    held._stop.set()
+    held.stop_heartbeat()
     monkeypatch.undo()
     with Store(str(tmp_path)).lease() as taken:
-        assert [c.lease_id for c in taken._claims()] == [taken.lease_id]  # the dead claim is cleaned up
+        assert [c.lease_id for c in taken.claims()] == [taken.lease_id]  # the dead claim is cleaned up
 
     other_host = Store(str(tmp_path)).lease()
     other_host.acquire()
-    other_host._stop.set()
+    other_host.stop_heartbeat()
     monkeypatch.setattr(lease_module, "EXPIRE_S", 0.0)  # its heartbeat is now past the expiry
     time.sleep(0.01)
     with Store(str(tmp_path)).lease():
@@ -141,8 +143,7 @@ def test_two_drivers_started_at_once_commit_every_key_once(tmp_path):
 def test_readers_show_a_key_committed_twice_once(tmp_path):
     """Stores written by two drivers before leases existed hold duplicates; readers de-duplicate by key."""
     write_records(tmp_path, 2)
-    with Store(str(tmp_path)).writer() as writer:  # a writer that did not know the store's keys
-        writer._seen.clear()
+    with Store(str(tmp_path)).writer(committed=set()) as writer:  # a writer that did not know the store's keys
         writer.add(make_record(0))
     atlas = open_store(str(tmp_path))
     assert Store(str(tmp_path)).read_records(["key"]).num_rows == 3
@@ -165,8 +166,7 @@ def all_views(root: Path) -> dict[str, list[str]]:
 
 def pause(lease) -> None:
     """What a paused driver does to its lease: nothing. Its heartbeat stops; its process and claim stay."""
-    lease._stop.set()
-    lease._thread.join()
+    lease.stop_heartbeat()
     time.sleep(lease.expire_s + 0.1)
 
 
@@ -279,10 +279,14 @@ def test_the_refusal_by_a_malformed_claim_names_it(tmp_path, capsys):
 
 
 def test_a_driver_that_fails_while_taking_the_lease_removes_its_claim(tmp_path, monkeypatch):
-    def fail(self):
-        raise OSError(errno.EIO, "Input/output error")
+    publish = StoreFiles.publish
 
-    monkeypatch.setattr(lease_module.Lease, "_grant", fail)
+    def fail_to_grant(self, path, write):  # the claim and heartbeat are written; the epoch's grant fails
+        if posixpath.basename(path).startswith("epoch-"):
+            raise OSError(errno.EIO, "Input/output error")
+        publish(self, path, write)
+
+    monkeypatch.setattr(StoreFiles, "publish", fail_to_grant)
     with pytest.raises(StoreError, match="refused a write"):
         Store(str(tmp_path)).lease().acquire()
     assert list((tmp_path / "leases" / "records").iterdir()) == []
@@ -431,8 +435,6 @@ def test_keys_that_are_not_unit_keys_are_refused_at_commit(tmp_path, key):
 
 
 def test_a_full_disk_leaves_no_temporaries_behind(tmp_path, monkeypatch):
-    from pipeline.store import store as store_module
-
     store = Store(str(tmp_path))
     writer = store.writer(commit_every=1)
 
@@ -440,7 +442,7 @@ def test_a_full_disk_leaves_no_temporaries_behind(tmp_path, monkeypatch):
         out.write(b"PAR1 half a part")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module.pq, "write_table", disk_full)
+    monkeypatch.setattr(pq, "write_table", disk_full)
     writer.add(make_record(0))  # starts a commit on the writer's thread
     for _ in range(3):  # every retry fails alike; the first reports the commit add() started
         with pytest.raises(OSError, match="No space left"):

@@ -464,7 +464,7 @@ def test_a_resumed_sweep_reads_the_committed_keys_once_under_the_lease(compose, 
     seen = {}
 
     def run_plan(plan, done, chunk_size, cluster, writer, *rest):
-        seen.update(done=done, writer=set(writer._seen))
+        seen.update(done=done, writer=set(writer.keys_seen))
         return RunSummary()
 
     monkeypatch.setattr(scheduler, "run_plan", run_plan)

@@ -13,3 +13,8 @@ class UnknownSchemaError(StoreError):
 
 class DamagedStoreError(StoreError):
     """A file under the store root is unreadable or disagrees with its twin; the message names it."""
+
+
+def repair_command(root: str) -> str:
+    """The command that verifies the store at ``root`` and repairs what it finds, as a user types it."""
+    return f"vit-atlas status store.root={root} verify=true repair=true"

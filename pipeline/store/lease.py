@@ -1,5 +1,6 @@
 """A lease on a store: one live driver at a time writes a store's records (or one analysis job's parts),
-and a driver that lost its lease (paused, cut off from the store) commits nothing more.
+and a driver that lost its lease (paused, cut off from the store) commits nothing more. Its files are
+written, listed and deleted through the store's file layer (pipeline.store.files).
 
 Two drivers committing the same plan into one store would both commit every key.
 Object stores have no locks and pyarrow offers no conditional create, so the lease
@@ -28,7 +29,7 @@ lease meanwhile. So a writer checks, right before each commit point, that it sti
 the lease (``check``): its claim is still there and its grant is the greatest, ordered by
 (epoch, id), so that two winners who took the same epoch number (the first paused between
 winning and granting) still agree on one. A writer that lost the lease stops (``LeaseLost``)
-and commits nothing more. Each commit carries its writer's epoch (pipeline.store.store), so
+and commits nothing more. Each commit carries its writer's epoch (pipeline.store.writer), so
 the duplicates that the gap between this check and the commit point can still let through
 are resolved by one rule wherever records are read: the lowest epoch, then the lowest commit id.
 
@@ -111,12 +112,12 @@ class Lease:
     def acquire(self) -> None:
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:500]}
         try:
-            self.store._publish(self._claim_path(self.lease_id), lambda out: out.write(json.dumps(claim).encode()))
+            self.store.files.publish(self._claim_path(self.lease_id), lambda out: out.write(json.dumps(claim).encode()))
         except OSError as error:
             raise self._unwritable(error) from None
         try:
             self._beat()
-            claims = self._claims()
+            claims = self.claims()
             live = sorted((c for c in claims if self._alive(c)), key=lambda c: (c.claimed_ns, c.lease_id))
             if live and live[0].lease_id != self.lease_id:
                 raise LeaseHeld(self._held_by(live[0]))
@@ -136,21 +137,26 @@ class Lease:
             raise
 
     def release(self) -> None:
+        self.stop_heartbeat()
+        self._remove(self.lease_id)
+
+    def stop_heartbeat(self) -> None:
+        """Stop renewing the heartbeat; the claim stays, so the lease passes to another driver only once the
+        heartbeat is past the expiry (what happens to the lease of a driver that is paused)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._remove(self.lease_id)
 
     def check(self) -> None:
         """Raise LeaseLost unless this driver still holds the lease: its claim is there and its grant is
         the greatest. Writers call it right before each commit point."""
-        files = {info.base_name for info in self.store._list(self.directory, recursive=False)}
+        files = {info.base_name for info in self.store.files.list(self.directory, recursive=False)}
         grants = sorted(_grant_of(name) for name in files if _GRANT.fullmatch(name))
         mine = (self.epoch, self.lease_id)
         if f"claim-{self.lease_id}.json" in files and grants and grants[-1] == mine:
             return
         newer = next((g for g in reversed(grants) if g > mine), None)
-        holder = next((c for c in self._claims() if newer and c.lease_id == newer[1]), None)
+        holder = next((c for c in self.claims() if newer and c.lease_id == newer[1]), None)
         who = (f" to {holder.command!r} (pid {holder.pid} on {holder.host}), at epoch {newer[0]}" if holder
                else f" at epoch {newer[0]}" if newer else "")
         raise LeaseLost(
@@ -164,12 +170,12 @@ class Lease:
 
     def _grant(self) -> int:
         """Step 4: write the next epoch's grant and delete the older ones; returns the epoch."""
-        granted = [_grant_of(info.base_name) for info in self.store._list(self.directory, recursive=False)
+        granted = [_grant_of(info.base_name) for info in self.store.files.list(self.directory, recursive=False)
                    if _GRANT.fullmatch(info.base_name)]
         epoch = 1 + max((number for number, _ in granted), default=0)
-        self.store._publish(self._grant_path(epoch, self.lease_id), lambda out: out.write(b""))
+        self.store.files.publish(self._grant_path(epoch, self.lease_id), lambda out: out.write(b""))
         for number, lease_id in granted:  # the greatest stays the greatest: it decides "1 + the highest"
-            self.store._delete_if_present(self._grant_path(number, lease_id))
+            self.store.files.delete_if_present(self._grant_path(number, lease_id))
         return epoch
 
     def _renew(self) -> None:
@@ -180,18 +186,18 @@ class Lease:
                 log.warning("could not renew the store lease %s: %s", self.name, error)
 
     def _beat(self) -> None:
-        self.store._publish(self._alive_path(self.lease_id), lambda out: out.write(b"alive"))
+        self.store.files.publish(self._alive_path(self.lease_id), lambda out: out.write(b"alive"))
 
-    def _claims(self) -> list[Claim]:
-        files = {info.base_name: info for info in self.store._list(self.directory, recursive=False)}
+    def claims(self) -> list[Claim]:
+        """Every claim on this lease, live or dead, as the store lists them."""
+        files = {info.base_name: info for info in self.store.files.list(self.directory, recursive=False)}
         claims = []
         for name, info in files.items():
             if not (name.startswith("claim-") and name.endswith(".json")):
                 continue
             lease_id = name[len("claim-"):-len(".json")]
             try:
-                with self.store.filesystem.open_input_stream(info.path) as handle:
-                    body = handle.read()
+                body = self.store.files.read(info.path)
             except OSError:
                 continue  # gone since the listing
             alive = files.get(f"alive-{lease_id}")
@@ -238,7 +244,7 @@ class Lease:
     def _remove(self, lease_id: str) -> None:
         for path in (self._alive_path(lease_id), self._claim_path(lease_id)):
             try:
-                self.store._delete_if_present(path)
+                self.store.files.delete_if_present(path)
             except OSError as error:  # a read-only store: there is nothing of ours to remove
                 log.debug("could not remove %s: %s", path, error)
 

@@ -71,117 +71,49 @@ lowest epoch, then the lowest commit id. ``verify`` names such duplicates and
 ``repair`` removes the copies that do not count. Parquet is written with page
 checksums and read with their verification; ``verify`` (pipeline.store.verify)
 checks every part against its shard.
+
+Where each piece lives: this module's ``Store`` reads, recovers and rewrites;
+``StoreWriter`` (pipeline.store.writer) makes commits: steps 1 and 2 are
+``StoreFiles.publish_before``, step 3 is ``StoreFiles.promote``, and every file is
+written, listed, moved and deleted by ``StoreFiles`` (pipeline.store.files); the
+paths above, commit ids and ``commit_order`` are pipeline.store.layout's.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import datetime as dt
 import errno
 import hashlib
-import io
 import logging
 import os
 import posixpath
-import re
-import threading
 import time
-import urllib.parse
-import uuid
-from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from pipeline.store.errors import DamagedStoreError, StoreError, UnknownSchemaError
+from pipeline.store.errors import DamagedStoreError, StoreError, UnknownSchemaError, repair_command
+from pipeline.store.files import StoreFiles
+from pipeline.store.layout import REWRITE_SUFFIX, StorePaths, commit_order, id_between, is_rewrite, superseded
 from pipeline.store.lease import Lease
-from pipeline.store.records import EncodedRecords, encode_records
-from pipeline.store.schemas import FAILURE_SCHEMA, READABLE_SCHEMA_IDS, RECORD_SCHEMA, SCHEMA_ID, UNIT_SCHEMA, TableSpec
+from pipeline.store.records import encode_records
+from pipeline.store.schemas import FAILURE_SCHEMA, READABLE_SCHEMA_IDS, RECORD_SCHEMA, UNIT_SCHEMA, TableSpec
 from pipeline.store.shards import write_shard
 from pipeline.store.tables import PartTable
-
-if TYPE_CHECKING:
-    from pipeline.store.verify import VerifyReport
+from pipeline.store.verify import VerifyReport, repair, verify
+from pipeline.store.writer import DEFAULT_COMMIT_BYTES, DEFAULT_COMMIT_EVERY, StoreWriter
 
 log = logging.getLogger(__name__)
 
-# Filesystems whose objects appear atomically when their upload completes.
-_SINGLE_OBJECT_WRITES = {"s3", "gcs", "abfs"}
 # Older uncommitted leftovers than this are surely abandoned: a live writer stages
 # a shard and publishes its part within seconds, so deleting younger ones could
 # break a concurrent writer's commit in flight. Rolling forward committed parts
 # needs no grace period.
 DEFAULT_RECOVER_AFTER_S = 600.0
-# A commit of 512 records makes parts large enough that a million records are a few thousand files
-# to list and open; the byte bound keeps such a buffer of 224 px images (about 120 KB each) in memory.
-DEFAULT_COMMIT_EVERY = 512
-DEFAULT_COMMIT_BYTES = 64 * 2**20
-# A writer's commits running at once: while one waits for the disk (fsync) or an upload, the next encodes
-# and writes; at zoo rates a commit at a time kept the driver waiting for it most of the time.
-COMMITS_IN_FLIGHT = 2
 
-_IMAGE_COLUMNS = {"png"}  # written plain: see Store._write_parquet
 _MODEL_PARTITIONING = ds.partitioning(pa.schema([("model", pa.string())]), flavor="hive")
-
-
-@dataclass(frozen=True)
-class StorePaths:
-    """Paths inside the store's filesystem ('/'-separated, no scheme)."""
-
-    root: str
-    parquet: str
-    webdataset: str
-    failures: str
-    plan: str
-
-    @classmethod
-    def under(cls, root: str) -> "StorePaths":
-        return cls(root, f"{root}/parquet", f"{root}/webdataset", f"{root}/failures", f"{root}/plan")
-
-
-def _model_dir(model: str) -> str:
-    # quote() leaves '.' and '_' alone, but a leading one would make pyarrow skip
-    # the directory as hidden; encoding it keeps those records visible.
-    encoded = urllib.parse.quote(model, safe="")
-    if encoded[:1] in (".", "_"):
-        encoded = f"%{ord(encoded[0]):02X}{encoded[1:]}"
-    return f"model={encoded}"
-
-
-# The commit id of a part rewritten in this record schema: its old id plus the version ("-v2").
-_REWRITE_SUFFIX = "-" + SCHEMA_ID.rpartition("/")[2]
-_REWRITTEN = re.compile(r"(.+)-v\d+")
-
-
-def _superseded(committed: set[str]) -> set[str]:
-    """Commit ids whose part a committed rewrite (``<id>-vN``) replaces."""
-    return {match[1] for cid in committed if (match := _REWRITTEN.fullmatch(cid)) and match[1] in committed}
-
-
-# A commit made under a lease carries the lease's epoch (pipeline.store.lease) in its id: e<epoch>-<uuid>.
-_EPOCH = re.compile(r"e(\d{12})-")
-
-
-def _new_commit_id(epoch: int | None) -> str:
-    return f"e{epoch:012d}-{uuid.uuid4().hex}" if epoch else uuid.uuid4().hex
-
-
-def commit_order(cid: str) -> tuple[int, str]:
-    """Which copy of a key committed twice counts: the one whose commit sorts first, by (epoch, commit id).
-    Commits without an epoch (a writer without a lease, stores written before epochs) count as epoch 0."""
-    match = _EPOCH.match(cid)
-    return (int(match[1]) if match else 0), cid
-
-
-def _commit_id(name: str, prefix: str, suffix: str) -> str | None:
-    if name.startswith(prefix) and name.endswith(suffix):
-        return name[len(prefix):-len(suffix)]
-    return None
 
 
 class Store:
@@ -198,18 +130,16 @@ class Store:
                     "s3://bucket/prefix, gs://bucket/prefix or file:///absolute/path."
                 ) from err
             self.root = root.rstrip("/")
-            self._uri_prefix = "" if self.filesystem.type_name == "local" else root.split("://", 1)[0] + "://"
+            uri_prefix = "" if self.filesystem.type_name == "local" else root.split("://", 1)[0] + "://"
         else:
             self.filesystem = pafs.LocalFileSystem()
             path = os.path.abspath(os.path.expanduser(root))
             self.root = path
-            self._uri_prefix = ""
-        self._local = self.filesystem.type_name == "local"
+            uri_prefix = ""
+        self.files = StoreFiles(self.filesystem, uri_prefix)
         self.paths = StorePaths.under(path.rstrip("/") or "/")
-        self._checked_parts: set[str] = set()  # part tables' parts whose columns were checked
+        self._tables: dict[TableSpec, PartTable] = {}  # opened once: each checks a part's columns once
         self._part_versions: dict[str, str] = {}  # record parts checked, and the schema id each was written with
-        self._parquet_format = ds.ParquetFileFormat(
-            default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 
     @classmethod
     def existing(cls, root: str) -> "Store":
@@ -235,7 +165,7 @@ class Store:
     def check_readable(self) -> None:
         """Raise StoreError if the root cannot be a store to read (a link loop, a file); a root that does not
         exist yet is an empty store."""
-        if self._local:
+        if self.files.local:
             _check_no_link_loop(self.paths.root, self.root)
         try:
             info = self.filesystem.get_file_info(self.paths.root)
@@ -257,7 +187,7 @@ class Store:
         On object stores, permission is only known at the first write; this
         catches roots that are files and unreachable filesystems.
         """
-        if self._local:
+        if self.files.local:
             _check_no_link_loop(self.paths.root, self.root)
         try:
             info = self.filesystem.get_file_info(self.paths.root)
@@ -285,7 +215,7 @@ class Store:
                 f"The store root {self.root!r} cannot be created because {ancestor!r} is a file, not a "
                 "directory. Choose a store root whose existing parent is a directory you can write to."
             )
-        if self._local and info.type == pafs.FileType.Directory and not os.access(ancestor, os.W_OK | os.X_OK):
+        if self.files.local and info.type == pafs.FileType.Directory and not os.access(ancestor, os.W_OK | os.X_OK):
             raise StoreError(
                 f"The store root {self.root!r} cannot be written because {ancestor!r} is not writable by "
                 "this user (or is on a read-only filesystem). Choose a store root under a directory you can "
@@ -312,10 +242,10 @@ class Store:
         keeping each key's first row is the store's one rule. A part that a committed rewrite supersedes (a
         rewrite killed before it deleted the old part) is left out."""
         parts = self._committed_parts()
-        for cid in _superseded(set(parts)):
+        for cid in superseded(set(parts)):
             del parts[cid]
         files = [parts[cid] for cid in sorted(parts, key=commit_order)]
-        return ds.dataset(files, schema=RECORD_SCHEMA, format=self._parquet_format, filesystem=self.filesystem,
+        return ds.dataset(files, schema=RECORD_SCHEMA, format=self.files.parquet_format, filesystem=self.filesystem,
                           partitioning=_MODEL_PARTITIONING, partition_base_dir=self.paths.parquet)
 
     def _check_versions(self, dataset: ds.Dataset, touching: ds.Expression | None) -> None:
@@ -332,37 +262,35 @@ class Store:
 
     def read_part(self, path: str) -> pa.Table:
         """One committed part in full (every RECORD_SCHEMA column, nulls where its version lacks one)."""
-        dataset = ds.dataset([path], schema=RECORD_SCHEMA, format=self._parquet_format, filesystem=self.filesystem)
-        return self._read(dataset, None)
+        return self._read(self.files.parquet([path], RECORD_SCHEMA), None)
 
     def rewrite_part(self, path: str, records: list[dict]) -> str:
         """Replace the committed part at ``path`` by ``records`` (the same keys, this version's schema);
         returns the new part's path. Stage, commit, roll forward (see the module's docstring); hold the
         store's lease, as writers do."""
-        cid = _commit_id(posixpath.basename(path), "part-", ".parquet")
-        if cid is None or _REWRITTEN.fullmatch(cid):
+        cid = id_between(posixpath.basename(path), "part-", ".parquet")
+        if cid is None or is_rewrite(cid):
             raise ValueError(f"{path} is not a part of this store that a rewrite can replace")
         encoded = encode_records(records)
         keys = set(encoded.keys)
-        old_keys = set(self._read(ds.dataset([path], schema=RECORD_SCHEMA, format=self._parquet_format,
-                                             filesystem=self.filesystem), ["key"])["key"].to_pylist())
+        old_keys = set(self._read(self.files.parquet([path], RECORD_SCHEMA), ["key"])["key"].to_pylist())
         if keys != old_keys or len(keys) != len(records):
             raise ValueError(f"a rewrite of {path} must hold exactly its {len(old_keys)} keys, once each")
-        new = f"{cid}{_REWRITE_SUFFIX}"
-        staged, final = self._shard_locations(new)
-        self._publish(staged, lambda out: write_shard(out, [encoded.shard_batch]))
+        new = f"{cid}{REWRITE_SUFFIX}"
+        staged, final = self.paths.shards(new)
+        self.files.publish(staged, lambda out: write_shard(out, [encoded.shard_batch]))
         new_path = f"{posixpath.dirname(path)}/part-{new}.parquet"
-        self._publish(new_path, lambda out: self._write_parquet(encoded.table, out))
-        self._promote(staged, final)
-        self._retire(cid, path)
+        self.files.publish_parquet(new_path, encoded.table)
+        self.files.promote(staged, final)
+        self.retire(cid, path)
         return new_path
 
-    def _retire(self, cid: str, path: str) -> None:
+    def retire(self, cid: str, path: str) -> None:
         """The last step of a rewrite: the superseded part goes first (its keys are committed in the new one),
         then its shard, so no final shard is ever left without a part by this step."""
-        self._delete_if_present(path)
-        for shard in self._shard_locations(cid):
-            self._delete_if_present(shard)
+        self.files.delete_if_present(path)
+        for shard in self.paths.shards(cid):
+            self.files.delete_if_present(shard)
 
     def _schema_id(self, fragment) -> str:
         try:
@@ -387,10 +315,10 @@ class Store:
         """
         committed = self._part_commit_ids()
         shards = []
-        for info in self._list(self.paths.webdataset, recursive=False):
-            cid = _commit_id(info.base_name, "shard-", ".tar")
+        for info in self.files.list(self.paths.webdataset, recursive=False):
+            cid = id_between(info.base_name, "shard-", ".tar")
             if cid in committed:
-                shards.append(self._uri_prefix + info.path)
+                shards.append(self.files.uri(info.path))
         return sorted(shards)
 
     def shards_with(self, expression: ds.Expression | None) -> dict[str, set[str]]:
@@ -399,15 +327,15 @@ class Store:
         A part and its shard share a commit id, so only the shards of matching parts need opening.
         A key committed twice (see ``commit_order``) is read from one shard only: the copy that counts.
         """
-        present = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
+        present = {info.base_name for info in self.files.list(self.paths.webdataset, recursive=False)}
         commits: dict[str, set[str]] = {}
         seen: set[str] = set()
         for fragment in self.parquet_dataset(expression).get_fragments(filter=expression):
             matched = set(self._read_fragment(fragment, ["key"], expression)["key"].to_pylist()) - seen
             if not matched:
                 continue
-            cid = _commit_id(posixpath.basename(fragment.path), "part-", ".parquet")
-            staged, final = (posixpath.basename(p) for p in self._shard_locations(cid))
+            cid = id_between(posixpath.basename(fragment.path), "part-", ".parquet")
+            staged, final = (posixpath.basename(p) for p in self.paths.shards(cid))
             # A committed part's shard is complete under either name: staged until the writer
             # (or the next one opened, after a crash) moves it into place.
             if final not in present and staged not in present:
@@ -422,12 +350,12 @@ class Store:
 
     def open_shard(self, commit_id: str):
         """A committed shard as a binary input stream, wherever the commit protocol left it."""
-        staged, final = self._shard_locations(commit_id)
+        staged, final = self.paths.shards(commit_id)
         # Final name, else staged (not moved into place yet), else final again (moved between
         # the first two tries); the last try's error is the real one.
         for attempt, path in enumerate((final, staged, final), 1):
             try:
-                return self.filesystem.open_input_stream(path)
+                return self.files.open(path)
             except OSError:
                 if attempt == 3:
                     raise
@@ -481,7 +409,7 @@ class Store:
         detail = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         return DamagedStoreError(
             f"The store at {self.root!r} has a damaged file, {path} ({type(error).__name__}: {detail}). "
-            f"Run `vit-atlas status store.root={self.root} verify=true repair=true`: it checks every part "
+            f"Run `{repair_command(self.root)}`: it checks every part "
             "against its shard, rebuilds damaged shards from their parts and moves unreadable parts to "
             "quarantine/, so the next sweep recomputes their units."
         )
@@ -518,18 +446,16 @@ class Store:
 
     def table(self, spec: TableSpec) -> PartTable:
         """A named part table of this store (its schema from pipeline.store.schemas)."""
-        return PartTable(self, spec)
+        if spec not in self._tables:
+            self._tables[spec] = PartTable(self.files, self.paths.root, spec)
+        return self._tables[spec]
 
-    def verify(self) -> "VerifyReport":
+    def verify(self) -> VerifyReport:
         """Every part against its shard, record by record (pipeline.store.verify)."""
-        from pipeline.store.verify import verify
-
         return verify(self)
 
-    def repair(self, report: "VerifyReport") -> list[str]:
+    def repair(self, report: VerifyReport) -> list[str]:
         """Rebuild damaged shards from their parts; quarantine unreadable parts (pipeline.store.verify)."""
-        from pipeline.store.verify import repair
-
         return repair(self, report)
 
     def lease(self, name: str = "records", expire_s: float | None = None) -> Lease:
@@ -540,8 +466,8 @@ class Store:
     def write_artifact(self, name: str, data: bytes) -> str:
         """Publish a job's report or plot at ``<root>/<name>`` (complete or not at all); returns where."""
         path = f"{self.paths.root}/{name}"
-        self._publish(path, lambda out: out.write(data))
-        return self._uri_prefix + path
+        self.files.publish(path, lambda out: out.write(data))
+        return self.files.uri(path)
 
     # ---------------------------------------------------------------- writing
 
@@ -553,15 +479,15 @@ class Store:
             keys = units["key"].to_pylist()
         digest = hashlib.sha256("\n".join(sorted(set(keys))).encode()).hexdigest()[:16]
         path = f"{self.paths.plan}/plan-{digest}.parquet"
-        if self.filesystem.get_file_info(path).type == pafs.FileType.File:
+        if self.files.is_file(path):
             return
         table = (units() if callable(units) else units).select(UNIT_SCHEMA.names).cast(UNIT_SCHEMA)
         # Two processes writing the same plan write identical bytes, so the race is harmless.
-        self._publish(path, lambda f: self._write_parquet(table, f))
+        self.files.publish_parquet(path, table)
 
     def writer(self, commit_every: int = DEFAULT_COMMIT_EVERY, commit_seconds: float = 300.0,
                recover_after_s: float = DEFAULT_RECOVER_AFTER_S, commit_bytes: int = DEFAULT_COMMIT_BYTES,
-               committed: set[str] | None = None, lease: Lease | None = None) -> "StoreWriter":
+               committed: set[str] | None = None, lease: Lease | None = None) -> StoreWriter:
         """Check the root, finish interrupted commits, open a writer (see StoreWriter for ``committed``).
 
         Committed parts whose shard is still staged get it moved into place now;
@@ -576,10 +502,9 @@ class Store:
 
     def _dataset(self, path: str, schema: pa.Schema, partitioning=None) -> ds.Dataset:
         # A fresh store has no directories yet; reading must not create them.
-        if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-            return ds.dataset([], schema=schema, format=self._parquet_format, filesystem=self.filesystem)
-        return ds.dataset(path, schema=schema, format=self._parquet_format, partitioning=partitioning,
-                          filesystem=self.filesystem)
+        if not self.files.exists(path):
+            return self.files.parquet([], schema)
+        return self.files.parquet(path, schema, partitioning=partitioning)
 
     def _read(self, dataset: ds.Dataset, columns: list[str] | None,
               filter: ds.Expression | None = None) -> pa.Table:
@@ -598,23 +523,10 @@ class Store:
 
     def _readable(self, path: str, schema: pa.Schema) -> bool:
         try:
-            ds.dataset([path], schema=schema, format=self._parquet_format, filesystem=self.filesystem).to_table()
+            self.files.parquet([path], schema).to_table()
             return True
         except (pa.ArrowException, OSError):
             return False
-
-    def _write_parquet(self, table: pa.Table, out) -> None:
-        # Page checksums let readers (and verify) tell a flipped bit from data. Images are deflated already
-        # and each is unique: a dictionary, compression and statistics of theirs cost a fifth of a commit's
-        # Parquet time (at 224 px) to save about 1% of their bytes.
-        names = table.schema.names
-        others = [name for name in names if name not in _IMAGE_COLUMNS]  # all of a table without images
-        pq.write_table(table, out, write_page_checksum=True, use_dictionary=others, write_statistics=others,
-                       compression={name: "none" if name in _IMAGE_COLUMNS else "snappy" for name in names})
-
-    def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
-        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
-        return [info for info in self.filesystem.get_file_info(selector) if info.type == pafs.FileType.File]
 
     def _part_commit_ids(self) -> set[str]:
         return set(self._committed_parts())
@@ -622,15 +534,11 @@ class Store:
     def _committed_parts(self) -> dict[str, str]:
         """Commit id -> path of every published Parquet part."""
         parts = {}
-        for info in self._list(self.paths.parquet, True):
-            cid = _commit_id(info.base_name, "part-", ".parquet")
+        for info in self.files.list(self.paths.parquet, True):
+            cid = id_between(info.base_name, "part-", ".parquet")
             if cid:
                 parts[cid] = info.path
         return parts
-
-    def _shard_locations(self, cid: str) -> tuple[str, str]:
-        """(staged, final) paths of a commit's WebDataset shard."""
-        return (f"{self.paths.webdataset}/.shard-{cid}.tar.staged", f"{self.paths.webdataset}/shard-{cid}.tar")
 
     def recover(self, older_than_s: float = DEFAULT_RECOVER_AFTER_S) -> None:
         """Finish interrupted commits: roll committed parts' staged shards forward; delete abandoned
@@ -647,369 +555,36 @@ class Store:
     def _recover(self, older_than_s: float) -> None:
         cutoff_ns = time.time_ns() - int(older_than_s * 1e9)
         parts = self._committed_parts()  # listed before the shards: see the warning below
-        for cid in sorted(_superseded(set(parts))):  # a rewrite killed after its commit point
-            self._retire(cid, parts.pop(cid))
+        for cid in sorted(superseded(set(parts))):  # a rewrite killed after its commit point
+            self.retire(cid, parts.pop(cid))
         committed = set(parts)
-        shards = {info.base_name for info in self._list(self.paths.webdataset, recursive=False)}
+        shards = {info.base_name for info in self.files.list(self.paths.webdataset, recursive=False)}
         for cid in sorted(committed):
-            staged, final = self._shard_locations(cid)
+            staged, final = self.paths.shards(cid)
             if posixpath.basename(staged) in shards:
                 if posixpath.basename(final) in shards:
                     # An object-store move that copied but did not delete yet.
-                    self._delete_if_present(staged)
+                    self.files.delete_if_present(staged)
                 else:
-                    self._promote(staged, final)
-            elif posixpath.basename(final) not in shards and not self._is_file(final):
+                    self.files.promote(staged, final)
+            elif posixpath.basename(final) not in shards and not self.files.is_file(final):
                 # A part is published only after its shard is staged complete, so
                 # only a deletion from outside (or a writer stalled past the grace
                 # period) gets here; its records are in Parquet but not WebDataset.
                 log.warning("Committed Parquet part %s has no WebDataset shard (neither %s nor %s); its "
                             "records are missing from the WebDataset view.", cid, final, staged)
         for directory in (self.paths.parquet, self.paths.webdataset, self.paths.failures, self.paths.plan):
-            for info in self._list(directory, recursive=True):
+            for info in self.files.list(directory, recursive=True):
                 if info.mtime_ns is not None and info.mtime_ns > cutoff_ns:
                     continue
-                if _commit_id(info.base_name, ".shard-", ".tar.staged") in committed:
+                if id_between(info.base_name, ".shard-", ".tar.staged") in committed:
                     continue  # rolled forward above; never delete a committed shard
                 # Final shards without a part come from stores written before
                 # shards were staged (the shard was published first then).
-                shard_id = _commit_id(info.base_name, "shard-", ".tar")
+                shard_id = id_between(info.base_name, "shard-", ".tar")
                 orphan = directory == self.paths.webdataset and shard_id is not None and shard_id not in committed
                 if info.base_name.startswith(".") or orphan:
-                    self._delete_if_present(info.path)
-
-    def _promote(self, staged: str, final: str) -> None:
-        """Step 3 of a commit: give a committed part's staged shard its final name.
-
-        Idempotent and safe to race (a recovering writer and the committing one
-        move the same complete file): losing the race is success.
-        """
-        try:
-            if self._local:
-                os.replace(staged, final)
-                _fsync_dir(posixpath.dirname(final))
-            elif self.filesystem.type_name in _SINGLE_OBJECT_WRITES:
-                # Object stores have no rename: the copy appears whole, then the staged object goes.
-                self.filesystem.copy_file(staged, final)
-                self.filesystem.delete_file(staged)
-            else:
-                self.filesystem.move(staged, final)
-        except FileNotFoundError:
-            if not self._is_file(final):
-                raise
-
-    def _move(self, source: str, target: str) -> None:
-        if self._local:
-            os.makedirs(posixpath.dirname(target), exist_ok=True)
-            os.replace(source, target)
-        else:
-            self.filesystem.create_dir(posixpath.dirname(target), recursive=True)
-            self.filesystem.copy_file(source, target)
-            self.filesystem.delete_file(source)
-
-    def _is_file(self, path: str) -> bool:
-        return self.filesystem.get_file_info(path).type == pafs.FileType.File
-
-    def _delete_if_present(self, path: str) -> None:
-        try:
-            self.filesystem.delete_file(path)
-        except FileNotFoundError:
-            pass  # a concurrent recovery or writer got there first
-
-    def _publish(self, path: str, write: Callable) -> None:
-        """Make ``path`` appear complete or not at all; ``write`` fills a binary file object."""
-        self._reveal(self._write_hidden(path, write))
-
-    def _publish_before(self, first: tuple[str, Callable], then: tuple[str, Callable],
-                        pool: concurrent.futures.Executor, check: Callable[[], None] = lambda: None) -> None:
-        """``_publish`` two files whose bytes are written at once, ``first`` on ``pool``'s thread; ``then``
-        appears only after ``first`` has, and after ``check`` (a writer's lease check) passed; if it raises,
-        neither file stays. A commit's staged shard and its part: the part's Parquet encoding then overlaps
-        the shard's disk time, instead of waiting for it."""
-        earlier = pool.submit(self._publish, *first)
-        try:
-            hidden = self._write_hidden(*then)
-        finally:  # however this ends, the other file's write has ended too, as it would have in one thread
-            concurrent.futures.wait([earlier])
-        try:
-            earlier.result()
-        except Exception:
-            if hidden.temp is not None:  # an object store's buffer just goes
-                self._delete_if_present(hidden.temp)
-            raise
-        try:
-            check()
-        except BaseException:
-            if hidden.temp is not None:
-                self._delete_if_present(hidden.temp)
-            self._delete_if_present(first[0])
-            raise
-        self._reveal(hidden)
-
-    def _write_hidden(self, path: str, write: Callable) -> "_Hidden":
-        """The first half of ``_publish``: ``write``'s bytes, complete (locally, fsynced) where no reader
-        looks: a hidden temporary beside ``path``, or, for an object store, a buffer to upload."""
-        parent, name = posixpath.split(path)
-        if self.filesystem.type_name in _SINGLE_OBJECT_WRITES:
-            # Closing an object-store stream completes the upload even when ``write`` raised
-            # midway, which would publish a truncated object; filling a buffer first means a
-            # failed ``write`` uploads nothing.
-            buffer = io.BytesIO()
-            write(buffer)
-            return _Hidden(path, buffer=buffer)
-        temp = f"{parent}/.{name}.{uuid.uuid4().hex}.tmp"
-        try:
-            if self._local:
-                os.makedirs(parent, exist_ok=True)
-                with open(temp, "wb") as out:
-                    write(out)
-                    out.flush()
-                    os.fsync(out.fileno())  # the rename must not outlive the data on power loss
-            else:
-                self.filesystem.create_dir(parent, recursive=True)
-                with self.filesystem.open_output_stream(temp) as out:
-                    write(out)
-        except Exception:
-            # A full disk fails every retry: each must take its own temporary with it, not leave
-            # it for a recovery ten minutes later. A kill (or Ctrl-C) may leave one: recovery's.
-            self._delete_if_present(temp)
-            raise
-        return _Hidden(path, temp=temp)
-
-    def _reveal(self, hidden: "_Hidden") -> None:
-        """The second half of ``_publish``: the file appears under its name, whole."""
-        if hidden.buffer is not None:
-            with self.filesystem.open_output_stream(hidden.path) as out:
-                out.write(hidden.buffer.getbuffer())
-            return
-        try:
-            if self._local:
-                os.replace(hidden.temp, hidden.path)
-                _fsync_dir(posixpath.dirname(hidden.path))
-            else:
-                self.filesystem.move(hidden.temp, hidden.path)
-        except Exception:
-            self._delete_if_present(hidden.temp)
-            raise
-
-
-@dataclass(frozen=True)
-class _Hidden:
-    """A file written but not yet visible (Store._write_hidden): its temporary, or the bytes to upload."""
-
-    path: str
-    temp: str | None = None
-    buffer: io.BytesIO | None = None
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename in ``path`` durable: later steps must not outlive it on power loss."""
-    directory = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-class StoreWriter:
-    """Buffers records and commits them to both stores, dropping duplicate keys.
-
-    Exactly-once holds per writer: it knows the keys committed when it opened
-    plus everything it accepted since. ``committed``, when given, is that set as the caller
-    just read it under the store's lease (the writer adds to it); otherwise the writer reads
-    it. ``lease``, the store's lease the caller holds: each commit carries its epoch and is
-    made only while the lease is still this writer's (``Lease.check`` right before the commit
-    point; a lost lease raises LeaseLost and commits nothing more). Use it as a context
-    manager; leaving the ``with`` commits what is buffered, also on an exception.
-
-    A commit that ``add`` or ``maybe_commit`` starts runs on one of the writer's own threads, so the caller
-    (the driver, taking results as they come) never waits for the disk or an object store unless
-    COMMITS_IN_FLIGHT commits are still running: at most that many commits' records wait beside the buffer.
-    Commits in flight hold distinct keys, so their order does not matter. A commit's error, if it fails, is
-    raised by a later call, and its records that were not committed are buffered again.
-    """
-
-    def __init__(self, store: Store, commit_every: int, commit_seconds: float,
-                 commit_bytes: int = DEFAULT_COMMIT_BYTES, committed: set[str] | None = None,
-                 lease: Lease | None = None):
-        if commit_every < 1 or commit_seconds <= 0 or commit_bytes < 1:
-            raise ValueError(f"need commit_every >= 1, commit_seconds > 0 and commit_bytes >= 1, got "
-                             f"{commit_every}, {commit_seconds}, {commit_bytes}")
-        self.store = store
-        self.commit_every = commit_every
-        self.commit_seconds = commit_seconds
-        self.commit_bytes = commit_bytes
-        self.lease = lease
-        self.committed = 0
-        self.waited_s = 0.0  # how long callers waited for commits in flight: the store keeping up, or not
-        self._seen = store.committed_keys() if committed is None else committed
-        self._records: dict[str, list[EncodedRecords]] = {}  # buffered, by model
-        self._failures: list[dict] = []
-        self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
-        self._closed = False
-        self._committer = concurrent.futures.ThreadPoolExecutor(COMMITS_IN_FLIGHT, thread_name_prefix="store-commit")
-        self._shard_writer = concurrent.futures.ThreadPoolExecutor(COMMITS_IN_FLIGHT,
-                                                                   thread_name_prefix="store-commit-shard")
-        # The commits running on the committer threads, oldest first, and the records each holds until done.
-        self._in_flight: deque[tuple[concurrent.futures.Future, dict[str, list[EncodedRecords]], list[dict]]] = deque()
-        # The driver may call maybe_commit() from a timer thread while add() runs.
-        self._lock = threading.RLock()
-        self._count_lock = threading.Lock()  # commits in flight add to ``committed`` at once
-
-    def __enter__(self) -> "StoreWriter":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        self.close()
-        return False
-
-    def add(self, record: dict) -> bool:
-        """Buffer a record; False if its key is already committed or buffered."""
-        return self.add_encoded(encode_records([record])) == 1
-
-    def add_encoded(self, records: EncodedRecords) -> int:
-        """Buffer records a worker encoded (pipeline.store.records); returns how many were new, the rest
-        being keys already committed or buffered."""
-        keys, models = records.keys, records.table["model"].to_pylist()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("add() on a closed StoreWriter")
-            fresh: dict[str, list[int]] = {}
-            for row, (key, model) in enumerate(zip(keys, models)):
-                if key not in self._seen:
-                    self._seen.add(key)
-                    fresh.setdefault(model, []).append(row)
-            for model, rows in fresh.items():
-                self._records.setdefault(model, []).append(records.take(rows))
-            if fresh:
-                self._touch()
-                self.maybe_commit()
-            return sum(map(len, fresh.values()))
-
-    def add_failure(self, unit: dict, reason: str, attempts: int) -> None:
-        """Buffer a failed unit (any mapping with the UNIT_SCHEMA fields)."""
-        failure = {name: unit[name] for name in UNIT_SCHEMA.names}
-        failure.update(reason=reason, attempts=attempts, timestamp=dt.datetime.now(dt.timezone.utc))
-        with self._lock:
-            self._failures.append(failure)
-            self._touch()
-            self.maybe_commit()
-
-    def maybe_commit(self) -> None:
-        """Start a commit on the committer thread if commit_every records or commit_bytes bytes are buffered,
-        or the oldest has waited commit_seconds; raise the error of a commit that failed since the last call."""
-        with self._lock:
-            while self._in_flight and self._in_flight[0][0].done():
-                self._finish_oldest()
-            batches = [batch for model in self._records.values() for batch in model]
-            full = (sum(map(len, batches)) >= self.commit_every
-                    or sum(batch.nbytes for batch in batches) >= self.commit_bytes)
-            stale = self._oldest is not None and time.monotonic() - self._oldest >= self.commit_seconds
-            if full or stale:
-                if len(self._in_flight) >= COMMITS_IN_FLIGHT:
-                    self._finish_oldest()
-                records, failures = self._take()
-                self._in_flight.append((self._committer.submit(self._write, records, failures), records, failures))
-
-    def commit(self) -> None:
-        """Write everything buffered now, in this thread (after the commits in flight, if any)."""
-        with self._lock:
-            self._finish_all()
-            records, failures = self._take()
-            try:
-                self._write(records, failures)
-            except BaseException:
-                self._put_back(records, failures)
-                raise
-
-    def close(self) -> None:
-        """Commit the remainder; further adds raise."""
-        with self._lock:
-            if not self._closed:
-                try:
-                    self.commit()
-                finally:
-                    self._committer.shutdown()
-                    self._shard_writer.shutdown()
-                    self._closed = True
-
-    def _take(self) -> tuple[dict[str, list[EncodedRecords]], list[dict]]:
-        """Empty the buffer into a commit."""
-        records, failures = self._records, self._failures
-        self._records, self._failures, self._oldest = {}, [], None
-        return records, failures
-
-    def _finish_all(self) -> None:
-        """Wait for every commit in flight; raise the first error once all have ended."""
-        error = None
-        while self._in_flight:
-            try:
-                self._finish_oldest()
-            except BaseException as failed:
-                error = error or failed
-        if error is not None:
-            raise error
-
-    def _finish_oldest(self) -> None:
-        """Wait for the oldest commit in flight; if it failed, buffer again what it did not commit and raise."""
-        future, records, failures = self._in_flight.popleft()
-        started = time.monotonic()
-        try:
-            future.result()
-        except BaseException:
-            self._put_back(records, failures)
-            raise
-        finally:
-            self.waited_s += time.monotonic() - started
-
-    def _put_back(self, records: dict[str, list[EncodedRecords]], failures: list[dict]) -> None:
-        """Buffer again, first, what a failed commit did not write."""
-        for model, batches in records.items():
-            self._records[model] = batches + self._records.get(model, [])
-        self._failures[:0] = failures
-        if records or failures:
-            self._oldest = time.monotonic() if self._oldest is None else self._oldest
-
-    def _write(self, records: dict[str, list[EncodedRecords]], failures: list[dict]) -> None:
-        """Per model stage a shard, publish a part, move the shard; then failures. What is committed leaves
-        ``records`` and ``failures``, so what is left after an error is exactly what a retry must write."""
-        # One commit id per model keeps "part exists" the commit point for
-        # every key in a shard. A failed move (step 3) comes after that: the keys
-        # stay committed exactly once, and the next writer opened on the store moves the shard.
-        for model in sorted(records):
-            batches = records[model]
-            staged, final = self._stage_and_commit(model, batches)
-            del records[model]
-            with self._count_lock:
-                self.committed += sum(map(len, batches))
-            self.store._promote(staged, final)
-        if failures:
-            self._check_lease()
-            table = pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA)
-            path = f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet"
-            self.store._publish(path, lambda f: self.store._write_parquet(table, f))
-            failures.clear()
-
-    def _touch(self) -> None:
-        if self._oldest is None:
-            self._oldest = time.monotonic()
-
-    def _stage_and_commit(self, model: str, batches: list[EncodedRecords]) -> tuple[str, str]:
-        """Steps 1 and 2: stage the shard, publish the part; returns (staged, final) shard paths."""
-        cid = _new_commit_id(self.lease.epoch if self.lease else None)
-        paths = self.store.paths
-        staged, final = self.store._shard_locations(cid)
-        table = pa.concat_tables(batch.table for batch in batches)
-        self.store._publish_before(
-            (staged, lambda out: write_shard(out, [batch.shard_batch for batch in batches])),
-            (f"{paths.parquet}/{_model_dir(model)}/part-{cid}.parquet", lambda f: self.store._write_parquet(table, f)),
-            self._shard_writer, self._check_lease)
-        return staged, final
-
-    def _check_lease(self) -> None:
-        if self.lease is not None:
-            self.lease.check()
-
+                    self.files.delete_if_present(info.path)
 
 def _check_no_link_loop(path: str, root: str) -> None:
     """A symbolic link loop on the way to the root would pass every other check, then fail mid-run."""

@@ -2,46 +2,43 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pyarrow as pa
 import pyarrow.dataset as ds
 
 from pipeline.store.errors import StoreError
+from pipeline.store.files import StoreFiles
+from pipeline.store.layout import id_between
 from pipeline.store.schemas import TableSpec
-
-if TYPE_CHECKING:
-    from pipeline.store.store import Store
 
 
 class PartTable:
     """Results of an analysis job beside the records: one Parquet part per finished unit of work.
 
     ``<root>/<table>/part-<part id>.parquet``: a part is published complete or not at all
-    (the store's publish), and part ids are the units' deterministic ids, so the ids present
+    (``StoreFiles.publish``), and part ids are the units' deterministic ids, so the ids present
     are exactly the units done, a re-run skips them, and a unit published twice (a retry, a
     second driver) overwrites itself with the same rows rather than duplicating them.
     """
 
     PREFIX, SUFFIX = "part-", ".parquet"
 
-    def __init__(self, store: Store, spec: TableSpec):
-        self.store = store
+    def __init__(self, files: StoreFiles, root: str, spec: TableSpec):
+        self.files = files
         self.spec = spec
-        self.path = f"{store.paths.root}/{spec.name}"
+        self.path = f"{root}/{spec.name}"
+        self._checked: set[str] = set()  # parts whose columns were checked
 
     @property
     def location(self) -> str:
-        return self.store._uri_prefix + self.path
+        return self.files.uri(self.path)
 
     def done(self) -> set[str]:
         """Ids of the parts already written."""
-        ids = (_part_id(info.base_name) for info in self.store._list(self.path, False))
+        ids = (id_between(info.base_name, self.PREFIX, self.SUFFIX) for info in self.files.list(self.path, False))
         return {part_id for part_id in ids if part_id}
 
     def write(self, part_id: str, table: pa.Table) -> None:
-        table = table.select(self.spec.schema.names).cast(self.spec.schema)
-        self.store._publish(self._file(part_id), lambda out: self.store._write_parquet(table, out))
+        self.files.publish_parquet(self._file(part_id), table.select(self.spec.schema.names).cast(self.spec.schema))
 
     def dataset(self, part_ids: set[str] | None = None) -> ds.Dataset:
         """The parts named (all when None) as one dataset of the table's schema.
@@ -51,10 +48,9 @@ class PartTable:
         """
         ids = self.done() if part_ids is None else self.done() & set(part_ids)
         files = [self._file(part_id) for part_id in sorted(ids)]
-        dataset = ds.dataset(files, schema=self.spec.schema, format=self.store._parquet_format,
-                             filesystem=self.store.filesystem)
+        dataset = self.files.parquet(files, self.spec.schema)
         for fragment in dataset.get_fragments():
-            if fragment.path in self.store._checked_parts:
+            if fragment.path in self._checked:
                 continue
             found = fragment.physical_schema
             wrong = [f"{field.name} ({field.type})" for field in self.spec.schema
@@ -65,7 +61,7 @@ class PartTable:
                     f"{', '.join(f'{f.name}: {f.type}' for f in found) or 'no columns'}). Parts under "
                     f"{self.location} must be written by vit-atlas; move this file out of the store."
                 )
-            self.store._checked_parts.add(fragment.path)
+            self._checked.add(fragment.path)
         return dataset
 
     def read(self, part_ids: set[str] | None = None, columns: list[str] | None = None,
@@ -74,17 +70,10 @@ class PartTable:
 
     def delete(self, part_ids: set[str]) -> None:
         for part_id in part_ids:
-            self.store._delete_if_present(self._file(part_id))
+            self.files.delete_if_present(self._file(part_id))
 
     def _file(self, part_id: str) -> str:
         return f"{self.path}/{self.PREFIX}{part_id}{self.SUFFIX}"
-
-
-
-
-def _part_id(name: str) -> str | None:
-    prefix, suffix = PartTable.PREFIX, PartTable.SUFFIX
-    return name[len(prefix):-len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else None
 
 
 def _castable(actual: pa.DataType, wanted: pa.DataType) -> bool:

@@ -1,4 +1,5 @@
-"""Check a store's files against each other, and repair what can be repaired.
+"""Check a store's files against each other, and repair what can be repaired (through the store's file layer,
+pipeline.store.files).
 
 The records live twice: in a Parquet part (every column, the image included) and in
 the WebDataset shard of the same commit (the image and the other columns as JSON).
@@ -30,9 +31,9 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from pipeline.store.layout import commit_order, id_between
 from pipeline.store.schemas import FAILURE_SCHEMA, RECORD_SCHEMA, UNIT_SCHEMA
 from pipeline.store.shards import sample_layout, write_shard
 
@@ -72,12 +73,10 @@ class VerifyReport:
 
 def verify(store: "Store") -> VerifyReport:
     """Read every part in full (checksums verified) and every shard, and compare them record by record."""
-    from pipeline.store.store import commit_order
-
     report = VerifyReport()
     copies: dict[str, list[tuple[tuple[int, str], str]]] = {}  # key -> (commit order, part path) of each copy
-    for info in store._list(store.paths.parquet, recursive=True):
-        commit_id = _between(info.base_name, "part-", ".parquet")
+    for info in store.files.list(store.paths.parquet, recursive=True):
+        commit_id = id_between(info.base_name, "part-", ".parquet")
         if commit_id is None:
             continue
         report.parts += 1
@@ -93,10 +92,10 @@ def verify(store: "Store") -> VerifyReport:
             copies.setdefault(key, []).append((commit_order(commit_id), info.path))
         problem = _compare_shard(store, commit_id, part)
         if problem:
-            report.findings.append(Finding(store._shard_locations(commit_id)[1], problem, REBUILD, commit_id))
+            report.findings.append(Finding(store.paths.shards(commit_id)[1], problem, REBUILD, commit_id))
     report.findings += _duplicates(copies)
     for directory, schema in ((store.paths.failures, FAILURE_SCHEMA), (store.paths.plan, UNIT_SCHEMA)):
-        for info in store._list(directory, recursive=False):
+        for info in store.files.list(directory, recursive=False):
             if info.base_name.endswith(".parquet") and not info.base_name.startswith("."):
                 try:
                     _read_part(store, info.path, schema)
@@ -129,18 +128,18 @@ def repair(store: "Store", report: VerifyReport) -> list[str]:
         if finding.repair == DEDUPLICATE:
             done.append(_remove_copies(store, finding))
         elif finding.repair == REBUILD:
-            part = next(info.path for info in store._list(store.paths.parquet, recursive=True)
+            part = next(info.path for info in store.files.list(store.paths.parquet, recursive=True)
                         if info.base_name == f"part-{finding.commit_id}.parquet")
             _rebuild_shard(store, finding.commit_id, _read_part(store, part, RECORD_SCHEMA))
             done.append(f"rebuilt {finding.path} from {part}")
         else:
             moved = [finding.path]
             if finding.commit_id is not None:
-                staged, final = store._shard_locations(finding.commit_id)
-                moved += [path for path in (final, staged) if store._is_file(path)]
+                staged, final = store.paths.shards(finding.commit_id)
+                moved += [path for path in (final, staged) if store.files.is_file(path)]
             for path in moved:
                 target = f"{store.paths.root}/quarantine/{posixpath.relpath(path, store.paths.root)}"
-                store._move(path, target)
+                store.files.move(path, target)
                 done.append(f"moved {path} to {target}")
     return done
 
@@ -152,16 +151,16 @@ def _remove_copies(store: "Store", finding: Finding) -> str:
         part = pq.read_table(handle)  # as written: its own columns and schema id (a v1 part stays v1)
     kept = part.filter(pc.invert(pc.is_in(part["key"], value_set=pa.array(sorted(finding.keys), pa.string()))))
     if not kept.num_rows:
-        store._retire(finding.commit_id, finding.path)
+        store.retire(finding.commit_id, finding.path)
         return f"deleted {finding.path} and its shard: every record in it is committed in an earlier part"
-    store._publish(finding.path, lambda out: store._write_parquet(kept, out))
+    store.files.publish_parquet(finding.path, kept)
     _rebuild_shard(store, finding.commit_id, store.read_part(finding.path))
     return (f"removed {len(finding.keys)} duplicate record(s) from {finding.path} and its shard "
             f"({kept.num_rows} kept)")
 
 
 def _read_part(store: "Store", path: str, schema: pa.Schema) -> pa.Table:
-    return ds.dataset([path], schema=schema, format=store._parquet_format, filesystem=store.filesystem).to_table()
+    return store.files.parquet([path], schema).to_table()
 
 
 def _compare_shard(store: "Store", commit_id: str, part: pa.Table) -> str | None:
@@ -204,11 +203,7 @@ def _tar_members(stream) -> dict[tuple[str, str], bytes]:
 
 def _rebuild_shard(store: "Store", commit_id: str, part: pa.Table) -> None:
     batch = (part, *sample_layout(part))
-    store._publish(store._shard_locations(commit_id)[1], lambda out: write_shard(out, [batch]))
-
-
-def _between(name: str, prefix: str, suffix: str) -> str | None:
-    return name[len(prefix):-len(suffix)] if name.startswith(prefix) and name.endswith(suffix) else None
+    store.files.publish(store.paths.shards(commit_id)[1], lambda out: write_shard(out, [batch]))
 
 
 def _first_line(error: Exception) -> str:
