@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.store.errors import repair_command
 from pipeline.store.png import decode_png, encode_png
 from pipeline.views.atlas import build_site
 from pipeline.views.slugs import key_slug, model_slug
@@ -377,10 +378,10 @@ def test_a_record_whose_png_does_not_decode_gets_a_placeholder_a_warning_and_a_c
     assert len(warnings) == 2
     for record, message in zip(sorted([bad, cut], key=lambda r: r["key"]), sorted(warnings)):
         assert repr(record["key"]) in message and "does not decode" in message
-        assert "verify" in message and f"store.root={tmp_path / 'store'}" in message and "re-run the sweep" in message
+        assert repair_command(str(tmp_path / "store")) in message and "re-run the sweep" in message
     site = tmp_path / "site"
     page = (site / "features" / f"{bad['key']}.html").read_text()
-    assert "does not decode" in page and 'class="visualization placeholder"' in page
+    assert "does not decode" in page and 'class="visualization placeholder"' in page and repair_command("STORE") in page
     assert not (site / "images" / f"{bad['key']}.png").exists()
     assert decode_png((site / "thumbs" / f"{bad['key']}.png").read_bytes()).shape == (128, 128, 3)
     assert (site / "images" / f"{good['key']}.png").read_bytes() == good["png"]

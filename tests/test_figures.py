@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.cli import main
+from pipeline.store.errors import repair_command
 from pipeline.views.figures import (RANDOM_CAPTION, contact_sheet_figure, descriptor_depth_figure, progression_figure,
                                     write_figures)
 from pipeline.views.readers import open_store
@@ -87,7 +88,7 @@ def test_figures_draw_a_placeholder_for_an_image_that_does_not_decode(tmp_path, 
     assert [len(axes.images) for axes in figure.axes] == [1, 1, 0, 1]  # the placeholder draws no image
     assert any(text.get_text().startswith("image does") for text in figure.axes[2].texts)
     (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert repr(broken["key"]) in message and "does not decode" in message and "verify" in message
+    assert repr(broken["key"]) in message and "does not decode" in message and repair_command(atlas.root) in message
     assert "re-run the sweep" in message
 
     written = write_figures(str(tmp_path / "store"), tmp_path / "figures")

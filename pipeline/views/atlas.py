@@ -53,8 +53,8 @@ import pyarrow.dataset as ds
 from pipeline.errors import PipelineError
 from pipeline.store.png import PngDecodeError, decode_png, encode_texture_png
 from pipeline.store.schemas import EXAMPLES
-from pipeline.views.pages import (JOINED, MEASURED_SHOWN, PAGE_COLUMNS, REPAIR_HINT, as_shown, feature_page,
-                                  group_models, index_page, model_pages, render, search_index)
+from pipeline.views.pages import (JOINED, MEASURED_SHOWN, PAGE_COLUMNS, as_shown, feature_page, group_models,
+                                  index_page, model_pages, render, repair_hint, search_index)
 from pipeline.views.readers import AtlasStore, open_store
 from pipeline.views.slugs import check_names, key_slug, site_file
 from pipeline.views.thumbnails import example_overlay, placeholder_thumbnail, thumbnail_pixels
@@ -365,7 +365,7 @@ def _write_key(out: Path, row: dict, png: bytes, examples: list[dict], configs: 
 def _unreadable_warning(row: dict, problem: str, store_root: str) -> str:
     return (f"Record {row['key']!r} ({row['model']}, weights {row['weights']}, layer {row['layer']}, feature "
             f"{row['feature']}) has an image that does not decode: {problem}. The atlas shows a placeholder for it. "
-            + REPAIR_HINT.format(root=store_root))
+            + repair_hint(store_root))
 
 
 

@@ -37,7 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.models.weights import short_id
 from pipeline.store.png import PngDecodeError, decode_png
 from pipeline.store.schemas import DESCRIPTOR_COLUMNS
-from pipeline.views.pages import REPAIR_HINT, weights_kind, weights_order
+from pipeline.views.pages import repair_hint, weights_kind, weights_order
 from pipeline.views.slugs import model_slug
 from pipeline.views.readers import AtlasStore, open_store
 
@@ -77,7 +77,7 @@ def _images(atlas: AtlasStore, rows: list[dict]) -> dict[str, np.ndarray | None]
                 row = by_key[key]
                 log.warning("Record %r (%s, weights %s, layer %s, feature %s) has an image that does not decode: "
                             "%s. The figure shows a placeholder for it. %s", key, row["model"], row["weights"],
-                            row["layer"], row["feature"], error, REPAIR_HINT.format(root=atlas.root))
+                            row["layer"], row["feature"], error, repair_hint(atlas.root))
                 images[key] = None
     return images
 

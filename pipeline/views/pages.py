@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import jinja2
 import markupsafe
 
+from pipeline.store.errors import repair_command
 from pipeline.store.schemas import BASELINE_COLUMNS, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN
 from pipeline.views.readers import METADATA_COLUMNS
 from pipeline.views.slugs import key_slug, model_slug
@@ -34,10 +35,6 @@ MODEL_PAGE_IMAGES = 1024
 PAGE_FEATURES = 256
 # Features of a layer per file of the search index (search/), so a search loads only the files that can match.
 SEARCH_PART_FEATURES = 256
-# What to do about a record whose image does not decode ({root}: the store root).
-REPAIR_COMMAND = "vit-atlas status store.root={root} verify=true repair=true"
-REPAIR_HINT = (f"Verify and repair the store (`{REPAIR_COMMAND}`), or re-run the sweep that made the record to "
-               "recompute it.")
 # The atlas leaves the embedding to the readers (reliability): hundreds of floats per record, nothing to show.
 PAGE_COLUMNS = [name for name in METADATA_COLUMNS if name != EMBEDDING_COLUMN]
 # What a layer's features can be sorted and filtered by on the model page, and what the feature page shows.
@@ -47,6 +44,12 @@ MEASURED_SHOWN = (*DESCRIPTOR_COLUMNS, *BASELINE_COLUMNS, *JOINED)
 # How the feature page shows a measurement (measurements.html takes reliability's from here); the others
 # to at most 4 significant digits.
 _SHOWN_AS = {"reliability": ".2f"}
+
+
+def repair_hint(root: str) -> str:
+    """What to do about a record of the store at ``root`` whose image does not decode."""
+    return (f"Verify and repair the store (`{repair_command(root)}`), or re-run the sweep that made the record "
+            "to recompute it.")
 
 
 def as_shown(name: str, value):
@@ -200,7 +203,7 @@ def feature_page(row: dict, examples: list[dict], unreadable: str | None = None,
     return render(
         "feature.html", title=f"{title} · vit-atlas", up="../", scripts=(), row=row, heading=title,
         slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
-        unreadable=unreadable, repair_command=REPAIR_COMMAND.format(root="STORE"),
+        unreadable=unreadable, repair_command=repair_command("STORE"),
         trace=_sparkline(row["activation_trace"]), config=config,
         configs=[{**c, "current": c["key"] == row["key"]} for c in configs], thumb_size=THUMB_SIZE,
         examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],

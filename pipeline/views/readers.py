@@ -39,7 +39,7 @@ from webdataset import tariterators
 
 from pipeline.errors import PipelineError
 from pipeline.store.schemas import BASELINE_COLUMNS, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN, EXAMPLES, RECORD_SCHEMA
-from pipeline.store.errors import DamagedStoreError
+from pipeline.store.errors import DamagedStoreError, repair_command
 from pipeline.store.store import Store
 
 FILTERS = ("model", "family", "layer", "feature", "config_hash", "target", "weights")
@@ -356,8 +356,8 @@ def _check_read(store: Store, commit: str | None, wanted: dict[str, set[str]], s
     if missing:
         raise DamagedStoreError(
             f"The WebDataset shard of commit {commit} in {store.root!r} lacks {len(missing)} of the "
-            f"{len(wanted[commit])} records its Parquet part holds (first: {missing[0]}). Run `vit-atlas status "
-            f"store.root={store.root} verify=true repair=true`: it rebuilds the shard from its part."
+            f"{len(wanted[commit])} records its Parquet part holds (first: {missing[0]}). Run "
+            f"`{repair_command(store.root)}`: it rebuilds the shard from its part."
         )
 
 

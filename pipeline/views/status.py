@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from pipeline.store.errors import repair_command
 from pipeline.store.schemas import SCHEMA_ID
 from pipeline.store.store import Store
 
@@ -49,7 +50,7 @@ def verification(store: Store, repair: bool) -> tuple[str, bool]:
     if report.ok:
         return lines[0], True
     if not repair:
-        lines.append(f"run `vit-atlas status store.root={store.root} verify=true repair=true` to repair it.")
+        lines.append(f"run `{repair_command(store.root)}` to repair it.")
         return "\n".join(lines), False
     lines += [f"  {line}" for line in store.repair(report)]
     after = store.verify()
