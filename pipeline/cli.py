@@ -241,7 +241,7 @@ def to_typed(name: str, cfg) -> Any:
     try:
         typed = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:
-        flat = _flatten(OmegaConf.to_container(cfg, throw_on_missing=False))
+        flat = flatten_settings(OmegaConf.to_container(cfg, throw_on_missing=False))
         missing = [key for key, value in flat.items() if value == "???"] or [getattr(error, "full_key", "a setting")]
         settings = " ".join(f"{key}=..." for key in missing)
         raise PipelineError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required: "
@@ -384,7 +384,7 @@ def help_page(command: Command) -> str:
 
     name = command.name
     cfg = default_config(name)
-    values = _flatten(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False))
+    values = flatten_settings(OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False))
     comments = _comments(name)
     lines = [f"vit-atlas {name}: {command.purpose}.", "",
              f"usage: vit-atlas {name} [--help] [--cfg job] [-m] [GROUP=OPTION ...] [KEY=VALUE ...]",
@@ -399,9 +399,9 @@ def help_page(command: Command) -> str:
                          f"(default: {defaults.get(group) or 'none'})")
         lines.append("")
     lines.append("settings (KEY=VALUE; the defaults shown; ??? = required):")
-    width = max(len(key) + len(_format(value)) + 1 for key, value in values.items())
+    width = max(len(key) + len(format_setting(value)) + 1 for key, value in values.items())
     for key, value in values.items():
-        setting = f"{key}={_format(value)}"
+        setting = f"{key}={format_setting(value)}"
         lines.append(f"  {setting:<{width}}  # {comments[key]}" if key in comments else f"  {setting}")
     lines += ["", "Values use Hydra's override grammar: lists [a,b]; quote strings with spaces or commas; "
               "+KEY=VALUE adds a key to a free-form mapping. With -m (--multirun), KEY=a,b runs the command "
@@ -412,24 +412,26 @@ def help_page(command: Command) -> str:
     return "\n".join(lines)
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_settings(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A config's nested settings as ``{"a.b.c": value}``, the dotted keys a command line sets."""
     if isinstance(node, dict) and node:
         flat: dict[str, Any] = {}
         for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+            flat.update(flatten_settings(value, f"{prefix}.{key}" if prefix else str(key)))
         return flat
     return {prefix: node}
 
 
-def _format(value: Any) -> str:
+def format_setting(value: Any) -> str:
+    """A setting's value as a command line writes it (``null``, ``true``, ``[1,2]``, ``{k:v}``)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_format(v) for v in value) + "]"
+        return "[" + ",".join(format_setting(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_format(v)}" for k, v in value.items()) + "}"
+        return "{" + ",".join(f"{k}:{format_setting(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 

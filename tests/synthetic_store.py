@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.engine.descriptors import describe_png
-from pipeline.store.schemas import EXAMPLES, MEASURED_COLUMNS, RECORD_SCHEMA, RECORD_SCHEMA_V1, unit_key
 from pipeline.store.layout import model_dir
+from pipeline.store.schemas import EXAMPLES, MEASURED_COLUMNS, RECORD_SCHEMA, RECORD_SCHEMA_V1, unit_key
 from pipeline.store.store import Store
 
 DEIT = "deit_tiny_patch16_224"

@@ -91,14 +91,14 @@ def test_an_interrupted_first_build_is_completed_by_the_next(tmp_path, monkeypat
     write_store(tmp_path / "store")
     written = []
 
-    def write_three_then_die(out, row, *files):
+    def three_pages_then_die(row, *rest):
         if len(written) == 3:
             raise KeyboardInterrupt
         written.append(row["key"])
-        real_write_key(out, row, *files)
+        return real_feature_page(row, *rest)
 
-    real_write_key = atlas._write_key
-    monkeypatch.setattr(atlas, "_write_key", write_three_then_die)
+    real_feature_page = atlas.feature_page
+    monkeypatch.setattr(atlas, "feature_page", three_pages_then_die)
     with pytest.raises(KeyboardInterrupt):
         build_site(str(tmp_path / "store"), tmp_path / "site", workers=1)
     monkeypatch.undo()

@@ -62,8 +62,8 @@ def test_every_command_has_its_own_help_page(name, capsys):
     assert f"usage: vit-atlas {name} " in out and f"python -m pipeline {name} " in out
     assert "Hydra" not in lines[0] and "powered by" not in out
     settings = out[out.index("\nsettings ("):out.index("\nexamples:\n")]
-    for key, value in cli._flatten(_default_container(name)).items():
-        assert f"  {key}={cli._format(value)}" in settings, (key, value)
+    for key, value in cli.flatten_settings(_default_container(name)).items():
+        assert f"  {key}={cli.format_setting(value)}" in settings, (key, value)
     examples = out[out.index("\nexamples:\n"):].strip().splitlines()[1:]
     assert 2 <= len(examples) <= 3 and all(e.strip().startswith(f"vit-atlas {name}") for e in examples)
 

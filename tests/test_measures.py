@@ -38,7 +38,7 @@ def made():
     runner = worker.VisualizationWorker("cpu")
     result = runner.run(chunk)
     assert not result.failures and len(result.records) == 2
-    return result.records.table.to_pylist(), runner._visualizer(chunk)  # the values as the store gets them
+    return result.records.table.to_pylist(), runner.visualizer(chunk)  # the values as the store gets them
 
 
 def test_worker_records_carry_the_descriptors_of_their_own_png(made):

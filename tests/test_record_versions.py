@@ -105,7 +105,7 @@ def test_reliability_holds_embeddings_as_arrays_not_python_floats(tmp_path, monk
 
     from pipeline.views import readers
 
-    monkeypatch.setattr(readers, "_RELIABILITY_UNITS", 8)
+    monkeypatch.setattr(readers, "RELIABILITY_UNITS", 8)
 
     width, features = 768, 150
     made = records([(DEIT, "deit", "random-0", [1], range(features), {})], seeds=(0, 1))

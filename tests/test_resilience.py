@@ -182,7 +182,7 @@ def test_nan_is_retried_once_on_another_stream_then_recorded_as_failed(compose, 
     chunk = chunk_of(compose, "[1,2,3]")
     fake = FakeVisualizer(nan_attempts={2: 1, 3: 5})
     runner = worker.VisualizationWorker("cpu")
-    runner._visualizer = lambda _chunk: fake
+    runner.visualizer = lambda _chunk: fake
     result = runner.run(chunk)
     assert sorted(result.records.table["feature"].to_pylist()) == [1, 2]
     assert [(u["feature"], attempts) for u, _, attempts in result.failures] == [(3, 2)]
@@ -194,7 +194,7 @@ def test_out_of_memory_halves_the_chunk_until_it_fits(compose, no_measures):
     chunk = chunk_of(compose, "first:8")
     fake = FakeVisualizer(nan_attempts={}, max_batch=2)
     runner = worker.VisualizationWorker("cpu")
-    runner._visualizer = lambda _chunk: fake
+    runner.visualizer = lambda _chunk: fake
     result = runner.run(chunk)
     assert sorted(result.records.table["feature"].to_pylist()) == list(range(8)) and not result.failures
     assert fake.calls == [list(range(8)), [0, 1, 2, 3], [0, 1], [2, 3], [4, 5, 6, 7], [4, 5], [6, 7]]

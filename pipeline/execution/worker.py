@@ -103,7 +103,8 @@ class VisualizationWorker(ModelWorker):
         super().__init__(device, model_cache, threads)
         self.host = socket.gethostname()
 
-    def _visualizer(self, chunk: Chunk) -> Visualizer:
+    def visualizer(self, chunk: Chunk) -> Visualizer:
+        """The Visualizer of the chunk's model and weights, loaded once and kept (``cached``)."""
         group = chunk.group
         return self.cached((group.model, group.weights),
                            lambda: Visualizer(group.model, group.weights, self.device))
@@ -114,7 +115,7 @@ class VisualizationWorker(ModelWorker):
         seconds a feature's step takes there. The model stays loaded for the chunks that follow, and so does
         the precision chosen: this worker's chunks of that model use it."""
         started = time.perf_counter()
-        visualizer = self._visualizer(Chunk(group, group.features[:1]))
+        visualizer = self.visualizer(Chunk(group, group.features[:1]))
         objective = parse_objective(group.objective)
         requested = group.optim.precision
         choice = (visualizer.precision(requested, group.layer, group.target, objective, group.optim)
@@ -161,7 +162,7 @@ class VisualizationWorker(ModelWorker):
 
     def _optimize(self, chunk: Chunk, result: _Outcome) -> None:
         group = chunk.group
-        visualizer = self._visualizer(chunk)
+        visualizer = self.visualizer(chunk)
         objective = parse_objective(group.objective)
         labels = _planted_labels(group)
         optim = group.optim

@@ -55,7 +55,7 @@ RELIABILITY_SCHEMA = pa.schema([*(RECORD_SCHEMA.field(name) for name in SEED_GRO
                                 pa.field("reliability", pa.float64())])
 # Units measured per reliabilities() call: their seeds' embeddings in float64 stay near 75 MB at ViT-B's
 # 3,072 values and 3 seeds.
-_RELIABILITY_UNITS = 1024
+RELIABILITY_UNITS = 1024
 _MEASUREMENT_COLUMNS = ["key", "family", *SEED_GROUP, "seed", "label", "activation", *DESCRIPTOR_COLUMNS,
                         *BASELINE_COLUMNS]
 
@@ -157,8 +157,8 @@ class AtlasStore:
             if not others:  # the model's only unit: nothing to centre on
                 values.update(dict.fromkeys(batch, None))
                 continue
-            for start in range(0, len(batch), _RELIABILITY_UNITS):
-                part = batch[start:start + _RELIABILITY_UNITS]
+            for start in range(0, len(batch), RELIABILITY_UNITS):
+                part = batch[start:start + RELIABILITY_UNITS]
                 vectors = matrix[np.array([by_unit[unit] for unit in part])]  # (units, seeds, width)
                 centres = (total - vectors.sum(axis=1, dtype=np.float64)) / others  # the other units' mean
                 values.update(zip(part, reliabilities(vectors, centres).tolist()))
