@@ -51,12 +51,8 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from pipeline.store.errors import StoreError
-
-if TYPE_CHECKING:
-    from pipeline.store.store import Store
+from pipeline.store.files import StoreFiles
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +87,12 @@ class LeaseLost(StoreError):
 class Lease:
     """Held from ``acquire()`` until ``release()``; a background thread renews the heartbeat."""
 
-    def __init__(self, store: "Store", name: str, expire_s: float | None = None):
-        self.store = store
+    def __init__(self, files: StoreFiles, store_root: str, directory: str, name: str, expire_s: float | None = None):
+        self.files = files
+        self.store_root = store_root  # as the user gave it, for messages
+        self.directory = directory
         self.name = name
         self.expire_s = EXPIRE_S if expire_s is None else expire_s
-        self.directory = f"{store.paths.root}/leases/{name}"
         self.lease_id = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         self.epoch: int | None = None  # the fencing token, once granted
         self._stop = threading.Event()
@@ -112,7 +109,7 @@ class Lease:
     def acquire(self) -> None:
         claim = {"host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:500]}
         try:
-            self.store.files.publish(self._claim_path(self.lease_id), lambda out: out.write(json.dumps(claim).encode()))
+            self.files.publish(self._claim_path(self.lease_id), lambda out: out.write(json.dumps(claim).encode()))
         except OSError as error:
             raise self._unwritable(error) from None
         try:
@@ -150,7 +147,7 @@ class Lease:
     def check(self) -> None:
         """Raise LeaseLost unless this driver still holds the lease: its claim is there and its grant is
         the greatest. Writers call it right before each commit point."""
-        files = {info.base_name for info in self.store.files.list(self.directory, recursive=False)}
+        files = {info.base_name for info in self.files.list(self.directory, recursive=False)}
         grants = sorted(_grant_of(name) for name in files if _GRANT.fullmatch(name))
         mine = (self.epoch, self.lease_id)
         if f"claim-{self.lease_id}.json" in files and grants and grants[-1] == mine:
@@ -160,22 +157,22 @@ class Lease:
         who = (f" to {holder.command!r} (pid {holder.pid} on {holder.host}), at epoch {newer[0]}" if holder
                else f" at epoch {newer[0]}" if newer else "")
         raise LeaseLost(
-            f"This driver lost its lease on {self.name} of the store {self.store.root!r} (epoch {self.epoch}): it "
+            f"This driver lost its lease on {self.name} of the store {self.store_root!r} (epoch {self.epoch}): it "
             f"was paused or cut off from the store for more than {self.expire_s:g} s, and the lease passed{who}. "
             f"It stopped before its next commit, so nothing it computed since is committed twice; what it "
             f"committed before stays. The driver holding the lease now does the rest: `vit-atlas status "
-            f"store.root={self.store.root}` shows progress, and running this command again once that driver "
+            f"store.root={self.store_root}` shows progress, and running this command again once that driver "
             "has finished does whatever is still missing."
         )
 
     def _grant(self) -> int:
         """Step 4: write the next epoch's grant and delete the older ones; returns the epoch."""
-        granted = [_grant_of(info.base_name) for info in self.store.files.list(self.directory, recursive=False)
+        granted = [_grant_of(info.base_name) for info in self.files.list(self.directory, recursive=False)
                    if _GRANT.fullmatch(info.base_name)]
         epoch = 1 + max((number for number, _ in granted), default=0)
-        self.store.files.publish(self._grant_path(epoch, self.lease_id), lambda out: out.write(b""))
+        self.files.publish(self._grant_path(epoch, self.lease_id), lambda out: out.write(b""))
         for number, lease_id in granted:  # the greatest stays the greatest: it decides "1 + the highest"
-            self.store.files.delete_if_present(self._grant_path(number, lease_id))
+            self.files.delete_if_present(self._grant_path(number, lease_id))
         return epoch
 
     def _renew(self) -> None:
@@ -186,18 +183,18 @@ class Lease:
                 log.warning("could not renew the store lease %s: %s", self.name, error)
 
     def _beat(self) -> None:
-        self.store.files.publish(self._alive_path(self.lease_id), lambda out: out.write(b"alive"))
+        self.files.publish(self._alive_path(self.lease_id), lambda out: out.write(b"alive"))
 
     def claims(self) -> list[Claim]:
         """Every claim on this lease, live or dead, as the store lists them."""
-        files = {info.base_name: info for info in self.store.files.list(self.directory, recursive=False)}
+        files = {info.base_name: info for info in self.files.list(self.directory, recursive=False)}
         claims = []
         for name, info in files.items():
             if not (name.startswith("claim-") and name.endswith(".json")):
                 continue
             lease_id = name[len("claim-"):-len(".json")]
             try:
-                body = self.store.files.read(info.path)
+                body = self.files.read(info.path)
             except OSError:
                 continue  # gone since the listing
             alive = files.get(f"alive-{lease_id}")
@@ -227,15 +224,15 @@ class Lease:
                    f"heartbeat was last written {seen}")
         else:
             who = f"{holder.command!r} (pid {holder.pid} on {holder.host}), last seen {seen}"
-        return (f"Another driver is writing {self.name} of the store {self.store.root!r}: {who}. Two drivers on "
+        return (f"Another driver is writing {self.name} of the store {self.store_root!r}: {who}. Two drivers on "
                 f"one store would both compute and commit the same units. Wait for it to finish (`vit-atlas status "
-                f"store.root={self.store.root}` shows progress) and run this command again; a driver that died "
+                f"store.root={self.store_root}` shows progress) and run this command again; a driver that died "
                 f"releases the store {self.expire_s:g} s after its last heartbeat (at once on the same machine).")
 
     def _unwritable(self, error: OSError) -> StoreError:
         reason = "it is on a read-only filesystem" if error.errno == errno.EROFS else f"{error.strerror or error}"
         return StoreError(
-            f"The store {self.store.root!r} cannot be written: its lease directory {self.directory} refused a "
+            f"The store {self.store_root!r} cannot be written: its lease directory {self.directory} refused a "
             f"write ({reason}). A driver must write its claim there before it computes anything, so that two "
             "drivers never write the same store. Mount the store writable (or fix its permissions), or choose "
             "another store.root; reading it (status, atlas, readers) needs no lease."
@@ -244,7 +241,7 @@ class Lease:
     def _remove(self, lease_id: str) -> None:
         for path in (self._alive_path(lease_id), self._claim_path(lease_id)):
             try:
-                self.store.files.delete_if_present(path)
+                self.files.delete_if_present(path)
             except OSError as error:  # a read-only store: there is nothing of ours to remove
                 log.debug("could not remove %s: %s", path, error)
 

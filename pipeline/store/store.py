@@ -461,7 +461,7 @@ class Store:
     def lease(self, name: str = "records", expire_s: float | None = None) -> Lease:
         """The store's lease for one writing job (``with store.lease(): ...``); see pipeline.store.lease.
         ``expire_s``: how long after its last heartbeat a silent holder counts as dead (default EXPIRE_S)."""
-        return Lease(self, name, expire_s)
+        return Lease(self.files, self.root, f"{self.paths.root}/leases/{name}", name, expire_s)
 
     def write_artifact(self, name: str, data: bytes) -> str:
         """Publish a job's report or plot at ``<root>/<name>`` (complete or not at all); returns where."""
