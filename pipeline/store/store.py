@@ -488,7 +488,8 @@ class Store:
     def writer(self, commit_every: int = DEFAULT_COMMIT_EVERY, commit_seconds: float = 300.0,
                recover_after_s: float = DEFAULT_RECOVER_AFTER_S, commit_bytes: int = DEFAULT_COMMIT_BYTES,
                committed: set[str] | None = None, lease: Lease | None = None) -> StoreWriter:
-        """Check the root, finish interrupted commits, open a writer (see StoreWriter for ``committed``).
+        """Check the root, finish interrupted commits, open a writer. ``committed``: the committed keys, when
+        the caller has just read them under the store's lease (see StoreWriter); otherwise they are read now.
 
         Committed parts whose shard is still staged get it moved into place now;
         uncommitted staged shards and temporaries are deleted once older than
@@ -496,7 +497,8 @@ class Store:
         """
         self.check_writable()
         self.recover(recover_after_s)
-        return StoreWriter(self, commit_every, commit_seconds, commit_bytes, committed, lease)
+        return StoreWriter(self.files, self.paths, self.committed_keys() if committed is None else committed,
+                           commit_every, commit_seconds, commit_bytes, lease)
 
     # -------------------------------------------------------------- internals
 

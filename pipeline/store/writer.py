@@ -9,19 +9,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING
-
 import pyarrow as pa
 
-from pipeline.store.files import write_parquet
-from pipeline.store.layout import new_commit_id
+from pipeline.store.files import StoreFiles, write_parquet
+from pipeline.store.layout import StorePaths, new_commit_id
 from pipeline.store.lease import Lease
 from pipeline.store.records import EncodedRecords, encode_records
 from pipeline.store.schemas import FAILURE_SCHEMA, UNIT_SCHEMA
 from pipeline.store.shards import write_shard
-
-if TYPE_CHECKING:
-    from pipeline.store.store import Store
 
 # A commit of 512 records makes parts large enough that a million records are a few thousand files
 # to list and open; the byte bound keeps such a buffer of 224 px images (about 120 KB each) in memory.
@@ -36,9 +31,8 @@ class StoreWriter:
     """Buffers records and commits them to both stores, dropping duplicate keys.
 
     Exactly-once holds per writer: it knows the keys committed when it opened
-    plus everything it accepted since. ``committed``, when given, is that set as the caller
-    just read it under the store's lease (the writer adds to it); otherwise the writer reads
-    it. ``lease``, the store's lease the caller holds: each commit carries its epoch and is
+    plus everything it accepted since. ``committed`` is that set as the caller just read it
+    under the store's lease (the writer adds to it). ``lease``, the store's lease the caller holds: each commit carries its epoch and is
     made only while the lease is still this writer's (``Lease.check`` right before the commit
     point; a lost lease raises LeaseLost and commits nothing more). Use it as a context
     manager; leaving the ``with`` commits what is buffered, also on an exception.
@@ -50,13 +44,13 @@ class StoreWriter:
     raised by a later call, and its records that were not committed are buffered again.
     """
 
-    def __init__(self, store: "Store", commit_every: int, commit_seconds: float,
-                 commit_bytes: int = DEFAULT_COMMIT_BYTES, committed: set[str] | None = None,
-                 lease: Lease | None = None):
+    def __init__(self, files: StoreFiles, paths: StorePaths, committed: set[str], commit_every: int,
+                 commit_seconds: float, commit_bytes: int = DEFAULT_COMMIT_BYTES, lease: Lease | None = None):
         if commit_every < 1 or commit_seconds <= 0 or commit_bytes < 1:
             raise ValueError(f"need commit_every >= 1, commit_seconds > 0 and commit_bytes >= 1, got "
                              f"{commit_every}, {commit_seconds}, {commit_bytes}")
-        self.store = store
+        self.files = files
+        self.paths = paths
         self.commit_every = commit_every
         self.commit_seconds = commit_seconds
         self.commit_bytes = commit_bytes
@@ -64,7 +58,7 @@ class StoreWriter:
         self.committed = 0
         self.waited_s = 0.0  # how long callers waited for commits in flight: the store keeping up, or not
         # Keys committed or buffered: a key in it is never buffered again.
-        self.keys_seen: set[str] = store.committed_keys() if committed is None else committed
+        self.keys_seen = committed
         self._records: dict[str, list[EncodedRecords]] = {}  # buffered, by model
         self._failures: list[dict] = []
         self._oldest: float | None = None  # monotonic time the oldest buffered item arrived
@@ -204,11 +198,11 @@ class StoreWriter:
             del records[model]
             with self._count_lock:
                 self.committed += sum(map(len, batches))
-            self.store.files.promote(staged, final)
+            self.files.promote(staged, final)
         if failures:
             self._check_lease()
             table = pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA)
-            self.store.files.publish_parquet(f"{self.store.paths.failures}/part-{uuid.uuid4().hex}.parquet", table)
+            self.files.publish_parquet(f"{self.paths.failures}/part-{uuid.uuid4().hex}.parquet", table)
             failures.clear()
 
     def _touch(self) -> None:
@@ -218,11 +212,11 @@ class StoreWriter:
     def _stage_and_commit(self, model: str, batches: list[EncodedRecords]) -> tuple[str, str]:
         """Steps 1 and 2: stage the shard, publish the part; returns (staged, final) shard paths."""
         cid = new_commit_id(self.lease.epoch if self.lease else None)
-        staged, final = self.store.paths.shards(cid)
+        staged, final = self.paths.shards(cid)
         table = pa.concat_tables(batch.table for batch in batches)
-        self.store.files.publish_before(
+        self.files.publish_before(
             (staged, lambda out: write_shard(out, [batch.shard_batch for batch in batches])),
-            (self.store.paths.record_part(model, cid), lambda out: write_parquet(table, out)),
+            (self.paths.record_part(model, cid), lambda out: write_parquet(table, out)),
             self._shard_writer, self._check_lease)
         return staged, final
 
