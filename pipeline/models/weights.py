@@ -42,6 +42,7 @@ from torch import nn
 
 from pipeline.models import zoo
 from pipeline.models.mismatch import describe_mismatch
+from pipeline.models.positions import fit_position_embedding
 from pipeline.errors import PipelineError
 
 HUB_PROBE_TIMEOUT_S = 3.0
@@ -452,18 +453,6 @@ def _load_file(model: nn.Module, path: Path, data: bytes) -> None:
 def _resamplable(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
     """Absolute position embeddings of another grid (the same prefix, the same width) are resampled."""
     return name == "pos_embed" and len(found) == len(expected) == 3 and found[-1] == expected[-1]
-
-
-def fit_position_embedding(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` with its ``pos_embed`` resampled to ``model``'s patch grid when the grids differ."""
-    wanted = getattr(model, "pos_embed", None)
-    found = state.get("pos_embed")
-    if wanted is None or found is None or tuple(found.shape) == tuple(wanted.shape):
-        return state
-    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    grid = tuple(model.patch_embed.grid_size)
-    resampled = _onnx_import().resample_position_embedding(found.float(), grid, prefix).to(found.dtype)
-    return {**state, "pos_embed": resampled}
 
 
 def ensure_verified(model_name: str, choice: WeightsChoice) -> str | None:
