@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 from pipeline.models import zoo
@@ -208,10 +209,14 @@ def ensure_pretrained(model_name: str) -> str:
                     return path.parent.name
                 return f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}"
             raise FileNotFoundError(f"no weights file in hub repository {repo}")
-        if unreachable is not None:
-            raise ConnectionError(f"{cfg.url} is not in timm's cache")
-        path = timm.models._hub.download_cached_file(cfg.url)
-        return f"sha256-{_sha256(path, os.stat(path).st_mtime_ns)}"
+        # Where timm's loader (torch.hub.load_state_dict_from_url) looks for, and puts, a URL's file.
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(cfg.url).path).name
+        if not path.is_file():
+            if unreachable is not None:
+                raise ConnectionError(f"{cfg.url} is not in torch's hub cache ({path.parent})")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(cfg.url, str(path), progress=False)
+        return f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}"
     except Exception as error:  # the hub client raises many types; all mean "not available here"
         raise _unavailable(model_name, error, unreachable) from None
 
@@ -311,14 +316,14 @@ def _read_state_dict(path: Path, data: bytes | None = None) -> dict[str, torch.T
             state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
         raise _unreadable(path, error) from None
-    # Training scripts nest the weights and DataParallel prefixes names; unwrap both.
+    # Training scripts nest the weights (timm's load_state_dict picks the same keys, but reads only a path).
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"Checkpoint '{path}' does not hold a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return clean_state_dict(state)  # names without DataParallel's ``module.`` and torch.compile's ``_orig_mod.``
 
 
 def _unreadable(path: Path, error: Exception) -> PipelineError:
@@ -337,7 +342,7 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {k.removeprefix("module."): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            return clean_state_dict({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
     except Exception as error:
         raise _unreadable(path, error) from None
 
