@@ -134,11 +134,11 @@ def test_a_checkpoint_replaced_after_planning_fails_its_units_and_records_nothin
     assert not result.records
     assert [u["feature"] for u, _, _ in result.failures] == [0, 1]
     assert {reason for _, reason, _ in result.failures} == {
-        f"the checkpoint at {path} changed since the sweep was planned: planned {planned}, found {found}; "
+        f"the checkpoint at {path} changed since the run was planned: planned {planned}, found {found}; "
         f"re-run to plan with the new file"}
     path.unlink()
     gone = worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0])
-    assert not gone.records and "is gone since the sweep was planned" in gone.failures[0][1]
+    assert not gone.records and "is gone since the run was planned" in gone.failures[0][1]
 
 
 def test_a_sweep_whose_units_all_failed_exits_1_with_the_reasons(ray_local, vit_npz, compose, tmp_path,
@@ -158,7 +158,7 @@ def test_a_sweep_whose_units_all_failed_exits_1_with_the_reasons(ray_local, vit_
     out = capsys.readouterr().out
     assert "done: 0 new records, 3 failed" in out
     assert "failed units (3; a re-run retries them):" in out
-    assert f"3 x the checkpoint at {path} changed since the sweep was planned" in out
+    assert f"3 x the checkpoint at {path} changed since the run was planned" in out
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

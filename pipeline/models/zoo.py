@@ -72,6 +72,12 @@ def family_models() -> dict[str, tuple[str, ...]]:
     return {name: _family_members(name) for name in FAMILIES}
 
 
+def in_zoo(model_name: str) -> bool:
+    """Whether a supported family owns the architecture of ``model_name`` (``arch`` or ``arch.tag``)."""
+    arch = model_name.partition(".")[0]
+    return any(arch in _family_members(name) for name in FAMILIES)
+
+
 def family_of(model_name: str) -> str:
     """The family that owns a model name (``arch`` or ``arch.tag``); a clear error otherwise."""
     arch, _, tag = model_name.partition(".")
