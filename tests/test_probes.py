@@ -183,6 +183,8 @@ def test_bad_probe_inputs_are_reported_before_any_work(tmp_path):
     with pytest.raises(PipelineError, match="not a probe"):
         run_probes(compose("probes", "probe.name=colour", *base))
     assert weights_lib.resolve("resnet50", "random", plain_timm=True).weights_id == "random-0"
+    with pytest.raises(PipelineError, match="timm knows the architecture 'resnet50' but not the pretrained tag 'x'"):
+        run_probes(compose("probes", "probe.name=frequency", "probe.models=[resnet50.x]", *base))
     assert not (tmp_path / "store").exists()
 
 

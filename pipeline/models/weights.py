@@ -14,8 +14,9 @@
 A model built at another input size (``model.img_size``) gets the checkpoint's absolute position
 embeddings resampled to its grid (bicubic, prefix tokens kept, as timm and transformers do).
 
-Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>@<revision>``, ``planted-<version>-<seed>``
-or ``sha256-<hex of the file>`` (:class:`pipeline.models.weights_id.WeightsId` parses and writes them). :func:`resolve` validates a choice and computes its id
+Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>@<revision>``,
+``planted-<version>-<seed>`` or ``sha256-<hex of the file>``, parsed and written by
+:class:`pipeline.models.weights_id.WeightsId`. :func:`resolve` validates a choice and computes its id
 cheaply, before any compute; :func:`load` builds the model. A file is checked at plan time
 against the architecture (names and shapes; an ``.npz`` goes through timm's loader into the
 architecture built on the meta device) and, when a worker loads it later, against the planned
@@ -110,6 +111,7 @@ def _check_plain(model_name: str, img_size: int | None) -> None:
     if not timm.is_model(model_name.partition(".")[0]):
         raise PipelineError(f"Unknown model '{model_name}': it is neither a supported ViT (`vit-atlas zoo`) nor a "
                             f"timm architecture (e.g. resnet50, mobilenetv2_100, densenet121).")
+    zoo.check_tag(model_name)
     if img_size is not None:
         raise PipelineError(f"'{model_name}' is not a zoo ViT, so it is built at its native input size only; "
                             f"leave the image size unset.")
