@@ -63,7 +63,7 @@ def _print_other_revisions(store: Store, plan: Plan) -> None:
     for model, weights_id in pinned:
         tag = WeightsId.parse(weights_id).tag
         others = sorted(w for m, w in stored if m == model and w != weights_id
-                        and (found := WeightsId.parse_or_none(w)) is not None and found.tag == tag)
+                        and (parsed := WeightsId.parse_or_none(w)) is not None and parsed.tag == tag)
         if others:
             print(f"weights: the store holds records of {model} made with {', '.join(others)}: the same weights "
                   f"tag from other bytes (another hub revision, or records from before weights ids named one). "
