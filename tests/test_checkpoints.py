@@ -136,11 +136,11 @@ def test_a_checkpoint_replaced_after_planning_fails_its_units_and_records_nothin
     assert not result.records
     assert [u["feature"] for u, _, _ in result.failures] == [0, 1]
     assert {reason for _, reason, _ in result.failures} == {
-        f"the checkpoint at {path} changed since the sweep was planned: planned {planned}, found {found}; "
+        f"the checkpoint at {path} changed since the run was planned: planned {planned}, found {found}; "
         f"re-run to plan with the new file"}
     path.unlink()
     gone = worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0])
-    assert not gone.records and "is gone since the sweep was planned" in gone.failures[0][1]
+    assert not gone.records and "is gone since the run was planned" in gone.failures[0][1]
 
 
 def test_a_sweep_whose_units_all_failed_exits_1_with_the_reasons(ray_local, vit_npz, compose, tmp_path,
@@ -160,4 +160,41 @@ def test_a_sweep_whose_units_all_failed_exits_1_with_the_reasons(ray_local, vit_
     out = capsys.readouterr().out
     assert "done: 0 new records, 3 failed" in out
     assert "failed units (3; a re-run retries them):" in out
-    assert f"3 x the checkpoint at {path} changed since the sweep was planned" in out
+    assert f"3 x the checkpoint at {path} changed since the run was planned" in out
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_torch_compiled_checkpoint_with_orig_mod_prefixes_loads(tmp_path, suffix):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    state = zoo.create_architecture(VIT).state_dict()
+    compiled = {f"_orig_mod.{name}": tensor.contiguous() for name, tensor in state.items()}  # torch.compile's names
+    path = tmp_path / f"compiled{suffix}"
+    save_file(compiled, str(path)) if suffix == ".safetensors" else torch.save({"model": compiled}, path)
+    loaded = weights.load(VIT, weights.resolve(VIT, str(path))).state_dict()
+    torch.testing.assert_close(loaded["blocks.4.attn.qkv.weight"], state["blocks.4.attn.qkv.weight"])
+
+
+def test_url_weights_in_torchs_hub_cache_are_found_offline_and_named_by_their_bytes(tmp_path, monkeypatch):
+    import hashlib
+
+    import timm
+
+    url = "https://example.invalid/releases/vit_tiny-0123abcd.pth"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(timm.models, "get_pretrained_cfg", lambda name: timm.models.PretrainedCfg(url=url))
+    weights.ensure_pretrained.cache_clear()
+    try:
+        with pytest.raises(PipelineError, match=r"Pretrained weights for 'url_model' could not be loaded: "
+                                                r"HF_HUB_OFFLINE is set, and they are not in") as raised:
+            weights.ensure_pretrained("url_model")
+        assert "\n" not in str(raised.value)
+        weights.ensure_pretrained.cache_clear()
+        cached = tmp_path / "torch" / "hub" / "checkpoints" / "vit_tiny-0123abcd.pth"
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(b"the file timm's loader would read")
+        assert weights.ensure_pretrained("url_model") == f"sha256-{hashlib.sha256(cached.read_bytes()).hexdigest()}"
+    finally:
+        weights.ensure_pretrained.cache_clear()

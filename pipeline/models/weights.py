@@ -14,8 +14,9 @@
 A model built at another input size (``model.img_size``) gets the checkpoint's absolute position
 embeddings resampled to its grid (bicubic, prefix tokens kept, as timm and transformers do).
 
-Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>``, ``planted-<version>-<seed>``
-or ``sha256-<hex of the file>``. :func:`resolve` validates a choice and computes its id
+Every record carries a weights id: ``random-<seed>``, ``pretrained-<tag>@<revision>``,
+``planted-<version>-<seed>`` or ``sha256-<hex of the file>``, parsed and written by
+:class:`pipeline.models.weights_id.WeightsId`. :func:`resolve` validates a choice and computes its id
 cheaply, before any compute; :func:`load` builds the model. A file is checked at plan time
 against the architecture (names and shapes; an ``.npz`` goes through timm's loader into the
 architecture built on the meta device) and, when a worker loads it later, against the planned
@@ -38,15 +39,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 from pipeline.models import zoo
 from pipeline.models.mismatch import describe_mismatch
+from pipeline.models.positions import fit_position_embedding
+from pipeline.models.weights_id import REVISION, WeightsId
 from pipeline.errors import PipelineError
 
 HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".onnx")
-_REVISION = re.compile(r"[0-9a-f]{40}")  # a hub commit, as the cache names its snapshot directories
 
 
 class CheckpointChanged(PipelineError):
@@ -63,65 +66,82 @@ class WeightsChoice:
 
 
 def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | None = None,
-            pin: bool = True) -> WeightsChoice:
+            pin: bool = True, plain_timm: bool = False) -> WeightsChoice:
     """Validate ``weights`` for ``model_name`` (built at ``img_size``, or natively) without building the
     model; raise a clear error otherwise.
 
     Pretrained weights are pinned: fetched into the cache (or found there) and named by the bytes found,
     ``pretrained-<tag>@<hub revision>`` (``@sha256-<hex>`` for a file timm downloads from a URL), so two caches
     holding different revisions of one tag make different units. ``pin=False`` reads no weights and names the
-    tag alone, as ids did before they carried the revision: for looking at a plan, never for writing one."""
-    zoo.family_of(model_name)
-    if img_size == zoo.native_size(model_name):
-        img_size = None  # one identity, and one unit key, per model and size
-    zoo.layout(model_name, img_size)  # refuses sizes the architecture cannot take
+    tag alone, as ids did before they carried the revision: for looking at a plan, never for writing one.
+
+    ``plain_timm`` also takes a timm architecture outside the zoo, built at its native size: the probes'
+    classifiers (CNNs among them), which need no traced layout. Its weights get the same checks."""
+    if plain_timm and not zoo.in_zoo(model_name):
+        _check_plain(model_name, img_size)
+    else:
+        zoo.family_of(model_name)
+        if img_size == zoo.native_size(model_name):
+            img_size = None  # one identity, and one unit key, per model and size
+        zoo.layout(model_name, img_size)  # refuses sizes the architecture cannot take
     if weights == "random":
-        return WeightsChoice("random", f"random-{init_seed}", init_seed=init_seed, img_size=img_size)
+        return WeightsChoice("random", str(WeightsId("random", seed=init_seed)), init_seed=init_seed,
+                             img_size=img_size)
     if weights == "planted":
         from pipeline.models import planted
 
         planted.planted_units(model_name)  # raises for models without a planted construction
-        return WeightsChoice("planted", f"planted-{planted.PLANTED_VERSION}-{init_seed}", init_seed=init_seed,
-                             img_size=img_size)
+        return WeightsChoice("planted", str(WeightsId("planted", seed=init_seed, version=planted.PLANTED_VERSION)),
+                             init_seed=init_seed, img_size=img_size)
     if weights == "pretrained":
         tag = _pretrained_tag(model_name)
         if not pin:
-            return WeightsChoice("pretrained", f"pretrained-{tag}", img_size=img_size)
+            return WeightsChoice("pretrained", str(WeightsId("pretrained", tag=tag)), img_size=img_size)
         source = ensure_pretrained(model_name)
-        return WeightsChoice("pretrained", f"pretrained-{tag}@{source}", path=source, img_size=img_size)
+        return WeightsChoice("pretrained", str(WeightsId("pretrained", tag=tag, revision=source)), path=source,
+                             img_size=img_size)
     path = _checkpoint_path(model_name, Path(weights).expanduser())
     _check_checkpoint(model_name, path, img_size)
-    return WeightsChoice("file", f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}", path=str(path),
-                         img_size=img_size)
+    return WeightsChoice("file", _file_id(path), path=str(path), img_size=img_size)
 
 
-def short_id(weights_id: str) -> str:
-    """A weights id short enough for a table row or a caption: a file's sha256 cut to 12 hex digits, a hub
-    revision (or a downloaded file's sha256) to 12 characters."""
-    kind, _, digest = weights_id.partition("-")
-    if kind == "pretrained" and "@" in digest:
-        tag, _, source = digest.partition("@")
-        return f"pretrained-{tag}@{source[:12] if _REVISION.fullmatch(source) else source[:19]}"
-    return f"sha256-{digest[:12]}" if kind == "sha256" and len(digest) > 12 else weights_id
+def _check_plain(model_name: str, img_size: int | None) -> None:
+    import timm
+
+    if not timm.is_model(model_name.partition(".")[0]):
+        raise PipelineError(f"Unknown model '{model_name}': it is neither a supported ViT (`vit-atlas zoo`) nor a "
+                            f"timm architecture (e.g. resnet50, mobilenetv2_100, densenet121).")
+    zoo.check_tag(model_name)
+    if img_size is not None:
+        raise PipelineError(f"'{model_name}' is not a zoo ViT, so it is built at its native input size only; "
+                            f"leave the image size unset.")
+
+
+def _architecture(model_name: str, device: torch.device | str = "cpu", img_size: int | None = None) -> nn.Module:
+    """The zoo's architecture, or the plain timm one of a model outside the zoo (``resolve(plain_timm=True)``)."""
+    if zoo.in_zoo(model_name):
+        return zoo.create_architecture(model_name, device, img_size)
+    import timm
+
+    with torch.device(device):
+        return timm.create_model(model_name, pretrained=False).eval()
 
 
 def choice_of_record(model_name: str, weights_id: str, recorded: str, image_size: int,
                      override: str | None = None) -> WeightsChoice:
     """The weights a record was made with, from its ``weights`` id, the ``model.weights`` its config
     recorded and its image size; ``override`` points at a checkpoint file that has moved since."""
-    kind, _, rest = weights_id.partition("-")
-    if kind == "pretrained" and image_size == zoo.native_size(model_name):
+    parsed = WeightsId.parse(weights_id)
+    if parsed.kind == "pretrained" and image_size == zoo.native_size(model_name):
         image_size = None
-    if kind == "pretrained" and "@" in rest:
+    if parsed.kind == "pretrained" and parsed.revision:
         # The revision the record names, loaded as such (from the cache, or the hub), whatever the tag's newest.
-        return WeightsChoice("pretrained", weights_id, path=rest.partition("@")[2], img_size=image_size)
-    if kind == "pretrained":
+        return WeightsChoice("pretrained", weights_id, path=parsed.revision, img_size=image_size)
+    if parsed.kind == "pretrained":
         # Records from before ids carried the revision: whichever revision is here, as they were made.
         return dataclasses.replace(resolve(model_name, "pretrained", img_size=image_size), weights_id=weights_id)
-    if kind == "random":
-        choice = resolve(model_name, "random", int(rest), image_size)
-    elif kind == "planted":
-        choice = resolve(model_name, "planted", int(rest.rpartition("-")[2]), image_size)
+    if parsed.kind in ("random", "planted"):
+        choice = resolve(model_name, parsed.kind, parsed.seed, image_size)
     else:
         recorded = override or recorded
         try:
@@ -148,7 +168,7 @@ def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "c
     else:
         data = _read_planned(choice) if choice.kind == "file" else None  # before building: a changed file fails fast
         torch.manual_seed(choice.init_seed)
-        model = zoo.create_architecture(model_name, img_size=choice.img_size)
+        model = _architecture(model_name, img_size=choice.img_size)
         if choice.kind == "planted":
             from pipeline.models import planted
 
@@ -203,14 +223,18 @@ def ensure_pretrained(model_name: str) -> str:
                 except EntryNotFoundError:
                     continue
                 # The hub's cache keeps each revision in snapshots/<commit>/: the commit names the bytes.
-                if _REVISION.fullmatch(path.parent.name):
+                if REVISION.fullmatch(path.parent.name):
                     return path.parent.name
-                return f"sha256-{_sha256(str(path), path.stat().st_mtime_ns)}"
+                return _file_id(path)
             raise FileNotFoundError(f"no weights file in hub repository {repo}")
-        if unreachable is not None:
-            raise ConnectionError(f"{cfg.url} is not in timm's cache")
-        path = timm.models._hub.download_cached_file(cfg.url)
-        return f"sha256-{_sha256(path, os.stat(path).st_mtime_ns)}"
+        # Where timm's loader (torch.hub.load_state_dict_from_url) looks for, and puts, a URL's file.
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(cfg.url).path).name
+        if not path.is_file():
+            if unreachable is not None:
+                raise ConnectionError(f"{cfg.url} is not in torch's hub cache ({path.parent})")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(cfg.url, str(path), progress=False)
+        return _file_id(path)
     except Exception as error:  # the hub client raises many types; all mean "not available here"
         raise _unavailable(model_name, error, unreachable) from None
 
@@ -245,7 +269,7 @@ def _load_pretrained(model_name: str, img_size: int | None, source: str | None) 
 
     cfg = timm.models.get_pretrained_cfg(model_name)
     overlay = {}
-    if source and _REVISION.fullmatch(source) and cfg is not None and cfg.hf_hub_id:
+    if source and REVISION.fullmatch(source) and cfg is not None and cfg.hf_hub_id:
         overlay = {"pretrained_cfg_overlay": {"hf_hub_id": f"{cfg.hf_hub_id.partition('@')[0]}@{source}"}}
     try:  # timm resamples the checkpoint's position embeddings to img_size itself
         return timm.create_model(model_name, pretrained=True, **({"img_size": img_size} if img_size else {}),
@@ -290,6 +314,10 @@ def _checkpoint_path(model_name: str, path: Path) -> Path:
     return path
 
 
+def _file_id(path: Path) -> str:
+    return str(WeightsId("file", digest=_sha256(str(path), path.stat().st_mtime_ns)))
+
+
 @functools.lru_cache(maxsize=None)
 def _sha256(path: str, _mtime_ns: int) -> str:
     digest = hashlib.sha256()
@@ -310,14 +338,14 @@ def _read_state_dict(path: Path, data: bytes | None = None) -> dict[str, torch.T
             state = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:
         raise _unreadable(path, error) from None
-    # Training scripts nest the weights and DataParallel prefixes names; unwrap both.
+    # Training scripts nest the weights (timm's load_state_dict picks the same keys, but reads only a path).
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"Checkpoint '{path}' does not hold a state dict of tensors.")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return clean_state_dict(state)  # names without DataParallel's ``module.`` and torch.compile's ``_orig_mod.``
 
 
 def _unreadable(path: Path, error: Exception) -> PipelineError:
@@ -336,7 +364,7 @@ def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {k.removeprefix("module."): tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+            return clean_state_dict({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
     except Exception as error:
         raise _unreadable(path, error) from None
 
@@ -346,7 +374,7 @@ def _check_checkpoint(model_name: str, path: Path, img_size: int | None) -> None
     if path.suffix == ".npz":
         _check_npz(model_name, path, img_size)
         return
-    architecture = zoo.create_architecture(model_name, "meta", img_size)
+    architecture = _architecture(model_name, "meta", img_size)
     if path.suffix == ".onnx":
         _onnx_import().onnx_state_dict(path, architecture)  # reports what does not map, by name
         return
@@ -383,7 +411,7 @@ def _check_npz(model_name: str, path: Path, img_size: int | None) -> None:
         raise _unreadable_npz(path, error) from None
     with archive:
         names = set(archive.files)
-    model = zoo.create_architecture(model_name, "meta", img_size)  # timm's loader resamples positions
+    model = _architecture(model_name, "meta", img_size)  # timm's loader resamples positions
     if not hasattr(model, "load_pretrained"):
         raise PipelineError(f"Checkpoint '{path}' is a Google .npz checkpoint, which only original ViT models can "
                             f"load, and '{model_name}' is not one. Convert it to a state dict of this architecture "
@@ -424,12 +452,12 @@ def _read_planned(choice: WeightsChoice) -> bytes:
     try:
         data = Path(choice.path).read_bytes()
     except OSError as error:
-        raise CheckpointChanged(f"the checkpoint at {choice.path} is gone since the sweep was planned (planned "
+        raise CheckpointChanged(f"the checkpoint at {choice.path} is gone since the run was planned (planned "
                                 f"{choice.weights_id}; {type(error).__name__}: {error.strerror or error}); "
                                 f"restore it, or re-run to plan with another file") from None
-    found = f"sha256-{hashlib.sha256(data).hexdigest()}"
+    found = str(WeightsId("file", digest=hashlib.sha256(data).hexdigest()))
     if found != choice.weights_id:
-        raise CheckpointChanged(f"the checkpoint at {choice.path} changed since the sweep was planned: planned "
+        raise CheckpointChanged(f"the checkpoint at {choice.path} changed since the run was planned: planned "
                                 f"{choice.weights_id}, found {found}; re-run to plan with the new file")
     return data
 
@@ -454,18 +482,6 @@ def _resamplable(name: str, found: tuple[int, ...], expected: tuple[int, ...]) -
     return name == "pos_embed" and len(found) == len(expected) == 3 and found[-1] == expected[-1]
 
 
-def fit_position_embedding(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` with its ``pos_embed`` resampled to ``model``'s patch grid when the grids differ."""
-    wanted = getattr(model, "pos_embed", None)
-    found = state.get("pos_embed")
-    if wanted is None or found is None or tuple(found.shape) == tuple(wanted.shape):
-        return state
-    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    grid = tuple(model.patch_embed.grid_size)
-    resampled = _onnx_import().resample_position_embedding(found.float(), grid, prefix).to(found.dtype)
-    return {**state, "pos_embed": resampled}
-
-
 def ensure_verified(model_name: str, choice: WeightsChoice) -> str | None:
     """For an ONNX file: import it into the architecture at the file's input size, run the same input
     through onnxruntime and timm, and stop (one paragraph, naming the first diverging layer) beyond the
@@ -479,7 +495,7 @@ def ensure_verified(model_name: str, choice: WeightsChoice) -> str | None:
 def _verify_onnx(model_name: str, path: str, weights_id: str) -> str:
     onnx_import = _onnx_import()
     size = onnx_import.input_size(path)
-    model = zoo.create_architecture(model_name, "cpu", size or None)
+    model = _architecture(model_name, "cpu", size or None)
     _load_file(model, Path(path), Path(path).read_bytes())
     report = onnx_import.verify_import(path, model)
     report.raise_if_diverged()

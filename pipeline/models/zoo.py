@@ -72,18 +72,30 @@ def family_models() -> dict[str, tuple[str, ...]]:
     return {name: _family_members(name) for name in FAMILIES}
 
 
+def in_zoo(model_name: str) -> bool:
+    """Whether a supported family owns the architecture of ``model_name`` (``arch`` or ``arch.tag``)."""
+    arch = model_name.partition(".")[0]
+    return any(arch in _family_members(name) for name in FAMILIES)
+
+
+def check_tag(model_name: str) -> None:
+    """Refuse ``arch.tag`` where timm has no such pretrained tag for the architecture."""
+    arch, _, tag = model_name.partition(".")
+    if tag and model_name not in timm.list_pretrained(model_name):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(arch + ".*")]
+        raise PipelineError(
+            f"Model '{model_name}': timm knows the architecture '{arch}' but not the pretrained tag "
+            f"'{tag}'. Known tags: {', '.join(tags) or 'none'}. Use one of them, or the bare "
+            f"architecture name for its default weights."
+        )
+
+
 def family_of(model_name: str) -> str:
     """The family that owns a model name (``arch`` or ``arch.tag``); a clear error otherwise."""
-    arch, _, tag = model_name.partition(".")
+    arch = model_name.partition(".")[0]
     for name in FAMILIES:
         if arch in _family_members(name):
-            if tag and model_name not in timm.list_pretrained(model_name):
-                tags = [n.partition(".")[2] for n in timm.list_pretrained(arch + ".*")]
-                raise PipelineError(
-                    f"Model '{model_name}': timm knows the architecture '{arch}' but not the pretrained tag "
-                    f"'{tag}'. Known tags: {', '.join(tags) or 'none'}. Use one of them, or the bare "
-                    f"architecture name for its default weights."
-                )
+            check_tag(model_name)
             return name
     near = suggestions(arch, [m for members in family_models().values() for m in members])
     hint = f" Did you mean: {', '.join(near)}?" if near else ""

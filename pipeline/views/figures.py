@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from pipeline.errors import PipelineError
-from pipeline.models.weights import short_id
+from pipeline.models.weights_id import short_id
 from pipeline.store.png import PngDecodeError, decode_png
 from pipeline.store.schemas import DESCRIPTOR_COLUMNS
 from pipeline.views.pages import repair_hint, weights_kind, weights_order

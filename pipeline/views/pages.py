@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import jinja2
 import markupsafe
 
+from pipeline.models.weights_id import WeightsId
 from pipeline.store.errors import repair_command
 from pipeline.store.schemas import BASELINE_COLUMNS, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN
 from pipeline.views.readers import METADATA_COLUMNS
@@ -109,11 +110,8 @@ def _variant_title(variant: tuple) -> str:
 
 def weights_kind(weights: str) -> str:
     """pretrained | file | planted | random | other, from a record's weights id."""
-    for prefix, kind in (("pretrained-", "pretrained"), ("sha256-", "file"), ("planted-", "planted"),
-                         ("random-", "random")):
-        if weights.startswith(prefix):
-            return kind
-    return "other"
+    found = WeightsId.parse_or_none(weights)
+    return found.kind if found else "other"
 # Real weights first, then planted (a check of the method), then random (a baseline).
 _WEIGHTS_RANK = {"pretrained": 0, "file": 0, "other": 0, "planted": 1, "random": 2}
 _WEIGHTS_NOTES = {

@@ -1,9 +1,9 @@
 """Classifiers for the probes: zoo ViTs (any weights the sweep accepts) and plain timm models (CNNs).
 
-Zoo models go through :mod:`pipeline.models.weights` (pretrained, random, planted, a
-file). Other timm classifiers (resnet50, mobilenetv2_100, densenet121, ...) need
-no zoo layout: they take ``pretrained``, ``random`` or a checkpoint path. Either
-way the choice is validated and given an id before any compute.
+Their weights are resolved and loaded by :mod:`pipeline.models.weights` as a sweep's are
+(``resolve(..., plain_timm=True)`` lets in timm classifiers outside the zoo: resnet50,
+mobilenetv2_100, densenet121, ...), with the same checks: a checkpoint's suffix and names, its
+sha256 checked again at load, the hub revision in the weights id.
 
 :func:`vit_logits` is the ViT forward with the token manipulations of the
 paper's Table 1, built from timm's own VisionTransformer parts.
@@ -12,81 +12,11 @@ paper's Table 1, built from timm's own VisionTransformer parts.
 from __future__ import annotations
 
 import functools
-import hashlib
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.models import weights as weights_lib
-from pipeline.models import zoo
 from pipeline.errors import PipelineError
-
-
-@dataclass(frozen=True)
-class ClassifierChoice:
-    model: str
-    weights_id: str
-    zoo_weights: weights_lib.WeightsChoice | None  # for zoo models
-    kind: str = "zoo"  # zoo | random | pretrained | file
-    path: str | None = None
-    init_seed: int = 0
-
-
-def _is_zoo(model: str) -> bool:
-    try:
-        zoo.family_of(model)
-        return True
-    except PipelineError:
-        return False
-
-
-def resolve(model: str, weights: str, init_seed: int = 0) -> ClassifierChoice:
-    import timm
-
-    if _is_zoo(model):
-        choice = weights_lib.resolve(model, weights, init_seed)
-        return ClassifierChoice(model, choice.weights_id, choice)
-    if not timm.is_model(model.split(".")[0]):
-        raise PipelineError(f"Unknown model '{model}': it is neither a supported ViT (`vit-atlas zoo`) "
-                            f"nor a timm architecture (e.g. resnet50, mobilenetv2_100, densenet121).")
-    if weights == "random":
-        return ClassifierChoice(model, f"random-{init_seed}", None, "random", init_seed=init_seed)
-    if weights == "pretrained":
-        cfg = timm.models.get_pretrained_cfg(model)
-        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
-            raise PipelineError(f"timm has no pretrained weights for '{model}'; use weights=random or a checkpoint.")
-        return ClassifierChoice(model, f"pretrained-{cfg.tag or 'default'}", None, "pretrained")
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        found = [path / f"{model}{s}" for s in weights_lib.CHECKPOINT_SUFFIXES if (path / f"{model}{s}").is_file()]
-        path = found[0] if found else path / f"{model}.safetensors"
-    if not path.is_file():
-        raise PipelineError(f"weights='{weights}' is neither pretrained, random nor a checkpoint for '{model}' "
-                            f"(looked for {path}).")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return ClassifierChoice(model, f"sha256-{digest}", None, "file", path=str(path))
-
-
-def load(choice: ClassifierChoice, device: torch.device) -> nn.Module:
-    import timm
-
-    if choice.zoo_weights is not None:
-        model = weights_lib.load(choice.model, choice.zoo_weights, device)
-    elif choice.kind == "pretrained":
-        try:
-            model = timm.create_model(choice.model, pretrained=True)
-        except Exception as error:  # the hub client raises many types; all mean "not available here"
-            raise PipelineError(f"Pretrained weights for '{choice.model}' could not be loaded ({error}). Put them "
-                                f"in the Hugging Face cache (HF_HOME) or pass a checkpoint path.") from None
-    else:
-        torch.manual_seed(choice.init_seed)
-        model = timm.create_model(choice.model, pretrained=False)
-        if choice.kind == "file":
-            timm.models.load_checkpoint(model, choice.path, strict=True)
-    model.requires_grad_(False)
-    return model.eval().to(device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ from pipeline.analysis import images as images_lib
 from pipeline.config import ProbesConfig
 from pipeline.models import weights as weights_lib
 from pipeline.errors import PipelineError
-from pipeline.analysis.probes import PROBES, classifier
+from pipeline.analysis.probes import PROBES
 from pipeline.analysis.probes.worker import ProbeTask, ProbeWorker
 from pipeline.store.schemas import probe_results
 from pipeline.store.store import Store
@@ -36,7 +36,7 @@ def plan_tasks(cfg: ProbesConfig, image_set: images_lib.ImageSet) -> list[ProbeT
     slices = math.ceil(len(image_set) / cfg.slice_size)
     tasks = []
     for model in cfg.probe.models:
-        choice = classifier.resolve(str(model), cfg.probe.weights, cfg.probe.init_seed)
+        choice = weights_lib.resolve(str(model), cfg.probe.weights, cfg.probe.init_seed, plain_timm=True)
         conditions = tuple(probe.conditions(params, str(model)))
         identity = json.dumps([name, str(model), choice.weights_id, params, image_set.fingerprint(), cfg.slice_size])
         digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -64,10 +64,11 @@ def run_probes(cfg: ProbesConfig) -> int:
     store.recover()
     image_set = images_lib.open_images(cfg.images.path, cfg.images.boxes, cfg.images.limit)
     _check(cfg, image_set)
-    tasks = plan_tasks(cfg, image_set)
-    if cfg.probe.weights == "pretrained":  # in the driver, before any worker starts
-        for model in cfg.probe.models:
-            weights_lib.ensure_pretrained(str(model))
+    tasks = plan_tasks(cfg, image_set)  # pretrained weights are fetched here, in the driver, to name their revision
+    for model, choice in dict.fromkeys((task.model, task.weights) for task in tasks):
+        verified = weights_lib.ensure_verified(model, choice)  # an ONNX file, as a sweep checks it
+        if verified:
+            print(verified, flush=True)
     with store.lease(f"probes/{cfg.probe.name}"):
         return _run_probe(store, tasks, image_set, cfg)
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from pipeline.analysis import images as images_lib
 from pipeline.execution.worker import ModelWorker
-from pipeline.analysis.probes import PROBES, classifier
+from pipeline.models import weights as weights_lib
+from pipeline.analysis.probes import PROBES
 from pipeline.analysis.probes.base import Batch, Condition, Tally
 
 
@@ -19,7 +20,7 @@ class ProbeTask:
     part_id: str
     probe: str
     model: str
-    weights: classifier.ClassifierChoice
+    weights: weights_lib.WeightsChoice
     conditions: tuple[Condition, ...]
     params: dict
     images: images_lib.ImageSet  # this task's slice
@@ -32,7 +33,8 @@ class ProbeTask:
 
 class ProbeWorker(ModelWorker):
     def _model(self, task: ProbeTask) -> nn.Module:
-        return self.cached((task.model, task.weights.weights_id), lambda: classifier.load(task.weights, self.device))
+        return self.cached((task.model, task.weights.weights_id),
+                           lambda: weights_lib.load(task.model, task.weights, self.device))
 
     def run(self, task: ProbeTask) -> pa.Table:
         model = self._model(task)
