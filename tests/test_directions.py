@@ -104,6 +104,10 @@ def test_pca_explains_the_variance_a_direct_svd_finds_and_a_rerun_does_nothing(t
     assert code == 0 and "already fitted; nothing to do" in out and printed_path(out) == path
     assert path.stat().st_mtime_ns == modified
 
+    code, out, err = run(capsys, *args, "tokens_per_image=50")  # other activations: gathered anew
+    assert code == 0 and "6 images in 2 slice(s), 0 gathered, 2 to read" in err
+    assert json.loads(printed_path(out).with_suffix(".json").read_text())["images"]["tokens"] == 6 * 50
+
 
 def test_topk_sae_reconstructs_better_as_it_trains():
     generator = torch.Generator().manual_seed(0)
