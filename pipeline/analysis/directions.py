@@ -61,23 +61,9 @@ def _say(line: str) -> None:
 
 
 def run_directions(cfg: DirectionsConfig) -> int:
-    # Every check before anything is written or computed.
-    model = cfg.model
-    unpinned = weights_lib.resolve(model.name, model.weights, model.init_seed, model.img_size, pin=False)
-    width = zoo.layout(model.name, unpinned.img_size).site(cfg.layer, cfg.target.kind).features
-    if cfg.method == "pca" and cfg.n > width:
-        raise PipelineError(f"n={cfg.n} is more principal components than the {width} features of target "
-                            f"'{cfg.target.kind}' at layer {cfg.layer} of '{model.name}': choose n <= {width}.")
-    image_set = images_lib.open_images(cfg.images.path, limit=cfg.images.limit)
-    store = Store(cfg.store.root)
-    store.check_writable()
-    store.recover()
+    width, image_set, store = _checked(cfg)
     # Pretrained weights are fetched (or found in the cache) and named by their revision only now.
-    choice = weights_lib.resolve(model.name, model.weights, model.init_seed, model.img_size)
-    verified = weights_lib.ensure_verified(cfg.model.name, choice)
-    if verified:
-        _say(verified)
-
+    choice = weights_lib.resolve(cfg.model.name, cfg.model.weights, cfg.model.init_seed, cfg.model.img_size)
     sampled = [cfg.tokens_per_image, cfg.seed] if cfg.tokens_per_image else None
     gather_id = _digest(cfg.model.name, choice.weights_id, choice.img_size, cfg.layer, cfg.target.kind,
                         image_set.fingerprint(), cfg.slice_size, sampled)
@@ -97,8 +83,6 @@ def run_directions(cfg: DirectionsConfig) -> int:
     if todo:
         _gather(cfg, choice, image_set, tokens, todo)
     parts = sorted(_part(i) for i in range(slices))
-    name = (f"{_UNSAFE.sub('_', cfg.model.name)}-{cfg.target.kind}-l{cfg.layer:02d}-{cfg.method}-n{cfg.n}-"
-            f"{fit_id}")
     provenance = {
         "format": FORMAT, "method": cfg.method, "n": cfg.n, "width": width, "model": cfg.model.name,
         "weights": choice.weights_id, "weights_given": cfg.model.weights, "img_size": choice.img_size,
@@ -107,23 +91,36 @@ def run_directions(cfg: DirectionsConfig) -> int:
     }
     if cfg.method == "pca":
         data, provenance["fit"] = _fit_pca(tokens, parts, width, cfg.n)
-        suffix = "npy"
+        quality = f"explained variance {provenance['fit']['explained_variance']:.4f}"
     else:
         data, provenance["fit"] = _fit_sae(tokens, parts, width, cfg, provenance)
-        suffix = "safetensors"
-    about = (json.dumps(provenance, indent=1) + "\n").encode()
-    path = store.write_artifact(f"directions/{name}.{suffix}", data)
-    store.write_artifact(f"directions/{name}.json", about)
+        quality = f"reconstruction FVU {provenance['fit']['fvu']:.4f}"
+    # The matrix and its provenance first, the fit's part last: its presence is what says the job is done.
+    name = f"{_UNSAFE.sub('_', cfg.model.name)}-{cfg.target.kind}-l{cfg.layer:02d}-{cfg.method}-n{cfg.n}-{fit_id}"
+    path = store.write_artifact(f"directions/{name}.{'npy' if cfg.method == 'pca' else 'safetensors'}", data)
+    about = store.write_artifact(f"directions/{name}.json", (json.dumps(provenance, indent=1) + "\n").encode())
     fits.write(fit_id, pa.table({
         "fit_id": [fit_id], "path": [path], "model": [cfg.model.name], "weights": [choice.weights_id],
         "layer": [cfg.layer], "target": [cfg.target.kind], "method": [cfg.method], "n": [cfg.n],
         "provenance": [json.dumps(provenance)]}))
-    quality = (f"explained variance {provenance['fit']['explained_variance']:.4f}" if cfg.method == "pca"
-               else f"reconstruction FVU {provenance['fit']['fvu']:.4f}")
     print(f"directions: {cfg.method} n={cfg.n} over {provenance['images']['tokens']} tokens of "
-          f"{len(image_set)} images, {quality}\nprovenance: {path.rpartition('.')[0]}.json\n"
-          f"target.directions={path}", flush=True)
+          f"{len(image_set)} images, {quality}\nprovenance: {about}\ntarget.directions={path}", flush=True)
     return 0
+
+
+def _checked(cfg: DirectionsConfig) -> tuple[int, images_lib.ImageSet, Store]:
+    """The target's width, the images and the store, once every setting is checked; nothing written yet."""
+    model = cfg.model
+    unpinned = weights_lib.resolve(model.name, model.weights, model.init_seed, model.img_size, pin=False)
+    width = zoo.layout(model.name, unpinned.img_size).site(cfg.layer, cfg.target.kind).features
+    if cfg.method == "pca" and cfg.n > width:
+        raise PipelineError(f"n={cfg.n} is more principal components than the {width} features of target "
+                            f"'{cfg.target.kind}' at layer {cfg.layer} of '{model.name}': choose n <= {width}.")
+    image_set = images_lib.open_images(cfg.images.path, limit=cfg.images.limit)
+    store = Store(cfg.store.root)
+    store.check_writable()
+    store.recover()
+    return width, image_set, store
 
 
 def _part(slice_index: int) -> str:
@@ -136,6 +133,9 @@ def _gather(cfg: DirectionsConfig, choice: weights_lib.WeightsChoice, image_set:
     from pipeline.engine.activations import ActivationReader
     from pipeline.engine.visualizer import pick_device
 
+    verified = weights_lib.ensure_verified(cfg.model.name, choice)  # an ONNX file's import, checked once
+    if verified:
+        _say(verified)
     device = pick_device(cfg.device)
     model = weights_lib.load(cfg.model.name, choice, device)
     layout = zoo.layout(cfg.model.name, choice.img_size)
