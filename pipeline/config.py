@@ -317,3 +317,63 @@ def schema_node(schema: type):
         if dataclasses.is_dataclass(hints[field.name]):
             node[field.name] = schema_node(hints[field.name])
     return node
+
+
+# `vit-atlas directions` (pipeline/analysis/directions.py): its sections, then its config.
+DIRECTION_METHODS = ("pca", "topk_sae")
+
+
+@dataclass
+class DirectionsModel:
+    name: str  # a timm architecture of the zoo
+    weights: str  # pretrained | random | PATH (file), as the sweep's model.weights
+    init_seed: int
+    img_size: Optional[int]  # input side in pixels; null: the architecture's native size
+
+
+@dataclass
+class DirectionsTarget:
+    kind: str  # which activations: a target of the sweep (target.kind)
+
+
+@dataclass
+class SaeSection:
+    k: int  # latents kept per token (the top k pre-activations after the ReLU)
+    steps: int  # Adam steps
+    batch_size: int  # tokens per step
+    lr: float
+
+    def __post_init__(self) -> None:
+        for name, low in (("k", 1), ("steps", 1), ("batch_size", 1)):
+            _at_least(getattr(self, name), f"sae.{name}", low)
+        _at_least(self.lr, "sae.lr", 0, strict=True)
+
+
+@dataclass
+class DirectionsConfig:
+    store: StoreRoot
+    images: ExampleImages
+    model: DirectionsModel
+    layer: int
+    target: DirectionsTarget
+    method: str  # pca | topk_sae
+    n: int  # directions: principal components, or the autoencoder's latents
+    seed: int
+    tokens_per_image: Optional[int]  # patch tokens kept per image, drawn with the seed; null: all
+    slice_size: int  # images gathered per part of the store (what a resumed job need not read again)
+    batch_size: int  # images per forward
+    device: str
+    sae: SaeSection
+
+    def __post_init__(self) -> None:
+        if self.method not in DIRECTION_METHODS:
+            raise PipelineError(f"method={self.method!r} is not a dictionary method: use one of "
+                                f"{', '.join(DIRECTION_METHODS)}.")
+        _at_least(self.n, "n", 1, meaning=" (directions to fit)")
+        if self.tokens_per_image is not None:
+            _at_least(self.tokens_per_image, "tokens_per_image", 1, meaning=", or null for every patch token")
+        _at_least(self.slice_size, "slice_size", 1, meaning=" (images per part)")
+        _at_least(self.batch_size, "batch_size", 1, meaning=" (images per forward)")
+        if self.method == "topk_sae" and self.sae.k > self.n:
+            raise PipelineError(f"sae.k={self.sae.k} is larger than n={self.n}: a top-k autoencoder keeps k of "
+                                f"its n latents per token; choose sae.k <= n.")

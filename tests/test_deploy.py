@@ -26,6 +26,7 @@ from pipeline.models import zoo
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = [REPO / "jobs" / "submit.sh", REPO / "jobs" / "slurm-sweep.sbatch", REPO / "jobs" / "fetch-demo-weights.sh",
+           REPO / "jobs" / "fetch-photos.sh",
            REPO / "jobs" / "gpu-check.sh"]
 SWEEP = ["python", "-m", "pipeline", "sweep"]
 

@@ -150,3 +150,30 @@ PROBE_RESULT_SCHEMA = pa.schema([
 def probe_results(probe: str) -> TableSpec:
     """A probe's sums per unit (one model x one slice of images), beside its report and plot."""
     return TableSpec(f"probes/{probe}", PROBE_RESULT_SCHEMA)
+
+# `vit-atlas directions`: the token vectors of one (model, weights, layer, target, image set), one part per
+# slice of images (a row per image: its pixels' sha256 and its tokens' vectors, row-major), for the fits.
+DIRECTION_TOKENS_SCHEMA = pa.schema([
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("pixels_sha256", pa.string(), nullable=False),  # of the decoded RGB pixels, as read
+    pa.field("tokens", pa.int32(), nullable=False),
+    pa.field("vectors", pa.list_(pa.float32()), nullable=False),  # tokens x width
+], metadata={"schema_id": "vit-atlas/direction-tokens/v1"})
+
+
+def direction_tokens(gather_id: str) -> TableSpec:
+    return TableSpec(f"directions/tokens-{gather_id}", DIRECTION_TOKENS_SCHEMA)
+
+
+# One part per finished fit: where its matrix is and what made it (the provenance JSON beside the matrix).
+DIRECTION_FITS = TableSpec("directions/fits", pa.schema([
+    pa.field("fit_id", pa.string(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),  # the matrix: .npy (pca) or .safetensors (topk_sae)
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("weights", pa.string(), nullable=False),
+    pa.field("layer", pa.int32(), nullable=False),
+    pa.field("target", pa.string(), nullable=False),
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("n", pa.int32(), nullable=False),
+    pa.field("provenance", pa.string(), nullable=False),  # JSON
+], metadata={"schema_id": "vit-atlas/direction-fits/v1"}))
