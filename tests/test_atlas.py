@@ -601,8 +601,8 @@ def test_the_feature_page_draws_the_unaugmented_curve_and_the_optimizers_objecti
     assert figure.index('<svg class="curve"') < figure.index('<svg class="trace"')  # the curve first, the trace below
     assert (f"activation of the un-augmented image during optimization: {curve[0]:.4g} → {curve[-1]:.4g} "
             f"(range {min(curve):.4g} to {max(curve):.4g})") in figure
-    assert f"mean score of the augmented copies (colour-shifted, noised, jittered): {trace[0]:.4g} → {trace[-1]:.4g}" \
-        in figure
+    assert (f"mean score of the augmented copies (colour-shifted, noised, jittered; a fresh draw at each point): "
+            f"{trace[0]:.4g} → {trace[-1]:.4g}") in figure
     assert curve[-1] == record["activation"] and "predates" not in figure
     polyline = re.search(r'<svg class="curve".*?points="([^"]+)"', figure)[1].split()
     assert len(polyline) == len(curve) and polyline[-1] == "240.0,0.0"  # rising: it ends at the top
@@ -616,8 +616,9 @@ def test_a_record_from_before_the_curve_shows_its_trace_as_the_optimizers_object
     page = (tmp_path / "site" / "features" / f"{record['key']}.html").read_text()
     trace = record["activation_trace"]
     assert '<svg class="curve"' not in page and "un-augmented image during" not in page
-    assert (f"mean score of the augmented copies (colour-shifted, noised, jittered), not this image&#39;s activation; "
-            f"the record predates the un-augmented curve: {trace[0]:.4g} → {trace[-1]:.4g}") in page
+    assert ("mean score of the augmented copies (colour-shifted, noised, jittered; a fresh draw at each point), not "
+            f"this image&#39;s activation; the record predates the un-augmented curve: {trace[0]:.4g} → {trace[-1]:.4g}"
+            ) in page
     assert "<th>activation_curve</th><td>—</td>" in page
 
 

@@ -96,5 +96,6 @@ def test_unknown_schema_missing_store_and_bad_filters_fail_clearly(synthetic_sto
     pq.write_table(newer, foreign / "parquet" / f"model={CLIP}" / "part-newer.parquet")
     reader = open_store(str(foreign))
     assert reader.table(model=DEIT).num_rows == 18  # the pruned partition is never opened
-    with pytest.raises(UnknownSchemaError, match="'vit-atlas/record/v9'.*reads 'vit-atlas/record/v1' and 'vit-atlas/record/v2'"):
+    with pytest.raises(UnknownSchemaError, match="'vit-atlas/record/v9'.*reads 'vit-atlas/record/v1' and "
+                                                 "'vit-atlas/record/v2' and 'vit-atlas/record/v3'"):
         reader.table(model=CLIP)

@@ -16,6 +16,11 @@ to [0, 1] after every step. The image comes from ``config.param``'s parameteriza
 (pipeline/engine/parameterizations.py): the paper's raw pixels by default, or Lucid's
 Fourier basis or MACO's phase, whose tensors Adam optimizes instead of the pixels;
 the augmentation ensemble and TV act on the images they produce.
+
+Two lines are recorded during the run: the *trace*, the augmented copies' mean score (the objective
+the optimizer sees; it scores jittered, noised, colour-shifted copies, so it need not follow the
+image's own activation: 0.14 against 5.03 at the end of the demo's DINOv2 layer 1 feature 0), and the
+*curve*, the un-augmented image scored as the final activation is, which ends at that activation.
 """
 
 from __future__ import annotations

@@ -239,9 +239,9 @@ def _format_value(name: str, value) -> str:
 def _lines(row: dict) -> dict:
     """The feature page's lines during optimization: ``curve``, the un-augmented image's activation (rising to
     the activation the page states), and ``trace``, the optimizer's own objective, the augmented copies' mean
-    score. The trace stays, smaller, beside the curve: it is what Adam maximized, and where it stays low while
-    the curve rises the image drives the unit only as it is, not jittered, noised or colour-shifted. A record
-    from before the curve (record schema v3) shows its trace alone, labelled as that objective."""
+    score. The trace stays, smaller, below the curve: it is what Adam maximized, and its distance from the curve
+    says how differently the unit answers the jittered, noised, colour-shifted copies than the image itself. A
+    record written before record schema v3 has no curve and shows its trace alone, labelled as that objective."""
     curve = row.get(CURVE_COLUMN)
     return {"curve": _sparkline(curve) if curve is not None else None,
             "trace": _sparkline(row["activation_trace"], height=24 if curve is not None else 48)}
