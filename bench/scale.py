@@ -150,6 +150,7 @@ class SimulatedWorker:
                 "png": png,
                 "activation": activation,
                 "activation_trace": activation * ramp,
+                "activation_curve": activation * ramp,
                 "steps": group.optim.steps,
                 "image_size": side,
                 "device": self.device,

@@ -37,6 +37,6 @@ def visualization_record(model: str, weights_id: str, weights: str, layer: int, 
                   seed=0, config_hash="c0")
     return dict(fields, key=unit_key(**fields), family="deit",
                 config=json.dumps({"weights": weights, "weights_id": weights_id}), label=None, png=buffer.getvalue(),
-                activation=1.0, activation_trace=[1.0], steps=1, image_size=224, device="cpu", precision="fp32",
-                duration_s=0.0, code_version="test", timestamp=dt.datetime.now(dt.timezone.utc),
-                **measured(buffer.getvalue(), 1.0, feature))
+                activation=1.0, activation_trace=[1.0], activation_curve=[0.5, 1.0], steps=1, image_size=224,
+                device="cpu", precision="fp32", duration_s=0.0, code_version="test",
+                timestamp=dt.datetime.now(dt.timezone.utc), **measured(buffer.getvalue(), 1.0, feature))

@@ -4,7 +4,8 @@ Images are gratings whose frequency grows with the layer and whose colour
 follows the feature, so a grid of them shows a visible early -> late progression.
 ``write_raw_store`` writes records the store's writer would refuse (crafted keys,
 undecodable images) straight as a Parquet part and a tar shard; ``write_v1_store``
-writes records as a store of record schema v1 holds them (no measured columns).
+and ``write_v2_store`` write records as a store of record schema v1 (no measured
+columns, no activation curve) or v2 (no activation curve) holds them.
 Baselines and embeddings are made up (no model): noise below grey below the image,
 and an embedding that follows the feature, so seeds of one feature agree.
 """
@@ -24,7 +25,8 @@ from PIL import Image
 
 from pipeline.engine.descriptors import describe_png
 from pipeline.store.layout import model_dir
-from pipeline.store.schemas import EXAMPLES, MEASURED_COLUMNS, RECORD_SCHEMA, RECORD_SCHEMA_V1, unit_key
+from pipeline.store.schemas import (CURVE_COLUMN, EXAMPLES, MEASURED_COLUMNS, RECORD_SCHEMA, RECORD_SCHEMA_V1,
+                                    RECORD_SCHEMA_V2, unit_key)
 from pipeline.store.store import Store
 
 DEIT = "deit_tiny_patch16_224"
@@ -64,6 +66,7 @@ def records(models=MODELS, config_hash: str = "cfg0", seeds=(0,), size: int = IM
                         config=json.dumps({"optim": {"lr": 0.1, "steps": 3}, "objective": "mean"}),
                         label=labels.get(feature), png=png,
                         activation=activation, activation_trace=[0.0, 0.5, float(layer)],
+                        activation_curve=[activation / 4, activation / 2, activation],
                         steps=3, image_size=size, device="cpu", precision="fp32", duration_s=0.01,
                         code_version="test", timestamp=dt.datetime(2025, 1, 2, tzinfo=dt.timezone.utc),
                         **measured(png, activation, feature, seed),
@@ -101,19 +104,31 @@ def write_examples(root, keys: list[str], per_key: int = 3, grid: tuple[int, int
     return table
 
 
-def v1_schema() -> pa.Schema:
-    """RECORD_SCHEMA as record schema v1 had it: without the measured columns."""
-    fields = [field for field in RECORD_SCHEMA if field.name not in MEASURED_COLUMNS]
-    return pa.schema(fields, metadata={"schema_id": RECORD_SCHEMA_V1})
+# The columns each older record schema lacks.
+_LACKED = {RECORD_SCHEMA_V1: {*MEASURED_COLUMNS, CURVE_COLUMN}, RECORD_SCHEMA_V2: {CURVE_COLUMN}}
+
+
+def older_schema(schema_id: str) -> pa.Schema:
+    """RECORD_SCHEMA as an older record schema (RECORD_SCHEMA_V1, RECORD_SCHEMA_V2) had it."""
+    fields = [field for field in RECORD_SCHEMA if field.name not in _LACKED[schema_id]]
+    return pa.schema(fields, metadata={"schema_id": schema_id})
+
+
+def write_older_store(root, schema_id: str, models=MODELS, seeds=(0,), size: int = IMAGE_SIZE) -> list[dict]:
+    """A store as vit-atlas wrote it with an older record schema; returns its records (without the columns that
+    schema lacks). ``size=224``: images at the native size of the models, which can then measure them."""
+    written = [{k: v for k, v in record.items() if k not in _LACKED[schema_id]}
+               for record in records(models, seeds=seeds, size=size)]
+    write_raw_store(root, written, older_schema(schema_id))
+    return written
 
 
 def write_v1_store(root, models=MODELS, seeds=(0,), size: int = IMAGE_SIZE) -> list[dict]:
-    """A store as vit-atlas wrote it with record schema v1; returns its records (without measured columns).
-    ``size=224``: images at the native size of the models, which can then measure them."""
-    written = [{k: v for k, v in record.items() if k not in MEASURED_COLUMNS}
-               for record in records(models, seeds=seeds, size=size)]
-    write_raw_store(root, written, v1_schema())
-    return written
+    return write_older_store(root, RECORD_SCHEMA_V1, models, seeds, size)
+
+
+def write_v2_store(root, models=MODELS, seeds=(0,), size: int = IMAGE_SIZE) -> list[dict]:
+    return write_older_store(root, RECORD_SCHEMA_V2, models, seeds, size)
 
 
 def write_raw_store(root, records: list[dict], schema: pa.Schema = RECORD_SCHEMA) -> None:

@@ -594,6 +594,35 @@ def test_the_feature_page_shows_measurements_with_baselines_ratio_and_reliabilit
     assert "<th>embedding</th>" not in page  # the vector is the readers' business, not the page's
 
 
+def test_the_feature_page_draws_the_unaugmented_curve_and_the_optimizers_objective_beneath_it(site):
+    record = next(r for r in site["records"] if r["key"] == site["planted"][0])
+    page = (site["out"] / "features" / f"{record['key']}.html").read_text()
+    curve, trace = record["activation_curve"], record["activation_trace"]
+    figure = page[page.index('<p class="activation">'):page.index("</div></div>")]
+    assert figure.index('<svg class="curve"') < figure.index('<svg class="trace"')  # the curve first, the trace below
+    assert (f"activation of the un-augmented image during optimization: {curve[0]:.4g} → {curve[-1]:.4g} "
+            f"(range {min(curve):.4g} to {max(curve):.4g})") in figure
+    assert (f"mean score of the augmented copies (colour-shifted, noised, jittered; a fresh draw at each point): "
+            f"{trace[0]:.4g} → {trace[-1]:.4g}") in figure
+    assert curve[-1] == record["activation"] and "predates" not in figure
+    polyline = re.search(r'<svg class="curve".*?points="([^"]+)"', figure)[1].split()
+    assert len(polyline) == len(curve) and polyline[-1] == "240.0,0.0"  # rising: it ends at the top
+
+
+def test_a_record_from_before_the_curve_shows_its_trace_as_the_optimizers_objective(tmp_path):
+    from synthetic_store import write_v2_store
+
+    (record,) = write_v2_store(tmp_path / "store", [(DEIT, "deit", "random-0", [2], [1], {})])
+    assert main(["atlas", f"store.root={tmp_path / 'store'}", f"out={tmp_path / 'site'}"]) == 0
+    page = (tmp_path / "site" / "features" / f"{record['key']}.html").read_text()
+    trace = record["activation_trace"]
+    assert '<svg class="curve"' not in page and "un-augmented image during" not in page
+    assert ("mean score of the augmented copies (colour-shifted, noised, jittered; a fresh draw at each point), not "
+            f"this image&#39;s activation; the record predates the un-augmented curve: {trace[0]:.4g} → {trace[-1]:.4g}"
+            ) in page
+    assert "<th>activation_curve</th><td>—</td>" in page
+
+
 def test_a_v1_record_page_says_how_to_measure_it(tmp_path):
     from synthetic_store import write_v1_store
 

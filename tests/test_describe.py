@@ -41,6 +41,7 @@ def test_describe_fills_an_old_store_exactly_once_and_a_second_run_does_nothing(
         expected = describe_png(row["png"])
         assert all(row[n] == v or (math.isnan(row[n]) and math.isnan(v)) for n, v in expected.items())
         assert len(row["embedding"]) == 768 and row["activation_noise"] != row["activation_grey"]
+        assert row["activation_curve"] is None  # measured only during an optimization, which describe does not run
     samples = {s["__key__"] for s in webdataset.WebDataset(atlas.store.shard_paths(), shardshuffle=False)}
     assert samples == {r["key"] for r in written}  # the WebDataset view holds the rewritten records once too
 

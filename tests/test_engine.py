@@ -107,6 +107,23 @@ def test_results_are_deterministic_for_a_seed_and_independent_of_batch_neighbour
     assert (other_seed.images[0] - alone.images[0]).abs().max() > 0.1
 
 
+def test_the_curve_scores_the_unaugmented_image_from_its_start_to_the_final_activation():
+    viz = visualizer("deit_tiny_patch16_224")
+    config = OptimConfig.paper(steps=5, copies=2, trace_points=2)  # every 3 steps: 0 and 3
+    objective = parse_objective("mean")
+    features = [5, 6]
+    out = viz.run(0, "mlp", objective, features, [seed_for(f, 0) for f in features], config)
+    assert out.curves.shape == (2, 3)  # the images before steps 0 and 3, then the final image
+    assert out.traces.shape == (2, 3)  # the copies at steps 0, 3 and the last, 4
+    torch.testing.assert_close(out.curves[:, -1], out.activations, rtol=0, atol=0)
+    start = torch.stack([torch.rand(3, *viz.image_size, generator=torch.Generator().manual_seed(seed_for(f, 0)))
+                         for f in features])
+    with torch.no_grad():
+        clean = viz.score(0, "mlp", objective, features)(start.unsqueeze(1))[:, 0]
+    torch.testing.assert_close(out.curves[:, 0], clean)
+    assert (out.traces[:, 0] - clean).abs().min() > 1e-3  # the trace scores augmented copies of that image
+
+
 def test_single_patch_objective_concentrates_the_image_change_around_that_patch():
     viz = visualizer("deit_tiny_patch16_224")
     config = OptimConfig.paper(steps=15, copies=2, tv=0.0, jitter=0, noise="none", colour_shift="none", lr=0.05)

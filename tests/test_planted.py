@@ -183,3 +183,36 @@ def test_gradient_ascent_from_noise_recovers_each_label(units, net):
             target = float(u.label.split()[1].rstrip("°"))
             assert angle_error(angle, target) < 8, (u.label, angle)
             assert abs(period - planted.GRATING_PERIOD) < 1.5, (u.label, period)
+
+
+def test_a_planted_units_record_has_a_clean_curve_rising_to_its_activation_and_its_page_draws_it(compose, tmp_path):
+    """A few steps of the sweep's worker on planted weights: each record's activation_curve, the un-augmented
+    image's activation during the run, ends at the record's activation, up from the noise it starts as; the
+    atlas built from the store draws that curve."""
+    from pipeline.cli import main
+    from pipeline.execution.plan import build_plan
+    from pipeline.execution.worker import VisualizationWorker
+    from pipeline.store.store import Store
+
+    chosen = [u for u in planted.planted_units(MODEL) if u.label in ("red", "grating 45°")]
+    root, site = tmp_path / "store", tmp_path / "site"
+    cfg = compose(f"sweep.models=[{MODEL}]", "model.weights=planted", f"sweep.layers=[{chosen[0].layer}]",
+                  f"sweep.features=[{','.join(str(u.feature) for u in chosen)}]", "optim.steps=6", "optim.copies=2",
+                  "optim.trace_points=3", "optim.precision=fp32", f"store.root={root}")
+    result = VisualizationWorker("cpu").run(build_plan(cfg).chunks(set(), 8)[0])
+    assert not result.failures
+    rows = result.records.table.to_pylist()
+    assert sorted(row["label"] for row in rows) == ["planted: grating 45°", "planted: red"]
+    for row in rows:
+        curve = row["activation_curve"]
+        assert len(curve) == 4  # the images before steps 0, 2 and 4, then the final image
+        assert curve[-1] == pytest.approx(row["activation"], rel=1e-6)
+        assert curve[-1] > curve[0] + 0.2, (row["label"], curve)
+    with Store(str(root)).writer(commit_every=8) as writer:
+        writer.add_encoded(result.records)
+    assert main(["atlas", f"store.root={root}", f"out={site}"]) == 0
+    for row in rows:
+        page = (site / "features" / f"{row['key']}.html").read_text()
+        first, last = row["activation_curve"][0], row["activation_curve"][-1]
+        assert f"activation of the un-augmented image during optimization: {first:.4g} → {last:.4g}" in page
+        assert f"<strong>{row['activation']:.6g}</strong>" in page

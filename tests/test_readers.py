@@ -40,6 +40,11 @@ def test_torch_samples_are_decoded_tensors_with_metadata(synthetic_store_root):
     samples = list(atlas.torch_samples(model=CLIP))
     assert len(samples) == 6
     assert {s["metadata"]["model"] for s in samples} == {CLIP}
+    assert set(samples[0]["metadata"]) == set(METADATA_COLUMNS)
+    by_key = {row["key"]: row for row in atlas.table(model=CLIP).to_pylist()}
+    for sample in samples:  # the variable-length lists as the tables hold them
+        for name in ("activation_trace", "activation_curve"):
+            assert sample["metadata"][name] == pytest.approx(by_key[sample["key"]][name]), name
     image = samples[0]["image"]
     assert image.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
@@ -49,6 +54,7 @@ def test_torch_samples_are_decoded_tensors_with_metadata(synthetic_store_root):
     batches = list(loader)
     assert sum(len(b["key"]) for b in batches) == 4 + 2 + 3  # random deit, planted deit, clip at layer 1
     assert batches[0]["image"].shape[1:] == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert all(len(m["activation_curve"]) == 3 for b in batches for m in b["metadata"])
 
 
 def test_torch_samples_read_a_committed_shard_not_yet_moved_into_place(tmp_path):
@@ -70,6 +76,8 @@ def test_huggingface_dataset_decodes_images(synthetic_store_root):
     assert hf.num_rows == 4 and isinstance(hf.features["image"], datasets.Image)
     first = hf[0]
     assert first["image"].size == (IMAGE_SIZE, IMAGE_SIZE) and first["layer"] == 2
+    assert first["activation_curve"] == pytest.approx([first["activation"] / 4, first["activation"] / 2,
+                                                       first["activation"]])
 
 
 def test_unknown_schema_missing_store_and_bad_filters_fail_clearly(synthetic_store_root, tmp_path):
@@ -88,5 +96,6 @@ def test_unknown_schema_missing_store_and_bad_filters_fail_clearly(synthetic_sto
     pq.write_table(newer, foreign / "parquet" / f"model={CLIP}" / "part-newer.parquet")
     reader = open_store(str(foreign))
     assert reader.table(model=DEIT).num_rows == 18  # the pruned partition is never opened
-    with pytest.raises(UnknownSchemaError, match="'vit-atlas/record/v9'.*reads 'vit-atlas/record/v1' and 'vit-atlas/record/v2'"):
+    with pytest.raises(UnknownSchemaError, match="'vit-atlas/record/v9'.*reads 'vit-atlas/record/v1' and "
+                                                 "'vit-atlas/record/v2' and 'vit-atlas/record/v3'"):
         reader.table(model=CLIP)

@@ -1,4 +1,5 @@
-"""Record schema versions: a v1 store still reads (measured columns null) and says so; reliability of seeds."""
+"""Record schema versions: a v1 store still reads (measured columns null) and says so, a v2 store reads with no
+activation curve; reliability of seeds."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import torch
 
 from pipeline import cli
 from pipeline.store.errors import UnknownSchemaError
-from pipeline.store.schemas import MEASURED_COLUMNS, RECORD_SCHEMA_V1, SCHEMA_ID
+from pipeline.store.schemas import CURVE_COLUMN, MEASURED_COLUMNS, RECORD_SCHEMA_V1, RECORD_SCHEMA_V2, SCHEMA_ID
 from pipeline.store.store import Store
 from pipeline.views.readers import open_store
-from synthetic_store import DEIT, MODELS, RECORD_COUNT, records, write_raw_store, write_store, write_v1_store
+from synthetic_store import (DEIT, MODELS, RECORD_COUNT, records, write_raw_store, write_store, write_v1_store,
+                             write_v2_store)
 
 
 def test_a_v1_store_reads_with_null_measurements_and_reports_its_version(tmp_path, capsys):
@@ -33,6 +35,29 @@ def test_a_v1_store_reads_with_null_measurements_and_reports_its_version(tmp_pat
     assert cli.main(["status", f"store.root={tmp_path}"]) == 0
     out = capsys.readouterr().out
     assert f"record schema: 2 parts {RECORD_SCHEMA_V1}; `vit-atlas describe store.root={tmp_path}`" in out
+
+
+def test_a_v2_store_reads_without_a_curve_and_describe_leaves_it_as_it_is(tmp_path, capsys):
+    """v2 records have their measurements but no activation curve, which only the optimization records: they
+    read with it null (tables and samples alike), beside v3 records that have it, and neither status nor
+    describe offers to fill it."""
+    old = [m for m in MODELS if m[2] == "random-0"]
+    written = write_v2_store(tmp_path, old)
+    write_store(tmp_path, [m for m in MODELS if m[2] != "random-0"])
+    atlas = open_store(str(tmp_path))
+    assert sorted(atlas.versions().values()) == [RECORD_SCHEMA_V2, SCHEMA_ID, SCHEMA_ID]
+    rows = atlas.table(columns=["key", "weights", CURVE_COLUMN, "edge_density"]).to_pylist()
+    assert {row["key"] for row in rows if row[CURVE_COLUMN] is None} == {r["key"] for r in written}
+    assert all(row["edge_density"] is not None for row in rows)
+    assert all(len(row[CURVE_COLUMN]) == 3 for row in rows if row["weights"] != "random-0")
+    curves = {s["metadata"]["weights"]: s["metadata"][CURVE_COLUMN] for s in atlas.torch_samples(layer=1)}
+    assert curves["random-0"] is None and len(curves["planted-v1-0"]) == 3
+
+    assert cli.main(["status", f"store.root={tmp_path}"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"1 part {RECORD_SCHEMA_V2}, 2 parts {SCHEMA_ID}")
+    assert cli.main(["describe", f"store.root={tmp_path}", "device=cpu"]) == 0
+    assert f"every part of {tmp_path} is measured already; nothing to do" in capsys.readouterr().out
+    assert sorted(open_store(str(tmp_path)).versions().values()) == [RECORD_SCHEMA_V2, SCHEMA_ID, SCHEMA_ID]
 
 
 def test_a_store_of_both_versions_reads_both_and_still_refuses_a_foreign_part(tmp_path):
@@ -133,6 +158,6 @@ def test_the_store_doc_holds_the_current_descriptor_table_and_every_record_colum
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "store.md").read_text()
     assert descriptor_table() in doc
-    assert SCHEMA_ID in doc and RECORD_SCHEMA_V1 in doc
+    assert SCHEMA_ID in doc and RECORD_SCHEMA_V1 in doc and RECORD_SCHEMA_V2 in doc
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", doc, re.M))
     assert set(RECORD_SCHEMA.names) <= documented

@@ -55,6 +55,7 @@ def make_record(i: int, model: str = DOTTED, layer: int = 0) -> dict:
     return dict(
         make_unit(i, model, layer),
         config='{"steps": 2}', label=None, png=_png(i), activation=float(i), activation_trace=[0.5, float(i)],
+        activation_curve=[0.0, float(i)],
         steps=2, image_size=4, device="cpu", precision="fp32", duration_s=0.1, code_version="test",
         timestamp=dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc), **measured(_png(i), float(i), i),
     )
@@ -189,7 +190,8 @@ def test_worker_encoded_batches_commit_the_same_values_to_both_stores(tmp_path):
     for sample in samples:
         row, fields = rows[sample["__key__"]], json.loads(sample["json"])
         assert sample["png"] == row["png"]
-        lists = ("embedding", "activation_trace")  # float32 in the JSON too: exact once read as float32
+        # float32 in the JSON too: exact once read as float32
+        lists = ("embedding", "activation_trace", "activation_curve")
         assert {name: np.float32(fields.pop(name)).tolist() for name in lists} == {name: row[name] for name in lists}
         assert fields == {name: value.isoformat() if name == "timestamp" else value
                           for name, value in row.items() if name not in ("png", *lists)}

@@ -1,4 +1,4 @@
-"""Measure the records of an older store without re-optimizing: every record schema v1 part becomes v2.
+"""Measure the records of an older store without re-optimizing: every record schema v1 part becomes this version's.
 
     vit-atlas describe store.root=DIR [weights=PATH] [device=auto]
 
@@ -6,12 +6,13 @@ A v1 record has its image but not what pipeline.engine.measures measures on it
 (descriptors, the noise and grey baselines, the early-layer embedding). This job
 loads each record's model with the record's own weights (``choice_of_record``),
 measures the records from their stored PNGs exactly as the worker does, and
-replaces each v1 part by a v2 part of the same records through the store's
-rewrite protocol (``Store.rewrite_part``: stage, commit, roll forward), under
+replaces each v1 part by a part of this version's schema holding the same records through
+the store's rewrite protocol (``Store.rewrite_part``: stage, commit, roll forward), under
 the store's records lease, so no sweep commits beside it. Each part is done
 whole or not at all: an interrupted run leaves every part either v1 (redone by
-the next run) or v2, and every key committed once; a second run finds no v1
-part and does nothing.
+the next run) or rewritten, and every key committed once; a second run finds no v1
+part and does nothing. The activation curve (v3) stays null in a rewritten part, and a v2
+part is left as it is: the curve is measured during the optimization, which this job does not re-run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipeline.engine.objectives import parse_objective
 from pipeline.errors import PipelineError
 from pipeline.execution.worker import ModelWorker
 from pipeline.models import weights as weights_lib
-from pipeline.store.schemas import SCHEMA_ID
+from pipeline.store.schemas import SCHEMA_ID, UNMEASURED_SCHEMA_IDS
 from pipeline.store.store import Store
 
 # Records of one (model, weights, size, layer, target, objective, precision) measured in one batch.
@@ -42,7 +43,7 @@ def run_describe(cfg: DescribeConfig) -> int:
     with store.lease():  # rewriting record parts: no sweep may commit beside it
         parts = older(store)
         if not parts:
-            print(f"describe: every part of {store.root} is {SCHEMA_ID} already; nothing to do", flush=True)
+            print(f"describe: every part of {store.root} is measured already; nothing to do", flush=True)
             return 0
         print(f"describe: {len(parts)} part(s) of {store.root} to measure and rewrite as {SCHEMA_ID}", flush=True)
         models = ModelWorker(cfg.device, model_cache=2)
@@ -54,13 +55,13 @@ def run_describe(cfg: DescribeConfig) -> int:
             records += len(rows)
             print(f"  part {number}/{len(parts)}: {len(rows)} records in {time.perf_counter() - started:.1f} s",
                   flush=True)
-    print(f"describe: {records} records measured; the store's parts are all {SCHEMA_ID}", flush=True)
+    print(f"describe: {records} records measured; the store's parts are all measured", flush=True)
     return 0
 
 
 def older(store: Store) -> list[str]:
-    """Paths of the parts written with an older record schema than this version's."""
-    return [path for path, version in store.versions().items() if version != SCHEMA_ID]
+    """Paths of the parts written with a record schema that lacks the measured columns."""
+    return [path for path, version in store.versions().items() if version in UNMEASURED_SCHEMA_IDS]
 
 
 def measured(rows: list[dict], models: ModelWorker, cfg: DescribeConfig) -> list[dict]:

@@ -182,8 +182,8 @@ class VisualizationWorker(ModelWorker):
                     retry.append(feature)
                     continue
                 records.append(self._record(chunk, feature, out.images[i], float(out.activations[i]),
-                                            out.traces[i].float().numpy(), labels.get(feature), per_image, visualizer,
-                                            optim.precision))
+                                            out.traces[i].float().numpy(), out.curves[i].float().numpy(),
+                                            labels.get(feature), per_image, visualizer, optim.precision))
             result.records.extend(_measured(visualizer, chunk, objective, records, optim.precision))
             pending = retry
             if not pending:
@@ -193,7 +193,8 @@ class VisualizationWorker(ModelWorker):
                                     "retry with another random stream", NONFINITE_RETRIES + 1))
 
     def _record(self, chunk: Chunk, feature: int, image: torch.Tensor, activation: float, trace: np.ndarray,
-                label: str | None, duration: float, visualizer: Visualizer, precision: str) -> dict[str, Any]:
+                curve: np.ndarray, label: str | None, duration: float, visualizer: Visualizer,
+                precision: str) -> dict[str, Any]:
         group = chunk.group
         return {
             **group.unit(feature),
@@ -202,6 +203,7 @@ class VisualizationWorker(ModelWorker):
             "png": png_bytes(image),
             "activation": activation,
             "activation_trace": trace,
+            "activation_curve": curve,
             "steps": group.optim.steps,
             "image_size": visualizer.image_size[0],
             "device": f"{self.device} ({self.host})",

@@ -51,7 +51,7 @@ def id_between(name: str, prefix: str, suffix: str) -> str | None:
     return None
 
 
-# The commit id of a part rewritten in this record schema: its old id plus the version ("-v2").
+# The commit id of a part rewritten in this record schema: its old id plus the version ("-v3" today).
 REWRITE_SUFFIX = "-" + SCHEMA_ID.rpartition("/")[2]
 _REWRITTEN = re.compile(r"(.+)-v\d+")
 

@@ -5,7 +5,8 @@ seed, config). Its ``key`` is derived from those fields alone, so the same sweep
 always plans the same keys and a re-run can subtract what the store holds.
 A *record* is a finished unit: the unit's fields plus the image and provenance,
 and (since record schema v2) what was measured on its final image: descriptors,
-baseline activations and a pooled-feature embedding (docs/store.md defines them).
+baseline activations and a pooled-feature embedding (docs/store.md defines them); since v3,
+the activation curve, the un-augmented image's activation during the run.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-SCHEMA_ID = "vit-atlas/record/v2"  # what this version writes
+SCHEMA_ID = "vit-atlas/record/v3"  # what this version writes
 RECORD_SCHEMA_V1 = "vit-atlas/record/v1"  # before the measured columns; its parts read with them null
+RECORD_SCHEMA_V2 = "vit-atlas/record/v2"  # before the activation curve; its parts read it as null
 # Record schema ids this version reads, oldest first; a part with any other id is refused.
-READABLE_SCHEMA_IDS = (RECORD_SCHEMA_V1, SCHEMA_ID)
+READABLE_SCHEMA_IDS = (RECORD_SCHEMA_V1, RECORD_SCHEMA_V2, SCHEMA_ID)
+# Parts without the measured columns: what `vit-atlas describe` measures and rewrites. A v2 part has them; the
+# curve it lacks only a re-run of the optimization could record, so describe leaves it as it is.
+UNMEASURED_SCHEMA_IDS = (RECORD_SCHEMA_V1,)
 
 UNIT_FIELDS = [
     pa.field("key", pa.string(), nullable=False),
@@ -42,6 +47,7 @@ DESCRIPTOR_COLUMNS = ("spectral_centroid", "high_frequency_share", "edge_density
                       "colourfulness", "png_bytes")
 BASELINE_COLUMNS = ("activation_noise", "activation_grey")
 EMBEDDING_COLUMN = "embedding"
+CURVE_COLUMN = "activation_curve"
 # Added by v2 and nullable for that reason alone: a v1 part reads them as null, but every v2 record has them.
 MEASURED_FIELDS = (
     [pa.field(name, pa.float64()) for name in DESCRIPTOR_COLUMNS]
@@ -59,7 +65,11 @@ RECORD_SCHEMA = pa.schema(
         pa.field("label", pa.string()),  # what a planted feature was built to prefer; null otherwise
         pa.field("png", pa.binary(), nullable=False),  # final image, un-augmented, native size
         pa.field("activation", pa.float64(), nullable=False),  # objective on the final image, no augmentation
-        pa.field("activation_trace", pa.list_(pa.float32()), nullable=False),  # objective during the run
+        # What the optimizer maximized during the run: the mean score of the augmented copies.
+        pa.field("activation_trace", pa.list_(pa.float32()), nullable=False),
+        # Since v3, the un-augmented image's activation during the run, its last value `activation`: nullable only
+        # because older records lack it (a v1 part that describe rewrites included); every sweep writes it.
+        pa.field(CURVE_COLUMN, pa.list_(pa.float32())),
         pa.field("steps", pa.int32(), nullable=False),
         pa.field("image_size", pa.int32(), nullable=False),
         pa.field("device", pa.string(), nullable=False),
@@ -80,7 +90,7 @@ FAILURE_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32(), nullable=False),
         pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
-    metadata={"schema_id": "vit-atlas/record/v1/failure"},  # unchanged by record v2
+    metadata={"schema_id": "vit-atlas/record/v1/failure"},  # unchanged by record v2 and v3
 )
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")

@@ -48,9 +48,9 @@ are written under a hidden name ('.'-prefixed), fsynced and renamed; object
 stores publish an object only when its upload completes, so there they are
 written in place; a write that fails removes its own temporary at once.
 
-A part written by an older record schema (v1) is brought to this version by a
-*rewrite* (``vit-atlas describe``), the same three steps under the commit id
-``<old id>-v2``: stage its shard, publish its part (the commit point: the old
+A part written by an older record schema without the measured columns (v1) is
+brought to this version by a *rewrite* (``vit-atlas describe``), the same three
+steps under the commit id ``<old id>-v<this version>`` (``-v3`` today): stage its shard, publish its part (the commit point: the old
 part is superseded from then on), then roll forward: move the shard into place
 and delete the old part and its shard. A rewrite holds exactly the old part's
 keys, so a key is committed once before and once after; a process killed after

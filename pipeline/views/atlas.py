@@ -62,7 +62,7 @@ from pipeline.views.thumbnails import example_overlay, placeholder_thumbnail, th
 log = logging.getLogger(__name__)
 
 # Part of the manifest: a site written by other page templates is rebuilt whole.
-SITE_VERSION = 3
+SITE_VERSION = 4  # 4: feature pages draw the un-augmented activation curve
 # What makes two records the same unit under different configs (config_hash aside): a feature page shows them together.
 UNIT_FIELDS = ("model", "weights", "target", "objective", "layer", "feature", "seed")
 # A manifest entry that makes the next run try a key again.

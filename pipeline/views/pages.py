@@ -24,7 +24,7 @@ import markupsafe
 
 from pipeline.models.weights_id import WeightsId
 from pipeline.store.errors import repair_command
-from pipeline.store.schemas import BASELINE_COLUMNS, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN
+from pipeline.store.schemas import BASELINE_COLUMNS, CURVE_COLUMN, DESCRIPTOR_COLUMNS, EMBEDDING_COLUMN
 from pipeline.views.readers import METADATA_COLUMNS
 from pipeline.views.slugs import key_slug, model_slug
 from pipeline.views.thumbnails import THUMB_SIZE
@@ -202,7 +202,7 @@ def feature_page(row: dict, examples: list[dict], unreadable: str | None = None,
         "feature.html", title=f"{title} · vit-atlas", up="../", scripts=(), row=row, heading=title,
         slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
         unreadable=unreadable, repair_command=repair_command("STORE"),
-        trace=_sparkline(row["activation_trace"]), config=config,
+        **_lines(row), config=config,
         configs=[{**c, "current": c["key"] == row["key"]} for c in configs], thumb_size=THUMB_SIZE,
         examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],
         provenance=[(name, _format_value(name, row[name])) for name in PAGE_COLUMNS
@@ -232,21 +232,32 @@ def _measurements(row: dict) -> dict | None:
 def _format_value(name: str, value) -> str:
     if value is None:
         return "—"
-    if name == "activation_trace":
+    if name in ("activation_trace", CURVE_COLUMN):
         return ", ".join(f"{v:.4g}" for v in value)
     return str(value)
 
 
-def _sparkline(trace: list[float], width: int = 240, height: int = 48) -> dict | None:
-    """The objective during optimization, as the points of a small inline SVG (no script, no external file)."""
-    if len(trace) < 2:
+def _lines(row: dict) -> dict:
+    """The feature page's lines during optimization: ``curve``, the un-augmented image's activation (rising to
+    the activation the page states), and ``trace``, the optimizer's own objective, the augmented copies' mean
+    score. The trace stays, smaller, below the curve: it is what Adam maximized, and its distance from the curve
+    says how differently the unit answers the jittered, noised, colour-shifted copies than the image itself. A
+    record written before record schema v3 has no curve and shows its trace alone, labelled as that objective."""
+    curve = row.get(CURVE_COLUMN)
+    return {"curve": _sparkline(curve) if curve is not None else None,
+            "trace": _sparkline(row["activation_trace"], height=24 if curve is not None else 48)}
+
+
+def _sparkline(values: list[float], width: int = 240, height: int = 48) -> dict | None:
+    """A line during optimization as the points of a small inline SVG (no script, no external file)."""
+    if len(values) < 2:
         return None
-    low, high = min(trace), max(trace)
+    low, high = min(values), max(values)
     span = (high - low) or 1.0
-    points = " ".join(f"{i * width / (len(trace) - 1):.1f},{height - (v - low) / span * height:.1f}"
-                      for i, v in enumerate(trace))
+    points = " ".join(f"{i * width / (len(values) - 1):.1f},{height - (v - low) / span * height:.1f}"
+                      for i, v in enumerate(values))
     return {"width": width, "height": height, "points": points, "low": low, "high": high,
-            "first": trace[0], "last": trace[-1]}
+            "first": values[0], "last": values[-1]}
 
 
 def _front_strips(variants: dict[tuple, list[dict]], unreadable: frozenset[str]) -> list[dict]:

@@ -45,6 +45,8 @@ from pipeline.store.store import Store
 FILTERS = ("model", "family", "layer", "feature", "config_hash", "target", "weights")
 IMAGE_COLUMN = "png"
 METADATA_COLUMNS = [name for name in RECORD_SCHEMA.names if name != IMAGE_COLUMN]
+# A sample's metadata before its shard's JSON: the columns an older record's JSON lacks read as None.
+_ABSENT = dict.fromkeys(METADATA_COLUMNS)
 
 FilterValue = Any  # one value, or an iterable of values (strings for names, ints for layer/feature)
 
@@ -232,10 +234,12 @@ class AtlasStore:
         """A PyTorch IterableDataset over the WebDataset shards of matching records.
 
         Each sample is ``{"key": str, "image": FloatTensor[3, H, W] in [0, 1], "metadata": dict}``
-        with the record's non-image fields as metadata. Shards are split across
+        with the record's non-image fields as metadata, every column of METADATA_COLUMNS: None where the
+        record's schema version lacks it, as in the tables (``activation_curve`` before record schema v3, the
+        measured columns before v2). Shards are split across
         DataLoader workers and distributed ranks, so each sample is read once.
         Batch with ``collate_fn=collate_samples``: metadata holds nulls and
-        variable-length traces, which torch's default collate rejects.
+        variable-length traces and curves, which torch's default collate rejects.
         """
         wanted = self.store.shards_with(filter_expression(**filters))
         store = self.store
@@ -261,7 +265,7 @@ class AtlasStore:
             _check_read(store, commit, wanted, seen)
 
         def to_sample(raw: dict) -> dict:
-            return {"key": raw["__key__"], "image": raw["png"], "metadata": json.loads(raw["json"])}
+            return {"key": raw["__key__"], "image": raw["png"], "metadata": {**_ABSENT, **json.loads(raw["json"])}}
 
         return webdataset.DataPipeline(
             shard_sources,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pipeline.store.errors import repair_command
-from pipeline.store.schemas import SCHEMA_ID
+from pipeline.store.schemas import SCHEMA_ID, UNMEASURED_SCHEMA_IDS
 from pipeline.store.store import Store
 
 
@@ -37,9 +37,9 @@ def versions_line(store: Store) -> str:
     if not counts:
         return "record schema: no parts yet"
     listed = ", ".join(f"{count} part{'' if count == 1 else 's'} {schema}" for schema, count in sorted(counts.items()))
-    older = sum(count for schema, count in counts.items() if schema != SCHEMA_ID)
-    hint = (f"; `vit-atlas describe store.root={store.root}` rewrites the older ones as {SCHEMA_ID}, with their "
-            "descriptors" if older else "")
+    unmeasured = sum(count for schema, count in counts.items() if schema in UNMEASURED_SCHEMA_IDS)
+    hint = (f"; `vit-atlas describe store.root={store.root}` rewrites the unmeasured ones as {SCHEMA_ID}, with "
+            "their descriptors" if unmeasured else "")
     return f"record schema: {listed}{hint}"
 
 
