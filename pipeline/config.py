@@ -105,8 +105,9 @@ class ModelSection:
 
 @dataclass
 class TargetSection:
-    kind: str  # mlp | keys | queries | values | attn_out
+    kind: str  # mlp | keys | queries | values | attn_out | residual
     objective: str  # mean | position-ROW-COL
+    directions: Optional[str]  # a .npy / .safetensors / .pt file: units are its directions, not channels
 
 
 @dataclass

@@ -32,7 +32,7 @@ def simulate(monkeypatch, matmul_gflops: dict[torch.dtype, float], step_s: dict[
     timed = []
     monkeypatch.setattr(calibrate, "matmul_rate", lambda width, hidden, dtype, device: matmul_gflops[dtype])
 
-    def step(visualizer, layer, target, objective, features, optim, precision):
+    def step(visualizer, layer, target, objective, features, optim, precision, directions=None):
         timed.append(precision)
         return step_s[precision] * len(features)
 
@@ -82,7 +82,7 @@ def batches(monkeypatch, seconds: dict[int, float]) -> list[int]:
     """A device where a step of a batch of b features takes ``seconds[b]``; returns the batches timed."""
     timed = []
 
-    def step(visualizer, layer, target, objective, features, optim, precision):
+    def step(visualizer, layer, target, objective, features, optim, precision, directions=None):
         timed.append(len(features))
         return seconds[len(features)]
 

@@ -263,6 +263,78 @@ def test_an_input_size_beyond_the_token_bound_or_this_machines_memory_stops_befo
     assert "100000" not in listed  # the refused size is never offered as a valid one
 
 
+def directions_file(folder: Path, problem: str) -> Path:
+    """A target.directions file with one problem, for deit_tiny's MLP (768 wide) at layer 0."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    rows = np.eye(3, 768, dtype=np.float32)
+    if problem in ("features", "missing"):
+        np.save(folder / "rows.npy", rows)  # a good file: the sweep asks for a row it lacks, or names another
+    elif problem == "width":
+        np.save(folder / "rows.npy", rows[:, :192])
+    elif problem == "nan":
+        rows[1, 5] = np.nan
+        np.save(folder / "rows.npy", rows)
+    elif problem == "inf bias":
+        save_file({"W_enc": torch.eye(768, 3), "b_enc": torch.tensor([0.0, float("inf"), 0.0])},
+                  str(folder / "sae.safetensors"))
+    elif problem == "no W_enc":
+        save_file({"W_dec": torch.eye(3, 768), "b_dec": torch.zeros(768)}, str(folder / "sae.safetensors"))
+    elif problem == "shapes":
+        save_file({"W_enc": torch.eye(768, 3), "b_enc": torch.zeros(4)}, str(folder / "sae.safetensors"))
+    elif problem == "corrupt":
+        (folder / "sae.safetensors").write_bytes(b"\x00" * 64)
+    elif problem == "pickle":
+        torch.save({"W_enc": torch.eye(768, 3), "note": object()}, folder / "sae.pt")
+    elif problem == "1-D":
+        np.save(folder / "rows.npy", rows[0])
+    elif problem == "suffix":
+        np.savetxt(folder / "rows.csv", rows)
+    return folder / "missing.npy" if problem == "missing" else next(folder.iterdir())
+
+
+@pytest.mark.parametrize("problem,fragments", [
+    ("width", ("holds directions of width 192, but target 'mlp' at layer 0 of 'deit_tiny_patch16_224' has width 768",
+               "`vit-atlas zoo describe=[MODEL]` lists the widths")),
+    ("nan", ("holds values that are not finite (NaN or inf) in its directions, rows [1]",)),
+    ("inf bias", ("not finite (NaN or inf) in its b_enc, entries [1]",)),
+    ("no W_enc", ("has no W_enc (found ['W_dec', 'b_dec'])",)),
+    ("shapes", ("inconsistent shapes (b_enc (4,))", "b_enc (n)")),
+    ("corrupt", ("could not be read as a safetensors file",)),
+    ("pickle", ("could not be read as a torch file", "pickled data (refused for safety)")),
+    ("1-D", ("holds an array of shape (768,): a matrix of directions is 2-D",)),
+    ("suffix", ("has an unknown format '.csv'", "a .npy of rows (n, d)")),
+    ("missing", ("missing.npy' cannot be read (FileNotFoundError",)),
+    ("features", ("Feature [3] out of range for the directions of target 'mlp' at layer 0", "valid features are 0..2")),
+])
+def test_a_bad_directions_file_is_one_paragraph_before_any_compute(problem, fragments, no_compute, tmp_path, capsys):
+    path = directions_file(tmp_path / "files", problem)
+    features = "[3]" if problem == "features" else "all"
+    code, out, err = run_main("sweep", capsys, "experiment=smoke", "sweep.models=[deit_tiny_patch16_224]",
+                              "sweep.layers=[0]", f"sweep.features={features}", f"target.directions={path}",
+                              f"store.root={no_compute}")
+    named = [f"target.directions='{path}'"] if problem != "features" else []
+    assert_one_paragraph_error(code, err, *named, *fragments)
+    assert "plan:" not in out  # nothing written: no_compute checks the store root (no leases/) and the cwd
+
+
+def test_the_residual_stream_is_validated_per_layer_as_other_targets(no_compute, capsys):
+    # Swin's stream widens stage by stage: 96 at layer 0, 192 at layer 2.
+    code, _, err = run_main("sweep", capsys, "experiment=smoke", "sweep.models=[swin_tiny_patch4_window7_224]",
+                            "target.kind=residual", "sweep.layers=[0,2]", "sweep.features=[150]",
+                            f"store.root={no_compute}")
+    assert_one_paragraph_error(code, err, "Feature [150] out of range for target 'residual' at layer 0 of "
+                                          "'swin_tiny_patch4_window7_224', which has 96 features")
+    code, out, err = run_main("zoo", capsys, "describe=[swin_tiny_patch4_window7_224]")
+    assert code == 0 and "residual" in out.splitlines()[2]
+    rows = [line.split() for line in out.splitlines()[3:]]
+    assert [row[3] for row in rows if row[0] in ("0", "2", "11")] == ["96", "192", "768"]  # its width per layer
+    assert all(row[-1].endswith("residual") for row in rows)
+
+
 def test_a_huge_feature_range_is_refused_without_building_it(compose):
     from pipeline.errors import PipelineError
     from pipeline.execution.plan import build_plan

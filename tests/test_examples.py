@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -12,7 +13,7 @@ from PIL import Image
 from pipeline.models import planted
 from pipeline.errors import PipelineError
 from pipeline.analysis.examples import run_examples
-from pipeline.store.schemas import EXAMPLES
+from pipeline.store.schemas import EXAMPLES, unit_key
 from pipeline.store.store import Store
 from tests.analysis_fixtures import compose, save_image, visualization_record
 
@@ -36,8 +37,12 @@ def _store_with_visualizations(root) -> tuple[Store, dict[int, str]]:
     store = Store(str(root))
     records = {f: visualization_record(MODEL, "planted-v1-0", "planted", planted.PLANTED_LAYER, f) for f in range(3)}
     position = visualization_record(MODEL, "planted-v1-0", "planted", planted.PLANTED_LAYER, 0, "position-1-1")
+    direction = visualization_record(MODEL, "planted-v1-0", "planted", planted.PLANTED_LAYER, 1)
+    direction.update(config_hash="c1", config=json.dumps({**json.loads(direction["config"]), "directions": {
+        "path": "/rows.npy", "sha256": "sha256-0", "format": "npy"}}))
+    direction["key"] = unit_key(MODEL, "planted-v1-0", "mlp", "mean", planted.PLANTED_LAYER, 1, 0, "c1")
     with store.writer() as writer:
-        for record in [*records.values(), position]:
+        for record in [*records.values(), position, direction]:
             writer.add(record)
     return store, {f: r["key"] for f, r in records.items()}
 
@@ -50,7 +55,8 @@ def test_planted_features_rank_their_colour_first_and_rerun_skips(tmp_path, imag
 
     table = ds.dataset(f"{store.root}/examples", format="parquet").to_table()
     assert table.schema.equals(EXAMPLES.schema, check_metadata=False)
-    assert set(table["key"].to_pylist()) == set(keys.values())  # the position-objective record gets none
+    # The position-objective record gets none, nor a direction's (its feature is a row, not channel 1).
+    assert set(table["key"].to_pylist()) == set(keys.values())
     rows = table.to_pylist()
     for feature, colour in enumerate(COLOURS[:3]):
         ranked = sorted((r for r in rows if r["key"] == keys[feature]), key=lambda r: r["rank"])

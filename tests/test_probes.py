@@ -266,7 +266,7 @@ def test_a_plain_timm_classifiers_checkpoint_changed_after_planning_is_refused_b
     import timm
     from safetensors.torch import save_file
 
-    from pipeline.models.weights import CheckpointChanged
+    from pipeline.models.weights import PlannedFileChanged
 
     def save_seeded(seed: int) -> None:
         torch.manual_seed(seed)
@@ -282,7 +282,7 @@ def test_a_plain_timm_classifiers_checkpoint_changed_after_planning_is_refused_b
     save_seeded(1)
     found = f"sha256-{hashlib.sha256(path.read_bytes()).hexdigest()}"
     assert found != planned
-    with pytest.raises(CheckpointChanged) as raised:
+    with pytest.raises(PlannedFileChanged) as raised:
         ProbeWorker("cpu", threads=1).run(task)
     assert str(raised.value) == (f"the checkpoint at {path} changed since the run was planned: planned {planned}, "
                                  f"found {found}; re-run to plan with the new file")

@@ -58,7 +58,8 @@ def example_tables(store: Store) -> tuple[PartTable, PartTable]:
 
 
 def plan_batches(store: Store, done_keys: set[str], image_set: images_lib.ImageSet, cfg: ExamplesConfig) -> list[Batch]:
-    """Batches for the store's mean-objective MLP visualizations that have no examples yet."""
+    """Batches for the store's mean-objective MLP visualizations that have no examples yet (MLP channels: a
+    direction's unit, target.directions, is not ranked here)."""
     table = store.read_records(
         columns=["key", "model", "weights", "layer", "feature", "config", "image_size"],
         filter=(ds.field("target") == "mlp") & (ds.field("objective") == "mean"))
@@ -66,6 +67,8 @@ def plan_batches(store: Store, done_keys: set[str], image_set: images_lib.ImageS
     grouped: dict[tuple[str, str, int], dict[tuple[int, int], list[str]]] = {}
     configs: dict[tuple[str, str, int], str] = {}
     for row in table.to_pylist():
+        if "directions" in json.loads(row["config"]):  # its feature is a row of a file, not the MLP's channel
+            continue
         group = (row["model"], row["weights"], row["image_size"])
         grouped.setdefault(group, {}).setdefault((row["layer"], row["feature"]), []).append(row["key"])
         configs[group] = row["config"]

@@ -77,7 +77,9 @@ class ActivationReader:
                 for layer, out in captured.items()}
 
 
-def _patch_tokens(output: torch.Tensor, info: LayerInfo, site: TargetSite) -> torch.Tensor:
+def _patch_tokens(output: torch.Tensor | tuple, info: LayerInfo, site: TargetSite) -> torch.Tensor:
+    if isinstance(output, (tuple, list)):  # a block returning one tensor per scale (CoaT's parallel blocks)
+        output = output[site.output_index]
     if output.dim() == 4:  # (B, H, W, C) token maps have no prefix tokens
         output = output.flatten(1, 2)
     else:  # prefix tokens (CLS, distillation) come first in every supported family

@@ -94,10 +94,10 @@ def matmul_rate(width: int, hidden: int, dtype: torch.dtype, device: torch.devic
 
 
 def step_seconds(visualizer, layer: int, target: str, objective, features: list[int], optim: OptimConfig,
-                 precision: str) -> float:
+                 precision: str, directions=None) -> float:
     """Wall seconds of one optimizer step of ``features`` together (one ``visualize`` call of one step)."""
     config = dataclasses.replace(optim, steps=1, precision=precision)
-    score = visualizer.score(layer, target, objective, features, precision)
+    score = visualizer.score(layer, target, objective, features, precision, directions=directions)
     _synchronize(visualizer.device)
     started = time.perf_counter()
     visualize(score, features, visualizer.image_size, config, visualizer.device)
@@ -106,7 +106,7 @@ def step_seconds(visualizer, layer: int, target: str, objective, features: list[
 
 
 def choose_precision(visualizer, requested: str, layer: int, target: str, objective,
-                     optim: OptimConfig) -> PrecisionChoice:
+                     optim: OptimConfig, directions=None) -> PrecisionChoice:
     """``requested`` (auto | fp32 | bf16 | fp16) resolved on the visualizer's device, with the rates behind it.
 
     ``auto`` uses the low precision only where a timed step is faster than fp32; fp32 otherwise. An explicit
@@ -124,11 +124,11 @@ def choose_precision(visualizer, requested: str, layer: int, target: str, object
         return measured
     if low_rate < EMULATED_BELOW * fp32_rate:  # clearly emulated: a step would take seconds to learn the same
         return dataclasses.replace(measured, used="fp32")
-    features = [0]
-    step_seconds(visualizer, layer, target, objective, features, optim, "fp32")  # a warm-up: allocations, kernels
-    fp32_step = step_seconds(visualizer, layer, target, objective, features, optim, "fp32")
-    step_seconds(visualizer, layer, target, objective, features, optim, low)
-    low_step = step_seconds(visualizer, layer, target, objective, features, optim, low)
+    unit = (layer, target, objective, [0], optim)
+    step_seconds(visualizer, *unit, "fp32", directions)  # a warm-up: allocations, kernels
+    fp32_step = step_seconds(visualizer, *unit, "fp32", directions)
+    step_seconds(visualizer, *unit, low, directions)
+    low_step = step_seconds(visualizer, *unit, low, directions)
     return PrecisionChoice(requested, low if low_step < fp32_step else "fp32", low, 1 / fp32_step, 1 / low_step,
                            "feature-steps/s (optimizer steps)")
 
@@ -146,17 +146,17 @@ class BatchChoice:
 
 
 def choose_batch(visualizer, layer: int, target: str, objective, optim: OptimConfig, precision: str, most: int,
-                 search: bool = True) -> BatchChoice:
+                 search: bool = True, directions=None) -> BatchChoice:
     """The largest batch up to ``most`` (doubling from 1) whose measured throughput rises by ``BATCH_GAIN``
     over the last and that fits the device's memory, within ``BATCH_BUDGET_S``. ``search=False``: the one
     batch ``most`` is timed, for the estimate."""
     device = visualizer.device
-    width = visualizer.layout.site(layer, target).features
+    width = directions.count if directions is not None else visualizer.layout.site(layer, target).features
     most = max(1, min(most, width))
     budget = BATCH_BUDGET_S.get(device.type, BATCH_BUDGET_S["cuda"])
     cuda = device.type == "cuda"
     total_memory = torch.cuda.get_device_properties(device).total_memory if cuda else 0
-    step_seconds(visualizer, layer, target, objective, [0], optim, precision)  # a warm-up: allocations, kernels
+    step_seconds(visualizer, layer, target, objective, [0], optim, precision, directions)  # a warm-up
     spent, batch, measured = 0.0, 1 if search else most, []
     best: tuple[int, float] | None = None
     stopped = "the batch asked for" if not search else f"the largest useful here, {most}"
@@ -164,7 +164,8 @@ def choose_batch(visualizer, layer: int, target: str, objective, optim: OptimCon
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         try:
-            seconds = step_seconds(visualizer, layer, target, objective, list(range(batch)), optim, precision)
+            seconds = step_seconds(visualizer, layer, target, objective, list(range(batch)), optim, precision,
+                                   directions)
         except torch.OutOfMemoryError:
             stopped = f"{batch} ran out of memory"
             break

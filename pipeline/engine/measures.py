@@ -26,6 +26,7 @@ import torch
 from pipeline.engine.descriptors import describe_png
 from pipeline.engine.objectives import Objective
 from pipeline.engine.visualizer import Visualizer
+from pipeline.models.directions import Directions
 from pipeline.store.png import decode_png
 from pipeline.store.schemas import EMBEDDING_COLUMN
 
@@ -49,11 +50,12 @@ def embedding_layer(visualizer: Visualizer) -> int:
 
 
 def measure(visualizer: Visualizer, layer: int, target: str, objective: Objective, features: list[int],
-            pngs: list[bytes], precision: str) -> list[dict]:
-    """The measured columns of the records of ``features`` (one image each, ``pngs``) at one layer."""
+            pngs: list[bytes], precision: str, directions: Directions | None = None) -> list[dict]:
+    """The measured columns of the records of ``features`` (one image each, ``pngs``) at one layer; with
+    ``directions``, the features are their rows (the baselines project onto them as the objective did)."""
     if len(features) != len(pngs):
         raise ValueError(f"{len(features)} features but {len(pngs)} images")
-    noise, grey = baselines(visualizer, layer, target, objective, features, precision)
+    noise, grey = baselines(visualizer, layer, target, objective, features, precision, directions)
     images = torch.stack([torch.from_numpy(np.array(decode_png(png))).permute(2, 0, 1) for png in pngs])
     embeddings = visualizer.pooled_features(images.float() / 255, embedding_layer(visualizer))
     return [{**describe_png(png), "activation_noise": float(noise[i]), "activation_grey": float(grey[i]),
@@ -62,7 +64,7 @@ def measure(visualizer: Visualizer, layer: int, target: str, objective: Objectiv
 
 @torch.no_grad()
 def baselines(visualizer: Visualizer, layer: int, target: str, objective: Objective, features: list[int],
-              precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+              precision: str, directions: Directions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise, grey) activations, (F,) each: both references of every feature in one forward pass."""
     size = visualizer.image_size
     seeds = [noise_seed(visualizer.model_name, visualizer.weights.weights_id, target, objective.name, layer, f)
@@ -70,5 +72,6 @@ def baselines(visualizer: Visualizer, layer: int, target: str, objective: Object
     noise = torch.stack([noise_image(seed, size) for seed in seeds])
     grey = torch.full_like(noise, GREY_LEVEL)
     images = torch.stack([noise, grey], dim=1).to(visualizer.device)  # (F, 2 "copies", 3, H, W)
-    scores = visualizer.score(layer, target, objective, features, precision)(images).float().cpu()
+    score = visualizer.score(layer, target, objective, features, precision, directions=directions)
+    scores = score(images).float().cpu()
     return scores[:, 0], scores[:, 1]

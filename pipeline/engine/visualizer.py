@@ -2,7 +2,8 @@
 
 A :class:`Visualizer` holds a model (loaded once, frozen, on an explicit
 device) and, per request, composes model input normalization, the truncated
-activation reader, feature selection and an objective into a *score*
+activation reader, feature selection (a channel, or the projection onto a
+direction: pipeline.models.directions) and an objective into a *score*
 (images -> one scalar per image) for :func:`pipeline.optimize.visualize`.
 """
 
@@ -15,6 +16,7 @@ import torch
 
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
+from pipeline.models.directions import Directions
 from pipeline.engine import calibrate
 from pipeline.engine.activations import ActivationReader
 from pipeline.engine.objectives import Objective, check_objective
@@ -42,12 +44,13 @@ class Visualizer:
         self._precisions: dict[str, calibrate.PrecisionChoice] = {}
 
     def precision(self, requested: str, layer: int, target: str, objective: Objective,
-                  optim: OptimConfig | None = None) -> calibrate.PrecisionChoice:
+                  optim: OptimConfig | None = None, directions: Directions | None = None) -> calibrate.PrecisionChoice:
         """``requested`` (auto | fp32 | bf16 | fp16) as measured on this device for this model, once per
         visualizer: every chunk a worker runs with it uses the same choice (pipeline.engine.calibrate)."""
         if requested not in self._precisions:
             optim = optim or OptimConfig.paper(steps=1, precision=requested)
-            self._precisions[requested] = calibrate.choose_precision(self, requested, layer, target, objective, optim)
+            self._precisions[requested] = calibrate.choose_precision(self, requested, layer, target, objective, optim,
+                                                                     directions)
         return self._precisions[requested]
 
     @property
@@ -55,17 +58,22 @@ class Visualizer:
         return self.layout.input_size[1], self.layout.input_size[2]
 
     def score(self, layer: int, target: str, objective: Objective, features: list[int], precision: str = "fp32",
-              truncate: bool = True):
-        """images (F, copies, 3, H, W) in [0, 1] -> (F, copies): feature i scored on image i.
+              truncate: bool = True, directions: Directions | None = None):
+        """images (F, copies, 3, H, W) in [0, 1] -> (F, copies): feature i scored on image i. With
+        ``directions``, feature i is row i of them, projected onto per token (in fp32) before the objective.
 
         ``truncate=False`` runs every block, as the released code does; the benchmark's reference uses it.
         """
-        self.layout.check_features(layer, target, features)
+        if directions is None:
+            self.layout.check_features(layer, target, features)
+            index = torch.tensor(features, device=self.device)
+        else:
+            self.layout.site(layer, target)  # the layer and target exist; the plan checked the directions' width
+            project = directions.projection(features, self.device)
         grid = self.layout.layer(layer).grid
         check_objective(objective, grid, f"layer {layer} of {self.model_name}")
-        index = torch.tensor(features, device=self.device)
         if precision == "auto":
-            precision = self.precision(precision, layer, target, objective).used
+            precision = self.precision(precision, layer, target, objective, directions=directions).used
         dtype = PRECISIONS[precision]
 
         def score(images: torch.Tensor) -> torch.Tensor:
@@ -74,6 +82,8 @@ class Visualizer:
             with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext():
                 patches = self.reader(normalized, layer, target, truncate)  # (F * copies, P, C)
             patches = patches.float().unflatten(0, (count, copies))
+            if directions is not None:
+                return objective(project(patches), grid)
             chosen = patches.gather(3, index.view(count, 1, 1, 1).expand(count, copies, patches.shape[2], 1))
             return objective(chosen.squeeze(3), grid)
 
@@ -87,9 +97,9 @@ class Visualizer:
         return self.reader(normalized, layer, "mlp").float().mean(dim=1).cpu()
 
     def run(self, layer: int, target: str, objective: Objective, features: list[int], seeds: list[int],
-            config: OptimConfig) -> Visualization:
+            config: OptimConfig, directions: Directions | None = None) -> Visualization:
         if config.precision == "auto":
-            chosen = self.precision("auto", layer, target, objective, config).used
+            chosen = self.precision("auto", layer, target, objective, config, directions).used
             config = dataclasses.replace(config, precision=chosen)
-        score = self.score(layer, target, objective, features, config.precision)
+        score = self.score(layer, target, objective, features, config.precision, directions=directions)
         return visualize(score, seeds, self.image_size, config, self.device)

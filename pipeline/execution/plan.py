@@ -26,6 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config import SweepConfig, check_finite
 from pipeline.engine import parameterizations
+from pipeline.models import directions as directions_lib
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.errors import PipelineError
@@ -53,6 +54,7 @@ class Group:
     config_hash: str
     config_json: str
     features: tuple[int, ...]
+    directions: directions_lib.DirectionsFile | None = None  # units are its rows (target.directions), not channels
 
     def key(self, feature: int) -> str:
         return self.keys([feature])[0]
@@ -377,10 +379,13 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], pin_weigh
     identity = {**dataclasses.asdict(optim), **({"image_size": choice.img_size} if choice.img_size else {})}
     if spectrum:
         identity["maco_spectrum"] = spectrum["maco_spectrum_id"]
+    directions = _planned_directions(settings["target"])
+    identity.update(_directions_identity(directions))
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     config_json = json.dumps({"optim": dataclasses.asdict(optim), **spectrum, "target": target,
                               "objective": objective.name, "weights": str(settings["model"]["weights"]),
-                              "weights_id": choice.weights_id, "image_size": info.input_size[-1]}, sort_keys=True)
+                              "weights_id": choice.weights_id, "image_size": info.input_size[-1],
+                              **({"directions": directions.provenance()} if directions else {})}, sort_keys=True)
     groups = []
     layers = select(sweep["layers"], len(info.layers), "layer", f"'{model}'")
     _check_not_empty(layers, "layers", sweep["layers"], "sweep.layers=[0]")
@@ -388,10 +393,26 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], pin_weigh
     for layer in layers:
         where = f"layer {layer} of '{model}'"
         width = info.site(layer, target).features
+        if directions:  # the layer's units are the file's rows
+            directions_lib.check_width(directions, width, target, where)
+            width = directions.count
         check_objective(objective, info.layer(layer).grid, where)
-        features = select(sweep["features"], width, "feature", f"target '{target}' at {where}")
+        unit = f"the directions of target '{target}'" if directions else f"target '{target}'"
+        features = select(sweep["features"], width, "feature", f"{unit} at {where}")
         _check_not_empty(features, "features", sweep["features"], "sweep.features=first:8")
         for seed in sweep["seeds"]:
             groups.append(Group(model, family, choice, target, objective.name, layer, int(seed), optim,
-                                config_hash, config_json, tuple(features)))
+                                config_hash, config_json, tuple(features), directions))
     return groups
+
+
+def _planned_directions(target: dict[str, Any]) -> directions_lib.DirectionsFile | None:
+    """``target.directions``, read whole and checked before any compute; None: the units are channels."""
+    path = target.get("directions")
+    return None if path is None else directions_lib.plan_directions(str(path))
+
+
+def _directions_identity(directions: directions_lib.DirectionsFile | None) -> dict[str, str]:
+    """What the config hash (and so every unit key) takes of a directions file: its bytes' sha256, never its
+    path (a file rewritten in place plans other units, a copy elsewhere the same ones)."""
+    return {"directions": directions.sha256} if directions else {}

@@ -9,8 +9,8 @@ Each record also carries what pipeline.engine.measures measures on its stored
 image (descriptors, the noise and grey baselines, an early-layer embedding),
 computed once per chunk: a forward pass or two, cheap next to the optimization.
 
-A chunk whose checkpoint or MACO spectrum file is no longer the planned one (by
-sha256) fails whole, with that reason: its images would not be what the records cite.
+A chunk whose checkpoint, directions or MACO spectrum file is no longer the planned
+one (by sha256) fails whole, with that reason: its images would not be what the records cite.
 
 Failure handling that belongs to one chunk lives here: a feature whose image or
 activation is not finite is retried once on another random stream, then
@@ -41,6 +41,7 @@ from pipeline.engine.objectives import Objective, parse_objective
 from pipeline.engine.optimize import seed_for
 from pipeline.execution.plan import Chunk, Group
 from pipeline.models import weights
+from pipeline.models.directions import planned_directions
 from pipeline.store.png import encode_png
 from pipeline.store.records import EncodedRecords, encode_records
 
@@ -117,20 +118,21 @@ class VisualizationWorker(ModelWorker):
         started = time.perf_counter()
         visualizer = self.visualizer(Chunk(group, group.features[:1]))
         objective = parse_objective(group.objective)
+        directions = planned_directions(group.directions) if group.directions else None
         requested = group.optim.precision
-        choice = (visualizer.precision(requested, group.layer, group.target, objective, group.optim)
+        choice = (visualizer.precision(requested, group.layer, group.target, objective, group.optim, directions)
                   if requested != "fp32" else None)
         used = choice.used if choice else requested
         if choice and choice.used != "fp32" and choice.slowdown > 1 / calibrate.EMULATED_BELOW:
             # An emulated precision asked for explicitly: its steps would take minutes to time, and the probe
             # already says how much slower they are than fp32's.
             fp32 = calibrate.choose_batch(visualizer, group.layer, group.target, objective, group.optim, "fp32",
-                                          most, search)
+                                          most, search, directions)
             batch = dataclasses.replace(fp32, seconds_per_feature_step=fp32.seconds_per_feature_step * choice.slowdown,
                                         stopped=fp32.stopped + f", timed in fp32 and scaled by {used}'s slowdown")
         else:
             batch = calibrate.choose_batch(visualizer, group.layer, group.target, objective, group.optim, used,
-                                           most, search)
+                                           most, search, directions)
         return Calibration(calibrate.device_name(self.device), choice, batch, time.perf_counter() - started)
 
     def run(self, chunk: Chunk) -> ChunkResult:
@@ -142,7 +144,7 @@ class VisualizationWorker(ModelWorker):
         else:
             try:
                 self._run(chunk, result)
-            except weights.CheckpointChanged as error:  # not the planned file: no unit of it may be recorded
+            except weights.PlannedFileChanged as error:  # not the planned file: no unit of it may be recorded
                 result.records.clear()
                 result.failures = [(unit, str(error), 1) for unit in chunk.units()]
         return ChunkResult(encode_records(result.records), result.failures, time.perf_counter() - started)
@@ -164,16 +166,17 @@ class VisualizationWorker(ModelWorker):
         group = chunk.group
         visualizer = self.visualizer(chunk)
         objective = parse_objective(group.objective)
+        directions = planned_directions(group.directions) if group.directions else None
         labels = _planted_labels(group)
         optim = group.optim
         if optim.precision == "auto":  # measured once per model on this worker (pipeline.engine.calibrate)
-            chosen = visualizer.precision("auto", group.layer, group.target, objective, optim).used
+            chosen = visualizer.precision("auto", group.layer, group.target, objective, optim, directions).used
             optim = dataclasses.replace(optim, precision=chosen)
         pending = list(chunk.features)
         for attempt in range(NONFINITE_RETRIES + 1):
             started = time.perf_counter()
             seeds = [seed_for(f, group.seed, attempt) for f in pending]
-            out = visualizer.run(group.layer, group.target, objective, pending, seeds, optim)
+            out = visualizer.run(group.layer, group.target, objective, pending, seeds, optim, directions)
             per_image = (time.perf_counter() - started) / len(pending)
             retry = []
             records = []
@@ -184,7 +187,7 @@ class VisualizationWorker(ModelWorker):
                 records.append(self._record(chunk, feature, out.images[i], float(out.activations[i]),
                                             out.traces[i].float().numpy(), out.curves[i].float().numpy(),
                                             labels.get(feature), per_image, visualizer, optim.precision))
-            result.records.extend(_measured(visualizer, chunk, objective, records, optim.precision))
+            result.records.extend(_measured(visualizer, chunk, objective, records, optim.precision, directions))
             pending = retry
             if not pending:
                 return
@@ -221,13 +224,13 @@ def _config_with_precision(config_json: str, precision: str) -> str:
 
 
 def _measured(visualizer: Visualizer, chunk: Chunk, objective: Objective, records: list[dict],
-              precision: str) -> list[dict]:
+              precision: str, directions) -> list[dict]:
     """The records with their measured columns, all of one attempt measured in one batch."""
     if not records:
         return records
     group = chunk.group
     measured = measure(visualizer, group.layer, group.target, objective, [r["feature"] for r in records],
-                       [r["png"] for r in records], precision)
+                       [r["png"] for r in records], precision, directions)
     return [{**record, **values} for record, values in zip(records, measured)]
 
 
@@ -248,7 +251,7 @@ def _spectrum_changed(group) -> str | None:
 
 
 def _planted_labels(group) -> dict[int, str]:
-    if group.weights.kind != "planted":
+    if group.weights.kind != "planted" or group.directions:  # a direction's unit is no planted channel
         return {}
     from pipeline.models import planted
 

@@ -21,8 +21,9 @@ cheaply, before any compute; :func:`load` builds the model. A file is checked at
 against the architecture (names and shapes; an ``.npz`` goes through timm's loader into the
 architecture built on the meta device) and, when a worker loads it later, against the planned
 hash: the worker reads the file once, hashes those bytes and loads from them, so a file
-replaced in between fails its units (:class:`CheckpointChanged`) instead of being recorded
-under the old hash.
+replaced in between fails its units (:class:`PlannedFileChanged`) instead of being recorded
+under the old hash. Other files a sweep is planned with (target.directions) are read the same way
+(:func:`file_id`, :func:`read_planned`).
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ HUB_PROBE_TIMEOUT_S = 3.0
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz", ".onnx")
 
 
-class CheckpointChanged(PipelineError):
-    """The file at a planned checkpoint path is not the one the sweep was planned with."""
+class PlannedFileChanged(PipelineError):
+    """The file at a planned path (a checkpoint, a directions file) is not the one the sweep was planned with."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def resolve(model_name: str, weights: str, init_seed: int = 0, img_size: int | N
                              img_size=img_size)
     path = _checkpoint_path(model_name, Path(weights).expanduser())
     _check_checkpoint(model_name, path, img_size)
-    return WeightsChoice("file", _file_id(path), path=str(path), img_size=img_size)
+    return WeightsChoice("file", file_id(path), path=str(path), img_size=img_size)
 
 
 def _check_plain(model_name: str, img_size: int | None) -> None:
@@ -166,7 +167,8 @@ def load(model_name: str, choice: WeightsChoice, device: torch.device | str = "c
     if choice.kind == "pretrained":
         model = _load_pretrained(model_name, choice.img_size, choice.path)
     else:
-        data = _read_planned(choice) if choice.kind == "file" else None  # before building: a changed file fails fast
+        # Before building: a changed file fails fast.
+        data = read_planned(choice.path, choice.weights_id, "checkpoint") if choice.kind == "file" else None
         torch.manual_seed(choice.init_seed)
         model = _architecture(model_name, img_size=choice.img_size)
         if choice.kind == "planted":
@@ -225,7 +227,7 @@ def ensure_pretrained(model_name: str) -> str:
                 # The hub's cache keeps each revision in snapshots/<commit>/: the commit names the bytes.
                 if REVISION.fullmatch(path.parent.name):
                     return path.parent.name
-                return _file_id(path)
+                return file_id(path)
             raise FileNotFoundError(f"no weights file in hub repository {repo}")
         # Where timm's loader (torch.hub.load_state_dict_from_url) looks for, and puts, a URL's file.
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(cfg.url).path).name
@@ -234,7 +236,7 @@ def ensure_pretrained(model_name: str) -> str:
                 raise ConnectionError(f"{cfg.url} is not in torch's hub cache ({path.parent})")
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(cfg.url, str(path), progress=False)
-        return _file_id(path)
+        return file_id(path)
     except Exception as error:  # the hub client raises many types; all mean "not available here"
         raise _unavailable(model_name, error, unreachable) from None
 
@@ -314,8 +316,15 @@ def _checkpoint_path(model_name: str, path: Path) -> Path:
     return path
 
 
-def _file_id(path: Path) -> str:
+def file_id(path: Path) -> str:
+    """``sha256-<hex>`` of the file's bytes: how a plan names a file it was planned with (hashed once per
+    process while the file's mtime stays the same)."""
     return str(WeightsId("file", digest=_sha256(str(path), path.stat().st_mtime_ns)))
+
+
+def bytes_id(data: bytes) -> str:
+    """:func:`file_id` of a file's bytes, already read."""
+    return str(WeightsId("file", digest=hashlib.sha256(data).hexdigest()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -447,18 +456,19 @@ def _unreadable_npz(path: Path, error: Exception) -> PipelineError:
     )
 
 
-def _read_planned(choice: WeightsChoice) -> bytes:
-    """The checkpoint's bytes, read once, if they still hash to the planned id."""
+def read_planned(path: str, planned: str, what: str) -> bytes:
+    """The bytes of the ``what`` (checkpoint, directions file) at ``path``, read once, if they still hash to
+    ``planned`` (its :func:`file_id` when the sweep was planned); a worker loads from these very bytes."""
     try:
-        data = Path(choice.path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as error:
-        raise CheckpointChanged(f"the checkpoint at {choice.path} is gone since the run was planned (planned "
-                                f"{choice.weights_id}; {type(error).__name__}: {error.strerror or error}); "
-                                f"restore it, or re-run to plan with another file") from None
-    found = str(WeightsId("file", digest=hashlib.sha256(data).hexdigest()))
-    if found != choice.weights_id:
-        raise CheckpointChanged(f"the checkpoint at {choice.path} changed since the run was planned: planned "
-                                f"{choice.weights_id}, found {found}; re-run to plan with the new file")
+        raise PlannedFileChanged(f"the {what} at {path} is gone since the run was planned (planned {planned}; "
+                                 f"{type(error).__name__}: {error.strerror or error}); restore it, or re-run to "
+                                 f"plan with another file") from None
+    found = bytes_id(data)
+    if found != planned:
+        raise PlannedFileChanged(f"the {what} at {path} changed since the run was planned: planned {planned}, "
+                                 f"found {found}; re-run to plan with the new file")
     return data
 
 

@@ -4,10 +4,12 @@ Support is by architecture, not by a hand-kept list: a family is a timm model
 module, and every model timm registers there is a candidate. What a model's
 layers are is not written down either; it is *traced*: the architecture is built
 on the meta device (no memory, no weights), one forward pass runs with hooks on
-every MLP non-linearity and attention projection, and the order and shapes of
-those calls give the layers (blocks in forward order, flattened across stages),
+every MLP non-linearity, attention projection and block, and the order and shapes
+of those calls give the layers (blocks in forward order, flattened across stages),
 features per layer and the token layout. Shared modules (CoaT's parallel blocks
-run one MLP at three scales) give one layer per call.
+run one MLP at three scales) give one layer per call. A layer's ``residual``
+target is its block's output tokens (the residual stream), whose width can change
+from stage to stage (PiT, Swin, Twins, CoaT-lite) and differs from the MLP's.
 
     vit-atlas zoo
     vit-atlas zoo describe=[deit_tiny_patch16_224]
@@ -26,7 +28,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 
-TARGETS = ("mlp", "keys", "queries", "values", "attn_out")
+TARGETS = ("mlp", "keys", "queries", "values", "attn_out", "residual")
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class TargetSite:
     call: int  # which call of that module within one forward (shared modules are called repeatedly)
     features: int
     channel_offset: int = 0  # keys/queries/values are slices of one qkv projection
+    output_index: int = 0  # which tensor of a tuple output (CoaT's parallel blocks return one per scale)
 
 
 @dataclass(frozen=True)
@@ -165,10 +168,11 @@ class ModelLayout:
         if target not in TARGETS:
             raise PipelineError(f"Unknown target '{target}'; targets are {', '.join(TARGETS)}.")
         if target not in layer.sites:
+            why = ("its output holds no tensor of the layer's tokens" if target == "residual" else
+                   "its attention does not expose a token-aligned qkv/proj projection")
             raise PipelineError(
-                f"Target '{target}' is not available at layer {index} of '{self.name}' ({layer.block}): its "
-                f"attention does not expose a token-aligned qkv/proj projection. Targets there: "
-                f"{', '.join(layer.sites)}."
+                f"Target '{target}' is not available at layer {index} of '{self.name}' ({layer.block}): {why}. "
+                f"Targets there: {', '.join(layer.sites)}."
             )
         return layer.sites[target]
 
@@ -236,10 +240,11 @@ def _traced_layout(model_name: str, img_size: int | None) -> ModelLayout:
             f"has no feature to visualize. Supported architectures: see `vit-atlas zoo`."
         )
     calls: list[tuple[str, tuple[int, ...]]] = []
+    block_outputs: dict[str, list[tuple[tuple[int, ...], ...]]] = {}  # block -> per call, its output tensors' shapes
     handles = []
     watched: dict[str, nn.Module] = {f"{p}.act": m.act for p, m in mlps.items()}
-    for path in mlps:
-        block = path.rpartition(".")[0]
+    blocks = {path.rpartition(".")[0] for path in mlps}
+    for block in blocks:
         for name in ("attn.qkv", "attn.proj"):
             if f"{block}.{name}" in modules:
                 watched[f"{block}.{name}"] = modules[f"{block}.{name}"]
@@ -247,6 +252,9 @@ def _traced_layout(model_name: str, img_size: int | None) -> ModelLayout:
         for path, module in watched.items():
             handles.append(module.register_forward_hook(
                 lambda _m, _i, out, path=path: calls.append((path, tuple(out.shape)))))
+        for block in blocks:
+            handles.append(modules[block].register_forward_hook(
+                lambda _m, _i, out, block=block: block_outputs.setdefault(block, []).append(_tensor_shapes(out))))
         height = width = img_size or native_size(model_name)
         with torch.no_grad():
             model(torch.empty(1, 3, height, width, device="meta"))
@@ -273,6 +281,7 @@ def _traced_layout(model_name: str, img_size: int | None) -> ModelLayout:
         sites = {"mlp": TargetSite(f"{mlp_path}.act", call, shape[-1])}
         block = mlp_path.rpartition(".")[0]
         sites.update(_attention_sites(block, calls, tokens))
+        sites.update(_residual_site(block, block_outputs.get(block, []), tokens))
         layers.append(LayerInfo(len(layers), block, tokens, prefix, grid, sites))
     cfg = model.pretrained_cfg
     info = ModelLayout(
@@ -367,6 +376,27 @@ def _attention_sites(block: str, calls: list[tuple[str, tuple[int, ...]]], token
     }
 
 
+def _tensor_shapes(output) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a module's output tensors: one for a block, one per scale for CoaT's parallel blocks."""
+    tensors = output if isinstance(output, (tuple, list)) else (output,)
+    return tuple(tuple(t.shape) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _residual_site(block: str, outputs: list[tuple[tuple[int, ...], ...]], tokens: int) -> dict[str, TargetSite]:
+    """The block's output tokens (the residual stream after it), where exactly one tensor the block returns
+    holds the layer's tokens: (B, N, C) with its prefix, or Swin's (B, H, W, C) map. CoaT's parallel block is
+    one module whose MLP runs at three scales, three layers; each reads the output of its own scale."""
+    def token_count(shape: tuple[int, ...]) -> int:
+        return shape[1] * shape[2] if len(shape) == 4 else shape[1] if len(shape) == 3 else -1
+
+    found = [(call, index, shape[-1]) for call, shapes in enumerate(outputs)
+             for index, shape in enumerate(shapes) if token_count(shape) == tokens]
+    if len(found) != 1:
+        return {}
+    call, index, width = found[0]
+    return {"residual": TargetSite(block, call, width, output_index=index)}
+
+
 @functools.lru_cache(maxsize=None)
 def target_flops(model_name: str, img_size: int | None = None) -> tuple[int, ...]:
     """Forward FLOPs of one image up to each layer's MLP target (a truncated forward's cost), counted
@@ -397,13 +427,15 @@ def describe(model_name: str, img_size: int | None = None) -> str:
     lines = [
         f"{info.name}  (family {info.family}, {len(info.layers)} layers, MLP activation {info.activation})",
         f"input {info.input_size[1]}x{info.input_size[2]}, normalization mean={info.mean} std={info.std}",
-        f"{'layer':>5}  {'module':<34} {'features':>8}  {'tokens':>6}  {'prefix':>6}  {'grid':>7}  targets",
+        f"{'layer':>5}  {'module':<34} {'features':>8}  {'residual':>8}  {'tokens':>6}  {'prefix':>6}  {'grid':>7}  "
+        f"targets",
     ]
     for layer in info.layers:
         site = layer.sites["mlp"]
         module = site.module + (f" (call {site.call})" if site.call else "")
+        residual = layer.sites["residual"].features if "residual" in layer.sites else "-"
         lines.append(
-            f"{layer.index:>5}  {module:<34} {layer.features:>8}  {layer.tokens:>6}  {layer.prefix_tokens:>6}  "
-            f"{layer.grid[0]:>3}x{layer.grid[1]:<3}  {','.join(layer.sites)}"
+            f"{layer.index:>5}  {module:<34} {layer.features:>8}  {residual:>8}  {layer.tokens:>6}  "
+            f"{layer.prefix_tokens:>6}  {layer.grid[0]:>3}x{layer.grid[1]:<3}  {','.join(layer.sites)}"
         )
     return "\n".join(lines)
