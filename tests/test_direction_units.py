@@ -87,7 +87,7 @@ def test_an_sae_encoder_scores_each_latents_pre_activation_on_the_residual_strea
     encoder, bias, centre, paths = sae_files(tmp_path, width, 6)
     torch.save(encoder.T.contiguous(), tmp_path / "rows.pth")  # a plain tensor of rows
     images = torch.rand(3, 1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    normalized = (images[:, 0] - planted_viz._mean) / planted_viz._std
+    normalized = planted_viz.normalize(images[:, 0])
     with torch.no_grad():
         tokens = planted_viz.reader(normalized, layer, "residual")  # (3, patches, width)
         expected = ((tokens - centre) @ encoder + bias).mean(dim=1)  # (3, latents): mean over patches

@@ -78,7 +78,7 @@ class Visualizer:
 
         def score(images: torch.Tensor) -> torch.Tensor:
             count, copies = images.shape[:2]
-            normalized = ((images - self._mean) / self._std).flatten(0, 1)
+            normalized = self.normalize(images).flatten(0, 1)
             with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext():
                 patches = self.reader(normalized, layer, target, truncate)  # (F * copies, P, C)
             patches = patches.float().unflatten(0, (count, copies))
@@ -89,12 +89,15 @@ class Visualizer:
 
         return score
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (..., 3, H, W) as the model takes them: its mean and std per channel."""
+        return (images - self._mean) / self._std
+
     @torch.no_grad()
     def pooled_features(self, images: torch.Tensor, layer: int) -> torch.Tensor:
         """images (N, 3, H, W) in [0, 1] -> (N, C) float32 on the CPU: the patch-mean MLP activations at
         ``layer``, every channel, in fp32 (a description of the image by the model, not an objective)."""
-        normalized = (images.to(self.device) - self._mean) / self._std
-        return self.reader(normalized, layer, "mlp").float().mean(dim=1).cpu()
+        return self.reader(self.normalize(images.to(self.device)), layer, "mlp").float().mean(dim=1).cpu()
 
     def run(self, layer: int, target: str, objective: Objective, features: list[int], seeds: list[int],
             config: OptimConfig, directions: Directions | None = None) -> Visualization:
