@@ -30,7 +30,6 @@ ALLOWED = {
                         "model's forward in pieces, and timm has no public name for that step",
     # Owned by changes on other branches of #23 (pipeline/models/weights.py, the driver's start-up):
     # each needs a public seam there.
-    "weights._hub_unreachable": "a test resets the hub probe's cache (pipeline/models/weights.py)",
     "driver._print_where": "a test runs the commands a sweep prints (pipeline/execution/driver.py)",
 }
 _REFLECTION = {"getattr", "setattr", "delattr", "hasattr"}

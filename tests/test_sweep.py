@@ -216,13 +216,13 @@ def test_an_unreachable_hub_is_detected_once_and_quickly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    weights._hub_unreachable.cache_clear()
+    weights.hub_unreachable.cache_clear()
     started = time.monotonic()
     try:
         with pytest.raises(PipelineError) as raised:
             weights.ensure_pretrained("deit_tiny_patch16_224")
     finally:
-        weights._hub_unreachable.cache_clear()
+        weights.hub_unreachable.cache_clear()
     assert time.monotonic() - started < 10
     message = str(raised.value)
     assert "The hub (127.0.0.1) cannot be reached from this machine" in message and "not in the Hugging Face" \

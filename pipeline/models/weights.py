@@ -211,7 +211,7 @@ def ensure_pretrained(model_name: str) -> str:
     import timm
 
     cfg = timm.models.get_pretrained_cfg(model_name)
-    unreachable = _hub_unreachable()
+    unreachable = hub_unreachable()
     try:
         if cfg.hf_hub_id:
             from huggingface_hub import hf_hub_download
@@ -242,7 +242,7 @@ def ensure_pretrained(model_name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached from here, or None when it can.
 
     When it cannot, this process (and a local Ray's workers, which inherit its environment) read
@@ -277,7 +277,7 @@ def _load_pretrained(model_name: str, img_size: int | None, source: str | None) 
         return timm.create_model(model_name, pretrained=True, **({"img_size": img_size} if img_size else {}),
                                  **overlay)
     except Exception as error:  # the hub client raises many types; all mean "not available here"
-        raise _unavailable(model_name, error, _hub_unreachable()) from None
+        raise _unavailable(model_name, error, hub_unreachable()) from None
 
 
 def _unavailable(model_name: str, error: Exception, unreachable: str | None = None) -> PipelineError:
