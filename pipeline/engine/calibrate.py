@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.engine.optimize import OptimConfig, visualize
+from pipeline.config import OptimConfig
+from pipeline.engine.optimize import visualize
 
 EMULATED_BELOW = 0.5  # low/fp32 matmul rate under which the low precision is taken as emulated, without steps
 PROBE_FLOPS = 3e7  # one probe product: milliseconds in fp32, ~30 ms where bf16 is emulated
