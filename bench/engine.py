@@ -34,7 +34,8 @@ import pipeline  # noqa: F401  (installs the torchvision shim before timm is imp
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.engine.visualizer import PRECISIONS, Visualizer, pick_device
+from pipeline.engine.calibrate import PRECISIONS
+from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.models import weights
 from pipeline.models import zoo
 from pipeline.engine.objectives import parse_objective

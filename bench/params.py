@@ -31,7 +31,8 @@ import pipeline  # noqa: E402,F401  (installs the torchvision shim before timm i
 import torch  # noqa: E402
 
 from pipeline.engine import parameterizations
-from pipeline.engine.visualizer import PRECISIONS, Visualizer, pick_device
+from pipeline.engine.calibrate import PRECISIONS
+from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.models import planted
 from pipeline.models import weights
 from pipeline.models import zoo  # noqa: E402

@@ -17,11 +17,10 @@ from pipeline.config import OptimConfig
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.engine import calibrate
+from pipeline.engine.calibrate import PRECISIONS
 from pipeline.engine.activations import ActivationReader
 from pipeline.engine.objectives import Objective, check_objective
 from pipeline.engine.optimize import Visualization, visualize
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
