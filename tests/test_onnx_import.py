@@ -387,7 +387,7 @@ def test_real_dinov2_saliency_export_imports_into_vit_small_dinov2():
 def test_real_dinov2_layer_1_features_are_drawn_far_above_noise_and_grey():
     from pipeline.engine.objectives import parse_objective
     from pipeline.config import paper_optim
-from pipeline.engine.optimize import seed_for
+    from pipeline.engine.optimize import seed_for
     from pipeline.engine.visualizer import Visualizer
     from pipeline.models import weights
 
