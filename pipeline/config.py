@@ -241,7 +241,7 @@ class OptimConfig:
     param: dict[str, Any]
 
     def __post_init__(self) -> None:
-        if isinstance(self.lr, str) and self.lr != "auto":
+        if self.lr != "auto":  # a float, so that lr 1 and lr 1.0 are one setting (and one config hash)
             try:
                 self.lr = float(self.lr)
             except ValueError:
