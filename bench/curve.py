@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import pipeline  # noqa: F401  (installs the torchvision shim before timm is imported)
 from engine import step_flops  # bench/engine.py: one optimizer step's FLOPs
 from pipeline.engine.objectives import parse_objective
-from pipeline.engine.optimize import OptimConfig, seed_for, visualize
+from pipeline.config import OptimConfig, paper_optim
+from pipeline.engine.optimize import seed_for, visualize
 from pipeline.engine.visualizer import Visualizer
 from pipeline.models import weights
 
@@ -74,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     visualizer = Visualizer(args.model, weights.resolve(args.model, "random"), torch.device("cpu"))
-    config = OptimConfig.paper(steps=args.steps, trace_points=args.trace_points, precision="fp32")
+    config = paper_optim(steps=args.steps, trace_points=args.trace_points, precision="fp32")
     print(f"{args.model}, {args.features} feature(s), {config.copies} copies, {args.steps} steps, "
           f"trace_points={args.trace_points}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| layer | run CPU s | curve forwards | their CPU s | CPU share | FLOP share |")

@@ -34,11 +34,13 @@ import pipeline  # noqa: F401  (installs the torchvision shim before timm is imp
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.engine.visualizer import PRECISIONS, Visualizer, pick_device
+from pipeline.engine.calibrate import PRECISIONS
+from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.models import weights
 from pipeline.models import zoo
 from pipeline.engine.objectives import parse_objective
-from pipeline.engine.optimize import OptimConfig, augment, seed_for, total_variation, visualize
+from pipeline.config import OptimConfig, paper_optim
+from pipeline.engine.optimize import augment, seed_for, total_variation, visualize
 
 MODELS = ("deit_tiny_patch16_224", "vit_base_patch32_224")
 # Dense peaks in TFLOP/s from the vendors' data sheets (SXM parts). fp32 matmuls use
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
-    config = OptimConfig.paper(steps=args.steps, copies=args.copies, precision=args.precision)
+    config = paper_optim(steps=args.steps, copies=args.copies, precision=args.precision)
     objective = parse_objective("mean")
     peak = peak_flops(device, args.precision, args.peak_tflops)
     print(f"# engine benchmark, {dt.date.today().isoformat()}, {device_description(device)}, torch {torch.__version__}")

@@ -31,12 +31,14 @@ import pipeline  # noqa: E402,F401  (installs the torchvision shim before timm i
 import torch  # noqa: E402
 
 from pipeline.engine import parameterizations
-from pipeline.engine.visualizer import PRECISIONS, Visualizer, pick_device
+from pipeline.engine.calibrate import PRECISIONS
+from pipeline.engine.visualizer import Visualizer, pick_device
 from pipeline.models import planted
 from pipeline.models import weights
 from pipeline.models import zoo  # noqa: E402
 from pipeline.engine.objectives import parse_objective  # noqa: E402
-from pipeline.engine.optimize import OptimConfig, seed_for  # noqa: E402
+from pipeline.config import OptimConfig, paper_optim, param_names  # noqa: E402
+from pipeline.engine.optimize import seed_for  # noqa: E402
 from engine import device_description, synchronize  # noqa: E402  (bench/engine.py, this script's neighbour)
 
 
@@ -44,8 +46,8 @@ def parse_lrs(items: list[str]) -> dict[str, float]:
     lrs = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in parameterizations.PARAMETERIZATIONS:
-            raise SystemExit(f"--lr takes PARAM=VALUE with PARAM in {', '.join(parameterizations.PARAMETERIZATIONS)}")
+        if not sep or name not in param_names():
+            raise SystemExit(f"--lr takes PARAM=VALUE with PARAM in {', '.join(param_names())}")
         lrs[name] = float(value)
     return lrs
 
@@ -62,7 +64,7 @@ def parameterization_ms(config: OptimConfig, seeds: list[int], image_size: tuple
                         device: torch.device, repeats: int = 5) -> float:
     """The parameterization's own share of a step: images() and its backward, fastest of ``repeats``."""
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-    parameterization = parameterizations.create(config)
+    parameterization = parameterizations.create(config.param)
     params = parameterization.init(generators, image_size, device)
     best = float("inf")
     for _ in range(repeats):
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", default="0.25,0.5,1", help="step budgets as fractions of --steps")
     parser.add_argument("--weights", default="planted", help="planted | random | pretrained | PATH")
     parser.add_argument("--img-size", type=int, default=None, help="input side (model.img_size); default: native")
-    parser.add_argument("--params", default=",".join(parameterizations.PARAMETERIZATIONS))
+    parser.add_argument("--params", default=",".join(param_names()))
     parser.add_argument("--copies", type=int, default=8, help="augmented copies per image (the paper: 8)")
     parser.add_argument("--lr", action="append", default=[], help="PARAM=VALUE, instead of the auto lr")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,8 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     features = [int(f) for f in args.features.split(",")]
     names = [n for n in args.params.split(",") if n]
-    for name in names:
-        parameterizations.check_name(name)
     lrs = parse_lrs(args.lr)
     budgets = sorted({max(1, round(float(p) * args.steps)) for p in args.points.split(",")})
     family = zoo.family_of(args.model)
@@ -142,11 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     finals: dict[str, torch.Tensor] = {}
     final_acts: dict[str, torch.Tensor] = {}
     for name in names:
-        lr = lrs.get(name, parameterizations.auto_lr(name, family))
+        lr = lrs.get(name, paper_optim(family, param=name).lr)
         row_acts = []
         seconds = 0.0
         for budget in budgets:
-            config = OptimConfig.paper(steps=budget, copies=args.copies, precision=args.precision, param=name, lr=lr)
+            config = paper_optim(steps=budget, copies=args.copies, precision=args.precision, param=name, lr=lr)
             synchronize(device)
             start = time.perf_counter()
             out = visualizer.run(args.layer, "mlp", objective, features, seeds, config)

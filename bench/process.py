@@ -54,8 +54,9 @@ def reference(model: str, layer: int, features: int, steps: int, threads: int) -
     group = build_plan(cli.load("sweep", *sweep_overrides(model, layer, features, steps))).groups[0]
     visualizer = Visualizer(model, group.weights, torch.device("cpu"))
     objective = parse_objective(group.objective)
+    precision = visualizer.precision(group.optim.precision, layer, group.target, objective, group.optim).used
     for feature in group.features:
-        score = visualizer.score(layer, group.target, objective, [feature], group.optim.precision, truncate=False)
+        score = visualizer.score(layer, group.target, objective, [feature], precision, truncate=False)
         visualize(score, [seed_for(feature, group.seed)], visualizer.image_size, group.optim, visualizer.device)
 
 

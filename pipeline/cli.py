@@ -27,6 +27,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +156,7 @@ def parse_override(name: str, text: str):
 def expand(name: str, overrides: Sequence[str], multirun: bool = False) -> list[list[str]]:
     """The jobs of a command line: one list of overrides, or with multirun one per sweep combination."""
     choices: list[list[str]] = []
-    for text in overrides:
+    for text in map(functools.partial(_group_spelling, name), overrides):
         override = parse_override(name, text)
         if override.is_sweep_override():
             key = override.get_key_element()
@@ -172,6 +173,16 @@ def expand(name: str, overrides: Sequence[str], multirun: bool = False) -> list[
         _check_group(name, override.get_key_element().lstrip("+~"), override, values)
         choices.append(values)
     return [list(job) for job in itertools.product(*choices)]
+
+
+def _group_spelling(name: str, text: str) -> str:
+    """``optim.param=fourier``, the dotted spelling of the nested group optim/param, as Hydra's
+    ``optim/param=fourier``: a group's settings are dotted (``optim.param.decay=1.5``), so its choice may be too."""
+    key, sep, value = text.partition("=")
+    group = key.replace(".", "/")
+    if sep and "." in key and group in config_groups(name) and value and not value.startswith(("{", "[")):
+        return f"{group}={value}"
+    return text
 
 
 def _check_group(name: str, key: str, override, values: list[str]) -> None:
@@ -201,7 +212,8 @@ def compose(name: str, overrides: Sequence[str] = ()):
     from omegaconf.errors import OmegaConfBaseException
 
     _register_schemas()
-    overrides = list(overrides)
+    if overrides is not _NO_OVERRIDES:
+        overrides = [_group_spelling(name, text) for text in overrides]
     for i, text in enumerate(overrides):
         override = parse_override(name, text)
         if override.is_sweep_override():
@@ -369,11 +381,20 @@ def config_groups(name: str) -> dict[str, list[str]]:
 
 
 def group_defaults(name: str) -> dict[str, Any]:
+    """The command's config groups and their default options: its defaults list's, and the groups nested in
+    those options' own defaults lists (conf/optim/paper.yaml's param: optim/param)."""
     import yaml
 
-    primary = yaml.safe_load((config.conf_dir() / f"{name}.yaml").read_text()) or {}
-    return {group: choice for entry in primary.get("defaults", []) if isinstance(entry, dict)
-            for group, choice in entry.items()}
+    def defaults(path: Path) -> dict[str, Any]:
+        entries = (yaml.safe_load(path.read_text()) or {}).get("defaults", []) if path.is_file() else []
+        return {group: choice for entry in entries if isinstance(entry, dict) for group, choice in entry.items()}
+
+    groups = defaults(config.conf_dir() / f"{name}.yaml")
+    for group, choice in list(groups.items()):
+        if choice:
+            groups.update({f"{group}/{sub}": option for sub, option in
+                           defaults(config.conf_dir() / group / f"{choice}.yaml").items()})
+    return groups
 
 
 # ----------------------------------------------------------------------------- help
@@ -445,7 +466,7 @@ def _comments(name: str) -> dict[str, str]:
     files = [(root / f"{name}.yaml", "")]
     for group, choice in group_defaults(name).items():
         if choice and (root / group / f"{choice}.yaml").is_file():
-            files.append((root / group / f"{choice}.yaml", f"{group}."))
+            files.append((root / group / f"{choice}.yaml", f"{group.replace('/', '.')}."))
     comments: dict[str, str] = {}
     for path, prefix in files:
         stack: list[tuple[int, str]] = []

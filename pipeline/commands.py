@@ -148,10 +148,10 @@ COMMANDS: dict[str, Command] = {command.name: command for command in (
                 "vit-atlas describe store.root=s3://bucket/atlas device=cuda",
                 "vit-atlas describe store.root=outputs/store weights=/data/ckpts     # a checkpoint that has moved",
             )),
-    Command("spectrum", "a MACO magnitude spectrum (optim.maco_spectrum) averaged from a folder of images",
+    Command("spectrum", "a MACO magnitude spectrum (optim.param.spectrum) averaged from a folder of images",
             config.SpectrumConfig, _spectrum, examples=(
                 "vit-atlas spectrum folder=/data/imagenet/val out=imagenet-224.npy   "
-                "# then optim.maco_spectrum=imagenet-224.npy",
+                "# then optim.param=maco optim.param.spectrum=imagenet-224.npy",
                 "vit-atlas spectrum folder=/data/photos out=photos-384.safetensors size=384",
             )),
     Command("atlas", "write (or bring up to date) a store's static web atlas", config.AtlasConfig, _atlas, examples=(

@@ -6,7 +6,12 @@ the types (no field has a default), so a malformed override (``optim.steps=abc``
 an unknown key) fails when the config is composed, before anything runs. The
 commands (pipeline/cli.py) hand the stages instances of these classes
 (``OmegaConf.to_object``), and an instance checks its values when it is made
-(``__post_init__``), so a bad value is one paragraph naming the setting.
+(``__post_init__``), so a bad value is one paragraph naming the setting. A setting with a few
+allowed values is a string :class:`enum.StrEnum` (OmegaConf 2.3 has no ``Literal``): OmegaConf checks it
+when the config is composed or merged, naming the setting and the allowed values.
+
+The config layer imports nothing of the stages: they receive these typed values and never read conf/
+(:func:`paper_optim` is the paper's optimizer settings for code that runs the engine directly).
 
 conf/ ships inside the package as ``pipeline.conf`` (pipeline/conf is a link to
 the repository's top-level conf/, copied into the wheel), found at run time
@@ -18,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from pipeline.engine.optimize import OptimConfig
 from pipeline.errors import PipelineError
 
 
@@ -103,9 +109,19 @@ class ModelSection:
         _at_least(self.max_tokens, "model.max_tokens", 1, meaning=" (patch tokens per image)")
 
 
+class TargetKind(StrEnum):
+    """Where in a block a feature is read (pipeline.models.zoo.TARGETS)."""
+    mlp = "mlp"
+    keys = "keys"
+    queries = "queries"
+    values = "values"
+    attn_out = "attn_out"
+    residual = "residual"
+
+
 @dataclass
 class TargetSection:
-    kind: str  # mlp | keys | queries | values | attn_out | residual
+    kind: TargetKind
     objective: str  # mean | position-ROW-COL
     directions: Optional[str]  # a .npy / .safetensors / .pt file: units are its directions, not channels
 
@@ -128,9 +144,14 @@ class StoreSection:
                   meaning=" (seconds after a driver's last heartbeat that another may take the store over)")
 
 
+class ClusterKind(StrEnum):
+    local = "local"  # start a Ray sized to this machine
+    ray = "ray"  # join RAY_ADDRESS / cluster.address
+
+
 @dataclass
 class ClusterSection:
-    kind: str  # local: start a Ray sized to this machine | ray: join RAY_ADDRESS / address
+    kind: ClusterKind
     address: Optional[str]
     workers: Union[int, str]  # auto: as many as the resources allow
     cpus_per_worker: float
@@ -141,9 +162,6 @@ class ClusterSection:
     model_cache: int  # models a worker keeps loaded
 
     def __post_init__(self) -> None:
-        if self.kind not in ("local", "ray"):
-            raise PipelineError(f"cluster.kind={self.kind!r} is not one of local, ray (or choose cluster=local, "
-                                f"cluster=ray).")
         _auto_or_number(self.workers, "cluster.workers", 1, whole=True)
         _at_least(self.cpus_per_worker, "cluster.cpus_per_worker", 0, strict=True,
                   meaning=" (CPUs Ray reserves per worker, e.g. 1 or 0.5)")
@@ -165,12 +183,136 @@ class ProgressSection:
         _at_least(self.log_every_s, "progress.log_every_s", 0, strict=True)
 
 
+class ColourShift(StrEnum):
+    code = "code"  # (x - mu) / sigma, the released code's
+    paper = "paper"  # sigma * x + mu, the paper's text
+    none = "none"
+
+
+class Noise(StrEnum):
+    code = "code"  # per-copy, per-channel offset, std annealed to 0
+    paper = "paper"  # per-pixel N(0, 1)
+    none = "none"
+
+
+class Precision(StrEnum):
+    auto = "auto"  # measured on the worker (pipeline.engine.calibrate)
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast in the score
+    fp16 = "fp16"
+
+
+class ObjectiveScale(StrEnum):
+    # The released code's -feats[:8, f].diag().mean(): the copies' mean divided by their number, which made TV
+    # weigh 8x its stated lambda in the paper's figures.
+    code = "code"
+    paper = "paper"  # the text's mean over copies
+
+
+# Settings whose range is not "a count >= 1": Adam's betas in [0, 1) (1 would never forget a gradient), weights
+# and scales >= 0; a trace needs a point.
+_OPTIM_RANGES = {"beta1": (0, "< 1"), "beta2": (0, "< 1"), "eps": (0, "> 0"), "tv": (0, ""), "tv_scale": (0, ""),
+                 "noise_std": (0, ""), "trace_points": (1, "")}
+
+
+@dataclass
+class OptimConfig:
+    """Every knob of the method (the values: conf/optim/paper.yaml, the released code's settings). A sweep's
+    ``optim`` section; its ``lr`` may say ``auto``, which :meth:`for_family` resolves (the plan does, per
+    model), and ``param`` holds the image parameterization's settings."""
+
+    steps: int
+    lr: Union[float, int, str]  # a number, or auto: the parameterization's rate for the model family (param.auto_lr)
+    beta1: float
+    beta2: float
+    eps: float
+    tv: float  # the paper's v; lambda = tv_scale * tv
+    tv_scale: float
+    copies: int  # the augmentation ensemble
+    jitter: int  # max circular shift in pixels, each direction
+    colour_shift: ColourShift
+    noise: Noise
+    noise_std: float
+    precision: Precision
+    trace_points: int  # how many times the objective is sampled during the run
+    objective_scale: ObjectiveScale
+    # The image parameterization, config group optim/param (conf/optim/param/NAME.yaml): its ``name`` (pixel, the
+    # paper's | fourier | maco), its ``auto_lr`` and its own knobs. A mapping here, because its type is the
+    # parameterization's own (pipeline.engine.parameterizations.settings types and checks it; the plan does, once,
+    # before any compute), and the config layer imports no stage.
+    param: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.lr != "auto":  # a float, so that lr 1 and lr 1.0 are one setting (and one config hash)
+            try:
+                self.lr = float(self.lr)
+            except ValueError:
+                raise PipelineError(f"optim.lr={self.lr!r} is neither auto nor a number.") from None
+        check_finite(self, "optim")  # the range checks compare with <, which nan passes
+        if self.steps < 1 or self.copies < 1 or self.jitter < 0 or (self.lr != "auto" and self.lr <= 0):
+            raise PipelineError("optim.steps and optim.copies must be >= 1, optim.jitter >= 0 and optim.lr > 0.")
+        for name, (low, also) in _OPTIM_RANGES.items():
+            value = getattr(self, name)
+            if value < low or (also == "< 1" and value >= 1) or (also == "> 0" and value <= 0):
+                raise PipelineError(f"optim.{name}={value!r} is out of range: it must be >= {low}"
+                                    f"{f' and {also}' if also else ''}.")
+
+    def for_family(self, family: str | None) -> "OptimConfig":
+        """This config with ``lr: auto`` replaced by the parameterization's rate for the model family
+        (``param.auto_lr``: the paper's 0.1, 1.0 for CLIP, for pixels; the published rate of another)."""
+        if self.lr != "auto":
+            return self
+        rates = self.param["auto_lr"]
+        return dataclasses.replace(self, lr=float(rates.get(family, rates["default"])))
+
+    @property
+    def tv_weight(self) -> float:
+        return self.tv_scale * self.tv
+
+
+def param_names() -> list[str]:
+    """The image parameterizations conf/optim/param/ offers."""
+    return sorted(path.stem for path in (conf_dir() / "optim" / "param").glob("*.yaml"))
+
+
+def param_values(param: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of one image parameterization: conf/optim/param/NAME.yaml for a name, or for a mapping with a
+    ``name``, that file with the mapping's values over it (``{name: fourier, decay: 1.5}``)."""
+    from omegaconf import OmegaConf
+
+    changes = {"name": param} if isinstance(param, str) else dict(param)
+    name = changes.get("name")
+    if name not in param_names():
+        raise PipelineError(f"optim.param={name!r} is not an image parameterization: the parameterizations are "
+                            f"{', '.join(param_names())} (conf/optim/param/).")
+    return {**OmegaConf.to_container(OmegaConf.load(conf_dir() / "optim" / "param" / f"{name}.yaml")), **changes}
+
+
+def paper_optim(family: str | None = None, **changes: Any) -> OptimConfig:
+    """The paper's settings (conf/optim/paper.yaml and its parameterization) with ``changes``, lr resolved for
+    ``family``: for code that runs the engine without a sweep (tests, benchmarks). ``param=NAME`` (or a mapping
+    with its ``name`` and knobs, as :func:`param_values`) picks another parameterization."""
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.to_container(OmegaConf.load(conf_dir() / "optim" / "paper.yaml"))
+    chosen = next(entry["param"] for entry in paper.pop("defaults") if isinstance(entry, dict) and "param" in entry)
+    values = {**paper, **changes, "param": param_values(changes.get("param", chosen))}
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), values)).for_family(family)
+
+
+def recorded_param(optim: Mapping[str, Any]) -> str:
+    """The parameterization a record's ``optim`` config names: a mapping with a name since the param group,
+    a bare name in records made before it."""
+    param = optim["param"]
+    return param["name"] if isinstance(param, Mapping) else param
+
+
 @dataclass
 class SweepConfig:
     sweep: SweepSection
     model: ModelSection
     target: TargetSection
-    optim: OptimConfig  # the engine's own settings class; lr may say auto (resolved per family by the plan)
+    optim: OptimConfig  # lr may say auto (resolved per family by the plan)
     store: StoreSection
     cluster: ClusterSection
     progress: ProgressSection

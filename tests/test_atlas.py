@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.config import recorded_param
 from pipeline.errors import PipelineError
 from pipeline.store.errors import repair_command
 from pipeline.store.png import decode_png, encode_png
@@ -119,9 +120,13 @@ def test_a_feature_page_shows_its_unit_under_the_stores_other_configs_captioned_
 
     root, out = tmp_path / "store", tmp_path / "site"
     written = []
-    for param, lr in (("pixel", 0.1), ("fourier", 0.05), ("maco", 1.0)):  # optim.lr=auto's per param
-        for row in records(MODELS[:1], config_hash=f"cfg-{param}"):
-            row["config"] = json.dumps({"optim": {"param": param, "lr": lr, "steps": 3}, "target": "mlp"})
+    # Records made before the optim/param group name the parameterization; later ones hold its settings.
+    nested = {"name": "maco", "auto_lr": {"default": 1.0}, "spectrum": "powerlaw", "alpha": 1.0}
+    for param, lr in (("pixel", 0.1), ("fourier", 0.05), (nested, 1.0)):  # optim.lr=auto's per param
+        for row in records(MODELS[:1], config_hash=f"cfg-{recorded_param({'param': param})}"):
+            row["config"] = json.dumps({"optim": {"param": param, "lr": lr, "steps": 3}, "target": "mlp",
+                                        **({"param_identity": {"name": "maco", "spectrum": "powerlaw-1.0",
+                                                               "alpha": 1.0}} if param is nested else {})})
             written.append(row)
     unit = {name: written[5][name] for name in ("model", "weights", "target", "objective", "layer", "feature",
                                                  "config_hash")}
@@ -132,7 +137,7 @@ def test_a_feature_page_shows_its_unit_under_the_stores_other_configs_captioned_
     build_site(str(root), out)
 
     same = [r for r in written if (r["layer"], r["feature"]) == (written[5]["layer"], written[5]["feature"])]
-    assert [json.loads(r["config"])["optim"]["param"] for r in same] == ["pixel", "fourier", "maco"]
+    assert [recorded_param(json.loads(r["config"])["optim"]) for r in same] == ["pixel", "fourier", "maco"]
     for row in same:
         block = configs_block((out / "features" / f"{row['key']}.html").read_text())
         assert block.count("<img ") == 3 and "this page" in block
@@ -140,9 +145,10 @@ def test_a_feature_page_shows_its_unit_under_the_stores_other_configs_captioned_
         assert sorted(re.findall(r'<a href="([^"]+)\.html">', block)) == sorted(r["key"] for r in others)
         assert other_seed["key"] not in block and f"thumbs/{row['key']}.png" in block
     block = configs_block((out / "features" / f"{same[0]['key']}.html").read_text())
-    for caption in ("param=pixel", "param=fourier", "param=maco", "lr=0.05", "lr=1.0"):
+    for caption in ("param=pixel", "param=fourier", "param=maco", "lr=0.05", "lr=1.0", "param.spectrum=powerlaw-1.0"):
         assert f"<code>{caption}</code>" in block
     assert "steps=" not in block and "target=" not in block  # what all three share is not a difference
+    assert "auto_lr" not in block and "param_identity" not in block  # what repeats the lr and the settings
     assert configs_block((out / "features" / f"{other_seed['key']}.html").read_text()) == ""
 
 

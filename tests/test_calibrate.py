@@ -12,12 +12,12 @@ import torch
 
 from pipeline.engine import calibrate
 from pipeline.engine.objectives import parse_objective
-from pipeline.engine.optimize import OptimConfig
+from pipeline.config import paper_optim
 from pipeline.engine.visualizer import Visualizer
 from pipeline.models import weights
 
 MEAN = parse_objective("mean")
-ONE_STEP = OptimConfig.paper(steps=1, copies=1)
+ONE_STEP = paper_optim(steps=1, copies=1)
 
 
 @pytest.fixture(scope="module")

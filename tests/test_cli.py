@@ -349,10 +349,9 @@ def test_a_huge_feature_range_is_refused_without_building_it(compose):
 
 
 def test_commands_hand_typed_sections_to_the_stages(compose):
-    from pipeline.engine.optimize import OptimConfig
-
     cfg = compose("experiment=demo")
-    assert isinstance(cfg, config.SweepConfig) and isinstance(cfg.optim, OptimConfig)
+    assert isinstance(cfg, config.SweepConfig) and isinstance(cfg.optim, config.OptimConfig)
+    assert cfg.optim.noise is config.Noise.code and cfg.target.kind is config.TargetKind.mlp  # checked choices
     assert isinstance(cfg.cluster, config.ClusterSection) and isinstance(cfg.store, config.StoreSection)
     assert cfg.optim.lr == "auto" and cfg.optim.precision == "auto" and cfg.store.commit_seconds == 120.0
     assert cfg.sweep.budget_s == 210 and cfg.sweep.sizes[-1] == {"steps": 20, "copies": 4}  # sized as measured
@@ -367,19 +366,24 @@ def _sections(schema: type) -> list[type]:
 
 
 def test_the_schemas_are_types_only_and_the_paper_settings_live_in_the_yaml():
-    from pipeline.engine.optimize import OptimConfig
+    from pipeline.engine import parameterizations
 
     sections = {section for schema in (command.schema for command in commands.COMMANDS.values()) for section in _sections(schema)}
-    assert OptimConfig in sections and config.ClusterSection in sections and len(sections) > 20
+    sections |= set(parameterizations.PARAMETERIZATIONS.values())  # the types of optim.param, by its name
+    assert config.OptimConfig in sections and config.ClusterSection in sections and len(sections) > 20
     for section in sections:
         defaulted = [f.name for f in dataclasses.fields(section)
                      if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
         assert not defaulted, f"{section.__name__} has defaults {defaulted}"
 
     paper = yaml.safe_load((REPO / "conf" / "optim" / "paper.yaml").read_text())
-    built = dataclasses.asdict(OptimConfig.paper(steps=7))
-    assert built == {**paper, "steps": 7, "lr": 0.1}
-    assert OptimConfig.paper(family="clip").lr == 1.0
+    assert paper.pop("defaults") == [{"param": "pixel"}, "_self_"]
+    pixel = yaml.safe_load((REPO / "conf" / "optim" / "param" / "pixel.yaml").read_text())
+    built = dataclasses.asdict(config.paper_optim(steps=7))
+    assert built == {**paper, "steps": 7, "lr": 0.1, "param": pixel}
+    assert config.paper_optim(family="clip").lr == 1.0
+    fourier = config.paper_optim(param={"name": "fourier", "decay": 1.5})
+    assert fourier.lr == 0.05 and fourier.param == {**config.param_values("fourier"), "decay": 1.5}
 
 
 # ----------------------------------------------------------------------------- other commands

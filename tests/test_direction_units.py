@@ -12,7 +12,8 @@ import torch
 
 from pipeline import cli
 from pipeline.engine.objectives import parse_objective
-from pipeline.engine.optimize import OptimConfig, seed_for
+from pipeline.config import paper_optim
+from pipeline.engine.optimize import seed_for
 from pipeline.engine.visualizer import Visualizer
 from pipeline.execution import worker
 from pipeline.execution.plan import build_plan
@@ -46,7 +47,7 @@ def test_directions_one_hot_at_planted_units_draw_their_colours_as_the_neurons_d
     assert directions.format == "npy" and directions.count == 5 and directions.bias is None
 
     # A one-hot direction's objective is its neuron's, to the bit: the same images from the same seeds.
-    short = OptimConfig.paper(steps=2, copies=1)
+    short = paper_optim(steps=2, copies=1)
     neurons = planted_viz.run(planted.PLANTED_LAYER, "mlp", MEAN, [red, green, blue],
                               [seed_for(f, 0) for f in range(3)], short)
     one_hot = planted_viz.run(planted.PLANTED_LAYER, "mlp", MEAN, [0, 1, 2], [seed_for(f, 0) for f in range(3)],
@@ -55,7 +56,7 @@ def test_directions_one_hot_at_planted_units_draw_their_colours_as_the_neurons_d
 
     # 20 steps, one copy: enough for the primaries (pixels' recovery runs 40 x 2, tests/test_parameterizations.py).
     out = planted_viz.run(planted.PLANTED_LAYER, "mlp", MEAN, list(range(5)), [seed_for(f, 0) for f in range(5)],
-                          OptimConfig.paper(steps=20, copies=1), directions)
+                          paper_optim(steps=20, copies=1), directions)
     means = out.images.mean(dim=(2, 3))  # (5, RGB)
     for unit, channel in enumerate((0, 1, 2)):  # red, green, blue
         others = [c for c in range(3) if c != channel]

@@ -9,7 +9,8 @@ import torch
 
 from pipeline import cli
 from pipeline.engine.objectives import PatchPosition, parse_objective
-from pipeline.engine.optimize import OptimConfig, seed_for
+from pipeline.config import paper_optim
+from pipeline.engine.optimize import seed_for
 from pipeline.engine.visualizer import Visualizer
 from pipeline.errors import PipelineError
 from pipeline.models import weights, zoo
@@ -31,7 +32,7 @@ FAMILY_MODELS = [
 ]
 
 # Plain ascent (no augmentation, no TV): the un-augmented objective must rise on any weights.
-RISING = OptimConfig.paper(steps=10, copies=1, tv=0.0, jitter=0, colour_shift="none", noise="none", lr=0.02)
+RISING = paper_optim(steps=10, copies=1, tv=0.0, jitter=0, colour_shift="none", noise="none", lr=0.02)
 
 
 def visualizer(model: str) -> Visualizer:
@@ -96,7 +97,7 @@ def test_keys_queries_values_and_attention_output_are_slices_of_the_attention():
 
 def test_results_are_deterministic_for_a_seed_and_independent_of_batch_neighbours():
     viz = visualizer("deit_tiny_patch16_224")
-    config = OptimConfig.paper(steps=6, copies=2)
+    config = paper_optim(steps=6, copies=2)
     objective = parse_objective("mean")
     first = viz.run(1, "mlp", objective, [5, 6], [seed_for(5, 0), seed_for(6, 0)], config)
     again = viz.run(1, "mlp", objective, [5, 6], [seed_for(5, 0), seed_for(6, 0)], config)
@@ -109,7 +110,7 @@ def test_results_are_deterministic_for_a_seed_and_independent_of_batch_neighbour
 
 def test_the_curve_scores_the_unaugmented_image_from_its_start_to_the_final_activation():
     viz = visualizer("deit_tiny_patch16_224")
-    config = OptimConfig.paper(steps=5, copies=2, trace_points=2)  # every 3 steps: 0 and 3
+    config = paper_optim(steps=5, copies=2, trace_points=2)  # every 3 steps: 0 and 3
     objective = parse_objective("mean")
     features = [5, 6]
     out = viz.run(0, "mlp", objective, features, [seed_for(f, 0) for f in features], config)
@@ -126,7 +127,7 @@ def test_the_curve_scores_the_unaugmented_image_from_its_start_to_the_final_acti
 
 def test_single_patch_objective_concentrates_the_image_change_around_that_patch():
     viz = visualizer("deit_tiny_patch16_224")
-    config = OptimConfig.paper(steps=15, copies=2, tv=0.0, jitter=0, noise="none", colour_shift="none", lr=0.05)
+    config = paper_optim(steps=15, copies=2, tv=0.0, jitter=0, noise="none", colour_shift="none", lr=0.05)
     out = viz.run(0, "mlp", PatchPosition(2, 11), [7], [seed_for(7, 0)], config)
     start = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(seed_for(7, 0)))
     change = (out.images[0] - start).abs().mean(0)  # (224, 224)
@@ -196,12 +197,12 @@ def test_the_default_loss_is_the_released_codes_and_paper_text_keeps_the_texts(c
     generator = torch.Generator().manual_seed(0)
     copies = torch.rand(1, 8, 3, 32, 32, generator=generator)  # one feature's 8 augmented copies
     feats = torch.randn(8, generator=generator)  # the released code's all_feats[:8, f]
-    default = optim_config(dataclasses.asdict(compose().optim), "deit")
+    default, _ = optim_config(compose().optim, "deit")
     assert default.objective_scale == "code"
     # loss/image_net.py, ViTEnsFeatHook: -all_feats[:8, f].diag().mean(), plus the TV term
     released = -feats.diag().mean() + default.tv_weight * total_variation(copies)[0]
     torch.testing.assert_close(losses(feats[None], copies, default)[0], released)
-    text = optim_config(dataclasses.asdict(compose("optim=paper_text").optim), "deit")
+    text, _ = optim_config(compose("optim=paper_text").optim, "deit")
     assert text.objective_scale == "paper" and replace(text, objective_scale="code", colour_shift="code",
                                                        noise="code") == default
     torch.testing.assert_close(losses(feats[None], copies, text)[0],
@@ -231,7 +232,7 @@ def test_planted_features_in_one_batch_each_come_out_as_their_own_stimulus(objec
     units = planted.planted_units("deit_tiny_patch16_224")
     features = [u.feature for u in units]
     # the paper's augmentations, shortened
-    config = OptimConfig.paper(steps=40, copies=2, objective_scale=objective_scale, precision=precision)
+    config = paper_optim(steps=40, copies=2, objective_scale=objective_scale, precision=precision)
     out = viz.run(planted.PLANTED_LAYER, "mlp", parse_objective("mean"), features,
                   [seed_for(f, 0) for f in features], config)
     for unit, image in zip(units, out.images):

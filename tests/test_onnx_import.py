@@ -383,14 +383,15 @@ def test_real_dinov2_saliency_export_imports_into_vit_small_dinov2():
 @pytest.mark.skipif(not FOCUS_ONNX.is_file(), reason=f"{FOCUS_ONNX} absent (`make demo-weights`)")
 def test_real_dinov2_layer_1_features_are_drawn_far_above_noise_and_grey():
     from pipeline.engine.objectives import parse_objective
-    from pipeline.engine.optimize import OptimConfig, seed_for
+    from pipeline.config import paper_optim
+    from pipeline.engine.optimize import seed_for
     from pipeline.engine.visualizer import Visualizer
     from pipeline.models import weights
 
     choice = weights.resolve("vit_small_patch14_dinov2", str(FOCUS_ONNX), img_size=224)
     viz = Visualizer("vit_small_patch14_dinov2", choice, torch.device("cpu"))
     features = [0, 1, 2]  # the demo's layer-1 units (conf/experiment/demo.yaml), at 60 steps in bf16 as on an AMX CPU
-    config = OptimConfig.paper(steps=60, precision="bf16")
+    config = paper_optim(steps=60, precision="bf16")
     out = viz.run(1, "mlp", parse_objective("mean"), features, [seed_for(f, 0) for f in features], config)
     score = viz.score(1, "mlp", parse_objective("mean"), features)
     height, width = viz.image_size

@@ -20,16 +20,15 @@ from pipeline.models import planted
 from pipeline.models import weights
 from pipeline.errors import PipelineError
 from pipeline.engine.objectives import parse_objective
-from pipeline.engine.optimize import OptimConfig, augment, seed_for, total_variation, visualize
+from pipeline.config import paper_optim, param_values
+from pipeline.engine.optimize import augment, seed_for, total_variation, visualize
 from pipeline.execution.plan import optim_config
 from test_engine import angle_gap, stripe_orientation
 
 CPU = torch.device("cpu")
-PARAMS = tuple(parameterizations.PARAMETERIZATIONS)
+PARAMS = tuple(parameterizations.PARAMETERIZATIONS)  # pixel, fourier, maco
 SMALL = (32, 32)
-TOY = OptimConfig.paper(steps=6, copies=2, jitter=4)
-# A sweep's whole optim section (conf/optim/paper.yaml), for optim_config with one value changed.
-SECTION = {**dataclasses.asdict(OptimConfig.paper()), "lr": "auto"}
+TOY = paper_optim(steps=6, copies=2, jitter=4)
 # The optimizer before parameterizations used the text's loss balance (the copies' plain mean).
 BEFORE = dataclasses.replace(TOY, objective_scale="paper")
 
@@ -91,14 +90,14 @@ def test_pixel_is_bit_identical_to_the_optimizer_before_parameterizations(config
     seeds = [seed_for(f, 0) for f in features]
     images, activations, traces = visualize_before_parameterizations(toy_score(features), seeds, SMALL, config)
     out = visualize(toy_score(features), seeds, SMALL, config)
-    assert config.param == "pixel"
+    assert config.param["name"] == "pixel"
     for ours, theirs in ((out.images, images), (out.activations, activations), (out.traces, traces)):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
 def test_pixel_is_bit_identical_on_a_real_model(planted_viz):
     features = [0, 7]
-    config = OptimConfig.paper(steps=3, copies=2, objective_scale="paper")
+    config = paper_optim(steps=3, copies=2, objective_scale="paper")
     score = planted_viz.score(1, "mlp", parse_objective("mean"), features)
     seeds = [seed_for(f, 0) for f in features]
     images, activations, _ = visualize_before_parameterizations(score, seeds, planted_viz.image_size, config)
@@ -110,7 +109,7 @@ def test_pixel_is_bit_identical_on_a_real_model(planted_viz):
 @pytest.mark.parametrize("param", ["fourier", "maco"])
 @pytest.mark.parametrize("size", [SMALL, (31, 33)], ids=["even", "odd"])
 def test_images_are_in_range_deterministic_and_independent_of_batch_neighbours(param, size):
-    config = dataclasses.replace(TOY, param=param, lr=0.05 if param == "fourier" else 0.5)
+    config = dataclasses.replace(TOY, param=param_values(param), lr=0.05 if param == "fourier" else 0.5)
     features = [1, 2]
     seeds = [seed_for(f, 0) for f in features]
     pair = visualize(toy_score(features), seeds, size, config)
@@ -129,8 +128,7 @@ def test_images_are_in_range_deterministic_and_independent_of_batch_neighbours(p
 
 @pytest.mark.parametrize("param", PARAMS)
 def test_parameters_stay_fp32_and_images_are_differentiable(param):
-    config = OptimConfig.paper(param=param)
-    parameterization = parameterizations.create(config)
+    parameterization = parameterizations.create(param_values(param))
     generators = [torch.Generator().manual_seed(s) for s in (0, 1)]
     params = parameterization.init(generators, SMALL, CPU)
     assert all(p.dtype == torch.float32 and p.requires_grad and p.is_leaf and p.shape[0] == 2 for p in params)
@@ -152,7 +150,7 @@ def real_bins(size: tuple[int, int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("size", [SMALL, (31, 33), (30, 31)], ids=["even", "odd", "odd-width"])
 def test_maco_keeps_the_given_magnitude_before_normalization(size):
-    maco = parameterizations.Maco()
+    maco = parameterizations.create(param_values("maco"))
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     phase = maco.init(generators, size, CPU)[0]
     with torch.no_grad():
@@ -166,9 +164,9 @@ def test_maco_keeps_the_given_magnitude_before_normalization(size):
 
 
 def test_maco_magnitude_stays_fixed_through_an_optimization():
-    config = dataclasses.replace(TOY, param="maco", lr=1.0, steps=4)
+    config = dataclasses.replace(TOY, param=param_values("maco"), lr=1.0, steps=4)
     features = [0, 3]
-    maco = parameterizations.create(config)
+    maco = parameterizations.create(config.param)
     generators = [torch.Generator().manual_seed(seed_for(f, 0)) for f in features]
     phase = maco.init(generators, SMALL, CPU)[0]
     out = visualize(toy_score(features), [seed_for(f, 0) for f in features], SMALL, config)
@@ -185,7 +183,7 @@ def test_maco_magnitude_stays_fixed_through_an_optimization():
 
 
 def test_fourier_follows_lucids_definition():
-    fourier = parameterizations.Fourier()
+    fourier = parameterizations.create(param_values("fourier"))
     coefficients = fourier.init([torch.Generator().manual_seed(0)], SMALL, CPU)[0]
     with torch.no_grad():
         coefficients.zero_()
@@ -202,35 +200,44 @@ def test_fourier_follows_lucids_definition():
 
 # --- names and settings ---------------------------------------------------------------------
 
-def test_unknown_parameterizations_fail_clearly():
+def test_unknown_parameterizations_and_bad_knobs_fail_clearly(compose):
+    from pipeline.execution.plan import build_plan
+
     with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
-        parameterizations.create(OptimConfig.paper(param="wavelet"))
-    with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
-        visualize(toy_score([0]), [0], SMALL, OptimConfig.paper(param="wavelet", steps=1))
-    with pytest.raises(PipelineError, match="valid ones are pixel, fourier, maco"):
-        optim_config({**SECTION, "param": "wavelet"}, "deit")
-    with pytest.raises(PipelineError, match="optim.param='wavelet' is not one of pixel, fourier, maco"):
-        optim_config({**SECTION, "param": "wavelet", "lr": 0.1}, "deit")
-    with pytest.raises(PipelineError, match="does not exist"):
-        optim_config({**SECTION, "param": "maco", "maco_spectrum": "/nonexistent/spectrum.npy"}, "deit")
-    with pytest.raises(PipelineError, match="not a .npy or .safetensors file"):
-        optim_config({**SECTION, "param": "maco", "maco_spectrum": "imagenet"}, "deit")
-    with pytest.raises(PipelineError, match="optim.fourier_decorrelate: Value 'maybe' is not a valid bool"):
-        optim_config({**SECTION, "fourier_decorrelate": "maybe"}, "deit")
+        parameterizations.create({"name": "wavelet"})
+    with pytest.raises(PipelineError, match="optim.param='wavelet' is not an image parameterization: the "
+                                            "parameterizations are fourier, maco, pixel"):
+        paper_optim(param="wavelet")
+    with pytest.raises(PipelineError, match="optim/param=wavelet is not one of this command's optim/param options: "
+                                            "fourier, maco, pixel"):
+        compose("optim.param=wavelet")
+    bad = {("+sweep.grid={optim.param:[pixel,wavelet]}",): "optim.param='wavelet' is not an image parameterization",
+           ("optim.param=maco", "optim.param.spectrum=/nonexistent/spectrum.npy"): "does not exist",
+           ("optim.param=maco", "optim.param.spectrum=imagenet"): "not a .npy or .safetensors file",
+           ("optim.param=fourier", "optim.param.decorrelate=maybe"):
+               "optim.param.decorrelate: Value 'maybe' is not a valid bool",
+           ("optim.param=fourier", "optim.param.sd=0"): r"optim.param.sd=0.0 is out of range: it must be > 0",
+           ("+sweep.grid={optim.param.decay:[1,2]}",):
+               "optim.param.decay is not a setting of the pixel parameterization: its settings are name, auto_lr"}
+    for overrides, message in bad.items():
+        with pytest.raises(PipelineError, match=message):
+            build_plan(compose("sweep.layers=[0]", "sweep.features=[0]", *overrides), pin_weights=False)
+    with pytest.raises(PipelineError, match="Unknown setting 'optim.param.decay'"):  # pixel has no decay
+        compose("optim.param.decay=1.5")
 
 
 def test_auto_lr_is_the_papers_for_pixels_and_the_published_one_otherwise(compose):
     expected = {("pixel", "deit"): 0.1, ("pixel", "clip"): 1.0, ("fourier", "deit"): 0.05,
                 ("fourier", "clip"): 0.05, ("maco", "deit"): 1.0, ("maco", "clip"): 1.0}
     for (param, family), lr in expected.items():
-        cfg = compose(f"optim.param={param}")
-        config = optim_config(dataclasses.asdict(cfg.optim), family)
-        assert (config.param, config.lr) == (param, lr)
-    cfg = compose("optim.param=fourier", "optim.fourier_decorrelate=false", "optim.fourier_decay=1.5")
-    config = optim_config(dataclasses.asdict(cfg.optim), "deit")
-    assert config.fourier_decorrelate is False and config.fourier_decay == 1.5
-    defaults = optim_config(dataclasses.asdict(compose().optim), "deit")
-    assert defaults == OptimConfig.paper()  # conf/optim/paper.yaml and OptimConfig agree on every default
+        config, settings = optim_config(compose(f"optim.param={param}").optim, family)
+        assert (config.param["name"], settings.name, config.lr) == (param, param, lr)
+    cfg = compose("optim/param=fourier", "optim.param.decorrelate=false", "optim.param.decay=1.5")
+    config, settings = optim_config(cfg.optim, "deit")
+    assert isinstance(settings, parameterizations.FourierSettings)
+    assert settings.decorrelate is False and settings.decay == 1.5 and config.param["decay"] == 1.5
+    defaults, _ = optim_config(compose().optim, "deit")
+    assert defaults == paper_optim()  # the sweep's composition and paper_optim agree on every default
 
 
 # --- MACO spectra from images ---------------------------------------------------------------
@@ -255,9 +262,11 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     spectrum_id = capsys.readouterr().out.strip()
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
     assert spectrum_id == f"sha256-{digest}"
-    assert parameterizations.spectrum_id(OptimConfig.paper(param="maco", maco_spectrum=str(out))) == spectrum_id
-    assert parameterizations.spectrum_id(OptimConfig.paper(param="maco")) == "powerlaw-1.0"
-    assert parameterizations.spectrum_id(OptimConfig.paper(param="maco", maco_alpha=1.5)) == "powerlaw-1.5"
+    def maco(**knobs):
+        return parameterizations.settings(param_values({"name": "maco", **knobs}))
+
+    assert maco(spectrum=str(out)).spectrum_id() == spectrum_id
+    assert maco().spectrum_id() == "powerlaw-1.0" and maco(alpha=1.5).spectrum_id() == "powerlaw-1.5"
 
     before = out.read_bytes()
     with pytest.raises(PipelineError, match="exists"):
@@ -274,7 +283,7 @@ def test_spectrum_from_a_folder_is_written_once_and_cited_by_its_sha256(tmp_path
     assert resized.shape == (3, 48, 21)
     assert resized[:, 0, 0] == pytest.approx(magnitude[:, 0, 0], rel=1e-5)  # the mean stays the mean
     torch.testing.assert_close(resized[:, 1:, 0], resized[:, 1:, 0].flip(1))  # mirror-symmetric, as real spectra
-    config = optim_config({**SECTION, "param": "maco", "maco_spectrum": str(out), "steps": 2, "copies": 1}, "deit")
+    config, _ = optim_config(paper_optim(param={"name": "maco", "spectrum": str(out)}, steps=2, copies=1), "deit")
     result = visualize(toy_score([0]), [0], (32, 32), config)
     assert bool(result.finite.all()) and 0 <= result.images.min() and result.images.max() <= 1
 
@@ -298,9 +307,9 @@ def test_spectrum_errors_say_what_to_do(tmp_path):
 # 0 and 90 degrees can pass by accident.
 UNITS = ("red", "blue", "grating 45°", "grating 135°")
 RECOVERY = {
-    "pixel": OptimConfig.paper(steps=40, copies=2),  # the paper's lr 0.1, as tests/test_engine.py
-    "fourier": OptimConfig.paper(steps=60, copies=2, param="fourier", lr=0.5),  # Lucid's 0.05 is for ~500 steps
-    "maco": OptimConfig.paper(steps=40, copies=2, param="maco", lr=1.0),  # horama's lr; no lr or length helps (below)
+    "pixel": paper_optim(steps=40, copies=2),  # the paper's lr 0.1, as tests/test_engine.py
+    "fourier": paper_optim(steps=60, copies=2, param="fourier", lr=0.5),  # Lucid's 0.05 is for ~500 steps
+    "maco": paper_optim(steps=40, copies=2, param="maco", lr=1.0),  # horama's lr; no lr or length helps (below)
 }
 # What a parameterization cannot recover at this cost, and why. These run and must fail
 # (xfail strict): a pass would mean the explanation is wrong. The selectivity test below is the
@@ -381,8 +390,7 @@ def test_each_planted_unit_prefers_its_own_optimized_image(planted_viz, recovere
 
 @pytest.mark.parametrize("param", PARAMS)
 def test_every_parameterization_runs_on_other_targets_objectives_and_bf16(planted_viz, param):
-    config = OptimConfig.paper(steps=2, copies=2, param=param, precision="bf16",
-                         lr=parameterizations.auto_lr(param, "deit"))
+    config = paper_optim("deit", steps=2, copies=2, param=param, precision="bf16")
     for target, objective in (("values", "position-3-4"), ("attn_out", "mean")):
         out = planted_viz.run(1, target, parse_objective(objective), [5, 40], [seed_for(5, 0), seed_for(40, 0)],
                               config)
@@ -400,9 +408,9 @@ def test_every_parameterization_runs_on_cuda(param):
         maps = torch.nn.functional.conv2d(images.flatten(0, 1), weight, padding=2).mean((1, 2, 3))
         return maps.unflatten(0, images.shape[:2])
 
-    out = visualize(score, [0, 1], SMALL, dataclasses.replace(TOY, param=param), device)
+    out = visualize(score, [0, 1], SMALL, dataclasses.replace(TOY, param=param_values(param)), device)
     assert bool(out.finite.all()) and out.images.device.type == "cpu"
-    alone = visualize(score, [1], SMALL, dataclasses.replace(TOY, param=param), device)
+    alone = visualize(score, [1], SMALL, dataclasses.replace(TOY, param=param_values(param)), device)
     torch.testing.assert_close(alone.images[0], out.images[1], rtol=0, atol=1e-4)
 
 
@@ -412,8 +420,44 @@ def test_a_sweep_grid_over_parameterizations_plans_one_config_each_with_its_own_
     cfg = compose("sweep.models=[deit_tiny_patch16_224]", "sweep.layers=[1]", "sweep.features=[0,6]",
                   "+sweep.grid={optim.param:[pixel,fourier,maco]}")
     groups = build_plan(cfg).groups
-    assert [(g.optim.param, g.optim.lr) for g in groups] == [("pixel", 0.1), ("fourier", 0.05), ("maco", 1.0)]
+    assert [(g.optim.param["name"], g.optim.lr) for g in groups] == [("pixel", 0.1), ("fourier", 0.05), ("maco", 1.0)]
     assert len({g.config_hash for g in groups}) == 3 and all(g.features == (0, 6) for g in groups)
+
+
+def test_a_units_config_hash_covers_its_own_parameterizations_settings_and_no_others(compose, tmp_path,
+                                                                                    monkeypatch):
+    import shutil
+
+    import yaml
+
+    from pipeline import config
+    from pipeline.execution.plan import build_plan
+
+    grid = ("sweep.layers=[1]", "sweep.features=[0]", "+sweep.grid={optim.param:[pixel,fourier,maco]}")
+
+    def planned(*overrides):
+        groups = build_plan(compose(*grid, *overrides), pin_weights=False).groups
+        return {g.optim.param["name"]: g for g in groups}
+
+    before = planned()
+    pixel = json.loads(before["pixel"].config_json)
+    assert pixel["optim"]["param"] == config.param_values("pixel") and pixel["param_identity"] == {"name": "pixel"}
+    # Other defaults for Fourier and MACO (conf/optim/param/, as a release might change them): every pixel unit
+    # keeps its hash, so its key, and the store's pixel images stay done; the other two are planned anew.
+    changed = tmp_path / "conf"
+    shutil.copytree(config.conf_dir(), changed)
+    for name, knob in (("fourier", "decay"), ("maco", "alpha")):
+        path = changed / "optim" / "param" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), knob: 1.5}))
+    monkeypatch.setattr(config, "conf_dir", lambda: changed)
+    after = planned()
+    assert after["pixel"].config_hash == before["pixel"].config_hash
+    assert after["pixel"].key(0) == before["pixel"].key(0)
+    assert after["fourier"].config_hash != before["fourier"].config_hash
+    assert after["maco"].config_hash != before["maco"].config_hash
+    assert after["fourier"].optim.param["decay"] == 1.5 and after["maco"].optim.param["alpha"] == 1.5
+    shared = planned("optim.tv=0.1")  # a setting every parameterization shares changes every hash
+    assert all(shared[name].config_hash != after[name].config_hash for name in after)
 
 
 def test_a_maco_spectrum_is_cited_by_its_sha256_in_the_record_config_and_the_config_hash(compose, tmp_path,
@@ -428,23 +472,23 @@ def test_a_maco_spectrum_is_cited_by_its_sha256_in_the_record_config_and_the_con
 
     def with_spectrum(path: str, magnitude: np.ndarray):
         np.save(path, magnitude.astype(np.float32), allow_pickle=False)
-        return group("optim.param=maco", f"optim.maco_spectrum={path}")
+        return group("optim.param=maco", f"optim.param.spectrum={path}")
 
     flat = with_spectrum("spectrum.npy", np.ones((32, 17)))
     steep = with_spectrum("spectrum.npy", 1 / (1 + np.arange(32 * 17).reshape(32, 17)))  # same name, other bytes
     assert flat.config_hash != steep.config_hash and flat.key(0) != steep.key(0)
     config = json.loads(steep.config_json)
     digest = hashlib.sha256((tmp_path / "spectrum.npy").read_bytes()).hexdigest()
-    assert config["maco_spectrum_id"] == f"sha256-{digest}"
+    assert config["param_identity"]["spectrum"] == f"sha256-{digest}"
     # A relative path is resolved where the sweep is planned: workers started elsewhere find the file.
-    assert config["optim"]["maco_spectrum"] == str(Path.cwd() / "spectrum.npy") == steep.optim.maco_spectrum
+    assert config["optim"]["param"]["spectrum"] == str(Path.cwd() / "spectrum.npy") == steep.optim.param["spectrum"]
     (tmp_path / "elsewhere").mkdir()
     copied = with_spectrum("elsewhere/copy.npy", 1 / (1 + np.arange(32 * 17).reshape(32, 17)))
     assert copied.config_hash == steep.config_hash  # the same bytes make the same images, wherever they lie
 
     powerlaw = json.loads(group("optim.param=maco").config_json)
-    assert powerlaw["maco_spectrum_id"] == "powerlaw-1.0" and powerlaw["optim"]["maco_spectrum"] == "powerlaw"
-    assert "maco_spectrum_id" not in json.loads(group("optim.param=pixel").config_json)
+    assert powerlaw["param_identity"]["spectrum"] == "powerlaw-1.0" and powerlaw["optim"]["param"]["spectrum"] == "powerlaw"
+    assert json.loads(group("optim.param=pixel").config_json)["param_identity"] == {"name": "pixel"}
 
 
 def test_a_maco_spectrum_replaced_after_planning_fails_its_units_and_records_nothing(compose, tmp_path):
@@ -454,16 +498,16 @@ def test_a_maco_spectrum_replaced_after_planning_fails_its_units_and_records_not
     path = tmp_path / "spectrum.npy"
     np.save(path, np.ones((32, 17), dtype=np.float32), allow_pickle=False)
     plan = build_plan(compose("sweep.models=[deit_tiny_patch16_224]", "model.weights=planted", "sweep.layers=[1]",
-                              "sweep.features=[0,1]", "optim.param=maco", f"optim.maco_spectrum={path}",
+                              "sweep.features=[0,1]", "optim.param=maco", f"optim.param.spectrum={path}",
                               "optim.steps=1", "optim.copies=1"))
-    planned = json.loads(plan.groups[0].config_json)["maco_spectrum_id"]
+    planned = json.loads(plan.groups[0].config_json)["param_identity"]
     np.save(path, np.full((32, 17), 2.0, dtype=np.float32), allow_pickle=False)  # other bytes, same name
     found = f"sha256-{hashlib.sha256(path.read_bytes()).hexdigest()}"
     result = worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0])
     assert not result.records and [u["feature"] for u, _, _ in result.failures] == [0, 1]
     assert {reason for _, reason, _ in result.failures} == {
-        f"the MACO spectrum at {path} changed since the sweep was planned: planned {planned}, found {found}; "
-        "re-run to plan with the new file"}
+        f"optim.param.spectrum={path}: planned {planned['spectrum']}, found {found}: changed since the sweep was "
+        "planned; re-run to plan with the new file"}
     path.unlink()
     gone = worker.VisualizationWorker("cpu").run(plan.chunks(set(), 8)[0])
     assert not gone.records and all("found unreadable (FileNotFoundError)" in r for _, r, _ in gone.failures)

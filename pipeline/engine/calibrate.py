@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.engine.optimize import OptimConfig, visualize
+from pipeline.config import OptimConfig
+from pipeline.engine.optimize import visualize
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the score's autocast dtype
 EMULATED_BELOW = 0.5  # low/fp32 matmul rate under which the low precision is taken as emulated, without steps
 PROBE_FLOPS = 3e7  # one probe product: milliseconds in fp32, ~30 ms where bf16 is emulated
 PROBE_SECONDS = 0.02  # each probe repeats its product for at least this long (after one warm-up product)
@@ -115,8 +117,6 @@ def choose_precision(visualizer, requested: str, layer: int, target: str, object
     low = low_precision(device) if requested in ("auto", "fp32") else requested
     info = visualizer.layout.layer(layer)
     width = info.sites["attn_out"].features if "attn_out" in info.sites else max(1, info.features // 4)
-    from pipeline.engine.visualizer import PRECISIONS
-
     fp32_rate = matmul_rate(width, info.features, torch.float32, device)
     low_rate = matmul_rate(width, info.features, PRECISIONS[low], device)
     measured = PrecisionChoice(requested, requested, low, fp32_rate, low_rate, "GFLOP/s (matmul probe)")

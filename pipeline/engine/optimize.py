@@ -12,7 +12,7 @@ Per step, as in ../shared/PAPER.md: copies of each image -> colour shift ->
 noise -> jitter (circular shift) -> score; loss = -mean score over copies
 (divided by the number of copies, as the released code's ``diag().mean()`` does,
 unless ``objective_scale`` is ``paper``) + lambda * TV(augmented copies); Adam(betas 0.5, 0.99), cosine-annealed lr; clamp
-to [0, 1] after every step. The image comes from ``config.param``'s parameterization
+to [0, 1] after every step. The image comes from the parameterization ``config.param`` names
 (pipeline/engine/parameterizations.py): the paper's raw pixels by default, or Lucid's
 Fourier basis or MACO's phase, whose tensors Adam optimizes instead of the pixels;
 the augmentation ensemble and TV act on the images they produce.
@@ -25,73 +25,18 @@ image's own activation: 0.14 against 5.03 at the end of the demo's DINOv2 layer 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
 
 import torch
 
+from pipeline.config import OptimConfig
 from pipeline.engine import parameterizations
 
 SEED_STRIDE = 1_000_003  # seed 0 reproduces the released code's "seed = feature index"
 
 Score = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class OptimConfig:
-    """Every knob of the method; the values live in conf/optim/paper.yaml (the released code's
-    settings): :meth:`paper` reads them. This class is also the type of a sweep's ``optim``
-    section, where ``lr`` may say ``auto`` (:meth:`for_family` resolves it)."""
-
-    steps: int
-    lr: Union[float, int, str]  # a number; `auto`: pixel 1.0 for CLIP, 0.1 otherwise (the paper's); else published
-    beta1: float
-    beta2: float
-    eps: float
-    tv: float  # the paper's v; lambda = tv_scale * tv
-    tv_scale: float
-    copies: int  # the augmentation ensemble
-    jitter: int  # max circular shift in pixels, each direction
-    colour_shift: str  # code: (x - mu) / sigma | paper: sigma * x + mu | none
-    noise: str  # code: per-channel offset, std annealed to 0 | paper: per-pixel N(0, 1) | none
-    noise_std: float
-    precision: str  # auto (measured: pipeline.engine.calibrate) | fp32 | bf16 | fp16 (autocast in the score)
-    trace_points: int  # how many times the objective is sampled during the run
-    # code: the released code's -feats[:8, f].diag().mean(), the copies' mean divided by their number, which
-    # made TV weigh 8x its stated lambda in the paper's figures | paper: the text's mean over copies
-    objective_scale: str
-    # The image parameterization (pipeline/engine/parameterizations.py): pixel (the paper's) | fourier | maco.
-    param: str
-    fourier_decay: float  # Lucid fft_image(decay_power=1): coefficients scaled by 1/f**decay
-    fourier_sd: float  # Lucid fft_image(sd=0.01): init std of the Fourier coefficients
-    fourier_decorrelate: bool  # Lucid param.image(decorrelate=True): colour via the SVD-sqrt matrix
-    maco_spectrum: str  # powerlaw | PATH (.npy/.safetensors); horama downloads an ImageNet one
-    maco_alpha: float  # powerlaw magnitude 1/f**alpha: natural images' ~1/f amplitude (Field 1987)
-
-    @classmethod
-    def paper(cls, family: str | None = None, **changes: Any) -> "OptimConfig":
-        """The paper's settings (conf/optim/paper.yaml) with ``changes``, lr resolved for ``family``."""
-        from omegaconf import OmegaConf
-
-        from pipeline.config import conf_dir
-
-        values = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.load(conf_dir() / "optim" / "paper.yaml"),
-                                 changes)
-        return OmegaConf.to_object(values).for_family(family)
-
-    def for_family(self, family: str | None) -> "OptimConfig":
-        """This config with ``lr: auto`` replaced: the paper's rate for the model family (pixels), or the
-        parameterization's published one."""
-        if self.lr != "auto":
-            return self
-        return dataclasses.replace(self, lr=parameterizations.auto_lr(self.param, family))
-
-    @property
-    def tv_weight(self) -> float:
-        return self.tv_scale * self.tv
 
 
 @dataclass
@@ -112,7 +57,7 @@ def visualize(score: Score, seeds: list[int], image_size: tuple[int, int], confi
     device = torch.device(device)
     height, width = image_size
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
-    parameterization = parameterizations.create(config)
+    parameterization = parameterizations.create(config.param)
     params = parameterization.init(generators, (height, width), device)
     optimizer = torch.optim.Adam(params, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=0.0)

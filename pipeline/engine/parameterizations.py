@@ -42,7 +42,7 @@ project downloads nothing. The default is a power law, magnitude 1 / max(f, 1/ma
 The same magnitude is used for the three decorrelated colour channels, which the
 colour matrix has whitened. pipeline.engine.spectra computes an average spectrum
 from any folder of images instead (``vit-atlas spectrum
-folder=DIR out=OUT.npy``) and reads it back; ``optim.maco_spectrum=OUT.npy`` then uses it,
+folder=DIR out=OUT.npy``) and reads it back; ``optim.param.spectrum=OUT.npy`` then uses it,
 and :func:`spectrum_id` names it by the file's sha256 for the records.
 
 Real images have real Fourier coefficients at up to four self-conjugate frequencies
@@ -53,23 +53,27 @@ those (at most four) bins, where it is magnitude * |cos(phase)|; that keeps the
 mean colour optimizable. Elsewhere on the two self-paired columns of the half
 spectrum (f_x = 0 and, for even widths, Nyquist) the phases of k and -k are tied
 (phase(k) = -phase(-k)) so the image's magnitude is exactly the given one.
+
+Each parameterization owns its settings: a dataclass of its knobs (:class:`FourierSettings`, ...) whose
+values are conf/optim/param/NAME.yaml, the config group ``optim/param``. A sweep's ``optim.param`` is that
+file's mapping (the config layer imports no stage); :func:`settings` types and checks it. Adding a
+parameterization is its settings, its class and a line of :data:`PARAMETERIZATIONS` here, and its YAML.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from pipeline.engine import spectra
 from pipeline.engine.spectra import POWERLAW
 from pipeline.errors import PipelineError
-
-if TYPE_CHECKING:
-    from pipeline.engine.optimize import OptimConfig
 
 # Lucid's colour-correlation matrix (lucid/optvis/param/color.py,
 # ``color_correlation_svd_sqrt``): the square root of ImageNet's RGB covariance from
@@ -128,8 +132,6 @@ class Parameterization(Protocol):
     every optimizer step and may change the tensors in place.
     """
 
-    name: ClassVar[str]
-
     def init(self, generators: Sequence[torch.Generator], image_size: tuple[int, int],
              device: torch.device) -> list[torch.Tensor]: ...
 
@@ -139,10 +141,82 @@ class Parameterization(Protocol):
 
 
 @dataclass
+class ParamSettings:
+    """What every parameterization's settings hold; each adds its own knobs (conf/optim/param/NAME.yaml)."""
+
+    name: str
+    # What ``optim.lr: auto`` becomes, by model family ("default": any other): config.OptimConfig.for_family.
+    auto_lr: dict[str, float]
+
+    def prepared(self) -> "ParamSettings":
+        """These settings as a sweep plans them, checked before any compute (a file read, a path made absolute
+        for workers that start in another directory)."""
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What a unit's config hash covers of these settings: the knobs that shape its image. ``auto_lr``
+        enters as the ``optim.lr`` it resolved to."""
+        values = dataclasses.asdict(self)
+        del values["auto_lr"]
+        return values
+
+
+@dataclass
+class PixelSettings(ParamSettings):
+    def create(self) -> "Pixel":
+        return Pixel()
+
+
+@dataclass
+class FourierSettings(ParamSettings):
+    decay: float  # Lucid fft_image(decay_power=1): coefficients scaled by 1/f**decay
+    sd: float  # Lucid fft_image(sd=0.01): init std of the Fourier coefficients
+    decorrelate: bool  # Lucid param.image(decorrelate=True): colour via the SVD-sqrt matrix
+
+    def __post_init__(self) -> None:
+        _check_range("decay", self.decay, strict=False)
+        _check_range("sd", self.sd, strict=True)
+
+    def create(self) -> "Fourier":
+        return Fourier(self)
+
+
+@dataclass
+class MacoSettings(ParamSettings):
+    spectrum: str  # powerlaw | PATH (.npy/.safetensors); horama downloads an ImageNet one
+    alpha: float  # powerlaw magnitude 1/f**alpha: natural images' ~1/f amplitude (Field 1987)
+
+    def __post_init__(self) -> None:
+        _check_range("alpha", self.alpha, strict=False)
+
+    def prepared(self) -> "MacoSettings":
+        if self.spectrum == POWERLAW:
+            return self
+        spectra.read_spectrum_file(self.spectrum)
+        return dataclasses.replace(self, spectrum=str(Path(self.spectrum).expanduser().absolute()))
+
+    def identity(self) -> dict[str, Any]:
+        # The spectrum is named by its bytes (or the power law's alpha), not by where it lies: a file rewritten
+        # in place makes other images under the same path, a copy elsewhere the same images.
+        return {**super().identity(), "spectrum": self.spectrum_id()}
+
+    def spectrum_id(self) -> str:
+        """What a record cites for the magnitude: ``powerlaw-<alpha>`` or ``sha256-<file hex digest>``."""
+        if self.spectrum == POWERLAW:
+            return f"{POWERLAW}-{float(self.alpha)}"
+        return f"sha256-{spectra.file_sha256(self.spectrum)}"
+
+    def create(self) -> "Maco":
+        return Maco(self)
+
+
+def _check_range(knob: str, value: float, strict: bool) -> None:
+    if value <= 0 if strict else value < 0:
+        raise PipelineError(f"optim.param.{knob}={value!r} is out of range: it must be {'>' if strict else '>='} 0.")
+
+
 class Pixel:
     """The paper's raw RGB pixels: U[0, 1) init, clamped to [0, 1] after every step."""
-
-    name: ClassVar[str] = "pixel"
 
     def init(self, generators, image_size, device):
         height, width = image_size
@@ -160,25 +234,23 @@ class Pixel:
 class Fourier:
     """Lucid's decorrelated Fourier parameterization (``fft_image`` + ``to_valid_rgb``)."""
 
-    decay: float = 1.0
-    sd: float = 0.01
-    decorrelate: bool = True
-    name: ClassVar[str] = "fourier"
+    settings: FourierSettings
     _size: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
     _scale: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def init(self, generators, image_size, device):
         height, width = image_size
         self._size = (height, width)
-        self._scale = inverse_power(image_size, self.decay, device)
+        self._scale = inverse_power(image_size, self.settings.decay, device)
         shape = (3, height, width // 2 + 1, 2)  # real and imaginary parts
-        coefficients = torch.stack([torch.randn(shape, generator=g, device=device) * self.sd for g in generators])
+        coefficients = torch.stack([torch.randn(shape, generator=g, device=device) * self.settings.sd
+                                    for g in generators])
         return [coefficients.requires_grad_(True)]
 
     def images(self, params):
         spectrum = torch.view_as_complex(params[0]) * self._scale
         x = torch.fft.irfft2(spectrum, s=self._size, norm="ortho") / FOURIER_SCALE_DIVISOR
-        return torch.sigmoid(recorrelate(x) if self.decorrelate else x)
+        return torch.sigmoid(recorrelate(x) if self.settings.decorrelate else x)
 
     def project(self, params):
         pass
@@ -188,16 +260,14 @@ class Fourier:
 class Maco:
     """MACO: optimize the phase of a fixed magnitude spectrum (Fel et al. 2023, horama ``maco_fv``)."""
 
-    spectrum: str = POWERLAW
-    alpha: float = 1.0
-    name: ClassVar[str] = "maco"
+    settings: MacoSettings
     _size: tuple[int, int] = field(default=(0, 0), init=False, repr=False)
     _magnitude: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def init(self, generators, image_size, device):
         height, width = image_size
         self._size = (height, width)
-        self._magnitude = magnitude_spectrum(self.spectrum, image_size, self.alpha).to(device)
+        self._magnitude = magnitude_spectrum(self.settings.spectrum, image_size, self.settings.alpha).to(device)
         shape = (3, height, width // 2 + 1)
         phase = torch.stack([(torch.rand(shape, generator=g, device=device) * 2 - 1) * math.pi for g in generators])
         return [phase.requires_grad_(True)]
@@ -215,38 +285,38 @@ class Maco:
         pass
 
 
-PARAMETERIZATIONS: dict[str, type] = {cls.name: cls for cls in (Pixel, Fourier, Maco)}
-
-# Learning rates the published methods use, where they differ from the paper's
-# (0.1, or 1.0 for CLIP; pipeline.execution.plan.optim_config resolves ``lr: auto``). Lucid's
-# render_vis and lucent's use Adam(lr=0.05); horama's maco uses NAdam(lr=1.0). Both
-# ran with their own Adam betas and no annealing: the paper's optimizer (betas 0.5,
-# 0.99, cosine) is kept here, only the step size follows the parameterization.
-PUBLISHED_LR: dict[str, float] = {"fourier": 0.05, "maco": 1.0}
+# Each parameterization's settings, by the name conf/optim/param/NAME.yaml gives it.
+PARAMETERIZATIONS: dict[str, type[ParamSettings]] = {"pixel": PixelSettings, "fourier": FourierSettings,
+                                                     "maco": MacoSettings}
 
 
-def check_name(name: str) -> None:
+def settings(values: Mapping[str, Any] | ParamSettings) -> ParamSettings:
+    """The typed, checked settings of ``optim.param`` (conf/optim/param/NAME.yaml's mapping, as composed)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(values, ParamSettings):
+        return values
+    name = values.get("name")
     if name not in PARAMETERIZATIONS:
         raise PipelineError(f"optim.param={name!r} is not an image parameterization; "
                             f"valid ones are {', '.join(PARAMETERIZATIONS)}.")
+    kind = PARAMETERIZATIONS[name]
+    known = [f.name for f in dataclasses.fields(kind)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise PipelineError(f"optim.param.{unknown[0]} is not a setting of the {name} parameterization: its "
+                            f"settings are {', '.join(known)} (conf/optim/param/{name}.yaml).")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(kind), values))
+    except OmegaConfBaseException as error:
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise PipelineError(f"Bad setting optim.param.{getattr(error, 'full_key', '') or ''}: {problem}.") from None
 
 
-def auto_lr(name: str, family: str) -> float:
-    """``optim.lr: auto``: the paper's 0.1 (1.0 for CLIP) for pixels, the published lr otherwise."""
-    check_name(name)
-    if name in PUBLISHED_LR:
-        return PUBLISHED_LR[name]
-    return 1.0 if family == "clip" else 0.1
-
-
-def create(config: OptimConfig) -> Parameterization:
-    """The parameterization ``config.param`` names, with its knobs from ``config``."""
-    check_name(config.param)
-    if config.param == "fourier":
-        return Fourier(config.fourier_decay, config.fourier_sd, config.fourier_decorrelate)
-    if config.param == "maco":
-        return Maco(config.maco_spectrum, config.maco_alpha)
-    return Pixel()
+def create(values: Mapping[str, Any] | ParamSettings) -> Parameterization:
+    """The parameterization ``optim.param`` names, with its knobs."""
+    return settings(values).create()
 
 
 def tie_hermitian(phase: torch.Tensor, width: int) -> torch.Tensor:
@@ -274,16 +344,3 @@ def magnitude_spectrum(spectrum: str, image_size: tuple[int, int], alpha: float 
     if spectrum == POWERLAW:
         return powerlaw_spectrum(image_size, alpha)
     return spectra.load_spectrum(spectrum, image_size)
-
-
-def spectrum_id(config: OptimConfig) -> str:
-    """What a record cites for MACO's magnitude: ``powerlaw-<alpha>`` or ``sha256-<file hex digest>``."""
-    if config.maco_spectrum == POWERLAW:
-        return f"{POWERLAW}-{float(config.maco_alpha)}"
-    return f"sha256-{spectra.file_sha256(config.maco_spectrum)}"
-
-
-def check_spectrum(spectrum: str) -> None:
-    """Fail before any compute on a MACO spectrum that is neither ``powerlaw`` nor a readable file."""
-    if spectrum != POWERLAW:
-        spectra.read_spectrum_file(spectrum)

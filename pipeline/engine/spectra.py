@@ -1,4 +1,4 @@
-"""MACO magnitude spectra as files: ``vit-atlas spectrum`` writes one, ``optim.maco_spectrum=FILE`` reads it.
+"""MACO magnitude spectra as files: ``vit-atlas spectrum`` writes one, ``optim.param.spectrum=FILE`` (``optim.param=maco``) reads it.
 
 A spectrum file is a ``.npy`` or ``.safetensors`` array of (3, H, W // 2 + 1) float32
 magnitudes (or one (H, W // 2 + 1) channel for all three), averaged over a folder of
@@ -23,7 +23,7 @@ from pipeline.errors import PipelineError
 
 SPECTRUM_SUFFIXES = (".npy", ".safetensors")
 _METADATA_KEY = "maco_spectrum"  # safetensors metadata: JSON with height, width, images
-POWERLAW = "powerlaw"  # optim.maco_spectrum's value for the power law instead of a file
+POWERLAW = "powerlaw"  # optim.param.spectrum's value for the power law instead of a file
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -37,7 +37,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 def read_spectrum_file(path: str | os.PathLike) -> tuple[np.ndarray, int | None]:
     """(C, h, w // 2 + 1) float array and the source width, if the file records it."""
     path = Path(path)
-    usage = (f"optim.maco_spectrum is '{POWERLAW}' or a {' / '.join(SPECTRUM_SUFFIXES)} file written by "
+    usage = (f"optim.param.spectrum is '{POWERLAW}' or a {' / '.join(SPECTRUM_SUFFIXES)} file written by "
              f"`vit-atlas spectrum folder=DIR out=OUT.npy`")
     if path.suffix not in SPECTRUM_SUFFIXES:
         raise PipelineError(f"MACO spectrum {str(path)!r} is not a {' or '.join(SPECTRUM_SUFFIXES)} file: {usage}.")

@@ -14,15 +14,15 @@ from contextlib import nullcontext
 
 import torch
 
+from pipeline.config import OptimConfig
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.models.directions import Directions
 from pipeline.engine import calibrate
+from pipeline.engine.calibrate import PRECISIONS
 from pipeline.engine.activations import ActivationReader
 from pipeline.engine.objectives import Objective, check_objective
-from pipeline.engine.optimize import OptimConfig, Visualization, visualize
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.engine.optimize import Visualization, visualize
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -44,11 +44,11 @@ class Visualizer:
         self._precisions: dict[str, calibrate.PrecisionChoice] = {}
 
     def precision(self, requested: str, layer: int, target: str, objective: Objective,
-                  optim: OptimConfig | None = None, directions: Directions | None = None) -> calibrate.PrecisionChoice:
+                  optim: OptimConfig, directions: Directions | None = None) -> calibrate.PrecisionChoice:
         """``requested`` (auto | fp32 | bf16 | fp16) as measured on this device for this model, once per
-        visualizer: every chunk a worker runs with it uses the same choice (pipeline.engine.calibrate)."""
+        visualizer: every chunk a worker runs with it uses the same choice (pipeline.engine.calibrate), timing
+        a step of ``optim``'s."""
         if requested not in self._precisions:
-            optim = optim or OptimConfig.paper(steps=1, precision=requested)
             self._precisions[requested] = calibrate.choose_precision(self, requested, layer, target, objective, optim,
                                                                      directions)
         return self._precisions[requested]
@@ -59,8 +59,9 @@ class Visualizer:
 
     def score(self, layer: int, target: str, objective: Objective, features: list[int], precision: str = "fp32",
               truncate: bool = True, directions: Directions | None = None):
-        """images (F, copies, 3, H, W) in [0, 1] -> (F, copies): feature i scored on image i. With
-        ``directions``, feature i is row i of them, projected onto per token (in fp32) before the objective.
+        """images (F, copies, 3, H, W) in [0, 1] -> (F, copies): feature i scored on image i, in ``precision``
+        (fp32 | bf16 | fp16: :meth:`precision` resolves auto). With ``directions``, feature i is row i of them,
+        projected onto per token (in fp32) before the objective.
 
         ``truncate=False`` runs every block, as the released code does; the benchmark's reference uses it.
         """
@@ -72,8 +73,6 @@ class Visualizer:
             project = directions.projection(features, self.device)
         grid = self.layout.layer(layer).grid
         check_objective(objective, grid, f"layer {layer} of {self.model_name}")
-        if precision == "auto":
-            precision = self.precision(precision, layer, target, objective, directions=directions).used
         dtype = PRECISIONS[precision]
 
         def score(images: torch.Tensor) -> torch.Tensor:

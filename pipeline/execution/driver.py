@@ -15,7 +15,7 @@ import logging
 import math
 import sys
 
-from pipeline.config import SweepConfig
+from pipeline.config import SweepConfig, recorded_param
 from pipeline.errors import PipelineError
 from pipeline.engine import cost
 from pipeline.models import weights
@@ -222,7 +222,7 @@ def _print_results(store: Store, keys: list[str]) -> None:
     print(f"  {'model':<24} {'weights':<19} {'layer':>5} {'feature':>7} {'config':<12} {'param':<7} "
           f"{'activation':>10}  label")
     for row in table.to_pylist():
-        param = json.loads(row["config"])["optim"]["param"]
+        param = recorded_param(json.loads(row["config"])["optim"])
         print(f"  {row['model']:<24} {short_id(row['weights']):<19} {row['layer']:>5} {row['feature']:>7} "
               f"{row['config_hash']:<12} {param:<7} {row['activation']:>10.4f}  {row['label'] or ''}")
 

@@ -17,14 +17,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import SweepConfig, check_finite
+from pipeline import config
+from pipeline.config import OptimConfig, SweepConfig
 from pipeline.engine import parameterizations
 from pipeline.models import directions as directions_lib
 from pipeline.models import weights as weights_lib
@@ -32,7 +32,6 @@ from pipeline.models import zoo
 from pipeline.errors import PipelineError
 from pipeline.engine import cost
 from pipeline.engine.objectives import check_objective, parse_objective
-from pipeline.engine.optimize import OptimConfig
 from pipeline.store.schemas import UNIT_SCHEMA, unit_keys
 
 GRID_SECTIONS = ("optim", "target", "model")
@@ -218,66 +217,56 @@ def _grid_points(grid: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(flat, values)) for values in itertools.product(*flat.values())]
 
 
-def _apply(settings: dict[str, dict[str, Any]], key: str, value: Any, where: str) -> None:
+def _apply(cfg: SweepConfig, changes: dict[str, dict[str, Any]], key: str, value: Any, where: str) -> None:
+    """Note ``key=value`` of a variant or grid point in ``changes`` (per section), once the key names a setting:
+    a sweep selection, an optim/target/model setting, or the parameterization's (optim.param: a name,
+    optim.param.KNOB: one of its settings, checked when they are typed)."""
     section, _, name = key.partition(".")
-    allowed = SELECTION_KEYS if section == "sweep" else settings.get(section, {})
-    if section not in settings or name not in allowed:
+    setting, _, knob = name.partition(".")
+    allowed = (SELECTION_KEYS if section == "sweep" else
+               [f.name for f in dataclasses.fields(getattr(cfg, section))] if section in GRID_SECTIONS else ())
+    if setting not in allowed or (knob and (section, setting) != ("optim", "param")):
         raise PipelineError(
             f"{where} key '{key}' names no setting: use sweep.{{{','.join(SELECTION_KEYS)}}} or an existing "
             f"optim.*, target.* or model.* setting."
         )
-    settings[section][name] = value
+    if (section, setting) == ("optim", "param"):
+        changes["optim"].setdefault("param", {})[knob or "name"] = value
+    else:
+        changes[section][name] = value
 
 
-# Settings whose range is not "a count >= 1": Adam's betas in [0, 1) (1 would never forget a gradient), weights
-# and scales >= 0; a trace needs a point.
-_OPTIM_RANGES = {"beta1": (0, "< 1"), "beta2": (0, "< 1"), "eps": (0, "> 0"), "tv": (0, ""), "tv_scale": (0, ""),
-                 "noise_std": (0, ""), "trace_points": (1, ""), "fourier_sd": (0, ""), "fourier_decay": (0, ""),
-                 "maco_alpha": (0, "")}
+def _with_changes(cfg: SweepConfig, changes: dict[str, dict[str, Any]]) -> SweepConfig:
+    """The sweep config of one variant and grid point: each changed section typed anew (OmegaConf checks the
+    values against the section's types, its ``__post_init__`` their ranges), the others as they are."""
+    optim = cfg.optim
+    param = changes["optim"].pop("param", None)
+    if param is not None:
+        # Another parameterization starts from its own YAML; the same one keeps the settings given to it.
+        name = param.get("name", optim.param["name"])
+        base = optim.param if name == optim.param["name"] else config.param_values(name)
+        optim = dataclasses.replace(optim, param={**base, **param})
+    typed = {"sweep": dataclasses.replace(cfg.sweep, **changes["sweep"]), "optim": optim}
+    for section in GRID_SECTIONS:
+        value = typed.get(section, getattr(cfg, section))
+        if changes[section]:
+            try:
+                value = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(value), changes[section]))
+            except OmegaConfBaseException as error:
+                problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+                raise PipelineError(f"Bad setting {section}.{getattr(error, 'full_key', '') or ''}: {problem}.") \
+                    from None
+        typed[section] = value
+    return dataclasses.replace(cfg, **typed)
 
 
-def optim_config(section: dict[str, Any], family: str) -> OptimConfig:
-    """The optimizer settings of one group: typed like the command line's, ``lr: auto`` resolved for the family
-    (the paper's 0.1, 1.0 for CLIP, for pixels; the published lr of another parameterization)."""
-    known = {f.name for f in dataclasses.fields(OptimConfig)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise PipelineError(f"Unknown optimizer setting(s) {unknown}; known: {sorted(known)}.")
-    try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(OptimConfig), section))
-    except OmegaConfBaseException as error:
-        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
-        key = f"optim.{error.full_key}" if getattr(error, "full_key", None) else "optim"
-        raise PipelineError(f"Bad optimizer setting {key}: {problem}.") from None
-    if isinstance(config.lr, str) and config.lr != "auto":
-        try:
-            config.lr = float(config.lr)
-        except ValueError:
-            raise PipelineError(f"optim.lr={config.lr!r} is neither auto nor a number.") from None
-    config = config.for_family(family)
-    config.lr = float(config.lr)
-    choices = {"colour_shift": ("code", "paper", "none"), "noise": ("code", "paper", "none"),
-               "objective_scale": ("code", "paper"),
-               "precision": ("auto", "fp32", "bf16", "fp16"), "param": tuple(parameterizations.PARAMETERIZATIONS)}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            raise PipelineError(f"optim.{name}={getattr(config, name)!r} is not one of {', '.join(allowed)}.")
-    check_finite(config, "optim")  # a grid's or a variant's values come here without the command line's check
-    if config.steps < 1 or config.copies < 1 or config.jitter < 0 or config.lr <= 0:
-        raise PipelineError("optim.steps and optim.copies must be >= 1, optim.jitter >= 0 and optim.lr > 0.")
-    for name, (low, also) in _OPTIM_RANGES.items():
-        value = getattr(config, name)
-        if value < low or (also == "< 1" and value >= 1) or (also == "> 0" and value <= 0):
-            raise PipelineError(f"optim.{name}={value!r} is out of range: it must be >= {low}"
-                                f"{f' and {also}' if also else ''}.")
-    if config.param == "fourier" and config.fourier_sd <= 0:
-        raise PipelineError("optim.fourier_sd must be > 0.")
-    if config.param == "maco":
-        parameterizations.check_spectrum(config.maco_spectrum)
-        if config.maco_spectrum != parameterizations.POWERLAW:
-            # Workers may start in another directory (a Ray cluster's), so they get the file as found here.
-            config.maco_spectrum = str(Path(config.maco_spectrum).expanduser().absolute())
-    return config
+def optim_config(optim: OptimConfig, family: str) -> tuple[OptimConfig, parameterizations.ParamSettings]:
+    """The optimizer settings of one group, as planned: ``lr: auto`` resolved for the model family, and the
+    parameterization's settings typed and checked before any compute (pipeline.engine.parameterizations), also
+    returned typed."""
+    optim = optim.for_family(family)
+    param = parameterizations.settings(optim.param).prepared()
+    return dataclasses.replace(optim, param=dataclasses.asdict(param)), param
 
 
 def build_plan(cfg: SweepConfig, pin_weights: bool = True) -> Plan:
@@ -293,8 +282,7 @@ def build_plan(cfg: SweepConfig, pin_weights: bool = True) -> Plan:
     random and planted weights look at different layers). A unit planned twice
     is kept once.
     """
-    base = dataclasses.asdict(cfg)
-    variants = base["sweep"].get("variants") or [{}]
+    variants = cfg.sweep.variants or [{}]
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise PipelineError("sweep.variants must be a list of mappings, e.g. [{model.weights: planted, "
                             "sweep.layers: [1]}].")
@@ -302,17 +290,18 @@ def build_plan(cfg: SweepConfig, pin_weights: bool = True) -> Plan:
     keys: list[tuple[str, ...]] = []
     seen: set[str] = set()
     for variant in variants:
-        for point in _grid_points(base["sweep"].get("grid") or {}):
-            settings = {section: dict(base[section]) for section in (*GRID_SECTIONS, "sweep")}
+        for point in _grid_points(cfg.sweep.grid or {}):
+            changes: dict[str, dict[str, Any]] = {section: {} for section in (*GRID_SECTIONS, "sweep")}
             for key, value in _flatten(variant).items():
-                _apply(settings, key, value, "sweep.variants")
+                _apply(cfg, changes, key, value, "sweep.variants")
             for key, value in point.items():
-                _apply(settings, key, value, "sweep.grid")
-            if not settings["sweep"]["models"]:
+                _apply(cfg, changes, key, value, "sweep.grid")
+            part = _with_changes(cfg, changes)
+            if not part.sweep.models:
                 raise PipelineError("sweep.models is empty: name at least one model, e.g. "
                                     "sweep.models=[deit_tiny_patch16_224].")
-            for model in settings["sweep"]["models"]:
-                for group in _groups_for_model(str(model), settings, pin_weights):
+            for model in part.sweep.models:
+                for group in _groups_for_model(str(model), part, pin_weights):
                     new = [(f, key) for f, key in zip(group.features, group.keys(group.features)) if key not in seen]
                     seen.update(key for _, key in new)
                     if new:
@@ -356,40 +345,35 @@ def _check_not_empty(selected: list, axis: str, spec: Any, example: str) -> None
                             f"nothing; give at least one, e.g. {example}.")
 
 
-def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], pin_weights: bool) -> list[Group]:
-    sweep = settings["sweep"]
+def _groups_for_model(model: str, part: SweepConfig, pin_weights: bool) -> list[Group]:
+    sweep = part.sweep
     family = zoo.family_of(model)
-    target = settings["target"]["kind"]
-    if target not in zoo.TARGETS:
-        raise PipelineError(f"target.kind='{target}' is not a target; targets are {', '.join(zoo.TARGETS)}.")
-    objective = parse_objective(settings["target"]["objective"])
-    choice = weights_lib.resolve(model, str(settings["model"]["weights"]), int(settings["model"]["init_seed"]),
-                                 settings["model"].get("img_size"), pin_weights)
+    target = part.target.kind.value
+    objective = parse_objective(part.target.objective)
+    choice = weights_lib.resolve(model, str(part.model.weights), int(part.model.init_seed), part.model.img_size,
+                                 pin_weights)
     info = zoo.layout(model, choice.img_size)
-    optim = optim_config(settings["optim"], family)
+    optim, param = optim_config(part.optim, family)
     if choice.img_size:
-        _check_input_size(model, choice.img_size, info, int(settings["model"]["max_tokens"]), optim.copies)
-    # MACO's magnitude spectrum is named by its bytes (or the power law's alpha), not by where it lies: a
-    # file rewritten in place makes other images under the same path, a copy elsewhere the same images.
-    spectrum = {"maco_spectrum_id": parameterizations.spectrum_id(optim)} if optim.param == "maco" else {}
-    # The hash names everything besides the unit's own fields that changes its image: the optimizer's
-    # settings (MACO's spectrum by its id) and, when it is not the model's native one, the input size.
-    # ``optim.precision: auto`` enters as written, never as what a worker measured and chose: keys are the same
-    # on every machine, and each record's config says the precision it was made in (``precision_used``).
-    identity = {**dataclasses.asdict(optim), **({"image_size": choice.img_size} if choice.img_size else {})}
-    if spectrum:
-        identity["maco_spectrum"] = spectrum["maco_spectrum_id"]
-    directions = _planned_directions(settings["target"])
-    identity.update(_directions_identity(directions))
+        _check_input_size(model, choice.img_size, info, part.model.max_tokens, optim.copies)
+    # The hash names everything besides the unit's own fields that changes its image: the shared optimizer
+    # settings, the parameterization's own (its identity: MACO's spectrum by its bytes) and none of another
+    # parameterization's, when it is not the model's native one the input size, and a directions file by its
+    # bytes. ``optim.precision: auto`` enters as written, never as what a worker measured and chose: keys are the
+    # same on every machine, and each record's config says the precision it was made in (``precision_used``).
+    directions = _planned_directions(part.target.directions)
+    shared = {f.name: getattr(optim, f.name) for f in dataclasses.fields(optim) if f.name != "param"}
+    identity = {**shared, "param": param.identity(), **({"image_size": choice.img_size} if choice.img_size else {}),
+                **_directions_identity(directions)}
     config_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    config_json = json.dumps({"optim": dataclasses.asdict(optim), **spectrum, "target": target,
-                              "objective": objective.name, "weights": str(settings["model"]["weights"]),
+    config_json = json.dumps({"optim": dataclasses.asdict(optim), "param_identity": param.identity(),
+                              "target": target, "objective": objective.name, "weights": str(part.model.weights),
                               "weights_id": choice.weights_id, "image_size": info.input_size[-1],
                               **({"directions": directions.provenance()} if directions else {})}, sort_keys=True)
     groups = []
-    layers = select(sweep["layers"], len(info.layers), "layer", f"'{model}'")
-    _check_not_empty(layers, "layers", sweep["layers"], "sweep.layers=[0]")
-    _check_not_empty(sweep["seeds"], "seeds", sweep["seeds"], "sweep.seeds=[0]")
+    layers = select(sweep.layers, len(info.layers), "layer", f"'{model}'")
+    _check_not_empty(layers, "layers", sweep.layers, "sweep.layers=[0]")
+    _check_not_empty(sweep.seeds, "seeds", sweep.seeds, "sweep.seeds=[0]")
     for layer in layers:
         where = f"layer {layer} of '{model}'"
         width = info.site(layer, target).features
@@ -398,17 +382,16 @@ def _groups_for_model(model: str, settings: dict[str, dict[str, Any]], pin_weigh
             width = directions.count
         check_objective(objective, info.layer(layer).grid, where)
         unit = f"the directions of target '{target}'" if directions else f"target '{target}'"
-        features = select(sweep["features"], width, "feature", f"{unit} at {where}")
-        _check_not_empty(features, "features", sweep["features"], "sweep.features=first:8")
-        for seed in sweep["seeds"]:
+        features = select(sweep.features, width, "feature", f"{unit} at {where}")
+        _check_not_empty(features, "features", sweep.features, "sweep.features=first:8")
+        for seed in sweep.seeds:
             groups.append(Group(model, family, choice, target, objective.name, layer, int(seed), optim,
                                 config_hash, config_json, tuple(features), directions))
     return groups
 
 
-def _planned_directions(target: dict[str, Any]) -> directions_lib.DirectionsFile | None:
+def _planned_directions(path: str | None) -> directions_lib.DirectionsFile | None:
     """``target.directions``, read whole and checked before any compute; None: the units are channels."""
-    path = target.get("directions")
     return None if path is None else directions_lib.plan_directions(str(path))
 
 

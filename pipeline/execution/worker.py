@@ -138,7 +138,7 @@ class VisualizationWorker(ModelWorker):
     def run(self, chunk: Chunk) -> ChunkResult:
         started = time.perf_counter()
         result = _Outcome()
-        changed = _spectrum_changed(chunk.group)
+        changed = _param_changed(chunk.group)
         if changed:  # every image would be made with a magnitude its records do not cite
             result.failures = [(unit, changed, 1) for unit in chunk.units()]
         else:
@@ -234,20 +234,19 @@ def _measured(visualizer: Visualizer, chunk: Chunk, objective: Objective, record
     return [{**record, **values} for record, values in zip(records, measured)]
 
 
-def _spectrum_changed(group) -> str | None:
-    """Why a chunk's MACO spectrum file is not the planned one, or None (it is, or none is used)."""
-    optim = group.optim
-    if optim.param != "maco" or optim.maco_spectrum == parameterizations.POWERLAW:
-        return None
-    planned = json.loads(group.config_json)["maco_spectrum_id"]
+def _param_changed(group) -> str | None:
+    """Why a chunk's parameterization would not make the images its config hash names (a MACO spectrum file
+    rewritten since the sweep was planned), or None."""
+    planned = json.loads(group.config_json)["param_identity"]
     try:
-        found = parameterizations.spectrum_id(optim)
+        found = parameterizations.settings(group.optim.param).identity()
     except OSError as error:
-        found = f"unreadable ({type(error).__name__})"
-    if found == planned:
+        found = {name: f"unreadable ({type(error).__name__})" for name in planned}
+    changed = [f"optim.param.{name}={group.optim.param[name]}: planned {planned[name]}, found {found.get(name)}"
+               for name in sorted(planned) if found.get(name) != planned[name]]
+    if not changed:
         return None
-    return (f"the MACO spectrum at {optim.maco_spectrum} changed since the sweep was planned: planned {planned}, "
-            f"found {found}; re-run to plan with the new file")
+    return f"{'; '.join(changed)}: changed since the sweep was planned; re-run to plan with the new file"
 
 
 def _planted_labels(group) -> dict[int, str]:

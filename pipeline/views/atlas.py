@@ -236,7 +236,16 @@ def _flat_config(text: str) -> dict[str, str]:
             flat[prefix] = node if isinstance(node, str) else json.dumps(node)
 
     walk(config, "")
-    return flat if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    # Records since the optim/param group hold the parameterization's settings: shown by what tells their images
+    # apart, its identity (MACO's spectrum by its id, not its path), with its name as optim.param as in older
+    # records; auto_lr is shown as the lr it chose.
+    for name in [name for name in flat if name.startswith("param_identity.")]:
+        flat[f"optim.param.{name.removeprefix('param_identity.')}"] = flat.pop(name)
+    if "optim.param.name" in flat:
+        flat["optim.param"] = flat.pop("optim.param.name")
+    return {name: value for name, value in flat.items() if not name.startswith("optim.param.auto_lr.")}
 
 
 def _fingerprints(rows: dict[str, dict], examples: dict[str, str], configs: dict[str, list[dict]]) -> dict[str, str]:
