@@ -1,14 +1,16 @@
-"""The dataset-examples worker: one model, one slice of images, every needed feature at once.
+"""The dataset-examples worker: one model, one slice of images, every needed unit at once.
 
 For each batch of images it runs one truncated forward that captures all needed
-layers (stopped after the deepest), takes each feature's patch-mean activation
-(the sweep's ``mean`` objective) and keeps, per feature, the slice's top-k images
-with their activation maps over the patch grid. The driver merges slices.
+(layer, target) sites (stopped once the last is read), takes each unit's per-patch
+score (a channel, or a direction's projection as the sweep scores it) and its
+patch mean (the sweep's ``mean`` objective), and keeps, per unit, the slice's top-k
+images with their activation maps over the patch grid. The driver merges slices.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pyarrow as pa
 import torch
@@ -16,10 +18,38 @@ import torch
 from pipeline.analysis import images as images_lib
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
+from pipeline.models.directions import recorded_directions
 from pipeline.engine.activations import ActivationReader
 from pipeline.execution.worker import ModelWorker
 from pipeline.store.png import encode_png
 from pipeline.store.schemas import EXAMPLE_SLICES
+
+
+@dataclass(frozen=True, order=True)
+class UnitKind:
+    """What a unit of a layer reads: a channel of ``target``, or with ``directions_sha256`` a row of that
+    directions file projected onto the target's tokens."""
+
+    target: str
+    directions_sha256: str = ""
+    directions_path: str = ""  # where the records found the file; not part of the unit's identity
+
+    @property
+    def name(self) -> str | None:
+        """The slices' ``kind`` column: None for an MLP channel, the only kind before the others were ranked."""
+        if self.target == "mlp" and not self.directions_sha256:
+            return None
+        return f"{self.target}@{self.directions_sha256}" if self.directions_sha256 else self.target
+
+
+MLP_CHANNEL = UnitKind("mlp")
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    layer: int
+    feature: int  # the channel, or the row of the directions file
+    kind: UnitKind = MLP_CHANNEL
 
 
 @dataclass(frozen=True)
@@ -27,7 +57,7 @@ class ExampleTask:
     part_id: str  # <batch id>-<slice index>
     model: str
     weights: weights_lib.WeightsChoice
-    features: tuple[tuple[int, int], ...]  # (layer, feature), sorted
+    units: tuple[Unit, ...]  # sorted
     images: images_lib.ImageSet  # this task's slice
     k: int
     batch_size: int
@@ -40,7 +70,7 @@ class ExampleTask:
 
 @dataclass
 class _TopK:
-    """The best k images of a slice for the features of one layer."""
+    """The best k images of a slice for the units of one (layer, kind)."""
 
     values: torch.Tensor  # (k', F), descending per column
     indices: torch.Tensor  # (k', F) image index within the slice
@@ -68,41 +98,51 @@ class ExampleWorker(ModelWorker):
     @torch.no_grad()
     def run(self, task: ExampleTask) -> pa.Table:
         reader, preprocess = self._reader(task)
-        by_layer: dict[int, list[int]] = {}
-        for layer, feature in task.features:
-            by_layer.setdefault(layer, []).append(feature)
-        columns = {layer: torch.tensor(features, device=self.device) for layer, features in by_layer.items()}
-        best: dict[int, _TopK] = {}
+        by_site: dict[tuple[int, UnitKind], list[int]] = {}
+        for unit in task.units:
+            by_site.setdefault((unit.layer, unit.kind), []).append(unit.feature)
+        # A directions file that is not the recorded one fails the task here, before any image is read.
+        scores = {(layer, kind): self._scores(kind, features) for (layer, kind), features in by_site.items()}
+        best: dict[tuple[int, UnitKind], _TopK] = {}
         thumbnails: list[torch.Tensor] = []
         start = 0
         for loaded in task.images.batches(task.batch_size):  # each tar of the slice read once, in order
             stop = start + len(loaded)
             crops = torch.stack([preprocess.crop(image.pixels) for image in loaded])
             thumbnails.extend(images_lib.thumbnail(crop, task.thumbnail) for crop in crops)
-            activations = reader.read_layers(preprocess.normalize(crops.to(self.device)), list(by_layer))
-            for layer, tokens in activations.items():
-                maps = tokens.index_select(-1, columns[layer]).float().transpose(1, 2)  # (B, F, P)
+            activations = reader.read_sites(preprocess.normalize(crops.to(self.device)),
+                                            [(layer, kind.target) for layer, kind in by_site])
+            for (layer, kind), score in scores.items():
+                maps = score(activations[layer, kind.target].float()).transpose(1, 2)  # (B, F, P)
                 values = maps.mean(-1)
                 indices = torch.arange(start, stop, device=self.device)[:, None].expand_as(values)
-                if layer not in best:
-                    best[layer] = _TopK(values[:0], indices[:0], maps[:0])
-                best[layer].update(values, indices, maps, task.k)
+                if (layer, kind) not in best:
+                    best[layer, kind] = _TopK(values[:0], indices[:0], maps[:0])
+                best[layer, kind].update(values, indices, maps, task.k)
             start = stop
-        return self._rows(task, reader.layout, by_layer, best, thumbnails)
+        return self._rows(task, reader.layout, by_site, best, thumbnails)
 
-    def _rows(self, task: ExampleTask, layout: zoo.ModelLayout, by_layer: dict[int, list[int]],
-              best: dict[int, _TopK], thumbnails: list[torch.Tensor]) -> pa.Table:
+    def _scores(self, kind: UnitKind, features: list[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """tokens (B, P, C) -> (B, P, F): the units' score per token, as the sweep's objective takes it."""
+        if kind.directions_sha256:
+            return recorded_directions(kind.directions_path, kind.directions_sha256).projection_of_all(
+                features, self.device)
+        columns = torch.tensor(features, device=self.device)
+        return lambda tokens: tokens.index_select(-1, columns)
+
+    def _rows(self, task: ExampleTask, layout: zoo.ModelLayout, by_site: dict[tuple[int, UnitKind], list[int]],
+              best: dict[tuple[int, UnitKind], _TopK], thumbnails: list[torch.Tensor]) -> pa.Table:
         encoded: dict[int, bytes] = {}
         rows = []
-        for layer, features in by_layer.items():
-            top = best[layer]
+        for (layer, kind), features in by_site.items():
+            top = best[layer, kind]
             rows_, cols_ = layout.layer(layer).grid
             for column, feature in enumerate(features):
                 for rank in range(top.values.shape[0]):
                     index = int(top.indices[rank, column])
                     if index not in encoded:
                         encoded[index] = encode_png(thumbnails[index])
-                    rows.append({"layer": layer, "feature": feature, "rank": rank,
+                    rows.append({"layer": layer, "feature": feature, "kind": kind.name, "rank": rank,
                                  "image_id": task.images.refs[index].image_id,
                                  "activation": float(top.values[rank, column]), "thumbnail": encoded[index],
                                  "activation_map": top.maps[rank, column].cpu().tolist(),

@@ -10,6 +10,7 @@ intact, so gradients flow back to the input. Hooks live only inside one call
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _capture(module: nn.Module, call: int, stop: bool):
+def _capture(module: nn.Module, call: int, stop: Callable[[], bool]):
+    """Captures ``module``'s output at its ``call``-th run; then ends the forward if ``stop()`` says so."""
     captured: list[torch.Tensor] = []
     calls = 0
 
@@ -30,7 +32,7 @@ def _capture(module: nn.Module, call: int, stop: bool):
         nonlocal calls
         if calls == call:
             captured.append(output)
-            if stop:
+            if stop():
                 raise _StopForward
         calls += 1
 
@@ -53,7 +55,7 @@ class ActivationReader:
         """``images`` are already normalized for the model. ``truncate=False`` runs the full forward."""
         info = self.layout.layer(layer)
         site = self.layout.site(layer, target)
-        with _capture(self._modules[site.module], site.call, stop=truncate) as captured:
+        with _capture(self._modules[site.module], site.call, stop=lambda: truncate) as captured:
             try:
                 self.model(images)
             except _StopForward:
@@ -61,20 +63,30 @@ class ActivationReader:
         return _patch_tokens(captured[0], info, site)
 
     def read_layers(self, images: torch.Tensor, layers: list[int], target: str = "mlp") -> dict[int, torch.Tensor]:
-        """One forward for several layers, stopped after the deepest: layer -> (batch, patches, features)."""
-        deepest = max(layers)
+        """One forward for several layers of one target: layer -> (batch, patches, features)."""
+        read = self.read_sites(images, [(layer, target) for layer in layers])
+        return {layer: tokens for (layer, _), tokens in read.items()}
+
+    def read_sites(self, images: torch.Tensor, sites: list[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
+        """One forward for several (layer, target) sites, stopped as soon as every one is read (whichever module
+        runs last, several targets of one block included): (layer, target) -> (batch, patches, features)."""
+        wanted = sorted(set(sites))
         with ExitStack() as stack:
-            captured = {}
-            for layer in sorted(set(layers)):
+            captured: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+            def all_read() -> bool:
+                return all(captured.values())
+
+            for layer, target in wanted:
                 site = self.layout.site(layer, target)
-                captured[layer] = stack.enter_context(
-                    _capture(self._modules[site.module], site.call, stop=layer == deepest))
+                captured[layer, target] = stack.enter_context(
+                    _capture(self._modules[site.module], site.call, stop=all_read))
             try:
                 self.model(images)
             except _StopForward:
                 pass
-        return {layer: _patch_tokens(out[0], self.layout.layer(layer), self.layout.site(layer, target))
-                for layer, out in captured.items()}
+        return {(layer, target): _patch_tokens(out[0], self.layout.layer(layer), self.layout.site(layer, target))
+                for (layer, target), out in captured.items()}
 
 
 def _patch_tokens(output: torch.Tensor | tuple, info: LayerInfo, site: TargetSite) -> torch.Tensor:

@@ -69,17 +69,35 @@ class Directions:
 
     def projection(self, features: list[int], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """activations (F, copies, P, d) -> (F, copies, P): unit ``features[i]`` read from row i of the batch."""
-        rows = self.matrix[features].to(device)
-        bias = self.bias[features].to(device).view(-1, 1, 1) if self.bias is not None else None
-        centre = self.centre.to(device) if self.centre is not None else None
+        rows, bias, centre = self._units(features, device)
 
         def project(activations: torch.Tensor) -> torch.Tensor:
             if centre is not None:
                 activations = activations - centre
             projected = torch.einsum("fcpd,fd->fcp", activations, rows)
+            return projected if bias is None else projected + bias.view(-1, 1, 1)
+
+        return project
+
+    def projection_of_all(self, features: list[int], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """activations (..., d) -> (..., F): every unit of ``features`` on every token, the score
+        :meth:`projection` gives one unit (the dataset examples rank every image for every unit)."""
+        rows, bias, centre = self._units(features, device)
+
+        def project(activations: torch.Tensor) -> torch.Tensor:
+            if centre is not None:
+                activations = activations - centre
+            projected = activations @ rows.T
             return projected if bias is None else projected + bias
 
         return project
+
+    def _units(self, features: list[int], device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        rows = self.matrix[features].to(device)
+        bias = self.bias[features].to(device) if self.bias is not None else None
+        centre = self.centre.to(device) if self.centre is not None else None
+        return rows, bias, centre
 
 
 def load_directions(path: str | Path, planned: str | None = None) -> Directions:
@@ -125,10 +143,16 @@ def _checked(path: str, _mtime_ns: int) -> Directions:
     return load_directions(path)
 
 
-@functools.lru_cache(maxsize=2)
 def planned_directions(source: DirectionsFile) -> Directions:
     """What a worker projects onto: the planned file's bytes, loaded once per worker."""
-    return load_directions(source.path, source.sha256)
+    return recorded_directions(source.path, source.sha256)
+
+
+@functools.lru_cache(maxsize=2)
+def recorded_directions(path: str, sha256: str) -> Directions:
+    """The file a record's config names (``directions: {path, sha256}``), loaded once per worker if it still
+    holds those bytes (weights.PlannedFileChanged otherwise)."""
+    return load_directions(path, sha256)
 
 
 def check_width(source: DirectionsFile, width: int, target: str, where: str) -> None:

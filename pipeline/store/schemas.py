@@ -139,9 +139,12 @@ EXAMPLES = TableSpec("examples", pa.schema(
     [pa.field("key", pa.string(), nullable=False)] + EXAMPLE_FIELDS,
     metadata={"schema_id": "vit-atlas/examples/v1"}))
 
-# One slice of images' top-k per (layer, feature) of a model, merged into EXAMPLES when all slices are in.
+# One slice of images' top-k per unit (layer, feature, kind) of a model, merged into EXAMPLES when all slices
+# are in. ``kind`` is null for an MLP channel (slices written before other kinds lack the column: the same),
+# else the target, and for a directions unit the file's sha256 (pipeline.analysis.examples.UnitKind).
 EXAMPLE_SLICES = TableSpec("examples-partial", pa.schema(
-    [pa.field("layer", pa.int32(), nullable=False), pa.field("feature", pa.int32(), nullable=False)]
+    [pa.field("layer", pa.int32(), nullable=False), pa.field("feature", pa.int32(), nullable=False),
+     pa.field("kind", pa.string(), nullable=True)]
     + EXAMPLE_FIELDS,
     metadata={"schema_id": "vit-atlas/examples-partial/v1"}))
 

@@ -43,8 +43,9 @@ class PartTable:
     def dataset(self, part_ids: set[str] | None = None) -> ds.Dataset:
         """The parts named (all when None) as one dataset of the table's schema.
 
-        Parts are read as the table's schema (an int32 column written as int64 reads fine);
-        a part that lacks a column or holds another kind of value is named in the error.
+        Parts are read as the table's schema (an int32 column written as int64 reads fine; a nullable column
+        added since a part was written reads as null); a part that lacks another column or holds another kind
+        of value is named in the error.
         """
         ids = self.done() if part_ids is None else self.done() & set(part_ids)
         files = [self._file(part_id) for part_id in sorted(ids)]
@@ -54,7 +55,8 @@ class PartTable:
                 continue
             found = fragment.physical_schema
             wrong = [f"{field.name} ({field.type})" for field in self.spec.schema
-                     if field.name not in found.names or not _castable(found.field(field.name).type, field.type)]
+                     if (field.name not in found.names and not field.nullable)
+                     or (field.name in found.names and not _castable(found.field(field.name).type, field.type))]
             if wrong:
                 raise StoreError(
                     f"The {self.spec.name} part {fragment.path} lacks or mistypes {', '.join(wrong)} (it has "
