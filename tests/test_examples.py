@@ -168,3 +168,71 @@ def test_bad_images_path_is_reported_before_any_work(tmp_path):
     with pytest.raises(PipelineError, match="ImageFolder"):
         run_examples(cfg)
     assert not (tmp_path / "store" / "examples").exists()
+
+
+def test_an_mlp_only_store_keeps_the_batch_id_it_had_before_other_unit_kinds(tmp_path, image_folder):
+    store = Store(str(tmp_path / "store"))
+    _write(store, [_record("mlp", planted.PLANTED_LAYER, f) for f in range(3)])
+    cfg = compose("examples", f"store.root={store.root}", f"images.path={image_folder}", "k=3", "slice_size=3")
+    image_set = images_lib.open_images(str(image_folder))
+    [batch] = plan_batches(store, set(), image_set, cfg)
+    # The identity hashed before units of other kinds were ranked: (layer, feature) pairs only.
+    before = json.dumps([MODEL, "planted-v1-0", 224, [[planted.PLANTED_LAYER, f] for f in range(3)],
+                         image_set.fingerprint(), 3, 3, cfg.thumbnail])
+    assert batch.batch_id == hashlib.sha256(before.encode()).hexdigest()[:16]  # its slices and part are reused
+
+    _write(store, [_record("residual", planted.PLANTED_LAYER, 0)])
+    [mixed] = plan_batches(store, set(), image_set, cfg)
+    assert mixed.batch_id != batch.batch_id  # a unit of another kind is other work
+
+
+def test_a_changed_directions_file_fails_its_batch_with_a_clear_message_and_writes_nothing(
+        tmp_path, image_folder, ray_local, capsys):
+    directions = _one_hot_rows(tmp_path, channel=1)
+    store = Store(str(tmp_path / "store"))
+    _write(store, [_record("mlp", planted.PLANTED_LAYER, 0, directions)])
+    width = zoo.layout(MODEL).site(planted.PLANTED_LAYER, "mlp").features
+    np.save(directions["path"], np.ones((2, width), np.float32))  # rewritten after the sweep drew its units
+    cfg = compose("examples", f"store.root={store.root}", f"images.path={image_folder}", "k=2", "slice_size=8",
+                  "cluster.workers=1", "progress.bar=false")
+    assert run_examples(cfg) == 1
+    out = capsys.readouterr().out
+    assert "1 failed" in out
+    assert f"the directions file at {directions['path']} changed since the run was planned: planned " \
+           f"{directions['sha256']}" in out
+    assert not list((tmp_path / "store").glob("examples*/part-*"))
+
+
+def test_a_run_killed_and_resumed_gives_exactly_the_planned_keys_direction_units_included(
+        tmp_path, image_folder, ray_local, capsys):
+    for i in range(8):  # 16 images, one slice each: the job is still running when its first slice is in
+        save_image(image_folder / "c" / f"noise{i}.png", np.random.default_rng(i + 10).random((240, 260, 3)))
+    store, keys = _store_with_visualizations(tmp_path / "store", _one_hot_rows(tmp_path, channel=1))
+    args = [f"store.root={store.root}", f"images.path={image_folder}", "k=2", "slice_size=1", "batch_size=1",
+            "cluster.workers=1", "progress.bar=false", "device=cpu"]
+    partials = tmp_path / "store" / "examples-partial"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "examples", *args], cwd=tmp_path, env=ENV,
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(partials.glob("part-*")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, "the job finished before it could be killed; give it more work"
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the job's own Ray, which outlives its driver
+        except ProcessLookupError:
+            pass
+    committed = len(list(partials.glob("part-*")))
+    assert 0 < committed < 16
+
+    capsys.readouterr()
+    assert run_examples(compose("examples", *args)) == 0
+    assert f"{16 - committed} units to run" in capsys.readouterr().out  # the committed slices are not redone
+    rows = ds.dataset(f"{store.root}/examples", format="parquet").to_table().to_pylist()
+    assert sorted({r["key"] for r in rows}) == sorted(keys.values())
+    assert sorted((r["key"], r["rank"]) for r in rows) == sorted((key, rank) for key in keys.values()
+                                                                 for rank in range(2))
+    assert not list(partials.glob("part-*"))
