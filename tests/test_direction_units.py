@@ -98,6 +98,9 @@ def test_an_sae_encoder_scores_each_latents_pre_activation_on_the_residual_strea
             assert directions.format == ("safetensors" if path.suffix == ".safetensors" else "torch")
             scored = planted_viz.score(layer, "residual", MEAN, features, directions=directions)(images)[:, 0]
             torch.testing.assert_close(scored, expected[torch.arange(3), features], rtol=1e-4, atol=1e-4)
+            # the dataset examples' score: every latent on every image's tokens, the same pre-activation
+            every = directions.projection_of_all(features, CPU)(tokens).mean(dim=1)  # (3 images, 3 latents)
+            torch.testing.assert_close(every, expected[:, features], rtol=1e-4, atol=1e-4)
         rows = load_directions(tmp_path / "rows.pth")  # no bias, no centre: the bare projection
         assert rows.format == "torch" and rows.bias is None and rows.centre is None
         scored = planted_viz.score(layer, "residual", MEAN, features, directions=rows)(images)[:, 0]
