@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 import torch
@@ -25,7 +26,7 @@ from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
 from pipeline.errors import PipelineError
 from pipeline.analysis.examples import plan_batches, run_examples
-from pipeline.store.schemas import EXAMPLES, unit_key
+from pipeline.store.schemas import EXAMPLE_SLICES, EXAMPLES, unit_key
 from pipeline.store.store import Store
 from tests.analysis_fixtures import compose, save_image, visualization_record
 
@@ -184,6 +185,28 @@ def test_an_mlp_only_store_keeps_the_batch_id_it_had_before_other_unit_kinds(tmp
     _write(store, [_record("residual", planted.PLANTED_LAYER, 0)])
     [mixed] = plan_batches(store, set(), image_set, cfg)
     assert mixed.batch_id != batch.batch_id  # a unit of another kind is other work
+
+
+def test_slices_written_before_the_kind_column_merge_as_mlp_channels(tmp_path, image_folder, ray_local, capsys):
+    store = Store(str(tmp_path / "store"))
+    record = _record("mlp", planted.PLANTED_LAYER, 2)
+    _write(store, [record])
+    cfg = compose("examples", f"store.root={store.root}", f"images.path={image_folder}", "k=1", "slice_size=8",
+                  "progress.bar=false")
+    [batch] = plan_batches(store, set(), image_set := images_lib.open_images(str(image_folder)), cfg)
+    older = pa.schema([f for f in EXAMPLE_SLICES.schema if f.name != "kind"])
+    slice_rows = [{"layer": planted.PLANTED_LAYER, "feature": 2, "rank": 0, "image_id": "a/blue.png",
+                   "activation": 3.5, "thumbnail": b"png", "activation_map": [3.5] * 196, "grid_rows": 14,
+                   "grid_cols": 14}]
+    partial = store.table(EXAMPLE_SLICES)
+    store.files.publish_parquet(f"{partial.path}/part-{batch.part_id(0)}.parquet",
+                                pa.Table.from_pylist(slice_rows, schema=older))
+    assert len(image_set) == 8  # one slice: the batch is complete
+
+    assert run_examples(cfg) == 0
+    assert "0 units to run" in capsys.readouterr().out
+    [row] = ds.dataset(f"{store.root}/examples", format="parquet").to_table().to_pylist()
+    assert (row["key"], row["image_id"], row["activation"]) == (record["key"], "a/blue.png", 3.5)
 
 
 def test_a_changed_directions_file_fails_its_batch_with_a_clear_message_and_writes_nothing(

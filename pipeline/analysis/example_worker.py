@@ -9,7 +9,7 @@ images with their activation maps over the patch grid. The driver merges slices.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pyarrow as pa
@@ -32,7 +32,8 @@ class UnitKind:
 
     target: str
     directions_sha256: str = ""
-    directions_path: str = ""  # where the records found the file; not part of the unit's identity
+    # Where the records found the file: not part of the unit (records of one file at two paths share their units).
+    directions_path: str = field(default="", compare=False)
 
     @property
     def name(self) -> str | None:
@@ -47,9 +48,11 @@ MLP_CHANNEL = UnitKind("mlp")
 
 @dataclass(frozen=True, order=True)
 class Unit:
+    """One visualized unit of a model whose dataset examples are ranked."""
+
     layer: int
     feature: int  # the channel, or the row of the directions file
-    kind: UnitKind = MLP_CHANNEL
+    kind: UnitKind
 
 
 @dataclass(frozen=True)
