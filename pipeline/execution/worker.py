@@ -129,7 +129,7 @@ class VisualizationWorker(ModelWorker):
                                         stopped=fp32.stopped + f", timed in fp32 and scaled by {used}'s slowdown")
         else:
             batch = calibrate.choose_batch(visualizer, group.layer, group.target, objective, group.optim, used,
-                                           most, search)
+                                           most, search, choice.step if choice else None)
         return Calibration(calibrate.device_name(self.device), choice, batch, time.perf_counter() - started)
 
     def run(self, chunk: Chunk) -> ChunkResult:
