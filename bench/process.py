@@ -16,16 +16,23 @@ For each layer, two processes, each timed from launch to exit (imports, start-up
 
 The ratio is reference seconds over sweep seconds (above 1: the sweep is faster). Each run's load
 average at its launch is printed: other processes on a shared machine only slow a run down.
+
+``--stages``: instead, one sweep per layer, its process tree polled every 0.1 s (/proc): when each stage
+ended (its output lines, Ray's processes appearing, each worker's title: ``ray::IDLE``, ``__init__``,
+``calibrate``, ``run``) and the CPU seconds (user + sys) each process had used by then, which a shared
+machine's load inflates far less than wall times.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +78,85 @@ def timed(command: list[str], cwd: str) -> tuple[float, float]:
     return seconds, load
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> dict[int, tuple[str, float]]:
+    """Every descendant of ``root``: pid -> (its title, CPU seconds so far)."""
+    children: dict[int, list[tuple[int, float]]] = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ... utime, stime
+        children.setdefault(int(fields[1]), []).append((int(name), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS))
+    tree, todo = {}, [root]
+    while todo:
+        for pid, cpu in children.get(todo.pop(), []):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                title = ""
+            tree[pid] = (title.strip(), cpu)
+            todo.append(pid)
+    return tree
+
+
+def stages(command: list[str], cwd: str) -> None:
+    """Run ``command`` (a sweep), print when each start-up stage ended and the CPU each process had used."""
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    sweep = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=lambda: lines.extend((time.perf_counter() - started, line) for line in sweep.stdout),
+                     daemon=True).start()
+    seen: dict[int, list] = {}  # pid -> [title, cpu, first seen, {title prefix: (seconds, cpu) when first seen}]
+    while sweep.poll() is None:
+        now = time.perf_counter() - started
+        for pid, (title, cpu) in process_tree(os.getpid()).items():
+            entry = seen.setdefault(pid, [title, cpu, now, {}])
+            entry[0], entry[1] = title or entry[0], cpu
+            entry[3].setdefault(title.split("(")[0].rstrip(), (now, cpu))
+        time.sleep(0.1)
+    wall = time.perf_counter() - started
+    if sweep.returncode:
+        sys.exit(f"{' '.join(command)} exited {sweep.returncode}:\n{''.join(line for _, line in lines)[-3000:]}")
+
+    def line_at(prefix: str) -> float:
+        return next(t for t, line in lines if line.startswith(prefix))
+
+    workers = {pid: e for pid, e in seen.items() if any(t.startswith("ray::VisualizationWorker") for t in e[3])}
+    ray_own = {pid: e for pid, e in seen.items() if pid not in workers and pid != sweep.pid}
+    driver_cpu = sum(e[1] for pid, e in seen.items() if pid == sweep.pid)
+    rows = [("driver: imports, config, plan, cost printed (`plan:`/`cost:` lines)", line_at("plan:"), "")]
+    if ray_own:
+        rows.append(("`ray.init` begins (first Ray process)", min(e[2] for e in ray_own.values()), ""))
+    begins = {"ray::IDLE": "process up, Ray imported (`ray::IDLE`)",
+              "__init__": "worker module imported, `__init__` begins", "calibrate": "calibration begins",
+              "load": "model build begins (`load`)", "run": "first chunk begins"}
+    for number, (pid, (_, cpu, _, titles)) in enumerate(sorted(workers.items()), 1):
+        for title, (at, cpu_then) in titles.items():
+            what = begins.get(title.rpartition(".")[2] if title.startswith("ray::Vis") else title)
+            if what:
+                rows.append((f"worker {number}: {what}", at, f"{cpu_then:.1f}"))
+        rows.append((f"worker {number} in all", None, f"{cpu:.1f}"))
+    for prefix, what in (("calibration", "calibration printed"), ("done:", "`done:` printed (every chunk in)")):
+        if any(line.startswith(prefix) for _, line in lines):
+            rows.append((what, line_at(prefix), ""))
+    rows.append(("exit", wall, f"driver {driver_cpu:.1f}, Ray's own processes "
+                                f"{sum(e[1] for e in ray_own.values()):.1f}"))
+    print(f"load average {load:.1f} at launch, {os.getloadavg()[0]:.1f} at exit")
+    print("| stage | ended at s | CPU s of that process by then |\n|---|---|---|")
+    for what, at, cpu in sorted(rows, key=lambda row: math.inf if row[1] is None else row[1]):
+        print(f"| {what} | {'' if at is None else f'{at:.1f}'} | {cpu} |")
+    for _, line in lines:
+        if line.startswith(("calibration", "cost: about")):
+            print(f"  {line.rstrip()}")
+    for pid, (title, cpu, _, _) in sorted(ray_own.items(), key=lambda item: -item[1][1]):
+        print(f"  Ray process {pid}: {cpu:.1f} CPU s, {title[:100]}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_tiny_patch16_224")
@@ -79,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="the reference's torch threads")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating; each is printed")
+    parser.add_argument("--stages", action="store_true", help="time the sweep's stages instead (no reference)")
     parser.add_argument("--reference-run", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.reference_run:
@@ -86,6 +173,14 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     script = Path(sys.executable).with_name("vit-atlas")
+    if args.stages:
+        with tempfile.TemporaryDirectory(prefix="bench-stages-") as work:
+            for layer in args.layers:
+                print(f"\n# start-up stages, {dt.date.today().isoformat()}: {args.model} layer {layer}, "
+                      f"{args.features} features, {args.steps} steps")
+                stages([str(script), "sweep", *sweep_overrides(args.model, layer, args.features, args.steps),
+                        f"store.root={work}/store-{layer}", "progress.bar=false"], work)
+        return
     print(f"# whole-process benchmark, {dt.date.today().isoformat()}, {os.cpu_count()} cores; {args.model}, "
           f"random weights, {args.features} features, {args.steps} steps; reference on {args.threads} threads")
     print("| layer | run | sweep s | load at launch | reference s | load at launch | reference / sweep |")

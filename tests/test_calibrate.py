@@ -113,3 +113,17 @@ def test_auto_batch_keeps_to_its_time_budget_and_to_the_work_per_worker(visualiz
     timed = batches(monkeypatch, {1: 0.1, 2: 0.1, 3: 0.1})
     assert calibrate.choose_batch(visualizer, 0, "mlp", MEAN, ONE_STEP, "fp32", most=3).batch == 3
     assert timed == [1, 1, 2, 3]
+
+
+def test_the_batch_search_after_timed_precision_steps_does_not_time_its_batch_one_again(visualizer, monkeypatch):
+    """A worker's calibration: the precision's timed step of feature 0 is the search's batch 1 (a step takes
+    seconds on a CPU); the search times only the larger batches, and decides as it would have."""
+    timed = simulate(monkeypatch, {torch.float32: 50.0, torch.bfloat16: 180.0}, {"fp32": 1.0, "bf16": 0.5})
+    choice = calibrate.choose_precision(visualizer, "auto", 3, "mlp", MEAN, ONE_STEP)
+    assert choice.used == "bf16" and len(timed) == 4  # a warm-up and a timed step in each precision
+    batch = calibrate.choose_batch(visualizer, 3, "mlp", MEAN, ONE_STEP, "bf16", most=4, timed=choice.step)
+    assert timed[4:] == ["bf16"]  # batch 2 only: no warm-up, no batch 1
+    assert batch.measured == ((1, 2.0), (2, 2.0)) and batch.batch == 1 and "2 was not 10% faster" in batch.stopped
+    # a step of another layer (or precision, or optimizer) is not this search's batch 1: it times its own
+    calibrate.choose_batch(visualizer, 5, "mlp", MEAN, ONE_STEP, "bf16", most=2, timed=choice.step)
+    assert timed[5:] == ["bf16"] * 3

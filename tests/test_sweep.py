@@ -510,6 +510,41 @@ def test_a_failing_flop_count_and_a_failing_calibration_do_not_stop_the_sweep(
             "no time estimate, chunks of 1\n") in out
 
 
+class LoggingWorker(VisualizationWorker):
+    """Writes each call it runs, and the models it holds then, to ``directory``/<its pid>."""
+
+    directory = ""
+
+    def _log(self, call: str) -> None:
+        with open(os.path.join(self.directory, str(os.getpid())), "a") as log:
+            log.write(f"{call} {len(self._models)}\n")
+
+    def load(self, group):
+        super().load(group)
+        self._log("load")
+
+    def calibrate(self, *args):
+        self._log("calibrate")
+        return super().calibrate(*args)
+
+    def run(self, chunk):
+        self._log("run")
+        return super().run(chunk)
+
+
+def test_while_the_first_worker_calibrates_the_others_build_the_model_their_first_chunk_needs(
+        ray_local, compose, tmp_path, monkeypatch):
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+    logs = tmp_path / "calls"
+    logs.mkdir()
+    monkeypatch.setattr(LoggingWorker, "directory", str(logs))
+    cfg = compose("sweep.layers=[0]", "sweep.features=[1,2]", f"store.root={tmp_path / 'store'}", *FAST)
+    assert run_sweep(cfg, LoggingWorker) == 0
+    calls = sorted(log.read_text().split("\n")[:2] for log in logs.iterdir())
+    # the calibrating worker builds the model itself; the other built it ahead, so its chunk finds it built
+    assert calls == [["calibrate 0", "run 1"], ["load 1", "run 1"]]
+
+
 def test_estimate_false_measures_nothing_unless_a_choice_is_left_to_measure(compose, tmp_path, capsys,
                                                                             monkeypatch):
     from pipeline.execution.scheduler import RunSummary

@@ -32,6 +32,25 @@ PROBE_SECONDS = 0.02  # each probe repeats its product for at least this long (a
 BATCH_GAIN = 1.10  # a larger batch is taken only if it raises features x steps per second by 10 %
 BATCH_BUDGET_S = {"cpu": 8.0, "cuda": 30.0}  # the batch search stops before its measurements pass this
 MEMORY_SHARE = 0.8  # a batch must fit in this share of the GPU's memory, judged by its measured peak
+STEPS_UNIT = "feature-steps/s (optimizer steps)"
+
+
+@dataclass(frozen=True)
+class OneFeatureStep:
+    """A timed optimizer step of feature 0 alone: what the batch search would time first (its batch 1), kept so
+    that a search after the precision's steps does not time it again (a step takes seconds on a CPU)."""
+
+    layer: int
+    target: str
+    objective: object
+    optim: OptimConfig
+    precision: str
+    seconds: float
+    directions: object = None  # the Directions scored, if any (the same object: tensors have no equality)
+
+    def times(self, layer: int, target: str, objective, optim: OptimConfig, precision: str, directions=None) -> bool:
+        return (self.layer, self.target, self.objective, self.optim, self.precision) == (
+            layer, target, objective, optim, precision) and self.directions is directions
 
 
 @dataclass(frozen=True)
@@ -43,7 +62,8 @@ class PrecisionChoice:
     low: str  # the low precision measured against fp32: bf16, or fp16 on a GPU without bf16
     fp32_rate: float  # the measured rates: GFLOP/s of the probe product, or features x steps per second
     low_rate: float
-    unit: str  # "GFLOP/s (matmul probe)" | "feature-steps/s (optimizer steps)"
+    unit: str  # "GFLOP/s (matmul probe)" | STEPS_UNIT
+    step: OneFeatureStep | None = None  # the timed step of the precision used, where steps decided
 
     @property
     def slowdown(self) -> float:
@@ -129,8 +149,9 @@ def choose_precision(visualizer, requested: str, layer: int, target: str, object
     fp32_step = step_seconds(visualizer, *unit, "fp32", directions)
     step_seconds(visualizer, *unit, low, directions)
     low_step = step_seconds(visualizer, *unit, low, directions)
-    return PrecisionChoice(requested, low if low_step < fp32_step else "fp32", low, 1 / fp32_step, 1 / low_step,
-                           "feature-steps/s (optimizer steps)")
+    used, seconds = (low, low_step) if low_step < fp32_step else ("fp32", fp32_step)
+    return PrecisionChoice(requested, used, low, 1 / fp32_step, 1 / low_step, STEPS_UNIT,
+                           OneFeatureStep(layer, target, objective, optim, used, seconds, directions))
 
 
 @dataclass(frozen=True)
@@ -146,29 +167,36 @@ class BatchChoice:
 
 
 def choose_batch(visualizer, layer: int, target: str, objective, optim: OptimConfig, precision: str, most: int,
-                 search: bool = True, directions=None) -> BatchChoice:
+                 search: bool = True, directions=None, timed: OneFeatureStep | None = None) -> BatchChoice:
     """The largest batch up to ``most`` (doubling from 1) whose measured throughput rises by ``BATCH_GAIN``
     over the last and that fits the device's memory, within ``BATCH_BUDGET_S``. ``search=False``: the one
-    batch ``most`` is timed, for the estimate."""
+    batch ``most`` is timed, for the estimate. ``timed``: a step of one feature timed already (by
+    :func:`choose_precision`); where it is this search's batch 1, it stands for it and for the warm-up."""
     device = visualizer.device
     width = directions.count if directions is not None else visualizer.layout.site(layer, target).features
     most = max(1, min(most, width))
     budget = BATCH_BUDGET_S.get(device.type, BATCH_BUDGET_S["cuda"])
     cuda = device.type == "cuda"
     total_memory = torch.cuda.get_device_properties(device).total_memory if cuda else 0
-    step_seconds(visualizer, layer, target, objective, [0], optim, precision, directions)  # a warm-up
     spent, batch, measured = 0.0, 1 if search else most, []
+    known = (timed.seconds if timed and batch == 1 and timed.times(layer, target, objective, optim, precision, directions)
+             else None)
+    if known is None:
+        step_seconds(visualizer, layer, target, objective, [0], optim, precision, directions)  # a warm-up
     best: tuple[int, float] | None = None
     stopped = "the batch asked for" if not search else f"the largest useful here, {most}"
     while True:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            seconds = step_seconds(visualizer, layer, target, objective, list(range(batch)), optim, precision,
-                                   directions)
-        except torch.OutOfMemoryError:
-            stopped = f"{batch} ran out of memory"
-            break
+        if known is not None:  # the peak memory since then is that step's, or a larger fp32 one's
+            seconds, known = known, None
+        else:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                seconds = step_seconds(visualizer, layer, target, objective, list(range(batch)), optim, precision,
+                                       directions)
+            except torch.OutOfMemoryError:
+                stopped = f"{batch} ran out of memory"
+                break
         spent += seconds
         rate = batch / seconds
         measured.append((batch, rate))

@@ -355,7 +355,7 @@ def _requeue(pool: Pool, queue: deque, in_flight: dict, ref: ray.ObjectRef, task
 def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, device: str, progress: Progress,
               commit: Callable[[T, Any, RunSummary], None], fail: Callable[[T, str, int, RunSummary], None],
               tick: Callable[[], None] = lambda: None,
-              first: Callable[[Any, int], list[T]] | None = None) -> RunSummary:
+              first: Callable[[list, int], list[T]] | None = None) -> RunSummary:
     """Run ``tasks`` on actors of ``worker_class`` (``run(task) -> result``): the one task pool.
 
     Every job (sweep chunks, dataset-example slices, probe slices) runs through here:
@@ -364,9 +364,9 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
     ``tick`` runs after every wait (at least once a second). Stops past
     ``cluster.max_failures`` failed units.
 
-    ``first``: called with the first actor's handle and the pool's size once the actors are made, before any
-    task is sent; it returns the tasks to run instead of ``tasks`` (which then bound the pool's size). A sweep
-    calibrates there, on a worker it starts anyway, while the others start.
+    ``first``: called with the actors' handles and the pool's size once the actors are made, before any task
+    is sent; it returns the tasks to run instead of ``tasks`` (which then bound the pool's size). A sweep
+    calibrates there, on the first worker, while the others start and build their model.
     """
     summary = RunSummary()
     if not tasks:
@@ -382,7 +382,7 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
     pool = Pool(lambda: remote.remote(*args), min(worker_count(cluster, gpus), len(tasks)), wanted)
     if first is not None:
         try:
-            tasks = first(pool.workers[0].handle, pool.size)
+            tasks = first([worker.handle for worker in pool.workers], pool.size)
         except BaseException:
             pool.kill()
             raise
@@ -413,7 +413,9 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
     :class:`~pipeline.execution.worker.ChunkResult`; ``bench/scale.py`` passes one that
     makes records without a model, to load the driver and the store at zoo scale.
     ``calibrate(first actor, workers, most)``, when given, runs on the first worker before any
-    chunk and returns the chunk size to use, at most ``most`` (what keeps every worker busy).
+    chunk and returns the chunk size to use, at most ``most`` (what keeps every worker busy); the other
+    workers build the model of the plan's costliest group meanwhile (``load``), rather than wait idle and
+    build it for their first chunk.
     """
     start_ray(cluster)
     workers = worker_count(cluster, gpus_per_worker(cluster))
@@ -421,8 +423,14 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
     most = max(1, math.ceil(todo / workers))
     chunks = plan.chunks(done, min(chunk_size, most))
 
-    def chunks_after_calibration(actor, size: int) -> list[Chunk]:
-        return plan.chunks(done, min(calibrate(actor, size, min(chunk_size, most)), most))
+    worker_class = worker_class or VisualizationWorker
+
+    def chunks_after_calibration(actors: list, size: int) -> list[Chunk]:
+        if hasattr(worker_class, "load"):  # bench/scale.py's simulated workers have no model to build
+            group = plan.costliest_group(done)  # the group calibrated, and (most often) the first chunks'
+            for other in actors[1:]:  # an actor runs its calls in order: the load comes before its first chunk
+                other.load.remote(group)
+        return plan.chunks(done, min(calibrate(actors[0], size, min(chunk_size, most)), most))
 
     def commit(chunk: Chunk, result, summary: RunSummary) -> None:
         summary.busy_s += result.busy_s
@@ -441,7 +449,7 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
         for unit in chunk.units():
             _fail_unit(unit, reason, attempts, summary)
 
-    return run_tasks(worker_class or VisualizationWorker, chunks, cluster, device, progress, commit, fail,
+    return run_tasks(worker_class, chunks, cluster, device, progress, commit, fail,
                      writer.maybe_commit, chunks_after_calibration if calibrate else None)
 
 

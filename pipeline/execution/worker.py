@@ -110,6 +110,15 @@ class VisualizationWorker(ModelWorker):
         return self.cached((group.model, group.weights),
                            lambda: Visualizer(group.model, group.weights, self.device))
 
+    def load(self, group: Group) -> None:
+        """Build ``group``'s model now (it stays cached): what a worker does while the first one calibrates,
+        so that its first chunk does not wait for it. A model that cannot be built fails that chunk, which
+        reports why; here it is only not built ahead."""
+        try:
+            self._visualizer(Chunk(group, group.features[:1]))
+        except Exception:  # noqa: BLE001 (the chunk builds it again and reports the failure)
+            pass
+
     def calibrate(self, group: Group, most: int, search: bool) -> Calibration:
         """Measure ``group``'s model on this worker's device: its precision (auto, or how slow an explicit low
         one is) and the batch (the best up to ``most`` when ``search``, else the one batch ``most``), with the
@@ -132,7 +141,7 @@ class VisualizationWorker(ModelWorker):
                                         stopped=fp32.stopped + f", timed in fp32 and scaled by {used}'s slowdown")
         else:
             batch = calibrate.choose_batch(visualizer, group.layer, group.target, objective, group.optim, used,
-                                           most, search, directions)
+                                           most, search, directions, choice.step if choice else None)
         return Calibration(calibrate.device_name(self.device), choice, batch, time.perf_counter() - started)
 
     def run(self, chunk: Chunk) -> ChunkResult:
