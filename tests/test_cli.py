@@ -415,7 +415,7 @@ def test_printed_commands_work_as_printed_in_a_new_shell(synthetic_store_root, t
     from pipeline.execution import driver
     from pipeline.store.store import Store
 
-    driver._print_where(Store(str(synthetic_store_root)))
+    driver.print_where(Store(str(synthetic_store_root)))
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if line.strip().startswith("status:"))
     status = shlex.split(line.partition("status:")[2])

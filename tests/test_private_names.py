@@ -28,9 +28,6 @@ ALLOWED = {
     "block.attn.qkv._forward_hooks": "torch keeps a module's hooks there; a test checks that none is left",
     "model._pos_embed": "timm's ViT step that adds position embeddings; the classifier probe runs the "
                         "model's forward in pieces, and timm has no public name for that step",
-    # Owned by changes on other branches of #23 (pipeline/models/weights.py, the driver's start-up):
-    # each needs a public seam there.
-    "driver._print_where": "a test runs the commands a sweep prints (pipeline/execution/driver.py)",
 }
 _REFLECTION = {"getattr", "setattr", "delattr", "hasattr"}
 

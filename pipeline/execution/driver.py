@@ -227,7 +227,7 @@ def _print_results(store: Store, keys: list[str]) -> None:
               f"{row['config_hash']:<12} {param:<7} {row['activation']:>10.4f}  {row['label'] or ''}")
 
 
-def _print_where(store: Store) -> None:
+def print_where(store: Store) -> None:
     from pipeline.shell import shell_command  # commands that work as printed, in a new shell
 
     root = store.root
@@ -296,7 +296,7 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
         _print_other_revisions(store, plan)
         if not planned - done:
             print("nothing to do: every planned unit is already in the store; no workers started.")
-            _print_where(store)
+            print_where(store)
             return 0
         if cfg.sweep.estimate:
             _print_cost(plan, done)
@@ -335,7 +335,7 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     print(f"done: {summary.done} new records, {summary.failed} failed, {summary.duplicates} late duplicates "
           f"dropped; workers were busy {summary.busy_s:.1f} s")
     _print_results(store, keys)
-    _print_where(store)
+    print_where(store)
     if summary.failed:
         print(f"failed units ({summary.failed}; a re-run retries them):")
         reasons: dict[str, int] = {}
