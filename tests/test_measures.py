@@ -53,7 +53,8 @@ def test_worker_records_carry_the_descriptors_of_their_own_png(made):
 def test_worker_baselines_are_the_score_of_the_units_noise_and_of_mean_grey(made):
     records, visualizer = made
     for record in records:
-        score = visualizer.score(1, "mlp", PatchMean(), [record["feature"]])
+        # in the precision the worker measured them in (auto: bf16 where it is native and faster)
+        score = visualizer.score(1, "mlp", PatchMean(), [record["feature"]], record["precision"])
         seed = measures.noise_seed(MODEL, record["weights"], "mlp", "mean", 1, record["feature"])
         noise = measures.noise_image(seed, (224, 224))
         with torch.no_grad():

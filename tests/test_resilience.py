@@ -149,12 +149,12 @@ class FakeVisualizer:
         self.calls: list[list[int]] = []
         self.attempt: dict[int, int] = {}
 
-    def precision(self, requested, layer, target, objective, optim=None):
+    def precision(self, requested, layer, target, objective, optim=None, directions=None):
         """What ``auto`` resolves to here: fp32, as measured on an AVX2 CPU."""
         used = "fp32" if requested == "auto" else requested
         return calibrate.PrecisionChoice(requested, used, "bf16", 58.0, 1.2, "GFLOP/s (matmul probe)")
 
-    def run(self, layer, target, objective, features, seeds, config):
+    def run(self, layer, target, objective, features, seeds, config, directions=None):
         self.calls.append(list(features))
         if len(features) > self.max_batch:
             raise torch.OutOfMemoryError("fake: CUDA out of memory")
@@ -163,8 +163,9 @@ class FakeVisualizer:
             self.attempt[f] = self.attempt.get(f, -1) + 1
             finite.append(self.attempt[f] >= self.nan_attempts.get(f, 0))
         images = torch.stack([torch.full((3, 8, 8), f / 100) for f in features])
-        return Visualization(images, torch.tensor([float(f) for f in features]),
-                             torch.zeros(len(features), 2), torch.tensor(finite))
+        activations = torch.tensor([float(f) for f in features])
+        return Visualization(images, activations, torch.zeros(len(features), 2),
+                             torch.stack([torch.zeros(len(features)), activations], dim=1), torch.tensor(finite))
 
 
 def chunk_of(compose, features: str):
@@ -174,7 +175,7 @@ def chunk_of(compose, features: str):
 @pytest.fixture
 def no_measures(monkeypatch):
     """The fake model has no layers to measure the records with; these tests are about the optimization."""
-    monkeypatch.setattr(worker, "measure", lambda _viz, _layer, _target, _objective, features, pngs, _precision:
+    monkeypatch.setattr(worker, "measure", lambda _viz, _layer, _target, _objective, features, pngs, _precision, _directions=None:
                         [measured(png, 0.0, feature) for feature, png in zip(features, pngs)])
 
 
