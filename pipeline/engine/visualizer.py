@@ -4,7 +4,7 @@ A :class:`Visualizer` holds a model (loaded once, frozen, on an explicit
 device) and, per request, composes model input normalization, the truncated
 activation reader, feature selection (a channel, or the projection onto a
 direction: pipeline.models.directions) and an objective into a *score*
-(images -> one scalar per image) for :func:`pipeline.optimize.visualize`.
+(images -> one scalar per image) for :func:`pipeline.engine.optimize.visualize`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Ray scheduling: a pool of actors that keep models loaded, the queue of work in the driver.
 
 The driver is the only writer of the store: chunks go out to
-:class:`~pipeline.worker.VisualizationWorker` actors, results come back as they
+:class:`~pipeline.execution.worker.VisualizationWorker` actors, results come back as they
 finish (``ray.wait``) and are handed to the store writer, which drops late
 duplicates. The queue stays in the driver: a task goes to an actor only when
 that actor is known to be up and has a free slot (two by default), so at most
