@@ -115,7 +115,7 @@ class VisualizationWorker(ModelWorker):
         so that its first chunk does not wait for it. A model that cannot be built fails that chunk, which
         reports why; here it is only not built ahead."""
         try:
-            self._visualizer(Chunk(group, group.features[:1]))
+            self.visualizer(Chunk(group, group.features[:1]))
         except Exception:  # noqa: BLE001 (the chunk builds it again and reports the failure)
             pass
 
