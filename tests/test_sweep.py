@@ -545,6 +545,24 @@ def test_while_the_first_worker_calibrates_the_others_build_the_model_their_firs
     assert calls == [["calibrate 0", "run 1"], ["load 1", "run 1"]]
 
 
+def test_building_ahead_holds_back_what_a_model_build_can_meet_and_lets_a_defect_through(compose, tmp_path,
+                                                                                          monkeypatch):
+    group = build_plan(compose("sweep.layers=[0]", "sweep.features=[1]", f"store.root={tmp_path}", *FAST)).groups[0]
+    worker = VisualizationWorker("cpu")
+    def failing_with(error):
+        def visualizer(self, chunk):
+            raise error
+        return visualizer
+
+    for error in (PipelineError("not a checkpoint"), FileNotFoundError("gone"), torch.OutOfMemoryError("full")):
+        monkeypatch.setattr(VisualizationWorker, "visualizer", failing_with(error))
+        assert worker.load(group) is None  # its first chunk builds the model again and reports why
+    # a defect (the merged code that called a name no longer there) must not hide behind the build ahead
+    monkeypatch.setattr(VisualizationWorker, "visualizer", failing_with(AttributeError("no '_visualizer'")))
+    with pytest.raises(AttributeError):
+        worker.load(group)
+
+
 def test_estimate_false_measures_nothing_unless_a_choice_is_left_to_measure(compose, tmp_path, capsys,
                                                                             monkeypatch):
     from pipeline.execution.scheduler import RunSummary
