@@ -152,6 +152,28 @@ def test_a_feature_page_shows_its_unit_under_the_stores_other_configs_captioned_
     assert configs_block((out / "features" / f"{other_seed['key']}.html").read_text()) == ""
 
 
+def test_a_directions_unit_is_named_as_one_and_never_shown_as_another_config_of_the_channel(tmp_path):
+    from pipeline.store.store import Store
+
+    root, out = tmp_path / "store", tmp_path / "site"
+    channel = records(MODELS[:1])[0]
+    direction = records(MODELS[:1], config_hash="cfgD")[0]  # row 0 of a PCA: channel 0's numbers
+    direction["config"] = json.dumps({"target": "mlp", "directions": {
+        "path": "/data/deit-mlp-l00-pca-n8.npy", "sha256": "cd" * 32, "format": "npy"}})
+    with Store(str(root)).writer(commit_every=10) as writer:
+        writer.add(channel)
+        writer.add(direction)
+    build_site(str(root), out)
+
+    page = (out / "features" / f"{direction['key']}.html").read_text()
+    assert f"<title>{DEIT} · layer 0 · direction 0 of deit-mlp-l00-pca-n8.npy · vit-atlas</title>" in page
+    assert "› direction 0 of deit-mlp-l00-pca-n8.npy</p>" in page and configs_block(page) == ""
+    channel_page = (out / "features" / f"{channel['key']}.html").read_text()
+    assert "› feature 0</p>" in channel_page and configs_block(channel_page) == ""
+    model_page = (out / "models" / f"{model_slug(DEIT)}.html").read_text()
+    assert model_page.count("units: the directions of deit-mlp-l00-pca-n8.npy") == 1
+
+
 def test_cli_errors_are_one_paragraph_and_exit_2(site, tmp_path, capsys):
     def atlas(*args):  # in-process: `vit-atlas atlas ARGS` is main() with sys.argv
         return main(["atlas", *args]), capsys.readouterr()

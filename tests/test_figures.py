@@ -149,3 +149,45 @@ def test_no_descriptor_depth_figure_for_a_store_without_measurements(tmp_path, c
     with caplog.at_level(logging.WARNING):
         written = write_figures(str(tmp_path / "store"), tmp_path / "out", [CLIP])
     assert "descriptors-depth" not in {path.stem for path in written} and "vit-atlas describe" in caplog.text
+
+
+def test_directions_get_their_own_sheets_and_an_examples_figure_sets_each_unit_beside_its_top_images(tmp_path):
+    import json
+
+    from pipeline.store.store import Store
+    from pipeline.views.figures import examples_figure
+    from synthetic_store import write_examples
+
+    layer_two = ((DEIT, "deit", "random-0", [2], range(2), {}),)
+    channels = records(layer_two)
+    rows = records(layer_two, config_hash="cfgD")  # rows 0 and 1 of a PCA: the same (layer, feature) numbers
+    for row in rows:
+        row["config"] = json.dumps({"objective": "mean", "directions": {"path": "/data/dino-l02-pca-n4.npy",
+                                                                         "sha256": "ab" * 32, "format": "npy"}})
+        row["activation"] += 10  # stronger than the channels: mixed in, they would take the channels' place
+    with Store(str(tmp_path / "store")).writer(commit_every=10) as writer:
+        for record in channels + rows:
+            writer.add(record)
+    write_examples(tmp_path / "store", [rows[1]["key"]], per_key=3)
+    atlas = open_store(str(tmp_path / "store"))
+
+    assert [axes.get_title() for axes in contact_sheet_figure(atlas, DEIT, "random-0", 2).axes] == [
+        "feature 0", "feature 1"]
+    sheet = contact_sheet_figure(atlas, DEIT, "random-0", 2, source="dino-l02-pca-n4.npy")
+    assert [axes.get_title() for axes in sheet.axes] == ["direction 0", "direction 1"]
+    assert "directions of dino-l02-pca-n4.npy" in sheet.texts[0].get_text()
+
+    figure = examples_figure(atlas, DEIT, "random-0", 2, source="dino-l02-pca-n4.npy")
+    unit = rows[1]  # direction 1 alone has examples: one row, its image and its 3 examples
+    assert [axes.get_title() for axes in figure.axes] == [
+        f"drawn: {unit['activation']:.3g}\nnoise {unit['activation_noise']:.3g} · grey {unit['activation_grey']:.3g}",
+        "#1: 3", "#2: 2", "#3: 1"]
+    assert figure.axes[0].get_ylabel() == "direction 1"
+    with pytest.raises(PipelineError, match="no dataset examples for layer 2"):
+        examples_figure(atlas, DEIT, "random-0", 2)  # the channels have none
+
+    stems = {path.stem for path in write_figures(str(tmp_path / "store"), tmp_path / "figures")}
+    assert stems == {"progression", f"contact-{DEIT}-random-0-l002", f"contact-{DEIT}-random-0-l002-dino-l02-pca-n4",
+                     f"examples-{DEIT}-random-0-l002-dino-l02-pca-n4"}
+    labels = [axes.get_ylabel() for axes in progression_figure(atlas).axes if axes.get_ylabel()]
+    assert labels == [f"{DEIT}\nrandom-0", f"{DEIT}\nrandom-0\ndirections dino-l02-pca-n4.npy"]

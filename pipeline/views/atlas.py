@@ -53,9 +53,9 @@ import pyarrow.dataset as ds
 from pipeline.errors import PipelineError
 from pipeline.store.png import PngDecodeError, decode_png, encode_texture_png
 from pipeline.store.schemas import EXAMPLES
-from pipeline.views.pages import (JOINED, MEASURED_SHOWN, PAGE_COLUMNS, as_shown, feature_page, group_models,
-                                  index_page, model_pages, render, repair_hint, search_index)
-from pipeline.views.readers import AtlasStore, open_store
+from pipeline.views.pages import (JOINED, MEASURED_SHOWN, PAGE_COLUMNS, as_shown, directions_file, feature_page,
+                                  group_models, index_page, model_pages, render, repair_hint, search_index)
+from pipeline.views.readers import AtlasStore, examples_by_key, open_store
 from pipeline.views.slugs import check_names, key_slug, site_file
 from pipeline.views.thumbnails import example_overlay, placeholder_thumbnail, thumbnail_pixels
 
@@ -182,20 +182,17 @@ class _Examples:
     def for_keys(self, keys: list[str]) -> dict[str, list[dict]]:
         if self.dataset is None or not keys:
             return {}
-        table = self.dataset.to_table(filter=ds.field("key").isin(pa.array(keys, type=pa.string())),
-                                      columns=EXAMPLES.schema.names)
-        found: dict[str, list[dict]] = defaultdict(list)
-        for row in table.to_pylist():
-            found[row["key"]].append(row)
-        return {key: sorted(rows, key=lambda r: r["rank"]) for key, rows in found.items()}
+        return examples_by_key(self.dataset.to_table(filter=ds.field("key").isin(pa.array(keys, type=pa.string())),
+                                                     columns=EXAMPLES.schema.names))
 
 
 def _unit_configs(rows) -> dict[str, list[dict]]:
     """key -> the same unit under each config of the store, itself included, captioned with what differs;
-    only for units the store holds under more than one config."""
+    only for units the store holds under more than one config. Row 0 of a directions file is not channel 0,
+    nor row 0 of another file: the file is part of what the unit is."""
     units: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        units[tuple(row[name] for name in UNIT_FIELDS)].append(row)
+        units[(*(row[name] for name in UNIT_FIELDS), directions_file(row["config"]))].append(row)
     configs = {}
     for same in units.values():
         if len(same) < 2:

@@ -9,15 +9,19 @@
   the layer; each panel is that layer's most strongly activated visualized feature,
   and a row without the layer leaves its cell empty, so a column is one depth.
   Rows of random weights say that they are a baseline expected to look like noise.
-- ``contact-<model>-<weights>-l<layer>.{png,pdf}``: a contact sheet per layer, every
-  visualized feature of that layer in feature order (the first MAX_CONTACT_FEATURES).
+- ``contact-<model>-<weights>-l<layer>[-<directions>].{png,pdf}``: a contact sheet per layer, every
+  visualized feature of that layer in feature order (the first MAX_CONTACT_FEATURES); the rows of a
+  directions file (``target.directions``) get a sheet of their own, named after the file.
+- ``examples-<model>-<weights>-l<layer>[-<directions>].{png,pdf}``: beside each unit's image (its
+  activation captioned with uniform noise's and mean grey's), the dataset images that excite it most
+  (``vit-atlas examples``); drawn for the layers whose units have examples.
 - ``descriptors-depth.{png,pdf}``: each image descriptor (docs/store.md) against depth, one
   panel per descriptor: per (model, weights) the median over the layer's records (every
   feature, seed and config) with the interquartile range shaded, at relative depth
   layer / (L - 1) so that models of different depths overlay. Drawn when the store holds
   measured records (v2; ``vit-atlas describe`` measures older ones) of >= 2 layers.
 
-Where several records share (model, weights, layer, feature) (seeds, configs),
+Where several records share (model, weights, layer, unit) (seeds, configs),
 the one with the highest activation is shown. A record whose PNG does not decode
 is drawn as a labelled placeholder, with a warning naming it and the repair. The
 figure builders return the matplotlib Figure before anything is saved, so callers
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -37,7 +41,7 @@ from pipeline.errors import PipelineError
 from pipeline.models.weights_id import short_id
 from pipeline.store.png import PngDecodeError, decode_png
 from pipeline.store.schemas import DESCRIPTOR_COLUMNS
-from pipeline.views.pages import repair_hint, weights_kind, weights_order
+from pipeline.views.pages import directions_file, repair_hint, weights_kind, weights_order
 from pipeline.views.slugs import model_slug
 from pipeline.views.readers import AtlasStore, open_store
 
@@ -46,11 +50,16 @@ log = logging.getLogger(__name__)
 MAX_CONTACT_FEATURES = 64
 PANEL_INCHES = 1.3
 RANDOM_CAPTION = "random weights: expected noise"
-_SELECT_COLUMNS = ["key", "model", "weights", "layer", "feature", "activation"]
+MAX_EXAMPLE_UNITS = 8  # rows of an examples figure: a layer's first units (in feature order) with examples
+MAX_EXAMPLES_SHOWN = 6  # each unit's top dataset examples beside its image
+_SELECT_COLUMNS = ["key", "model", "weights", "layer", "feature", "activation", "activation_noise",
+                   "activation_grey", "config"]
 
 
 def _best_per_feature(atlas: AtlasStore, models: list[str] | None, target: str) -> list[dict]:
-    """One record per (model, weights, layer, feature): the highest activation, ties broken by key."""
+    """One record per (model, weights, layer, source, feature): the highest activation, ties broken by key.
+    ``source`` (added to each row) is the directions file whose rows the units are, None for channels: row 3 of
+    a PCA is not channel 3, so the two never stand for each other."""
     table = atlas.table(columns=_SELECT_COLUMNS, model=models, target=target)
     if not table.num_rows:
         scope = f"models {', '.join(models)}" if models else "any model"
@@ -60,8 +69,14 @@ def _best_per_feature(atlas: AtlasStore, models: list[str] | None, target: str) 
         )
     best: dict[tuple, dict] = {}
     for row in sorted(table.to_pylist(), key=lambda r: (-r["activation"], r["key"])):
-        best.setdefault((row["model"], row["weights"], row["layer"], row["feature"]), row)
-    return sorted(best.values(), key=lambda r: (r["model"], r["weights"], r["layer"], r["feature"]))
+        row["source"] = directions_file(row["config"])
+        best.setdefault((row["model"], row["weights"], row["layer"], row["source"] or "", row["feature"]), row)
+    return sorted(best.values(), key=lambda r: (r["model"], r["weights"], r["layer"], r["source"] or "", r["feature"]))
+
+
+def _unit(row: dict) -> str:
+    """A panel's short name of its unit: f3 (channel 3) or d3 (row 3 of a directions file)."""
+    return f"{'d' if row['source'] else 'f'}{row['feature']}"
 
 
 def _images(atlas: AtlasStore, rows: list[dict]) -> dict[str, np.ndarray | None]:
@@ -105,17 +120,18 @@ def progression_figure(atlas: AtlasStore, models: list[str] | None = None, targe
     rows = _best_per_feature(atlas, models, target)
     ranked: dict[tuple, list[dict]] = {}
     for row in sorted(rows, key=lambda r: (-r["activation"], r["key"])):
-        ranked.setdefault((row["model"], row["weights"], row["layer"]), []).append(row)
+        ranked.setdefault((row["model"], row["weights"], row["source"] or "", row["layer"]), []).append(row)
     strips: dict[tuple, dict[int, dict]] = {}
-    for (model, weights, layer), best in ranked.items():
+    for (model, weights, source, layer), best in ranked.items():
         for rank, row in enumerate(best[:per_layer]):
-            strips.setdefault((model, weights, rank), {})[layer] = row
-    order = sorted(strips, key=lambda item: (item[0], weights_order(item[1]), item[2]))
+            strips.setdefault((model, weights, source, rank), {})[layer] = row
+    order = sorted(strips, key=lambda item: (item[0], weights_order(item[1]), item[2], item[3]))
     layers = sorted({layer for strip in strips.values() for layer in strip})
     images = _images(atlas, [row for strip in strips.values() for row in strip.values()])
 
     # A fixed layout (inches), so the column headers and row captions can be placed before drawing.
-    labels = [f"{model}\n{short_id(weights)}" if rank == 0 else "" for model, weights, rank in order]
+    labels = [f"{model}\n{short_id(weights)}" + (f"\ndirections {source}" if source else "") if rank == 0 else ""
+              for model, weights, source, rank in order]
     left = max(1.2, 0.065 * max(len(line) for label in labels for line in label.split("\n")) + 0.3)
     right, top, bottom, wspace, hspace = 0.15, 0.75, 0.15, 0.08, 0.3
     columns, lines = len(layers), len(order)
@@ -124,15 +140,15 @@ def progression_figure(atlas: AtlasStore, models: list[str] | None = None, targe
     figure = Figure(figsize=(width, height))
     grid = figure.add_gridspec(lines, columns, left=left / width, right=1 - right / width, top=1 - top / height,
                                bottom=bottom / height, wspace=wspace, hspace=hspace)
-    for number, ((model, weights, rank), label) in enumerate(zip(order, labels)):
-        strip = strips[(model, weights, rank)]
+    for number, ((model, weights, source, rank), label) in enumerate(zip(order, labels)):
+        strip = strips[(model, weights, source, rank)]
         first = None
         for column, layer in enumerate(layers):
             if layer not in strip:
                 continue  # this row has no visualization of this layer: the cell stays empty
             axes = figure.add_subplot(grid[number, column])
             row = strip[layer]
-            _panel(axes, images.get(row["key"]), f"layer {layer} · f{row['feature']}")
+            _panel(axes, images.get(row["key"]), f"layer {layer} · {_unit(row)}")
             if first is None:
                 first = (axes, column)
         axes, column = first
@@ -152,15 +168,29 @@ def progression_figure(atlas: AtlasStore, models: list[str] | None = None, targe
     return figure
 
 
-def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int, target: str = "mlp") -> Figure:
-    """Every visualized feature of one layer (the first MAX_CONTACT_FEATURES), in feature order."""
+def _layer_rows(atlas: AtlasStore, model: str, weights: str, layer: int, target: str, source: str | None
+                ) -> list[dict]:
+    """The best record of each unit of one layer (of ``source``'s directions, or channels), in feature order."""
     rows = [row for row in _best_per_feature(atlas, [model], target)
-            if row["weights"] == weights and row["layer"] == layer][:MAX_CONTACT_FEATURES]
+            if row["weights"] == weights and row["layer"] == layer and row["source"] == source]
     if not rows:
+        units = f"records of the directions of {source}" if source else "records"
         raise PipelineError(
-            f"The store at {atlas.root!r} has no {target} records of {model!r} with weights {weights!r} at "
+            f"The store at {atlas.root!r} has no {target} {units} of {model!r} with weights {weights!r} at "
             f"layer {layer}; pick a layer the store holds."
         )
+    return rows
+
+
+def _sheet_title(model: str, weights: str, layer: int, target: str, source: str | None) -> str:
+    return f"{model} · {short_id(weights)} · layer {layer} ({target}{f', directions of {source}' if source else ''})"
+
+
+def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int, target: str = "mlp",
+                         source: str | None = None) -> Figure:
+    """Every visualized unit of one layer (the first MAX_CONTACT_FEATURES), in feature order: channels, or with
+    ``source`` the rows of that directions file (its name, as records cite it)."""
+    rows = _layer_rows(atlas, model, weights, layer, target, source)[:MAX_CONTACT_FEATURES]
     images = _images(atlas, rows)
     columns = math.ceil(math.sqrt(len(rows)))
     lines = math.ceil(len(rows) / columns)
@@ -169,8 +199,48 @@ def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int
         if position >= len(rows):
             figure.delaxes(axes)
             continue
-        _panel(axes, images.get(rows[position]["key"]), f"feature {rows[position]['feature']}")
-    figure.suptitle(f"{model} · {weights} · layer {layer} ({target})", fontsize=9)
+        row = rows[position]
+        _panel(axes, images.get(row["key"]), f"{'direction' if source else 'feature'} {row['feature']}")
+    figure.suptitle(_sheet_title(model, weights, layer, target, source), fontsize=9)
+    return figure
+
+
+def examples_figure(atlas: AtlasStore, model: str, weights: str, layer: int, target: str = "mlp",
+                    source: str | None = None) -> Figure:
+    """Each unit of one layer that has dataset examples (the first MAX_EXAMPLE_UNITS, in feature order), a row
+    each: its visualization, captioned with its activation beside uniform noise's and mean grey's, then its top
+    MAX_EXAMPLES_SHOWN examples (``vit-atlas examples``), each with its activation."""
+    rows = _layer_rows(atlas, model, weights, layer, target, source)
+    examples = atlas.examples(row["key"] for row in rows)
+    rows = [row for row in rows if row["key"] in examples][:MAX_EXAMPLE_UNITS]
+    if not rows:
+        raise PipelineError(
+            f"The store at {atlas.root!r} has no dataset examples for layer {layer} of {model!r} ({short_id(weights)}"
+            f"). Run `vit-atlas examples store.root={atlas.root} images.path=DIR` first."
+        )
+    images = _images(atlas, rows)
+    columns = 1 + min(MAX_EXAMPLES_SHOWN, max(len(examples[row["key"]]) for row in rows))
+    figure = Figure(figsize=(PANEL_INCHES * columns + 0.8, (PANEL_INCHES + 0.35) * len(rows) + 0.5),
+                    layout="constrained")
+    for row, panels in zip(rows, figure.subplots(len(rows), columns, squeeze=False)):
+        noise, grey = row["activation_noise"], row["activation_grey"]
+        baselines = "" if noise is None or grey is None else f"\nnoise {noise:.3g} · grey {grey:.3g}"
+        _panel(panels[0], images.get(row["key"]), f"drawn: {row['activation']:.3g}{baselines}")
+        panels[0].set_ylabel(f"{'direction' if source else 'feature'} {row['feature']}", fontsize=8)
+        found = examples[row["key"]][:columns - 1]
+        for axes, example in zip(panels[1:], found):
+            try:
+                pixels = decode_png(example["thumbnail"])
+            except PngDecodeError as error:
+                log.warning("The dataset example %r (rank %s) of record %r has a thumbnail that does not decode: "
+                            "%s. Re-run `vit-atlas examples` to recompute it.", example["image_id"],
+                            example["rank"], row["key"], error)
+                pixels = None
+            _panel(axes, pixels, f"#{example['rank'] + 1}: {example['activation']:.3g}")
+        for axes in panels[1 + len(found):]:
+            figure.delaxes(axes)
+    figure.suptitle(f"{_sheet_title(model, weights, layer, target, source)}: each unit drawn, then the dataset "
+                    "images that excite it most", fontsize=9)
     return figure
 
 
@@ -225,10 +295,19 @@ def write_figures(store_root: str, out: str | Path, models: list[str] | None = N
         raise PipelineError(f"The figures output {str(out)!r} is a file, not a directory. Choose a directory for out=.")
     out.mkdir(parents=True, exist_ok=True)
     written = _save(progression_figure(atlas, models, target, per_layer), out / "progression")
-    sheets = sorted({(r["model"], r["weights"], r["layer"]) for r in _best_per_feature(atlas, models, target)})
-    for model, weights, layer in sheets:
-        name = f"contact-{model_slug(model)}-{model_slug(weights)}-l{layer:03d}"
-        written += _save(contact_sheet_figure(atlas, model, weights, layer, target), out / name)
+    rows = _best_per_feature(atlas, models, target)
+    with_examples = set(atlas.examples(row["key"] for row in rows))
+    sheets: dict[tuple, bool] = {}  # (model, weights, layer, source) -> whether any of its units has examples
+    for row in rows:
+        sheet = (row["model"], row["weights"], row["layer"], row["source"])
+        sheets[sheet] = sheets.get(sheet, False) or row["key"] in with_examples
+    for (model, weights, layer, source), examples in sorted(sheets.items(), key=lambda item: (*item[0][:3],
+                                                                                                item[0][3] or "")):
+        name = (f"{model_slug(model)}-{model_slug(weights)}-l{layer:03d}"
+                + (f"-{model_slug(PurePath(source).stem)}" if source else ""))
+        written += _save(contact_sheet_figure(atlas, model, weights, layer, target, source), out / f"contact-{name}")
+        if examples:
+            written += _save(examples_figure(atlas, model, weights, layer, target, source), out / f"examples-{name}")
     depth = descriptor_depth_figure(atlas, models, target)
     if depth is None:
         log.warning("No descriptor-vs-depth figure: the records of %s measured (record schema v2) span fewer than "

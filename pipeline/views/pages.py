@@ -18,6 +18,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import PurePath
 
 import jinja2
 import markupsafe
@@ -108,6 +109,22 @@ def _variant_title(variant: tuple) -> str:
     return f"weights {weights} · target {target} · objective {objective} · config {config_hash}"
 
 
+def directions_file(config: str) -> str | None:
+    """The name of the directions file whose row a record's unit is (``target.directions``), from the record's
+    config; None for a unit that is a channel."""
+    try:
+        directions = json.loads(config).get("directions")
+    except (json.JSONDecodeError, TypeError, AttributeError):
+        return None
+    return PurePath(directions["path"]).name if isinstance(directions, dict) and directions.get("path") else None
+
+
+def unit_name(row: dict) -> str:
+    """What a record's unit is, in words: 'feature N' (a channel) or 'direction N of FILE' (row N of a file)."""
+    source = directions_file(row["config"])
+    return f"direction {row['feature']} of {source}" if source else f"feature {row['feature']}"
+
+
 def weights_kind(weights: str) -> str:
     """pretrained | file | planted | random | other, from a record's weights id."""
     found = WeightsId.parse_or_none(weights)
@@ -149,7 +166,9 @@ def model_pages(model: str, variants: dict[tuple, list[dict]],
             cells[row["layer"]][row["feature"]].append(row)
         layers = sorted(cells)
         features = sorted({feature for layer in cells.values() for feature in layer})
-        section = {"title": _variant_title(variant), "note": _weights_note(variant[0]), "images": len(rows),
+        source = directions_file(rows[0]["config"])  # one config hash: one directions file, or none
+        title = _variant_title(variant) + (f" · units: the directions of {source}" if source else "")
+        section = {"title": title, "note": _weights_note(variant[0]), "images": len(rows),
                    "layers": layers, "features": features, "paged": False, "rows": None, "pages": None}
         if len(rows) <= MODEL_PAGE_IMAGES:
             section["rows"] = [_grid_row(layer, features, cells[layer], unreadable) for layer in layers]
@@ -193,7 +212,8 @@ def _cell_values(rows: list[dict]) -> dict[str, str]:
 
 def feature_page(row: dict, examples: list[dict], unreadable: str | None = None,
                   configs: list[dict] = ()) -> str:
-    title = f"{row['model']} · layer {row['layer']} · feature {row['feature']}"
+    unit = unit_name(row)
+    title = f"{row['model']} · layer {row['layer']} · {unit}"
     try:
         config = json.dumps(json.loads(row["config"]), indent=2, sort_keys=True)
     except (json.JSONDecodeError, TypeError):
@@ -201,7 +221,7 @@ def feature_page(row: dict, examples: list[dict], unreadable: str | None = None,
     return render(
         "feature.html", title=f"{title} · vit-atlas", up="../", scripts=(), row=row, heading=title,
         slug=key_slug(row["key"]), model_slug=model_slug(row["model"]), note=_weights_note(row["weights"]),
-        unreadable=unreadable, repair_command=repair_command("STORE"),
+        unit=unit, unreadable=unreadable, repair_command=repair_command("STORE"),
         **_lines(row), config=config,
         configs=[{**c, "current": c["key"] == row["key"]} for c in configs], thumb_size=THUMB_SIZE,
         examples=[{"rank": int(e["rank"]), "image_id": e["image_id"], "activation": e["activation"]} for e in examples],

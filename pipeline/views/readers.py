@@ -196,6 +196,16 @@ class AtlasStore:
                               & ds.field("key").isin(pa.array(sorted(set(keys)), pa.string())))
         return dict(zip(found["key"].to_pylist(), found["activation"].to_pylist()))
 
+    def examples(self, keys: Iterable[str]) -> dict[str, list[dict]]:
+        """Per key with dataset examples (``vit-atlas examples``), its rows of the examples table (thumbnail and
+        activation map included), most activating first; a key without examples is absent."""
+        examples = self.store.table(EXAMPLES)
+        keys = sorted(set(keys))
+        if not examples.done() or not keys:
+            return {}
+        return examples_by_key(examples.read(columns=EXAMPLES.schema.names, filter=ds.field("key").isin(
+            pa.array(keys, pa.string()))))
+
     def table(self, *, with_images: bool = False, columns: list[str] | None = None,
               **filters: FilterValue) -> pa.Table:
         """Matching records, sorted by model, layer, feature and key; ``png`` only if asked for."""
@@ -294,6 +304,14 @@ class AtlasStore:
         features["image"] = datasets.Image()
         return datasets.Dataset(datasets.table.InMemoryTable(table.cast(features.arrow_schema)),
                                 info=datasets.DatasetInfo(features=features))
+
+
+def examples_by_key(table: pa.Table) -> dict[str, list[dict]]:
+    """Rows of the examples table grouped by key, each key's most activating first."""
+    found: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        found.setdefault(row["key"], []).append(row)
+    return {key: sorted(rows, key=lambda r: r["rank"]) for key, rows in found.items()}
 
 
 def _embedding_matrices(embeddings: pa.ChunkedArray, groups: list[tuple], sizes: dict[tuple, int]
