@@ -79,10 +79,14 @@ def test_pca_explains_the_variance_a_direct_svd_finds_and_a_rerun_does_nothing(t
     code, out, err = run(capsys, *args)
     assert code == 0, err
     path = printed_path(out)
-    assert path.suffix == ".npy" and path.parent == tmp_path / "store" / "directions"
-    components = np.load(path)
-    assert components.dtype == np.float32 and components.shape == (8, 768)
-    np.testing.assert_allclose(np.linalg.norm(components, axis=1), 1, atol=1e-5)
+    assert path.suffix == ".safetensors" and path.parent == tmp_path / "store" / "directions"
+    with safe_open(str(path), "pt") as f:
+        encoder = {name: f.get_tensor(name).double() for name in f.keys()}
+    assert {name: tuple(t.shape) for name, t in encoder.items()} == {
+        "W_enc": (768, 8), "b_enc": (8,), "W_dec": (8, 768), "b_dec": (768,)}
+    components = encoder["W_dec"]
+    torch.testing.assert_close(encoder["W_enc"], components.T)
+    torch.testing.assert_close(components.norm(dim=1), torch.ones(8, dtype=torch.float64), atol=1e-5, rtol=0)
 
     tokens = direct_tokens(images, 1)
     centred = tokens - tokens.mean(0)
@@ -91,9 +95,15 @@ def test_pca_explains_the_variance_a_direct_svd_finds_and_a_rerun_does_nothing(t
     provenance = json.loads(path.with_suffix(".json").read_text())
     np.testing.assert_allclose(provenance["fit"]["explained_variance_ratio"], ratios.numpy(), rtol=1e-3, atol=1e-5)
     assert provenance["fit"]["explained_variance"] == pytest.approx(float(ratios.sum()), rel=1e-4)
-    # The same directions, up to sign (the leading ones, whose variances are well apart).
-    overlap = np.abs((vectors[:4].numpy() * components[:4].astype(np.float64)).sum(1))
-    np.testing.assert_allclose(overlap, 1, atol=1e-3)
+    # The same directions up to sign (the leading ones, whose variances are well apart) ...
+    overlap = (vectors[:4] * components[:4]).sum(1)
+    torch.testing.assert_close(overlap.abs(), torch.ones(4, dtype=torch.float64), atol=1e-3, rtol=0)
+    # ... and a unit is a component's score, the centred token's projection, turned to the long tail of the
+    # scores over these tokens (their third moment positive).
+    torch.testing.assert_close(encoder["b_dec"], tokens.mean(0), atol=1e-4, rtol=1e-4)
+    units = (tokens - encoder["b_dec"]) @ encoder["W_enc"] + encoder["b_enc"]
+    torch.testing.assert_close(units[:, :4], centred @ vectors[:4].T * overlap.sign(), atol=1e-3, rtol=1e-3)
+    assert (units.mean(0).abs() < 1e-3 * units.std(0)).all() and (units.pow(3).mean(0) > 0).all()
     assert provenance["images"]["tokens"] == tokens.shape[0] == 6 * 196
     assert len(provenance["images"]["per_image"]) == 6
     assert provenance["weights"] == "random-0" and provenance["layer"] == 1 and provenance["target"] == "mlp"

@@ -4,8 +4,12 @@ Both fit token vectors x (d features of one target at one layer, one row per pat
 
 * :func:`pca`: the top n principal components, from the mean and covariance summed in
   float64 part by part (:class:`Moments`), so the tokens never need to be in memory at
-  once; each component is a unit row, its sign fixed so that its largest coordinate is
-  positive (the same tokens give the same matrix);
+  once; each component is a unit row. A component's unit is its score, the projection of
+  the centred token ``(x - mean) @ v``: uncentred, a component's projection carries the
+  mean's, which noise and flat grey share with every photo. Its sign is a convention
+  (eigenvectors have none): :func:`skew_signs` turns each component towards the long tail
+  of its scores (positive third moment over the tokens), the side where few tokens score
+  high, as a neuron or an SAE latent fires: the side a visualization should drive;
 * :func:`train_topk_sae`: a top-k sparse autoencoder (Gao et al. 2024, "Scaling and
   evaluating sparse autoencoders"): pre-activations ``(x - b_dec) @ W_enc + b_enc``, of
   which the k largest are kept after a ReLU, decoded by ``z @ W_dec + b_dec`` (from the k
@@ -22,7 +26,7 @@ sum ||x - x_hat||^2 / sum ||x - mean||^2, so 0 is a perfect reconstruction).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,15 +71,39 @@ class PcaFit:
         return float(self.explained_variance_ratio.sum())
 
 
+    def scores(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, d) token vectors -> (N, n) their components' scores, ``(x - mean) @ components.T``, in float64."""
+        return (tokens.double() - self.mean.double()) @ self.components.double().T
+
+    def flipped(self, signs: torch.Tensor) -> "PcaFit":
+        """The same fit with component i multiplied by ``signs[i]`` (+1 or -1)."""
+        return PcaFit((self.components * signs.view(-1, 1)).contiguous(), self.explained_variance_ratio, self.mean)
+
+    def encoder(self) -> dict[str, torch.Tensor]:
+        """The fit as the SAE encoder layout the sweep reads (pipeline.models.directions): ``W_enc`` (d, n) and
+        ``b_dec`` (d) so that unit i, ``(x - b_dec) @ W_enc[:, i] + b_enc[i]``, is component i's score; ``W_dec``
+        (n, d) so that ``scores @ W_dec + b_dec`` reconstructs the tokens from the kept components."""
+        return {"W_enc": self.components.T.contiguous(), "b_enc": torch.zeros(self.components.shape[0]),
+                "W_dec": self.components.contiguous(), "b_dec": self.mean.contiguous()}
+
+
 def pca(moments: Moments, n: int) -> PcaFit:
-    """The top ``n`` principal components of the tokens summed into ``moments``."""
+    """The top ``n`` principal components of the tokens summed into ``moments`` (signs as eigh gives them:
+    :func:`skew_signs` fixes them)."""
     mean, covariance = moments.covariance()
     variances, vectors = torch.linalg.eigh(covariance)  # ascending
     variances, vectors = variances.flip(0)[:n].clamp(min=0), vectors.flip(1)[:, :n].T
-    largest = vectors.abs().argmax(1, keepdim=True)
-    vectors = vectors * vectors.gather(1, largest).sign()
     total = covariance.diagonal().sum()
     return PcaFit(vectors.float().contiguous(), (variances / total).float(), mean.float())
+
+
+def skew_signs(fit: PcaFit, parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per component, +1 or -1: the sign that makes the third moment of its scores over the tokens (given a
+    part at a time) positive, so that its long tail is its positive side (+1 where the moment is 0)."""
+    third = torch.zeros(fit.components.shape[0], dtype=torch.float64)
+    for tokens in parts:
+        third += fit.scores(tokens).pow(3).sum(0)
+    return torch.where(third < 0, -1.0, 1.0)
 
 
 class TopKSAE(nn.Module):

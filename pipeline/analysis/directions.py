@@ -6,9 +6,10 @@ Fits ``n`` directions (pipeline.analysis.dictionary: PCA components, or the late
 top-k sparse autoencoder) to the patch-token vectors of one model's ``target.kind``
 activations at ``layer`` over an image set, and writes the matrix into the store:
 
-    directions/<name>.npy             pca: float32 (n, d), one unit-norm direction per row
-    directions/<name>.safetensors     topk_sae: float32 W_enc (d, n), b_enc (n), W_dec (n, d), b_dec (d)
-                                      (latent i's unit: (x - b_dec) @ W_enc[:, i] + b_enc[i])
+    directions/<name>.safetensors     float32 W_enc (d, n), b_enc (n), W_dec (n, d), b_dec (d); unit i is
+                                      (x - b_dec) @ W_enc[:, i] + b_enc[i]: for topk_sae latent i's
+                                      pre-activation, for pca component i's score (W_enc's columns the
+                                      unit-norm components, b_dec the tokens' mean, b_enc 0)
     directions/<name>.json            provenance: images and their digests, weights id, layer, target,
                                       method, seed, and the fit's explained variance or reconstruction error
 
@@ -26,13 +27,11 @@ again does nothing but print where its matrix is.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import re
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -47,7 +46,10 @@ from pipeline.models import zoo
 from pipeline.store.schemas import DIRECTION_FITS, direction_tokens
 from pipeline.store.store import PartTable, Store
 
-FORMAT = "vit-atlas/directions/v1"
+# v2: a pca fit is written as an encoder of centred scores, each component turned to its long tail (v1: a .npy
+# of the components, projections uncentred, signs by the largest coordinate). The fit's id includes it, so a
+# v1 fit is not taken for a v2 one.
+FORMAT = "vit-atlas/directions/v2"
 SAFETENSORS_KEY = "vit-atlas"  # the provenance JSON, also inside a .safetensors file's metadata
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
 
@@ -68,7 +70,7 @@ def run_directions(cfg: DirectionsConfig) -> int:
     gather_id = _digest(cfg.model.name, choice.weights_id, choice.img_size, cfg.layer, cfg.target.kind,
                         image_set.fingerprint(), cfg.slice_size, sampled)
     method = [cfg.sae.k, cfg.sae.steps, cfg.sae.batch_size, cfg.sae.lr] if cfg.method == "topk_sae" else None
-    fit_id = _digest(gather_id, cfg.method, cfg.n, cfg.seed, method)
+    fit_id = _digest(gather_id, cfg.method, cfg.n, cfg.seed, method, FORMAT)
     fits = store.table(DIRECTION_FITS)
     if fit_id in fits.done():
         path = fits.read({fit_id}, columns=["path"])["path"][0].as_py()
@@ -90,14 +92,14 @@ def run_directions(cfg: DirectionsConfig) -> int:
         "images": _images_provenance(cfg, image_set, tokens, parts),
     }
     if cfg.method == "pca":
-        data, provenance["fit"] = _fit_pca(tokens, parts, width, cfg.n)
+        data, provenance["fit"] = _fit_pca(tokens, parts, width, cfg.n, provenance)
         quality = f"explained variance {provenance['fit']['explained_variance']:.4f}"
     else:
         data, provenance["fit"] = _fit_sae(tokens, parts, width, cfg, provenance)
         quality = f"reconstruction FVU {provenance['fit']['fvu']:.4f}"
     # The matrix and its provenance first, the fit's part last: its presence is what says the job is done.
     name = f"{_UNSAFE.sub('_', cfg.model.name)}-{cfg.target.kind}-l{cfg.layer:02d}-{cfg.method}-n{cfg.n}-{fit_id}"
-    path = store.write_artifact(f"directions/{name}.{'npy' if cfg.method == 'pca' else 'safetensors'}", data)
+    path = store.write_artifact(f"directions/{name}.safetensors", data)
     about = store.write_artifact(f"directions/{name}.json", (json.dumps(provenance, indent=1) + "\n").encode())
     fits.write(fit_id, pa.table({
         "fit_id": [fit_id], "path": [path], "model": [cfg.model.name], "weights": [choice.weights_id],
@@ -185,15 +187,17 @@ def _images_provenance(cfg: DirectionsConfig, image_set: images_lib.ImageSet, to
             "per_image": dict(zip(table["image_id"].to_pylist(), table["pixels_sha256"].to_pylist()))}
 
 
-def _fit_pca(tokens: PartTable, parts: list[str], width: int, n: int) -> tuple[bytes, dict]:
+def _fit_pca(tokens: PartTable, parts: list[str], width: int, n: int, provenance: dict) -> tuple[bytes, dict]:
+    from safetensors.torch import save
+
     moments = dictionary.Moments(width)
-    for part in parts:  # one part in memory at a time
+    for part in parts:  # one part in memory at a time, here and for the signs
         moments.add(_vectors(tokens, part, width))
     fit = dictionary.pca(moments, n)
-    buffer = io.BytesIO()
-    np.save(buffer, fit.components.numpy(), allow_pickle=False)
-    return buffer.getvalue(), {"explained_variance": fit.explained_variance,
-                               "explained_variance_ratio": [round(float(v), 6) for v in fit.explained_variance_ratio]}
+    fit = fit.flipped(dictionary.skew_signs(fit, (_vectors(tokens, part, width) for part in parts)))
+    about = {"explained_variance": fit.explained_variance,
+             "explained_variance_ratio": [round(float(v), 6) for v in fit.explained_variance_ratio]}
+    return save(fit.encoder(), metadata={SAFETENSORS_KEY: json.dumps({**provenance, "fit": about}, sort_keys=True)}), about
 
 
 def _fit_sae(tokens: PartTable, parts: list[str], width: int, cfg: DirectionsConfig,
