@@ -1,7 +1,5 @@
 """``python -m pipeline COMMAND ...``: the same as the ``vit-atlas`` script."""
 
-import sys
+from pipeline.cli import script
 
-from pipeline.cli import main
-
-sys.exit(main())
+script()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import gc
 import itertools
 import logging
 import os
@@ -29,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from pipeline import config
 from pipeline.commands import COMMANDS, Command
@@ -485,6 +486,19 @@ def _comments(name: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- the vit-atlas script
+
+def script() -> NoReturn:
+    """The ``vit-atlas`` script and ``python -m pipeline``: :func:`main`, then the process's exit.
+
+    Before it, every object made so far is frozen out of the garbage collector (``gc.freeze``): Python's last
+    collections would otherwise walk the whole heap of a process that imported torch, timm, Ray and pyarrow,
+    about a CPU second at every command's end (docs/benchmarks.md) that frees nothing the exit does not. The
+    exit itself is ordinary: ``atexit`` handlers (Ray's shutdown among them) and threads are finished as
+    always. Only here, never in :func:`main`, which tests and other programs call in their own process."""
+    status = main()
+    gc.freeze()
+    sys.exit(status)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``vit-atlas COMMAND [ARGS...]``: run one of the commands (``vit-atlas --help`` lists them)."""

@@ -451,7 +451,7 @@ def test_the_wheel_holds_every_config_file_and_the_vit_atlas_script(tmp_path):
     expected = {f"pipeline/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
     assert len(expected) >= 15 and expected <= names, sorted(expected - names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "vit-atlas = pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "vit-atlas = pipeline.cli:script" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_config_directory_is_found_through_the_package():
