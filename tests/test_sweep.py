@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -511,56 +512,40 @@ def test_a_failing_flop_count_and_a_failing_calibration_do_not_stop_the_sweep(
 
 
 class LoggingWorker(VisualizationWorker):
-    """Writes each call it runs, and the models it holds then, to ``directory``/<its pid>."""
+    """Writes each call it runs (what, on which features, from when to when) to ``directory``/<its pid>."""
 
     directory = ""
 
-    def _log(self, call: str) -> None:
+    def _logged(self, call: str, features, work):
+        started = time.monotonic()  # one clock for every process of the machine
+        result = work()
         with open(os.path.join(self.directory, str(os.getpid())), "a") as log:
-            log.write(f"{call} {len(self._models)}\n")
+            log.write(json.dumps([call, list(features), started, time.monotonic()]) + "\n")
+        return result
 
-    def load(self, group):
-        super().load(group)
-        self._log("load")
-
-    def calibrate(self, *args):
-        self._log("calibrate")
-        return super().calibrate(*args)
+    def calibrate(self, group, *args):
+        return self._logged("calibrate", (), lambda: super(LoggingWorker, self).calibrate(group, *args))
 
     def run(self, chunk):
-        self._log("run")
-        return super().run(chunk)
+        return self._logged("run", chunk.features, lambda: super(LoggingWorker, self).run(chunk))
 
 
-def test_while_the_first_worker_calibrates_the_others_build_the_model_their_first_chunk_needs(
-        ray_local, compose, tmp_path, monkeypatch):
+def test_while_the_first_worker_calibrates_the_others_start_on_a_feature_each(ray_local, compose, tmp_path,
+                                                                             monkeypatch):
     ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
     logs = tmp_path / "calls"
     logs.mkdir()
     monkeypatch.setattr(LoggingWorker, "directory", str(logs))
-    cfg = compose("sweep.layers=[0]", "sweep.features=[1,2]", f"store.root={tmp_path / 'store'}", *FAST)
+    cfg = compose("sweep.layers=[0]", "sweep.features=[1,2,3]", f"store.root={tmp_path / 'store'}", *FAST)
     assert run_sweep(cfg, LoggingWorker) == 0
-    calls = sorted(log.read_text().split("\n")[:2] for log in logs.iterdir())
-    # the calibrating worker builds the model itself; the other built it ahead, so its chunk finds it built
-    assert calls == [["calibrate 0", "run 1"], ["load 1", "run 1"]]
-
-
-def test_building_ahead_holds_back_what_a_model_build_can_meet_and_lets_a_defect_through(compose, tmp_path,
-                                                                                          monkeypatch):
-    group = build_plan(compose("sweep.layers=[0]", "sweep.features=[1]", f"store.root={tmp_path}", *FAST)).groups[0]
-    worker = VisualizationWorker("cpu")
-    def failing_with(error):
-        def visualizer(self, chunk):
-            raise error
-        return visualizer
-
-    for error in (PipelineError("not a checkpoint"), FileNotFoundError("gone"), torch.OutOfMemoryError("full")):
-        monkeypatch.setattr(VisualizationWorker, "visualizer", failing_with(error))
-        assert worker.load(group) is None  # its first chunk builds the model again and reports why
-    # a defect (the merged code that called a name no longer there) must not hide behind the build ahead
-    monkeypatch.setattr(VisualizationWorker, "visualizer", failing_with(AttributeError("no '_visualizer'")))
-    with pytest.raises(AttributeError):
-        worker.load(group)
+    calibrating, other = sorted(([json.loads(line) for line in log.read_text().splitlines()]
+                                 for log in logs.iterdir()), key=lambda calls: calls[0][0])
+    assert calibrating[0][0] == "calibrate"
+    # the other worker took the group's last feature at once, before the calibration had ended ...
+    assert other[0][:2] == ["run", [3]] and other[0][2] < calibrating[0][3]
+    # ... and the rest, chunked at the calibrated size, ran once each
+    ran = sorted(f for calls in (calibrating, other) for call, features, *_ in calls if call == "run" for f in features)
+    assert ran == [1, 2, 3] and sorted(parquet_keys(tmp_path / "store")) == sorted(build_plan(cfg).keys())
 
 
 def test_estimate_false_measures_nothing_unless_a_choice_is_left_to_measure(compose, tmp_path, capsys,

@@ -255,6 +255,10 @@ def _out_of_space(store: Store, error: OSError, committed_now: int, done_before:
 def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
     """Plan, then run what the store lacks; the exit status says how it ended.
 
+    A Ray that the sweep starts is shut down when it ends, however it ends; one already running (a test's, a
+    notebook's, a cluster joined before) is left as it is. At the interpreter's exit Ray's own shutdown would
+    first sleep half a second for late log lines, after every worker is already gone.
+
     ``worker_class``: what turns chunks into records (scheduler.run_plan; the visualization worker
     unless given).
 
@@ -268,6 +272,18 @@ def run_sweep(cfg: SweepConfig, worker_class: type | None = None) -> int:
       and reported by the entry point as one paragraph); also a driver refused the store's lease,
       or one that lost it while paused (``LeaseLost``): another driver is doing the work.
     """
+    loaded = sys.modules.get("ray")  # not imported yet: not running (and importing it is not a bad input's to pay)
+    running = loaded is not None and loaded.is_initialized()
+    try:
+        return _run_sweep(cfg, worker_class)
+    finally:
+        if not running and "ray" in sys.modules:  # imported since: perhaps started here (a no-op if not)
+            import ray
+
+            ray.shutdown()
+
+
+def _run_sweep(cfg: SweepConfig, worker_class: type | None) -> int:
     store = Store(cfg.store.root)
     store.check_writable()
     store.recover()  # also when there is nothing to do: an interrupted last commit is finished now

@@ -25,6 +25,7 @@ added for the new resources. The same code runs on a laptop
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -243,7 +244,8 @@ class Pool:
 
 def drive(pool: Pool, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectRef],
           on_done: Callable[[T, Any], None], on_failed: Callable[[T, str, int], None],
-          limit: Callable[[int], int], after_wait: Callable[[int, int], bool]) -> None:
+          limit: Callable[[int], int], after_wait: Callable[[int, int], bool],
+          sent: Iterable[tuple[int, T, ray.ObjectRef]] = ()) -> None:
     """Run ``tasks`` on the pool's live workers, least-loaded first, at most ``limit(pool size)`` in flight.
 
     The queue is the driver's. ``on_done`` gets each task's result once, in completion
@@ -251,11 +253,15 @@ def drive(pool: Pool, tasks: Iterable[T], submit: Callable[[Any, T], ray.ObjectR
     latest submission is awaited); ``on_failed`` gets a task that failed with its one-line
     reason and attempts: at once when the worker raised, after ``TASK_RETRIES`` re-runs
     when the worker or the result was lost. ``after_wait`` gets the live and total worker
-    counts after every wait (at least once a second) and returns True to stop early. The
-    actors are killed, and with them any outstanding call, however this returns.
+    counts after every wait (at least once a second) and returns True to stop early. ``sent``:
+    (worker's index in the pool, task, its call) of tasks submitted already, awaited like the
+    others. The actors are killed, and with them any outstanding call, however this returns.
     """
     queue: deque[tuple[T, int]] = deque((task, 0) for task in tasks)  # (task, times its worker was lost)
     in_flight: dict[ray.ObjectRef, tuple[T, int, _Worker]] = {}
+    for number, task, ref in sent:
+        in_flight[ref] = (task, 0, pool.workers[number])
+        pool.workers[number].tasks.append(ref)
     idle_since = time.monotonic()
     try:
         while queue or in_flight:
@@ -355,7 +361,8 @@ def _requeue(pool: Pool, queue: deque, in_flight: dict, ref: ray.ObjectRef, task
 def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, device: str, progress: Progress,
               commit: Callable[[T, Any, RunSummary], None], fail: Callable[[T, str, int, RunSummary], None],
               tick: Callable[[], None] = lambda: None,
-              first: Callable[[list, int], list[T]] | None = None) -> RunSummary:
+              first: Callable[[list, int], tuple[list[T], list[tuple[int, T, ray.ObjectRef]]]] | None = None
+              ) -> RunSummary:
     """Run ``tasks`` on actors of ``worker_class`` (``run(task) -> result``): the one task pool.
 
     Every job (sweep chunks, dataset-example slices, probe slices) runs through here:
@@ -365,8 +372,9 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
     ``cluster.max_failures`` failed units.
 
     ``first``: called with the actors' handles and the pool's size once the actors are made, before any task
-    is sent; it returns the tasks to run instead of ``tasks`` (which then bound the pool's size). A sweep
-    calibrates there, on the first worker, while the others start and build their model.
+    is sent; it returns the tasks to run instead of ``tasks`` (which then bound the pool's size), and those it
+    sent itself meanwhile: (actor's index, task, its call). A sweep calibrates there, on the first worker,
+    while the others start on a feature each.
     """
     summary = RunSummary()
     if not tasks:
@@ -380,9 +388,10 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
         return worker_count(cluster, gpus) if cluster.workers == "auto" else 0
 
     pool = Pool(lambda: remote.remote(*args), min(worker_count(cluster, gpus), len(tasks)), wanted)
+    sent: list[tuple[int, T, ray.ObjectRef]] = []
     if first is not None:
         try:
-            tasks = first([worker.handle for worker in pool.workers], pool.size)
+            tasks, sent = first([worker.handle for worker in pool.workers], pool.size)
         except BaseException:
             pool.kill()
             raise
@@ -398,7 +407,7 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
         return summary.aborted
 
     drive(pool, tasks, lambda actor, task: actor.run.remote(task), lambda task, result: commit(task, result, summary),
-          on_failed, lambda size: in_flight_limit(cluster, size), after_wait)
+          on_failed, lambda size: in_flight_limit(cluster, size), after_wait, sent)
     return summary
 
 
@@ -413,9 +422,10 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
     :class:`~pipeline.execution.worker.ChunkResult`; ``bench/scale.py`` passes one that
     makes records without a model, to load the driver and the store at zoo scale.
     ``calibrate(first actor, workers, most)``, when given, runs on the first worker before any
-    chunk and returns the chunk size to use, at most ``most`` (what keeps every worker busy); the other
-    workers build the model of the plan's costliest group meanwhile (``load``), rather than wait idle and
-    build it for their first chunk.
+    chunk and returns the chunk size to use, at most ``most`` (what keeps every worker busy); meanwhile
+    each other worker runs a chunk of one feature of the plan's costliest group (the group calibrated),
+    building its model on the way, rather than wait idle for a chunk size: on a GPU the batch search can
+    take half a minute, at layer 11 of a CPU sweep seconds. What is left is chunked at the calibrated size.
     """
     start_ray(cluster)
     workers = worker_count(cluster, gpus_per_worker(cluster))
@@ -425,12 +435,15 @@ def run_plan(plan: Plan, done: set[str], chunk_size: int, cluster: ClusterSectio
 
     worker_class = worker_class or VisualizationWorker
 
-    def chunks_after_calibration(actors: list, size: int) -> list[Chunk]:
-        if hasattr(worker_class, "load"):  # bench/scale.py's simulated workers have no model to build
-            group = plan.costliest_group(done)  # the group calibrated, and (most often) the first chunks'
-            for other in actors[1:]:  # an actor runs its calls in order: the load comes before its first chunk
-                other.load.remote(group)
-        return plan.chunks(done, min(calibrate(actors[0], size, min(chunk_size, most)), most))
+    def chunks_after_calibration(actors: list, size: int) -> tuple[list[Chunk], list[tuple[int, Chunk, Any]]]:
+        group = plan.costliest_group(done)  # the group calibrated
+        keys = next(keys for other, keys in plan.keyed_groups() if other is group)
+        last = ((f, key) for f, key in zip(reversed(group.features), reversed(keys)) if key not in done)
+        early = list(itertools.islice(last, size - 1))  # a feature for each worker but the calibrating one
+        sent = [(number, chunk, actors[number].run.remote(chunk))
+                for number, chunk in enumerate((Chunk(group, (f,)) for f, _ in early), 1)]
+        size = min(calibrate(actors[0], size, min(chunk_size, most)), most)
+        return plan.chunks(done | {key for _, key in early}, size), sent
 
     def commit(chunk: Chunk, result, summary: RunSummary) -> None:
         summary.busy_s += result.busy_s

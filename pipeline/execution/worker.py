@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 import pipeline
-from pipeline.errors import PipelineError
 from pipeline.engine import calibrate, parameterizations
 from pipeline.engine.measures import measure
 from pipeline.engine.visualizer import Visualizer, pick_device
@@ -110,16 +109,6 @@ class VisualizationWorker(ModelWorker):
         group = chunk.group
         return self.cached((group.model, group.weights),
                            lambda: Visualizer(group.model, group.weights, self.device))
-
-    def load(self, group: Group) -> None:
-        """Build ``group``'s model now (it stays cached): what a worker does while the first one calibrates,
-        so that its first chunk does not wait for it. A model that cannot be built fails that chunk, which
-        reports why; here it is only not built ahead. Only the failures a build can meet are held back (a bad
-        model or file, a file gone, a device out of memory): any other exception is a defect and surfaces."""
-        try:
-            self.visualizer(Chunk(group, group.features[:1]))
-        except (PipelineError, OSError, torch.OutOfMemoryError):  # the chunk builds it again and reports why
-            pass
 
     def calibrate(self, group: Group, most: int, search: bool) -> Calibration:
         """Measure ``group``'s model on this worker's device: its precision (auto, or how slow an explicit low
