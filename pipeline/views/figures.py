@@ -183,7 +183,7 @@ def _layer_rows(atlas: AtlasStore, model: str, weights: str, layer: int, target:
 
 
 def _sheet_title(model: str, weights: str, layer: int, target: str, source: str | None) -> str:
-    return f"{model} · {short_id(weights)} · layer {layer} ({target}{f', directions of {source}' if source else ''})"
+    return f"{model} · {short_id(weights)} · layer {layer} ({target})" + (f"\ndirections of {source}" if source else "")
 
 
 def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int, target: str = "mlp",
@@ -239,8 +239,8 @@ def examples_figure(atlas: AtlasStore, model: str, weights: str, layer: int, tar
             _panel(axes, pixels, f"#{example['rank'] + 1}: {example['activation']:.3g}")
         for axes in panels[1 + len(found):]:
             figure.delaxes(axes)
-    figure.suptitle(f"{_sheet_title(model, weights, layer, target, source)}: each unit drawn, then the dataset "
-                    "images that excite it most", fontsize=9)
+    figure.suptitle(f"{_sheet_title(model, weights, layer, target, source)}\neach unit drawn (left), then the "
+                    "dataset images that excite it most", fontsize=9)
     return figure
 
 
