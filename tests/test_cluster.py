@@ -231,3 +231,41 @@ def test_a_short_queue_is_shared_with_a_worker_still_starting(ray_local, compose
     summary, done, failed = run_pool(ray_local, compose, SlowSecondWorker, tasks)
     assert summary.done == 2 and not failed
     assert len(set(done)) == 2, f"both chunks ran in one worker (pid {done[0]}) while the other was starting"
+
+
+class SleepingWorker:
+    """Runs a task named ``long`` for 3 s, any other at once."""
+
+    def __init__(self, *args):
+        pass
+
+    def run(self, task: Task) -> str:
+        time.sleep(3.0 if task.name == "long" else 0.0)
+        return task.name
+
+
+def test_a_worker_given_a_task_before_the_queue_counts_as_live_while_it_runs_it(ray_local, compose, tmp_path):
+    """A sweep's ``first`` sends each non-calibrating worker a chunk before the queue starts: that worker is
+    up (it answers its ping before the chunk, calls being answered in order) and counted live meanwhile."""
+    ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import tests/
+    committed, live_before_long = [], []
+
+    class Recording:
+        def update(self, done, failed, workers):
+            if "long" not in committed:
+                live_before_long.append(workers[0])
+
+    def first(handles, size):
+        long = Task("long", 0, str(tmp_path / "long"))
+        return [Task(f"t{i}", 0, str(tmp_path / f"t{i}")) for i in range(3)], [(1, long, handles[1].run.remote(long))]
+
+    def commit(task, result, summary):
+        committed.append(result)
+        summary.done += 1
+
+    cluster = compose("cluster.workers=2", "cluster.cpus_per_worker=0.5").cluster
+    tasks = [Task("placeholder", 0, "")] * 4  # sizes the pool: two workers
+    summary = scheduler.run_tasks(SleepingWorker, tasks, cluster, "cpu", Recording(), commit,
+                                  lambda *args: pytest.fail("nothing fails here"), first=first)
+    assert summary.done == 4 and sorted(committed) == ["long", "t0", "t1", "t2"]
+    assert 2 in live_before_long, f"while it ran its first task the worker did not count as live: {live_before_long}"

@@ -390,6 +390,9 @@ def run_tasks(worker_class: type, tasks: list[T], cluster: ClusterSection, devic
     pool = Pool(lambda: remote.remote(*args), min(worker_count(cluster, gpus), len(tasks)), wanted)
     sent: list[tuple[int, T, ray.ObjectRef]] = []
     if first is not None:
+        # An actor answers its calls in order: pinged after ``first`` sent it a task, it would count as starting
+        # (not live, given no more work) until that task was done.
+        pool.send_pings(time.monotonic())
         try:
             tasks, sent = first([worker.handle for worker in pool.workers], pool.size)
         except BaseException:
