@@ -191,6 +191,10 @@ def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int
     """Every visualized unit of one layer (the first MAX_CONTACT_FEATURES), in feature order: channels, or with
     ``source`` the rows of that directions file (its name, as records cite it)."""
     rows = _layer_rows(atlas, model, weights, layer, target, source)[:MAX_CONTACT_FEATURES]
+    return _contact_sheet(atlas, rows, _sheet_title(model, weights, layer, target, source), source)
+
+
+def _contact_sheet(atlas: AtlasStore, rows: list[dict], title: str, source: str | None) -> Figure:
     images = _images(atlas, rows)
     columns = math.ceil(math.sqrt(len(rows)))
     lines = math.ceil(len(rows) / columns)
@@ -201,7 +205,7 @@ def contact_sheet_figure(atlas: AtlasStore, model: str, weights: str, layer: int
             continue
         row = rows[position]
         _panel(axes, images.get(row["key"]), f"{'direction' if source else 'feature'} {row['feature']}")
-    figure.suptitle(_sheet_title(model, weights, layer, target, source), fontsize=9)
+    figure.suptitle(title, fontsize=9)
     return figure
 
 
@@ -218,6 +222,11 @@ def examples_figure(atlas: AtlasStore, model: str, weights: str, layer: int, tar
             f"The store at {atlas.root!r} has no dataset examples for layer {layer} of {model!r} ({short_id(weights)}"
             f"). Run `vit-atlas examples store.root={atlas.root} images.path=DIR` first."
         )
+    return _examples_sheet(atlas, rows, examples, _sheet_title(model, weights, layer, target, source), source)
+
+
+def _examples_sheet(atlas: AtlasStore, rows: list[dict], examples: dict[str, list[dict]], title: str,
+                    source: str | None) -> Figure:
     images = _images(atlas, rows)
     columns = 1 + min(MAX_EXAMPLES_SHOWN, max(len(examples[row["key"]]) for row in rows))
     figure = Figure(figsize=(PANEL_INCHES * columns + 0.8, (PANEL_INCHES + 0.35) * len(rows) + 0.5),
@@ -239,8 +248,7 @@ def examples_figure(atlas: AtlasStore, model: str, weights: str, layer: int, tar
             _panel(axes, pixels, f"#{example['rank'] + 1}: {example['activation']:.3g}")
         for axes in panels[1 + len(found):]:
             figure.delaxes(axes)
-    figure.suptitle(f"{_sheet_title(model, weights, layer, target, source)}\neach unit drawn (left), then the "
-                    "dataset images that excite it most", fontsize=9)
+    figure.suptitle(f"{title}\neach unit drawn (left), then the dataset images that excite it most", fontsize=9)
     return figure
 
 
@@ -295,19 +303,22 @@ def write_figures(store_root: str, out: str | Path, models: list[str] | None = N
         raise PipelineError(f"The figures output {str(out)!r} is a file, not a directory. Choose a directory for out=.")
     out.mkdir(parents=True, exist_ok=True)
     written = _save(progression_figure(atlas, models, target, per_layer), out / "progression")
+    # The records are read once here, not once a sheet; which units have examples from their rank-0 activations,
+    # without the thumbnails, which are read a sheet at a time.
     rows = _best_per_feature(atlas, models, target)
-    with_examples = set(atlas.examples(row["key"] for row in rows))
-    sheets: dict[tuple, bool] = {}  # (model, weights, layer, source) -> whether any of its units has examples
+    with_examples = set(atlas.top_natural([row["key"] for row in rows]))
+    sheets: dict[tuple, list[dict]] = {}  # (model, weights, layer, source) -> its rows, in _best_per_feature's order
     for row in rows:
-        sheet = (row["model"], row["weights"], row["layer"], row["source"])
-        sheets[sheet] = sheets.get(sheet, False) or row["key"] in with_examples
-    for (model, weights, layer, source), examples in sorted(sheets.items(), key=lambda item: (*item[0][:3],
-                                                                                                item[0][3] or "")):
+        sheets.setdefault((row["model"], row["weights"], row["layer"], row["source"]), []).append(row)
+    for (model, weights, layer, source), members in sheets.items():
+        title = _sheet_title(model, weights, layer, target, source)
         name = (f"{model_slug(model)}-{model_slug(weights)}-l{layer:03d}"
                 + (f"-{model_slug(PurePath(source).stem)}" if source else ""))
-        written += _save(contact_sheet_figure(atlas, model, weights, layer, target, source), out / f"contact-{name}")
-        if examples:
-            written += _save(examples_figure(atlas, model, weights, layer, target, source), out / f"examples-{name}")
+        written += _save(_contact_sheet(atlas, members[:MAX_CONTACT_FEATURES], title, source), out / f"contact-{name}")
+        shown = [row for row in members if row["key"] in with_examples][:MAX_EXAMPLE_UNITS]
+        if shown:
+            examples = atlas.examples(row["key"] for row in shown)
+            written += _save(_examples_sheet(atlas, shown, examples, title, source), out / f"examples-{name}")
     depth = descriptor_depth_figure(atlas, models, target)
     if depth is None:
         log.warning("No descriptor-vs-depth figure: the records of %s measured (record schema v2) span fewer than "

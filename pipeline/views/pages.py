@@ -109,9 +109,11 @@ def _variant_title(variant: tuple) -> str:
     return f"weights {weights} · target {target} · objective {objective} · config {config_hash}"
 
 
+@functools.lru_cache(maxsize=1024)
 def directions_file(config: str) -> str | None:
     """The name of the directions file whose row a record's unit is (``target.directions``), from the record's
-    config; None for a unit that is a channel."""
+    config; None for a unit that is a channel. Cached: a group's records share one config text, and the atlas
+    and figures ask for every record's."""
     try:
         directions = json.loads(config).get("directions")
     except (json.JSONDecodeError, TypeError, AttributeError):
