@@ -2,14 +2,19 @@
 
 The timings are replaced, so each test is a machine where bf16 is faster, slower or emulated, or where a larger
 batch does or does not pay: what auto picks must be the faster one. The model is real (deit_tiny, random
-weights): the probe's shape and the batch bound come from its layout.
+weights): the probe's shape and the batch bound come from its layout. One test times nothing it replaces: oneDNN
+and ATen limited to AVX2, this CPU emulates bf16 as an AVX2 CPU does (~50x slower), and the `sweep` command must
+see it.
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
+from installed_script import vit_atlas
 from pipeline.engine import calibrate
 from pipeline.engine.objectives import parse_objective
 from pipeline.config import paper_optim
@@ -60,6 +65,26 @@ def test_auto_takes_fp32_from_the_probe_alone_where_bf16_is_emulated(visualizer,
     choice = calibrate.choose_precision(visualizer, "auto", 3, "mlp", MEAN, ONE_STEP)
     assert choice.used == "fp32" and timed == []
     assert choice.describe() == "precision auto -> fp32 (bf16 1.2 against fp32 58 GFLOP/s (matmul probe))"
+
+
+# What an AVX2 CPU has: no AVX-512 (BF16) or AMX kernels in oneDNN's matmuls nor in ATen's own.
+AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
+def test_on_a_cpu_limited_to_avx2_the_sweep_command_chooses_fp32_and_names_an_explicit_bf16s_slowdown(tmp_path):
+    one_unit = ["sweep.models=[deit_tiny_patch16_224]", "model.weights=random", "model.img_size=32",
+                "sweep.layers=[0]", "sweep.features=[0]", "optim.steps=1", "optim.copies=1", "cluster.workers=1"]
+    auto = vit_atlas("sweep", *one_unit, f"store.root={tmp_path / 'auto'}", cwd=tmp_path, timeout=300, env=AVX2_ONLY)
+    assert auto.returncode == 0, auto.stdout[-3000:] + auto.stderr[-3000:]
+    line = next(line for line in auto.stdout.splitlines() if line.startswith("calibration on a worker"))
+    assert "cpu (AVX2)" in line and "precision auto -> fp32 (bf16 " in line, line
+    low, fp32 = map(float, re.search(r"bf16 ([\d.,]+) against fp32 ([\d.,]+) GFLOP/s", line).groups())
+    assert low * 5 < fp32, line  # emulated, measured: not a figure the sweep was told
+
+    explicit = vit_atlas("sweep", *one_unit, "optim.precision=bf16", f"store.root={tmp_path / 'bf16'}",
+                         cwd=tmp_path, timeout=300, env=AVX2_ONLY)
+    assert explicit.returncode == 0, explicit.stdout[-3000:] + explicit.stderr[-3000:]
+    assert re.search(r"precision bf16 is [\d.,]+x slower than fp32 on this device", explicit.stdout), explicit.stdout
 
 
 def test_an_explicit_emulated_bf16_runs_and_names_its_slowdown(visualizer, monkeypatch):

@@ -9,13 +9,7 @@ layout, a checkpoint's resampling) shows here, whichever stage it is in.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
+from installed_script import vit_atlas
 from pipeline import cli
 from pipeline.execution.plan import build_plan
 from pipeline.models import zoo
@@ -27,13 +21,6 @@ SMALL = ["deit_tiny_distilled_patch16_224", "coat_lite_tiny", "convit_tiny", "pi
 SWIN = "swin_tiny_patch4_window7_224"
 DINOV2 = "vit_small_patch14_dinov2"  # native 518 px; its file is resampled to 56
 RESIDUAL = "target.kind: residual, sweep.layers: last:1"
-
-
-def vit_atlas(*args: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """The installed `vit-atlas` script, beside this interpreter, as a user runs it."""
-    script = Path(sys.executable).with_name("vit-atlas")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_family_sweeps_every_layer_into_one_store(tmp_path):
