@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Container
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -215,18 +216,22 @@ def examples_figure(atlas: AtlasStore, model: str, weights: str, layer: int, tar
     each: its visualization, captioned with its activation beside uniform noise's and mean grey's, then its top
     MAX_EXAMPLES_SHOWN examples (``vit-atlas examples``), each with its activation."""
     rows = _layer_rows(atlas, model, weights, layer, target, source)
-    examples = atlas.examples(row["key"] for row in rows)
-    rows = [row for row in rows if row["key"] in examples][:MAX_EXAMPLE_UNITS]
+    rows = _units_shown_with_examples(rows, atlas.top_natural([row["key"] for row in rows]))
     if not rows:
         raise PipelineError(
             f"The store at {atlas.root!r} has no dataset examples for layer {layer} of {model!r} ({short_id(weights)}"
             f"). Run `vit-atlas examples store.root={atlas.root} images.path=DIR` first."
         )
-    return _examples_sheet(atlas, rows, examples, _sheet_title(model, weights, layer, target, source), source)
+    return _examples_sheet(atlas, rows, _sheet_title(model, weights, layer, target, source), source)
 
 
-def _examples_sheet(atlas: AtlasStore, rows: list[dict], examples: dict[str, list[dict]], title: str,
-                    source: str | None) -> Figure:
+def _units_shown_with_examples(rows: list[dict], with_examples: Container[str]) -> list[dict]:
+    """The first MAX_EXAMPLE_UNITS of ``rows`` whose keys have dataset examples: an examples sheet's rows."""
+    return [row for row in rows if row["key"] in with_examples][:MAX_EXAMPLE_UNITS]
+
+
+def _examples_sheet(atlas: AtlasStore, rows: list[dict], title: str, source: str | None) -> Figure:
+    examples = atlas.examples(row["key"] for row in rows)  # thumbnails: of the units shown only
     images = _images(atlas, rows)
     columns = 1 + min(MAX_EXAMPLES_SHOWN, max(len(examples[row["key"]]) for row in rows))
     figure = Figure(figsize=(PANEL_INCHES * columns + 0.8, (PANEL_INCHES + 0.35) * len(rows) + 0.5),
@@ -315,10 +320,9 @@ def write_figures(store_root: str, out: str | Path, models: list[str] | None = N
         name = (f"{model_slug(model)}-{model_slug(weights)}-l{layer:03d}"
                 + (f"-{model_slug(PurePath(source).stem)}" if source else ""))
         written += _save(_contact_sheet(atlas, members[:MAX_CONTACT_FEATURES], title, source), out / f"contact-{name}")
-        shown = [row for row in members if row["key"] in with_examples][:MAX_EXAMPLE_UNITS]
+        shown = _units_shown_with_examples(members, with_examples)
         if shown:
-            examples = atlas.examples(row["key"] for row in shown)
-            written += _save(_examples_sheet(atlas, shown, examples, title, source), out / f"examples-{name}")
+            written += _save(_examples_sheet(atlas, shown, title, source), out / f"examples-{name}")
     depth = descriptor_depth_figure(atlas, models, target)
     if depth is None:
         log.warning("No descriptor-vs-depth figure: the records of %s measured (record schema v2) span fewer than "
