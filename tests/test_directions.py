@@ -19,6 +19,7 @@ from safetensors import safe_open
 from pipeline import cli
 from pipeline.analysis import dictionary
 from pipeline.analysis import images as images_lib
+from pipeline.engine import measures
 from pipeline.engine.activations import ActivationReader
 from pipeline.models import weights as weights_lib
 from pipeline.models import zoo
@@ -63,6 +64,21 @@ def direct_tokens(images: Path, layer: int) -> torch.Tensor:
     return tokens.reshape(-1, tokens.shape[-1]).double()
 
 
+def content_free_scores(encoder: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unit of ``encoder`` at layer 1 on flat grey and on uniform noise (the mean over four images),
+    scored as the sweep's baselines are: the unit of the patch tokens' mean, from the untruncated forward."""
+    choice = weights_lib.resolve(MODEL, "random")
+    model = weights_lib.load(MODEL, choice)
+    reader = ActivationReader(model, zoo.layout(MODEL))
+    preprocess = images_lib.Preprocess.for_model(model)
+    images = torch.cat([torch.full((1, 3, 224, 224), measures.GREY_LEVEL),
+                        torch.stack([measures.noise_image(seed, (224, 224)) for seed in range(4)])])
+    with torch.no_grad():
+        pooled = reader(preprocess.normalize(images), 1, truncate=False).double().mean(1)
+    units = (pooled - encoder["b_dec"]) @ encoder["W_enc"] + encoder["b_enc"]
+    return units[0], units[1:].mean(0)
+
+
 def run(capsys, *overrides: str) -> tuple[int, str, str]:
     code = cli.main(["directions", f"model.name={MODEL}", "model.weights=random", "device=cpu", *overrides])
     out, err = capsys.readouterr()
@@ -98,12 +114,19 @@ def test_pca_explains_the_variance_a_direct_svd_finds_and_a_rerun_does_nothing(t
     # The same directions up to sign (the leading ones, whose variances are well apart) ...
     overlap = (vectors[:4] * components[:4]).sum(1)
     torch.testing.assert_close(overlap.abs(), torch.ones(4, dtype=torch.float64), atol=1e-3, rtol=0)
-    # ... and a unit is a component's score, the centred token's projection, turned to the long tail of the
-    # scores over these tokens (their third moment positive).
+    # ... and a unit is a component's score, the centred token's projection, turned away from the content-free
+    # images: of flat grey's and uniform noise's scores, as the sweep's baselines pool them, the larger is as
+    # low as a sign can make it (their sum below 0), and the provenance gives both.
     torch.testing.assert_close(encoder["b_dec"], tokens.mean(0), atol=1e-4, rtol=1e-4)
     units = (tokens - encoder["b_dec"]) @ encoder["W_enc"] + encoder["b_enc"]
     torch.testing.assert_close(units[:, :4], centred @ vectors[:4].T * overlap.sign(), atol=1e-3, rtol=1e-3)
-    assert (units.mean(0).abs() < 1e-3 * units.std(0)).all() and (units.pow(3).mean(0) > 0).all()
+    assert (units.mean(0).abs() < 1e-3 * units.std(0)).all()
+    grey, noise = content_free_scores(encoder)
+    assert (grey + noise < 0).all()
+    scores = provenance["fit"]["reference_scores"]
+    np.testing.assert_allclose(scores["flat_grey"], grey.numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(scores["uniform_noise"], noise.numpy(), rtol=1e-3, atol=1e-4)
+    assert sorted(provenance["references"]) == ["flat grey"] + [f"uniform noise {seed}" for seed in range(4)]
     assert provenance["images"]["tokens"] == tokens.shape[0] == 6 * 196
     assert len(provenance["images"]["per_image"]) == 6
     assert provenance["weights"] == "random-0" and provenance["layer"] == 1 and provenance["target"] == "mlp"
@@ -113,6 +136,14 @@ def test_pca_explains_the_variance_a_direct_svd_finds_and_a_rerun_does_nothing(t
     code, out, err = run(capsys, *args)
     assert code == 0 and "already fitted; nothing to do" in out and printed_path(out) == path
     assert path.stat().st_mtime_ns == modified
+
+    # Tokens gathered before the content-free references were (a store of an older version): another fit reads
+    # only the references, and turns its components as the first fit did.
+    (next((tmp_path / "store" / "directions").glob("tokens-*")) / "part-references.parquet").unlink()
+    code, out, err = run(capsys, *args[:-2], "n=6", "slice_size=4")
+    assert code == 0 and "2 gathered, 0 to read" in err and "references gathered" in err
+    with safe_open(str(printed_path(out)), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("W_enc").double()[:, :4], encoder["W_enc"][:, :4], atol=1e-4, rtol=0)
 
     code, out, err = run(capsys, *args, "tokens_per_image=50")  # other activations: gathered anew
     assert code == 0 and "6 images in 2 slice(s), 0 gathered, 2 to read" in err
@@ -181,7 +212,7 @@ def test_killed_while_gathering_then_while_fitting_it_resumes_each_time(tmp_path
     _kill_when(command, tmp_path, lambda: _parts(root, "tokens-*") >= 1)
     gathered = _parts(root, "tokens-*")
     assert 0 < gathered < 40
-    _kill_when(command, tmp_path, lambda: _parts(root, "tokens-*") == 40)  # then it fits
+    _kill_when(command, tmp_path, lambda: _parts(root, "tokens-*") == 41)  # the slices and references: it fits
     assert _parts(root, "fits") == 0
 
     assert cli.main(["directions", *args]) == 0

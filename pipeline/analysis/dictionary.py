@@ -7,9 +7,10 @@ Both fit token vectors x (d features of one target at one layer, one row per pat
   once; each component is a unit row. A component's unit is its score, the projection of
   the centred token ``(x - mean) @ v``: uncentred, a component's projection carries the
   mean's, which noise and flat grey share with every photo. Its sign is a convention
-  (eigenvectors have none): :func:`skew_signs` turns each component towards the long tail
-  of its scores (positive third moment over the tokens), the side where few tokens score
-  high, as a neuron or an SAE latent fires: the side a visualization should drive;
+  (eigenvectors have none): :func:`signs_away_from` turns each component away from the
+  content-free images (flat grey, uniform noise), so that they score as low as the sign
+  allows and its positive end, the one a visualization drives, is what they lack. A neuron
+  or an SAE latent is so by nature: a flat or noisy image barely moves it;
 * :func:`train_topk_sae`: a top-k sparse autoencoder (Gao et al. 2024, "Scaling and
   evaluating sparse autoencoders"): pre-activations ``(x - b_dec) @ W_enc + b_enc``, of
   which the k largest are kept after a ReLU, decoded by ``z @ W_dec + b_dec`` (from the k
@@ -26,7 +27,7 @@ sum ||x - x_hat||^2 / sum ||x - mean||^2, so 0 is a perfect reconstruction).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,7 +90,7 @@ class PcaFit:
 
 def pca(moments: Moments, n: int) -> PcaFit:
     """The top ``n`` principal components of the tokens summed into ``moments`` (signs as eigh gives them:
-    :func:`skew_signs` fixes them)."""
+    :func:`signs_away_from` fixes them)."""
     mean, covariance = moments.covariance()
     variances, vectors = torch.linalg.eigh(covariance)  # ascending
     variances, vectors = variances.flip(0)[:n].clamp(min=0), vectors.flip(1)[:, :n].T
@@ -97,13 +98,12 @@ def pca(moments: Moments, n: int) -> PcaFit:
     return PcaFit(vectors.float().contiguous(), (variances / total).float(), mean.float())
 
 
-def skew_signs(fit: PcaFit, parts: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Per component, +1 or -1: the sign that makes the third moment of its scores over the tokens (given a
-    part at a time) positive, so that its long tail is its positive side (+1 where the moment is 0)."""
-    third = torch.zeros(fit.components.shape[0], dtype=torch.float64)
-    for tokens in parts:
-        third += fit.scores(tokens).pow(3).sum(0)
-    return torch.where(third < 0, -1.0, 1.0)
+def signs_away_from(fit: PcaFit, references: torch.Tensor) -> torch.Tensor:
+    """Per component, +1 or -1: the sign under which the largest of the ``references``' scores is lowest
+    (``references`` (r, d), the pooled token vectors of content-free images). For a sign s the largest is
+    s * max (s = +1) or -min (s = -1), so a component turns when max + min > 0 (+1 where it is 0)."""
+    scores = fit.scores(references)
+    return torch.where(scores.amax(0) + scores.amin(0) > 0, -1.0, 1.0)
 
 
 class TopKSAE(nn.Module):

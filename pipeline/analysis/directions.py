@@ -9,16 +9,21 @@ activations at ``layer`` over an image set, and writes the matrix into the store
     directions/<name>.safetensors     float32 W_enc (d, n), b_enc (n), W_dec (n, d), b_dec (d); unit i is
                                       (x - b_dec) @ W_enc[:, i] + b_enc[i]: for topk_sae latent i's
                                       pre-activation, for pca component i's score (W_enc's columns the
-                                      unit-norm components, b_dec the tokens' mean, b_enc 0)
+                                      unit-norm components, each turned away from the content-free
+                                      images, b_dec the tokens' mean, b_enc 0)
     directions/<name>.json            provenance: images and their digests, weights id, layer, target,
                                       method, seed, and the fit's explained variance or reconstruction error
+                                      (pca: with each component's scores of flat grey and uniform noise)
 
 and prints the matrix's path, for the sweep's ``target.directions=``. The activations
 are read with the truncated forward (stopped after the target layer) a slice of images
 at a time; each slice's token vectors are committed as a part of the store
 (``directions/tokens-<id>/``, schemas.direction_tokens) as soon as it is read, so a job
 killed while gathering resumes with the slices it lacks, and the token parts serve every
-later fit of the same activations (another method, n or seed reads no image again). The
+later fit of the same activations (another method, n or seed reads no image again). After the
+slices, one more part (``references``) holds the tokens of the content-free images that the
+sweep measures every unit against, flat grey and uniform noise (pipeline.engine.measures):
+a PCA component is turned away from them. The
 fit runs from the parts; it is recorded (``directions/fits/``) only once its matrix and
 provenance are written, so a job killed while fitting fits again, and a finished job run
 again does nothing but print where its matrix is.
@@ -46,10 +51,12 @@ from pipeline.models import zoo
 from pipeline.store.schemas import DIRECTION_FITS, direction_tokens
 from pipeline.store.store import PartTable, Store
 
-# v2: a pca fit is written as an encoder of centred scores, each component turned to its long tail (v1: a .npy
-# of the components, projections uncentred, signs by the largest coordinate). The fit's id includes it, so a
-# v1 fit is not taken for a v2 one.
-FORMAT = "vit-atlas/directions/v2"
+# v3: a pca fit's components are turned away from the content-free images (v2: to the long tail of their
+# scores; v1: a .npy of the components, projections uncentred, signs by the largest coordinate). The fit's id
+# includes it, so an older fit is not taken for a v3 one.
+FORMAT = "vit-atlas/directions/v3"
+REFERENCES = "references"  # the tokens table's part for the content-free images, beside the slices' parts
+NOISE_REFERENCES = 4  # uniform noise images; their pooled tokens barely differ, and their mean is the reference
 SAFETENSORS_KEY = "vit-atlas"  # the provenance JSON, also inside a .safetensors file's metadata
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]+")
 
@@ -79,10 +86,11 @@ def run_directions(cfg: DirectionsConfig) -> int:
 
     tokens = store.table(direction_tokens(gather_id))
     slices = math.ceil(len(image_set) / cfg.slice_size)
-    todo = [i for i in range(slices) if _part(i) not in tokens.done()]
+    done = tokens.done()
+    todo = [i for i in range(slices) if _part(i) not in done]
     _say(f"directions: {len(image_set)} images in {slices} slice(s), {slices - len(todo)} gathered, "
          f"{len(todo)} to read ({cfg.model.name} layer {cfg.layer} {cfg.target.kind}, {width} features)")
-    if todo:
+    if todo or REFERENCES not in done:
         _gather(cfg, choice, image_set, tokens, todo)
     parts = sorted(_part(i) for i in range(slices))
     provenance = {
@@ -92,6 +100,8 @@ def run_directions(cfg: DirectionsConfig) -> int:
         "images": _images_provenance(cfg, image_set, tokens, parts),
     }
     if cfg.method == "pca":
+        references = tokens.read({REFERENCES}, columns=["image_id", "pixels_sha256"]).to_pydict()
+        provenance["references"] = dict(zip(references["image_id"], references["pixels_sha256"]))
         data, provenance["fit"] = _fit_pca(tokens, parts, width, cfg.n, provenance)
         quality = f"explained variance {provenance['fit']['explained_variance']:.4f}"
     else:
@@ -131,7 +141,8 @@ def _part(slice_index: int) -> str:
 
 def _gather(cfg: DirectionsConfig, choice: weights_lib.WeightsChoice, image_set: images_lib.ImageSet,
             tokens: PartTable, todo: list[int]) -> None:
-    """Read the slices ``todo`` through the truncated forward; commit each slice's tokens as one part."""
+    """Read the slices ``todo`` through the truncated forward, committing each slice's tokens as one part, then
+    the content-free references' (all of their tokens: only their mean is used) as the part ``references``."""
     from pipeline.engine.activations import ActivationReader
     from pipeline.engine.visualizer import pick_device
 
@@ -162,6 +173,34 @@ def _gather(cfg: DirectionsConfig, choice: weights_lib.WeightsChoice, image_set:
         tokens.write(_part(index), pa.table(rows))
         _say(f"directions: slice {index + 1}/{math.ceil(len(image_set) / cfg.slice_size)} gathered "
              f"({number}/{len(todo)} this run)")
+    names, images = zip(*_reference_images(layout.input_size[1:]))
+    with torch.inference_mode():
+        activations = reader(preprocess.normalize(torch.stack(images).to(device)), cfg.layer, cfg.target.kind)
+    tokens.write(REFERENCES, pa.table({
+        "image_id": list(names),
+        "pixels_sha256": [hashlib.sha256(image.numpy().tobytes()).hexdigest() for image in images],
+        "tokens": [vectors.shape[0] for vectors in activations],
+        "vectors": [vectors.float().cpu().numpy().ravel() for vectors in activations]}))
+    _say(f"directions: references gathered ({', '.join(names)})")
+
+
+def _reference_images(size: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
+    """(name, (3, H, W) pixels in [0, 1]) of the content-free images, as the sweep's baselines draw them."""
+    from pipeline.engine import measures
+
+    grey = torch.full((3, *size), measures.GREY_LEVEL)
+    return [("flat grey", grey)] + [(f"uniform noise {seed}", measures.noise_image(seed, size))
+                                    for seed in range(NOISE_REFERENCES)]
+
+
+def _references(tokens: PartTable, width: int) -> dict[str, torch.Tensor]:
+    """The pooled token vector (d,) of flat grey and of uniform noise (the mean over its images): what the
+    sweep's objective reads of each, the mean over image-patch tokens."""
+    table = tokens.read({REFERENCES}, columns=["image_id", "vectors"])
+    pooled = {name: torch.from_numpy(vectors.values.to_numpy().reshape(-1, width).copy()).double().mean(0)
+              for name, vectors in zip(table["image_id"].to_pylist(), table["vectors"])}
+    noise = torch.stack([vector for name, vector in pooled.items() if name.startswith("uniform noise")])
+    return {"flat_grey": pooled["flat grey"], "uniform_noise": noise.mean(0)}
 
 
 def _pixels_sha256(pixels: torch.Tensor) -> str:
@@ -191,12 +230,15 @@ def _fit_pca(tokens: PartTable, parts: list[str], width: int, n: int, provenance
     from safetensors.torch import save
 
     moments = dictionary.Moments(width)
-    for part in parts:  # one part in memory at a time, here and for the signs
+    for part in parts:  # one part in memory at a time
         moments.add(_vectors(tokens, part, width))
     fit = dictionary.pca(moments, n)
-    fit = fit.flipped(dictionary.skew_signs(fit, (_vectors(tokens, part, width) for part in parts)))
+    references = _references(tokens, width)
+    fit = fit.flipped(dictionary.signs_away_from(fit, torch.stack(list(references.values()))))
     about = {"explained_variance": fit.explained_variance,
-             "explained_variance_ratio": [round(float(v), 6) for v in fit.explained_variance_ratio]}
+             "explained_variance_ratio": [round(float(v), 6) for v in fit.explained_variance_ratio],
+             "reference_scores": {name: [round(float(v), 6) for v in fit.scores(vector[None])[0]]
+                                  for name, vector in references.items()}}
     return save(fit.encoder(), metadata={SAFETENSORS_KEY: json.dumps({**provenance, "fit": about}, sort_keys=True)}), about
 
 

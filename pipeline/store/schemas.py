@@ -165,7 +165,8 @@ def probe_results(probe: str) -> TableSpec:
     return TableSpec(f"probes/{probe}", PROBE_RESULT_SCHEMA)
 
 # `vit-atlas directions`: the token vectors of one (model, weights, layer, target, image set), one part per
-# slice of images (a row per image: its pixels' sha256 and its tokens' vectors, row-major), for the fits.
+# slice of images (a row per image: its pixels' sha256 and its tokens' vectors, row-major), for the fits, and
+# the part `references`: the content-free images' (flat grey, uniform noise), the sha256 of their float32 pixels.
 DIRECTION_TOKENS_SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("pixels_sha256", pa.string(), nullable=False),  # of the decoded RGB pixels, as read
@@ -181,7 +182,7 @@ def direction_tokens(gather_id: str) -> TableSpec:
 # One part per finished fit: where its matrix is and what made it (the provenance JSON beside the matrix).
 DIRECTION_FITS = TableSpec("directions/fits", pa.schema([
     pa.field("fit_id", pa.string(), nullable=False),
-    pa.field("path", pa.string(), nullable=False),  # the matrix: .npy (pca) or .safetensors (topk_sae)
+    pa.field("path", pa.string(), nullable=False),  # the matrix, a .safetensors encoder (v1 pca fits: .npy)
     pa.field("model", pa.string(), nullable=False),
     pa.field("weights", pa.string(), nullable=False),
     pa.field("layer", pa.int32(), nullable=False),
