@@ -100,9 +100,8 @@ def run_directions(cfg: DirectionsConfig) -> int:
         "images": _images_provenance(cfg, image_set, tokens, parts),
     }
     if cfg.method == "pca":
-        references = tokens.read({REFERENCES}, columns=["image_id", "pixels_sha256"]).to_pydict()
-        provenance["references"] = dict(zip(references["image_id"], references["pixels_sha256"]))
-        data, provenance["fit"] = _fit_pca(tokens, parts, width, cfg.n, provenance)
+        references, provenance["references"] = _references(tokens, width)
+        data, provenance["fit"] = _fit_pca(tokens, parts, width, cfg.n, references, provenance)
         quality = f"explained variance {provenance['fit']['explained_variance']:.4f}"
     else:
         data, provenance["fit"] = _fit_sae(tokens, parts, width, cfg, provenance)
@@ -193,14 +192,15 @@ def _reference_images(size: tuple[int, int]) -> list[tuple[str, torch.Tensor]]:
                                     for seed in range(NOISE_REFERENCES)]
 
 
-def _references(tokens: PartTable, width: int) -> dict[str, torch.Tensor]:
+def _references(tokens: PartTable, width: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The pooled token vector (d,) of flat grey and of uniform noise (the mean over its images): what the
-    sweep's objective reads of each, the mean over image-patch tokens."""
-    table = tokens.read({REFERENCES}, columns=["image_id", "vectors"])
+    sweep's objective reads of each, the mean over image-patch tokens; and each reference image's digest."""
+    table = tokens.read({REFERENCES}, columns=["image_id", "pixels_sha256", "vectors"])
+    digests = dict(zip(table["image_id"].to_pylist(), table["pixels_sha256"].to_pylist()))
     pooled = {name: torch.from_numpy(vectors.values.to_numpy().reshape(-1, width).copy()).double().mean(0)
               for name, vectors in zip(table["image_id"].to_pylist(), table["vectors"])}
     noise = torch.stack([vector for name, vector in pooled.items() if name.startswith("uniform noise")])
-    return {"flat_grey": pooled["flat grey"], "uniform_noise": noise.mean(0)}
+    return {"flat_grey": pooled["flat grey"], "uniform_noise": noise.mean(0)}, digests
 
 
 def _pixels_sha256(pixels: torch.Tensor) -> str:
@@ -226,14 +226,14 @@ def _images_provenance(cfg: DirectionsConfig, image_set: images_lib.ImageSet, to
             "per_image": dict(zip(table["image_id"].to_pylist(), table["pixels_sha256"].to_pylist()))}
 
 
-def _fit_pca(tokens: PartTable, parts: list[str], width: int, n: int, provenance: dict) -> tuple[bytes, dict]:
+def _fit_pca(tokens: PartTable, parts: list[str], width: int, n: int, references: dict[str, torch.Tensor],
+             provenance: dict) -> tuple[bytes, dict]:
     from safetensors.torch import save
 
     moments = dictionary.Moments(width)
     for part in parts:  # one part in memory at a time
         moments.add(_vectors(tokens, part, width))
     fit = dictionary.pca(moments, n)
-    references = _references(tokens, width)
     fit = fit.flipped(dictionary.signs_away_from(fit, torch.stack(list(references.values()))))
     about = {"explained_variance": fit.explained_variance,
              "explained_variance_ratio": [round(float(v), 6) for v in fit.explained_variance_ratio],
